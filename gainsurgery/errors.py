@@ -1,0 +1,30 @@
+"""Errors a user can cause.
+
+Every error that bad input, a bad file or a bad environment can trigger is a
+:class:`GainSurgeryError`. The CLI prints its message on one line, without a
+traceback, and exits non-zero. Anything else is a bug and raises normally.
+"""
+
+
+class GainSurgeryError(Exception):
+    """Base class: a problem the user can fix. The message says what and how."""
+
+
+class GainFileError(GainSurgeryError):
+    """A gain file is missing, malformed, or holds values we refuse to apply."""
+
+
+class CheckpointError(GainSurgeryError):
+    """A base checkpoint is missing, truncated, hostile or in an unsupported form."""
+
+
+class ArchitectureError(GainSurgeryError):
+    """The model type is unknown or its tensors do not match the registry."""
+
+
+class PlanError(GainSurgeryError):
+    """A gain does not fit the checkpoint, or the output location is unusable."""
+
+
+class HubError(GainSurgeryError):
+    """A Hugging Face Hub request failed (auth, not found, network, rate limit)."""
