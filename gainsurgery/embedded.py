@@ -227,7 +227,7 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
             "reading the embedded GGUF needs the gguf package: pip install gguf"
         ) from None
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     started = time.monotonic()
     work = out / ".gguf"
@@ -240,8 +240,14 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
         ) from None
 
     tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf_path.name)
+    # dequantize=True: without it, transformers keeps the weights packed in
+    # GGUF blocks whenever the optional `kernels` package is installed, and a
+    # packed model cannot be saved as plain safetensors.
     lm = AutoModelForCausalLM.from_pretrained(
-        work, gguf_file=gguf_path.name, dtype=torch.bfloat16
+        work,
+        gguf_file=gguf_path.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
     )
     # The GGUF loader records a ``quantization_config`` (quant_method "gguf")
     # although the weights are already dequantized. Left in config.json it makes
@@ -255,6 +261,10 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     lm.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(out)
     shutil.rmtree(work)
+    for item in out.iterdir():
+        # Some writers create private (0600) files; the cache is not secret and
+        # may be shared, so use ordinary read permissions.
+        item.chmod(0o644)
 
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     if "quantization_config" in config:

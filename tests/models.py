@@ -1,0 +1,95 @@
+"""Tiny random checkpoints of real architectures, built with transformers.
+
+Each builder returns a config small enough to build and save in well under a
+second; ``save_tiny`` writes it sharded so the index path is always exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_config(model_type: str):
+    """A tiny transformers config for ``model_type``."""
+    import transformers as tf
+
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "starcoder2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config, "starcoder2": tf.Starcoder2Config}[model_type]
+        kw = dict(SMALL)
+        if model_type == "phi3":
+            kw.update(pad_token_id=0)
+        return cls(**kw)
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
+        cls = {"gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[model_type]
+        return cls(**SMALL, head_dim=8)
+    if model_type == "gemma3":
+        text = dict(SMALL, head_dim=8)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=16, patch_size=8)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+    if model_type == "phi":
+        return tf.PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64)
+    if model_type in ("gpt2", "gpt_bigcode"):
+        cls = tf.GPT2Config if model_type == "gpt2" else tf.GPTBigCodeConfig
+        return cls(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=96)
+    if model_type == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64)
+    if model_type == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    if model_type == "falcon":
+        return tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               new_decoder_architecture=False, multi_query=True)
+    if model_type == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    if model_type == "mixtral":
+        return tf.MixtralConfig(**SMALL, num_local_experts=3, num_experts_per_tok=2)
+    if model_type == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                 num_experts=3, num_experts_per_tok=2)
+    raise KeyError(model_type)
+
+
+def build_model(model_type: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A randomly initialised model in eval mode (weights jittered so no gain is a no-op)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    if model_type == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration
+
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.to(dtype).eval()
+
+
+def save_tiny(model, folder: Path, max_shard_size: str = "20KB") -> Path:
+    """Save sharded safetensors (several shards + index) and return the folder."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return Path(folder)
+
+
+def load_model(folder: Path, model_type: str):
+    """Load a saved tiny checkpoint with the right auto class."""
+    if model_type == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration
+
+        return Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
