@@ -134,7 +134,7 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(final.parent / f".{name}.lock"):
+    with exclusive_lock(final.parent / f".{name}.lock"):
         # Another process may have finished while we waited for the lock.
         if is_converted(final):
             return final
@@ -166,8 +166,9 @@ def resolve_base(spec: str) -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (blocking).
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (blocking); shared with
+    :mod:`gainsurgery.domains`, which guards its cache the same way.
 
     Where ``fcntl`` is unavailable (Windows) we run unlocked: :func:`_publish`
     tolerates losing a rename race, so the worst case is duplicated work.

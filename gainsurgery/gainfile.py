@@ -230,7 +230,8 @@ def invert(gain: GainFile) -> GainFile:
     """
     for key, vec in gain.vectors.items():
         check_values(vec, key, allow_negative=True)
-    vectors = {k: np.divide(np.float32(1.0), v, dtype=np.float32) for k, v in gain.vectors.items()}
+    with np.errstate(over="ignore"):  # overflow is reported below, per key
+        vectors = {k: np.divide(np.float32(1.0), v, dtype=np.float32) for k, v in gain.vectors.items()}
     for key, vec in vectors.items():
         if not np.all(np.isfinite(vec)):
             raise GainFileError(f"{key!r}: inverse overflows float32 (gains too close to zero)")

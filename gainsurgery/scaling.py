@@ -98,7 +98,15 @@ class Scratch:
 
 
 def scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, scratch: Scratch) -> None:
-    """Scale ``raw`` (the segment's elements, viewed as ``NUMPY_DTYPES[dtype]``) in place."""
+    """Scale ``raw`` (the segment's elements, viewed as ``NUMPY_DTYPES[dtype]``) in place.
+
+    Overflow to infinity is the IEEE result the format defines, not an error.
+    """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        _scale_block(raw, dtype, seg, vector, scratch)
+
+
+def _scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, scratch: Scratch) -> None:
     scale = vector[seg.idx]
     scale = scale.reshape(-1, 1) if seg.per_row else scale.reshape(1, -1)
     m = raw.size

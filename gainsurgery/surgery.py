@@ -419,9 +419,7 @@ def execute(
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise PlanError(f"disk full while writing {out}; nothing was left behind") from None
-        if exc.errno == errno.EDQUOT:
-            raise PlanError(f"disk quota exceeded while writing {out}; nothing was left behind") from None
-        raise
+        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,7 +5,8 @@ Import it from ``tests/conftest.py`` (``from conftest_hub import hub  # noqa: F4
 The fixture sets, for the duration of one test (env vars *and* the already-imported
 ``huggingface_hub.constants``, which read the env only at import time):
 
-* ``HF_ENDPOINT`` -> the server, so ``HfApi()`` / ``hf_hub_download`` without ``endpoint=`` reach it;
+* ``HF_ENDPOINT`` -> the server, so ``HfApi()`` / ``hf_hub_download`` without ``endpoint=`` reach it
+  (``constants.ENDPOINT`` and the module-level ``huggingface_hub.hf_api.api`` instance are patched too);
 * ``HF_TOKEN`` -> ``hub.token`` (write token); ``HF_TOKEN_PATH``/stored tokens -> tmp, so no real token leaks in;
 * ``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_XET_CACHE`` -> under ``tmp_path`` (``hub.hf_home``, ``hub.cache_dir``);
 * ``HF_HUB_DISABLE_XET=1`` (otherwise, with ``hf_xet`` installed, uploads go to Xet, not LFS);
@@ -76,6 +77,11 @@ def hub(tmp_path, monkeypatch):
     for name, value in consts.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
+
+    # module-level helpers (huggingface_hub.upload_folder, whoami, ...) use an HfApi built at import time
+    import huggingface_hub.hf_api as hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", server.endpoint)
 
     server.client_sleeps = []
     fast_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})

@@ -421,6 +421,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Not found: {self.command} {self.raw_path}")
         except HubError as err:
             self._send_error(err)
+        except Exception as exc:  # a bug here: answer 500 rather than a dropped connection
+            self._send_error(HubError(500, f"hubserver crashed: {exc!r}"))
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
