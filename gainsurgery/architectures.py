@@ -234,5 +234,11 @@ def resolve_targets(
             f"expected one attention output projection per layer for {expected_layers} layers, "
             f"found layers {sorted(attn_layers)[:8]}..."
         )
-    targets.sort(key=lambda t: (t.layer, ("attn_out", "ffn_down", "bias").index(t.kind), t.key))
+    # Layer order; within a layer attention before FFN, each weight followed by its bias.
+    order = {t.key: (t.layer, kinds.index(t.kind) if t.kind != "bias" else None, t.key) for t in targets}
+    for t in targets:
+        if t.kind == "bias":
+            weight = order[t.key[: -len("bias")] + "weight"]
+            order[t.key] = (weight[0], weight[1], weight[2] + "~")
+    targets.sort(key=lambda t: order[t.key])
     return targets
