@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,8 @@ from gainsurgery.scaling import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, sc
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 PROVENANCE_NAME = "gainsurgery.json"
-_COPY_STEP = 1 << 30  # bytes per copy_file_range call
+_COPY_STEP = 64 << 20  # bytes per copy_file_range call; the hasher follows in steps this big
+_MAX_PENDING_HASHES = 2  # shards whose hash may still be running while the next one streams
 
 Progress = Callable[[int], None]
 
@@ -238,7 +240,10 @@ class _Streamer:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def stream_shard(self, src: Path, dst: Path, file_size: int, ops: list[TensorOp]) -> None:
+    def stream_shard(self, src: Path, dst: Path, file_size: int, ops: list[TensorOp],
+                     written: Callable[[int], None] = lambda end: None) -> None:
+        """Write ``dst`` in file order; ``written(end)`` reports that bytes [0, end) are final."""
+        self.written = written
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
             pos = 0
@@ -265,6 +270,7 @@ class _Streamer:
             if done == 0:
                 raise PlanError("base shard ended early while copying (was it modified during apply?)")
             offset += done
+            self.written(offset)
             self.progress(done)
 
     def _copy_through_buffer(self, fdi: int, fdo: int, offset: int, count: int) -> int:
@@ -314,6 +320,7 @@ class _Streamer:
             for fut in [self.pool.submit(work, k, self.threads) for k in range(self.threads)]:
                 fut.result()
         _pwrite_all(fdo, mv, offset)
+        self.written(offset + nbytes)
         self.progress(nbytes)
 
 
@@ -331,14 +338,66 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(8 << 20)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-    return h.hexdigest()
+class _FollowingHasher:
+    """sha256 of a file that is being written front to back, hashed as it grows.
+
+    The writer reports how far the file is final (:meth:`advance`); a thread
+    hashes up to there, so hashing overlaps streaming instead of following it.
+    Memory: one 8 MiB buffer.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self.final = 0
+        self.cond = threading.Condition()
+        self.failed = False
+        self.result: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
+        self.thread.start()
+
+    def advance(self, end: int) -> None:
+        with self.cond:
+            self.final = end
+            self.cond.notify()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify()
+
+    def hexdigest(self) -> str:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            mv = memoryview(bytearray(8 << 20))
+            pos = 0
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while pos < self.size:
+                    with self.cond:
+                        while self.final <= pos and not self.failed:
+                            self.cond.wait()
+                        if self.failed:
+                            return
+                        limit = self.final
+                    while pos < limit:
+                        n = os.preadv(fd, [mv[: min(len(mv), limit - pos)]], pos)
+                        if n == 0:
+                            raise PlanError(f"{self.path.name}: shorter than expected while hashing")
+                        h.update(mv[:n])
+                        pos += n
+            finally:
+                os.close(fd)
+            self.result = h.hexdigest()
+        except BaseException as exc:  # re-raised in the main thread by hexdigest()
+            self.error = exc
 
 
 def _fsync_dir(path: Path) -> None:
@@ -388,21 +447,25 @@ def execute(
     tmp = _tmp_name(out_r)
     threads = threads or min(4, os.cpu_count() or 1)
     streamer = _Streamer(chunk_bytes, threads, progress)
-    hasher = ThreadPoolExecutor(1)
+    hashers: dict[str, _FollowingHasher] = {}
     try:
         tmp.mkdir()
-        hashes: dict[str, Future[str]] = {}
         for name, shard in base.shards.items():
             dst = tmp / name
-            streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name])
+            dst.touch()
+            # Hash each shard while it is written; a slow hash may run on into the
+            # next shard, but no more than a couple at once (bounded memory).
+            pending = [h for h in hashers.values() if h.thread.is_alive()]
+            for h in pending[: max(0, len(pending) - _MAX_PENDING_HASHES + 1)]:
+                h.thread.join()
+            hashers[name] = _FollowingHasher(dst, shard.file_size)
+            streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name], hashers[name].advance)
             _check_header(shard.path, dst, shard.data_start)
-            # Hash the finished shard on another core while the next one streams.
-            hashes[name] = hasher.submit(_sha256_file, dst)
         if base.index is not None:
             shutil.copyfile(base.folder / INDEX_NAME, tmp / INDEX_NAME)
         for extra in base.extra_files():
             shutil.copyfile(extra, tmp / extra.name)
-        shard_sha = {name: fut.result() for name, fut in hashes.items()}
+        shard_sha = {name: h.hexdigest() for name, h in hashers.items()}
         provenance = _provenance(plan, base_spec, shard_sha, extra_provenance)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         if card is not None:
@@ -424,8 +487,10 @@ def execute(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        for h in hashers.values():
+            h.abort()
+            h.thread.join()
         streamer.close()
-        hasher.shutdown(wait=True)
     return ApplyResult(out_r, shard_sha, time.perf_counter() - t0, provenance)
 
 
