@@ -292,6 +292,127 @@ def inspect(gain, plot, as_json):
 
 @main.command()
 @click.argument("base")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training text: .txt (documents split by two blank lines), .jsonl or .parquet. Repeatable.")
+@click.option("--method", type=click.Choice(["gain", "gain-ffn", "lora", "ia3"]), default="gain-ffn", show_default=True)
+@click.option("--side", type=click.Choice(["in", "out"]), default="in", show_default=True,
+              help="GAIN only: in = W·diag(s) (paper); out = diag(s)·W (experiment).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Gain file (.safetensors) for gain methods; adapter folder for lora/ia3.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 5e-3 gains/ia3, 5e-4 lora].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Global batch (windows).")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--warmup", default=0.1, show_default=True, type=float, help="Fraction of steps (<1) or steps (>=1).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--eval-data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Validation text; perplexity is logged before, during and after training.")
+@click.option("--eval-every", default=0, type=click.IntRange(0), help="Steps between evaluations (0: start and end).")
+@click.option("--eval-windows", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--text-field", default="text", show_default=True, help="Field/column holding text in .jsonl/.parquet.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Continue from a saved gain file (gains only; optimizer state starts fresh).")
+@click.option("--log", type=click.Path(dir_okay=False), default=None, help="JSONL training log [default: beside -o].")
+@click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_json
+def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, seq_len, dtype, seed, warmup,
+          schedule, eval_data, eval_every, eval_windows, text_field, resume, log, lora_rank, no_progress, as_json):
+    """Train GAIN gains (or a LoRA / IA3 baseline) on domain text.
+
+    The base stays frozen; only one gain per adapted weight is learned (init 1).
+    Runs on one CPU/GPU, or with `accelerate launch` across processes.
+
+    \b
+    Example:
+      gainsurgery train embedded:gemma-3-270m --data legal/train.txt \\
+          --eval-data legal/validation.txt --steps 200 -o legal.safetensors
+    """
+    from gainsurgery.training import TrainConfig
+    from gainsurgery.training import train as run_train
+
+    cfg = TrainConfig(base=base, data=list(data), output=output, method=method, side=side, steps=steps, lr=lr,
+                      batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, dtype=dtype, seed=seed,
+                      warmup=warmup, schedule=schedule, eval_data=list(eval_data), eval_every=eval_every,
+                      eval_windows=eval_windows, text_field=text_field, resume=resume, log=log,
+                      lora_rank=lora_rank, progress=not no_progress)
+    result = run_train(cfg)
+    if as_json:
+        _emit_json(result.__dict__)
+        return
+    click.echo(f"trained {method}: {result.trainable_parameters:,} parameters, {result.steps} steps, "
+               f"final loss {result.final_loss:.4f}, {result.seconds_per_step:.2f} s/step")
+    for row in result.eval:
+        click.echo("  eval step {}: ".format(row["step"]) + ", ".join(
+            f"{k.split('/', 1)[1]} ppl {v:.3f}" for k, v in row.items() if k != "step"))
+    click.echo(f"wrote {output}")
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--gain", "gains", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Gain file(s) applied as forward hooks (no merge). Repeatable; stacked.")
+@click.option("--base", default=None, help="Base model for a PEFT adapter MODEL (default: from its config).")
+@click.option("--data", "data", multiple=True, metavar="NAME=FILE", help="Held-out text per domain. Repeatable.")
+@click.option("--yesno", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSONL with passage/question/answer(yes|no) for zero-shot accuracy.")
+@click.option("--yesno-limit", type=click.IntRange(1), default=None, help="Score only the first N yes/no items.")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8))
+@click.option("--max-windows", default=32, show_default=True, type=click.IntRange(1), help="Windows per domain.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write results here.")
+def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows, batch_size, dtype, text_field,
+             json_out):
+    """Perplexity per domain (and yes/no accuracy) of MODEL, optionally with gains.
+
+    MODEL is a checkpoint folder (base or merged), embedded:gemma-3-270m, or a
+    PEFT adapter folder.
+
+    \b
+    Example:
+      gainsurgery eval embedded:gemma-3-270m --gain legal.safetensors \\
+          --data legal=legal/validation.txt --data code=code/validation.txt
+    """
+    from gainsurgery.data import pack, read_documents
+    from gainsurgery.evaluation import perplexity, read_yesno, yesno_accuracy
+    from gainsurgery.hooks import attach_gains
+    from gainsurgery.modeling import load_for_eval
+
+    if not data and not yesno:
+        raise click.UsageError("give --data NAME=FILE and/or --yesno FILE")
+    domains = {}
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.UsageError(f"--data takes NAME=FILE, got {item!r}")
+        domains[name] = path
+    lm, tokenizer, info = load_for_eval(model, dtype, base)
+    if gains:
+        gain, _ = _load_gains(tuple(gains), allow_negative=True)
+        attach_gains(lm, gain)
+    results: dict[str, Any] = {"model": model, "gains": list(gains), **info, "seq_len": seq_len, "domains": {}}
+    for name, path in domains.items():
+        windows = pack(tokenizer, read_documents(path, text_field), seq_len, max_windows)
+        results["domains"][name] = perplexity(lm, windows, batch_size)
+    if yesno:
+        results["yesno"] = yesno_accuracy(lm, tokenizer, read_yesno(yesno, yesno_limit))
+    click.echo(f"{'domain':<16} {'ppl':>10} {'nll':>8} {'tokens':>8}")
+    for name, r in results["domains"].items():
+        click.echo(f"{name:<16} {r['ppl']:>10.3f} {r['nll']:>8.4f} {r['tokens']:>8}")
+    if yesno:
+        y = results["yesno"]
+        click.echo(f"yes/no accuracy: {y['accuracy']:.3f} on {y['items']} items (said yes {y['predicted_yes']:.0%})")
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+@main.command()
+@click.argument("base")
 @click.option("--method", type=click.Choice(["gain", "gain-ffn"]), default="gain-ffn", show_default=True)
 @click.option("--side", type=click.Choice(["in", "out"]), default="in", show_default=True,
               help="in: W·diag(s) (paper default); out: diag(s)·W, bias scaled too.")
@@ -330,6 +451,75 @@ def targets(base, method, side, init, output, as_json):
         click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}")
     if init:
         click.echo(f"wrote {output}")
+
+
+@main.command("export-peft")
+@click.argument("gain")
+@click.argument("adapter_dir")
+@click.option("--base", required=True, help="The base the gain was made for (folder or embedded:NAME).")
+@click.option("--base-name", default=None,
+              help="base_model_name_or_path to record (default: the gain's base_model, else BASE).")
+@click.option("--overwrite", is_flag=True, help="Replace ADAPTER_DIR if it exists (atomically, on success).")
+@_allow_negative
+@_json
+def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, as_json):
+    """Write GAIN as a PEFT (IA)^3 adapter folder for BASE.
+
+    Input-side gains become feedforward modules (input scaled), output-side
+    gains non-feedforward modules (output and bias scaled). Module names are
+    those of the model transformers builds from BASE.
+
+    \b
+    Example:
+      gainsurgery export-peft gain.safetensors adapter/ --base base/
+    """
+    from gainsurgery import sources as src
+    from gainsurgery.peft_interop import export_peft as run_export
+
+    g = gf.load(gain, allow_negative=allow_negative)
+    ckpt = src.open_base(base)
+    name = base_name or g.metadata.get("base_model") or (str(ckpt.folder) if base.startswith(src.EMBEDDED_PREFIX)
+                                                          else base)
+    result = run_export(g, ckpt, adapter_dir, base_name=name, overwrite=overwrite, protect=[gain])
+    cfg = result.config
+    if as_json:
+        _emit_json({"adapter_dir": str(result.adapter_dir), "parameters": result.num_parameters,
+                    "modules": len(result.modules), "target_modules": cfg["target_modules"],
+                    "feedforward_modules": cfg["feedforward_modules"], "fan_in_fan_out": cfg["fan_in_fan_out"]})
+    else:
+        click.echo(f"wrote {result.adapter_dir}: IA3 adapter, {len(result.modules)} modules, "
+                   f"{result.num_parameters:,} values (targets {', '.join(cfg['target_modules'])}; "
+                   f"feedforward {', '.join(cfg['feedforward_modules']) or 'none'})")
+
+
+@main.command("import-peft")
+@click.argument("adapter_dir")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("--base", required=True, help="The base the adapter was trained on (folder or embedded:NAME).")
+@click.option("--description", default=None, help="Free text stored in the metadata.")
+@_allow_negative
+@_json
+def import_peft(adapter_dir, output, base, description, allow_negative, as_json):
+    """Turn a PEFT (IA)^3 adapter into a gain file keyed by BASE's tensor names.
+
+    LoRA and other additive adapters are refused: W + B·A is not a diagonal gain.
+
+    \b
+    Example:
+      gainsurgery import-peft adapter/ -o gain.safetensors --base base/
+    """
+    from gainsurgery import sources as src
+    from gainsurgery.peft_interop import import_peft as run_import
+
+    ckpt = src.open_base(base)
+    g = run_import(adapter_dir, ckpt, base_name=base, allow_negative=allow_negative, description=description)
+    g.save(output)
+    if as_json:
+        _emit_json({"output": output, "parameters": g.num_parameters, "tensors": len(g.vectors),
+                    "method": g.metadata.get("method"), "side": g.metadata.get("side")})
+    else:
+        click.echo(f"wrote {output}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
+                   f"(method {g.metadata.get('method')}, side {g.metadata.get('side')})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,3 +93,44 @@ def load_model(folder: Path, model_type: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+TEXT_A = ("the court held that the licence grants each party a right to copy and modify the work. "
+          "a licensee shall retain the notice in all copies of the software. ") * 40
+TEXT_B = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n") * 40
+
+
+def tiny_tokenizer(add_bos: bool = True):
+    """A BPE tokenizer with exactly VOCAB entries, trained on TEXT_A + TEXT_B."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<bos>", "<eos>"],
+                                  initial_alphabet=sorted(set(TEXT_A + TEXT_B + " yesno?QA:")),
+                                  show_progress=False)
+    tok.train_from_iterator([TEXT_A, TEXT_B, "yes no Question: Answer:"], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    assert tok.get_vocab_size() <= VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_lm(folder: Path, model_type: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 add_bos: bool = True) -> Path:
+    """A tiny model plus tokenizer: a complete base for train/eval tests."""
+    model = build_model(model_type, dtype, seed)
+    save_tiny(model, folder)
+    tiny_tokenizer(add_bos).save_pretrained(folder)
+    return Path(folder)
+
+
+def write_domain(folder: Path, name: str, text: str, docs: int = 12) -> Path:
+    """A .txt domain file of ``docs`` documents separated by two blank lines."""
+    path = Path(folder) / f"{name}.txt"
+    parts = [text[i * 97 % len(text):][:600] for i in range(docs)]
+    path.write_text("\n\n\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,537 @@
+"""PEFT (IA)³ adapters <-> gain files.
+
+An (IA)³ adapter learns one vector per targeted module, like GAIN. PEFT's
+semantics (``peft/tuners/ia3/layer.py``):
+
+- a *feedforward* module scales its **input**: ``W · diag(l)``, vector stored as
+  ``[1, in_features]``; the bias is left alone. This is GAIN's input side.
+- any other targeted module scales its **output**, bias included:
+  ``diag(l) · W`` and ``b · l``, vector stored as ``[out_features, 1]``. This is
+  GAIN's output side (a gain file holds the same vector on the ``.bias`` key).
+- ``Conv1D`` (GPT-2) stores weights ``[in, out]``; PEFT needs
+  ``fan_in_fan_out: true`` and keeps the vector shapes above.
+
+Adapter tensors are named ``base_model.model.<module>.ia3_l`` where ``<module>``
+is the module's name in the model transformers builds in memory, which can
+differ from the checkpoint's tensor names (``model.language_model.`` vs
+``language_model.model.``). Both directions therefore build BASE's model on the
+meta device (no weights are read) and match names with
+:func:`gainsurgery.hooks.find_module`.
+
+LoRA and other adapter types are refused: their updates are additive
+(``W + B·A``), not diagonal gains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from gainsurgery.architectures import METHODS, SIDES, model_type_of, num_layers, resolve_targets
+from gainsurgery.checkpoint import Checkpoint, fingerprint
+from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
+from gainsurgery.gainfile import GainFile, check_values, first_line, natural_key
+from gainsurgery.hooks import find_module, input_dim_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: PeftModel wraps the transformers model as ``base_model.model``; the adapter
+#: name (``default``) is stripped on save and re-inserted on load.
+KEY_PREFIX = "base_model.model."
+KEY_SUFFIX = ".ia3_l"
+
+
+@dataclass(frozen=True)
+class IA3Module:
+    """One (IA)³ vector and the checkpoint tensor(s) it scales.
+
+    Attributes:
+        name: module name in the model as transformers builds it (PEFT's naming).
+        key: the weight's tensor name in the base checkpoint (the gain file key).
+        feedforward: True for input side (PEFT feedforward module), else output side.
+        conv1d: the module is GPT-2's ``Conv1D`` (weight stored ``[in, out]``).
+        vector: the float32 gain vector.
+        bias_key: checkpoint name of the bias an output-side vector also scales.
+    """
+
+    name: str
+    key: str
+    feedforward: bool
+    conv1d: bool
+    vector: np.ndarray
+    bias_key: str | None = None
+
+    @property
+    def adapter_key(self) -> str:
+        """The tensor name PEFT saves and loads for this module."""
+        return KEY_PREFIX + self.name + KEY_SUFFIX
+
+    @property
+    def adapter_shape(self) -> tuple[int, int]:
+        """PEFT's shape for the vector: ``[1, in]`` (feedforward) or ``[out, 1]``."""
+        return (1, self.vector.size) if self.feedforward else (self.vector.size, 1)
+
+
+# --------------------------------------------------------------------------- the model in memory
+
+
+def memory_modules(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Module name -> module of the model ``AutoModelForCausalLM`` builds from ``folder``.
+
+    Built on the meta device from ``config.json`` alone: no weights are read and
+    no memory is allocated for them.
+
+    Raises:
+        ArchitectureError: transformers cannot build a causal LM from the config.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArchitectureError(
+            f"transformers cannot build a causal LM from {folder}/config.json ({first_line(exc)}); "
+            "PEFT adapters name modules of that model, so it is needed"
+        ) from None
+    return dict(model.named_modules())
+
+
+def _is_conv1d(module: Any) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> list[IA3Module]:
+    """Map every vector of ``gain`` to the (IA)³ module that reproduces it.
+
+    Args:
+        gain: a gain file whose keys are tensors of ``ckpt``.
+        ckpt: the base checkpoint (headers only).
+        modules: :func:`memory_modules` of the same base.
+
+    Raises:
+        PlanError: a key is not a tensor of the base or does not fit it.
+        ArchitectureError: a gain has no (IA)³ equivalent: the tensor is not a
+            Linear/Conv1D module in memory (fused MoE experts), an output-side gain
+            leaves the module's bias unscaled (PEFT scales it), an input-side gain
+            also scales a bias, or a bias is scaled without its weight.
+    """
+    from gainsurgery.surgery import make_plan
+
+    make_plan(ckpt, gain, allow_negative=True)  # keys, dims and lengths fit the base
+    out: list[IA3Module] = []
+    weight_keys = [k for k in sorted(gain.vectors, key=natural_key) if not k.endswith(".bias")]
+    used_bias: set[str] = set()
+    for key in weight_keys:
+        try:
+            name, module = find_module(modules, key)
+        except ArchitectureError:
+            raise ArchitectureError(
+                f"PEFT (IA)³ cannot target {key!r}: no single Linear module holds it in the model transformers "
+                "builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the checkpoint instead"
+            ) from None
+        if not (_is_linear(module) or _is_conv1d(module)):
+            raise ArchitectureError(
+                f"PEFT (IA)³ targets only Linear and Conv1D modules; {key!r} belongs to {name!r}, "
+                f"a {type(module).__name__}"
+            )
+        if tuple(module.weight.shape) != tuple(ckpt.tensors[key].shape):
+            raise ArchitectureError(
+                f"{key!r} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint but module {name!r} "
+                f"holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
+            )
+        vec = np.asarray(gain.vectors[key], dtype=np.float32)
+        feedforward = gain.dims[key] == input_dim_of(module)
+        bias_key = key[: -len("weight")] + "bias" if key.endswith(".weight") else None
+        has_bias = getattr(module, "bias", None) is not None
+        if feedforward:
+            if bias_key in gain.vectors:
+                raise ArchitectureError(
+                    f"{key!r} is scaled on its input side but {bias_key!r} is scaled too; PEFT (IA)³ input-side "
+                    "(feedforward) vectors never touch the bias"
+                )
+            out.append(IA3Module(name, key, True, _is_conv1d(module), vec))
+            continue
+        if has_bias:
+            if bias_key not in gain.vectors or not np.array_equal(gain.vectors[bias_key], vec):
+                raise ArchitectureError(
+                    f"output-side gain on {key!r} leaves its bias unscaled, but PEFT (IA)³ scales the output "
+                    f"including the bias; the gain needs the same vector on {bias_key!r} to export"
+                )
+            used_bias.add(bias_key)
+        out.append(IA3Module(name, key, False, _is_conv1d(module), vec, bias_key if has_bias else None))
+    stray = sorted(set(gain.vectors) - set(weight_keys) - used_bias)
+    if stray:
+        raise ArchitectureError(
+            f"{stray[0]!r} scales a bias without an output-side gain on its weight; (IA)³ has no such vector"
+        )
+    if {m.conv1d for m in out} == {True, False}:
+        raise ArchitectureError(
+            "the gain targets both Linear and Conv1D modules; one PEFT (IA)³ config has a single "
+            "fan_in_fan_out flag, so it cannot hold both"
+        )
+    return out
+
+
+def _suffix(name: str, k: int) -> str:
+    return ".".join(name.split(".")[-k:])
+
+
+def _peft_matches(config: Any, names: Iterable[str]) -> dict[str, bool]:
+    """Modules PEFT would adapt under ``config`` -> whether it treats them as feedforward."""
+    from peft.tuners.ia3.model import IA3Model
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return {n: bool(IA3Model._check_target_module_feedforward(config, n))
+            for n in names if n and check_target_module_exists(config, n)}
+
+
+def module_patterns(targets: Mapping[str, bool], all_names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The shortest ``target_modules``/``feedforward_modules`` suffix lists PEFT matches exactly.
+
+    Args:
+        targets: module name -> feedforward (input side) for every adapted module.
+        all_names: every module name of the model (PEFT matches against all of them).
+
+    Returns:
+        (target_modules, feedforward_modules), sorted. Tries suffixes of 1, 2, ...
+        name components (``o_proj``, ``mlp.c_proj``, ...) and keeps the first whose
+        matches under PEFT's own rules are exactly ``targets``; full names always are.
+    """
+    from peft import IA3Config
+
+    all_names = list(all_names)
+    depth = max(len(n.split(".")) for n in targets)
+    for k in range(1, depth + 1):
+        tm = {_suffix(n, k) for n in targets}
+        ff = {_suffix(n, k) for n, f in targets.items() if f}
+        if ff & {_suffix(n, k) for n, f in targets.items() if not f}:
+            continue  # one suffix would name modules of both sides
+        config = IA3Config(target_modules=sorted(tm), feedforward_modules=sorted(ff), task_type="CAUSAL_LM")
+        if _peft_matches(config, all_names) == dict(targets):
+            return sorted(tm), sorted(ff)
+    raise ArchitectureError("no PEFT target_modules list selects exactly the gain's modules")  # pragma: no cover
+
+
+def adapter_config(plan: list[IA3Module], all_names: Iterable[str], base_name: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` contents for ``plan`` (PEFT's own field set and defaults)."""
+    from peft import IA3Config
+
+    tm, ff = module_patterns({m.name: m.feedforward for m in plan}, all_names)
+    config = IA3Config(target_modules=tm, feedforward_modules=ff, fan_in_fan_out=any(m.conv1d for m in plan),
+                       task_type="CAUSAL_LM", base_model_name_or_path=base_name, inference_mode=True)
+    out = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value"):  # str enums: peft_type, task_type
+            value = value.value
+        out[key] = value
+    return out
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_peft` wrote.
+
+    Attributes:
+        adapter_dir: the adapter folder.
+        config: the ``adapter_config.json`` contents.
+        modules: the exported modules.
+    """
+
+    adapter_dir: Path
+    config: dict[str, Any]
+    modules: list[IA3Module]
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of (IA)³ values written."""
+        return int(sum(m.vector.size for m in self.modules))
+
+
+def export_peft(
+    gain: GainFile,
+    ckpt: Checkpoint,
+    adapter_dir: str | os.PathLike[str],
+    *,
+    base_name: str,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike[str]] = (),
+) -> ExportResult:
+    """Write ``gain`` as a PEFT (IA)³ adapter folder for the base ``ckpt``.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``;
+    ``PeftModel.from_pretrained(model, adapter_dir)`` on BASE then computes what the
+    gain applied to BASE computes. It appears only when complete (temp folder +
+    rename).
+
+    Args:
+        gain: the gain file, keys = tensor names of ``ckpt``.
+        ckpt: the base checkpoint.
+        adapter_dir: output folder; must not exist unless ``overwrite``.
+        base_name: recorded as ``base_model_name_or_path``.
+        overwrite: replace an existing folder (only on success).
+        protect: paths that must not be inside ``adapter_dir`` when overwriting.
+
+    Raises:
+        PlanError: unusable output location.
+        ArchitectureError / PlanError: the gain has no (IA)³ equivalent (see :func:`plan_export`).
+
+    Example:
+        >>> from gainsurgery import gainfile, sources  # doctest: +SKIP
+        >>> export_peft(gainfile.load("g.safetensors"), sources.open_base("base/"), "adapter/",
+        ...             base_name="Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
+    """
+    out = _check_adapter_dir(Path(adapter_dir), overwrite=overwrite, protect=protect)
+    modules = memory_modules(ckpt.folder)
+    plan = plan_export(gain, ckpt, modules)
+    config = adapter_config(plan, modules, base_name)
+    tensors = {m.adapter_key: m.vector.reshape(m.adapter_shape) for m in plan}
+    _write_adapter(out, config, tensors)
+    return ExportResult(out, config, plan)
+
+
+def _check_adapter_dir(out: Path, *, overwrite: bool, protect: Iterable[str | os.PathLike[str]]) -> Path:
+    out_r = out.resolve()
+    if out_r.exists() or out.is_symlink():
+        if not overwrite:
+            raise PlanError(f"adapter folder already exists: {out} (pass --overwrite to replace it)")
+        if not out_r.is_dir():
+            raise PlanError(f"adapter path exists and is not a folder: {out}")
+        for p in protect:
+            if out_r in Path(p).resolve().parents:
+                raise PlanError(f"adapter folder {out} holds {p}, which --overwrite would delete")
+    if not out_r.parent.is_dir():
+        raise PlanError(f"the folder that should hold the adapter does not exist: {out_r.parent}")
+    return out_r
+
+
+def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                  str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; an adapter folder is meant to be shared
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- import
+
+
+def read_adapter(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a PEFT (IA)³ adapter folder: its config and ``ia3_l`` tensors as float32 arrays.
+
+    Raises:
+        GainFileError: missing or malformed files, a non-(IA)³ adapter (LoRA is
+            additive, not a diagonal gain), pickled weights (never loaded), or
+            tensors other than ``ia3_l`` vectors (e.g. ``modules_to_save``).
+    """
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise GainFileError(f"adapter folder not found: {folder}")
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise GainFileError(f"{folder}: no {CONFIG_NAME}; not a PEFT adapter folder")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise GainFileError(f"{cfg_path}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise GainFileError(f"{cfg_path}: not a JSON object")
+    peft_type = str(config.get("peft_type"))
+    if peft_type.upper() != "IA3":
+        why = ("its updates are additive (W + B·A, new directions), not a diagonal gain W·diag(s), "
+               "so no gain file can represent it" if peft_type.upper() in ("LORA", "ADALORA", "LOHA", "LOKR", "DORA")
+               else "only IA3 adapters are diagonal gains")
+        raise GainFileError(f"{folder}: a {peft_type} adapter cannot be imported: {why}")
+    if config.get("modules_to_save"):
+        raise GainFileError(
+            f"{folder}: the adapter also saves full modules ({config['modules_to_save']}); "
+            "those are new weights, not gains"
+        )
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if any(folder.glob("adapter_model.bin")):
+            raise GainFileError(f"{folder}: adapter_model.bin is a pickle; gainsurgery never unpickles. "
+                                "Re-save it with save_pretrained(..., safe_serialization=True)")
+        raise GainFileError(f"{folder}: no {WEIGHTS_NAME}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise GainFileError(f"{weights}: not a readable safetensors file ({first_line(exc)})") from None
+    tensors: dict[str, np.ndarray] = {}
+    for key, t in raw.items():
+        if not (key.startswith(KEY_PREFIX) and key.endswith(KEY_SUFFIX)):
+            raise GainFileError(f"{weights}: unexpected tensor {key!r}; an IA3 adapter holds only "
+                                f"'{KEY_PREFIX}<module>{KEY_SUFFIX}' vectors")
+        if t.dim() != 2 or 1 not in t.shape:
+            raise GainFileError(f"{weights}: {key!r} has shape {tuple(t.shape)}; IA3 vectors are [1, n] or [n, 1]")
+        tensors[key[len(KEY_PREFIX): -len(KEY_SUFFIX)]] = t.float().numpy()
+    if not tensors:
+        raise GainFileError(f"{weights}: holds no ia3_l vectors")
+    return config, tensors
+
+
+def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:
+    # PEFT's rule (IA3Model._check_target_module_feedforward): a string is a regex
+    # that must match the whole name; a list matches by plain suffix.
+    ff = config.get("feedforward_modules")
+    if not ff:
+        return False
+    if isinstance(ff, str):
+        return re.fullmatch(ff, name) is not None
+    return any(name.endswith(s) for s in ff)
+
+
+def checkpoint_key_for(module_name: str, ckpt: Checkpoint, modules: dict[str, Any]) -> str:
+    """The checkpoint weight tensor that the in-memory module ``module_name`` is loaded from.
+
+    Raises:
+        ArchitectureError: no checkpoint tensor (or more than one) maps to it.
+    """
+    leaf = module_name.rsplit(".", 1)[-1]
+    hits = []
+    for key in ckpt.tensors:
+        if not key.endswith(f"{leaf}.weight"):
+            continue
+        try:
+            if find_module(modules, key)[0] == module_name:
+                hits.append(key)
+        except ArchitectureError:
+            continue
+    if len(hits) != 1:
+        raise ArchitectureError(
+            f"adapter module {module_name!r} maps to {len(hits) or 'no'} weight tensor(s) of the base checkpoint"
+            + (f" ({hits[:2]})" if hits else "; was the adapter trained on another model?")
+        )
+    return hits[0]
+
+
+def import_peft(
+    adapter_dir: str | os.PathLike[str],
+    ckpt: Checkpoint,
+    *,
+    base_name: str | None = None,
+    allow_negative: bool = False,
+    description: str | None = None,
+) -> GainFile:
+    """Turn a PEFT (IA)³ adapter for the base ``ckpt`` into a v1 gain file.
+
+    Feedforward vectors become input-side gains (dim 1 of a Linear weight, dim 0
+    of a Conv1D weight); the others output-side gains, with the same vector on the
+    module's bias when it has one (PEFT scales it). ``method`` is ``gain`` or
+    ``gain-ffn`` when the vectors are exactly those targets, else ``ia3``; ``side``
+    is ``in``, ``out`` or ``mixed``.
+
+    Raises:
+        GainFileError: the adapter is unreadable, not (IA)³, or holds zero,
+            non-finite or (unless ``allow_negative``) negative values.
+        ArchitectureError: a module is not in BASE's model or has no checkpoint tensor.
+
+    Example:
+        >>> from gainsurgery import sources  # doctest: +SKIP
+        >>> g = import_peft("adapter/", sources.open_base("base/"))  # doctest: +SKIP
+        >>> g.save("gain.safetensors")  # doctest: +SKIP
+    """
+    config, tensors = read_adapter(adapter_dir)
+    modules = memory_modules(ckpt.folder)
+    vectors: dict[str, np.ndarray] = {}
+    dims: dict[str, int] = {}
+    sides = set()
+    for name in sorted(tensors, key=natural_key):
+        arr = tensors[name]
+        module = modules.get(name)
+        if module is None:
+            raise ArchitectureError(
+                f"adapter module {name!r} is not a module of the model transformers builds from the base; "
+                "was the adapter trained on another model?"
+            )
+        if not (_is_linear(module) or _is_conv1d(module)):
+            raise ArchitectureError(f"adapter module {name!r} is a {type(module).__name__}; "
+                                    "only Linear and Conv1D vectors map to gain files")
+        key = checkpoint_key_for(name, ckpt, modules)
+        in_dim = input_dim_of(module)
+        feedforward = _is_feedforward(config, name)
+        dim = in_dim if feedforward else 1 - in_dim
+        want = (1, module.weight.shape[dim]) if feedforward else (module.weight.shape[dim], 1)
+        if tuple(arr.shape) != want:
+            kind = "feedforward" if feedforward else "non-feedforward"
+            raise GainFileError(
+                f"{name}: ia3_l has shape {tuple(arr.shape)} but a {kind} vector on this module is {want} "
+                "(does feedforward_modules match the adapter?)"
+            )
+        vec = np.ascontiguousarray(arr.reshape(-1), dtype=np.float32)
+        check_values(vec, key, allow_negative=allow_negative, source=str(adapter_dir))
+        vectors[key], dims[key] = vec, dim
+        sides.add("in" if feedforward else "out")
+        bias_key = key[: -len("weight")] + "bias"
+        if not feedforward and bias_key in ckpt.tensors:
+            vectors[bias_key], dims[bias_key] = vec.copy(), 0
+    side = sides.pop() if len(sides) == 1 else "mixed"
+    metadata = {
+        "method": _infer_method(ckpt, dims, side),
+        "side": side,
+        "base_model": config.get("base_model_name_or_path") or base_name,
+        "base_fingerprint": fingerprint(ckpt),
+        "description": description or f"imported from PEFT IA3 adapter {Path(adapter_dir).name} "
+                                      f"({len(tensors)} modules)",
+    }
+    gain = GainFile(vectors, dims, {k: v for k, v in metadata.items() if v})
+    gain.validate(allow_negative=allow_negative, source=str(adapter_dir))
+    return gain
+
+
+def _infer_method(ckpt: Checkpoint, dims: Mapping[str, int], side: str) -> str:
+    """``gain``/``gain-ffn`` when ``dims`` are exactly that method's targets, else ``ia3``."""
+    if side not in SIDES:
+        return "ia3"
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    for method in METHODS:
+        try:
+            targets = resolve_targets(shapes, model_type_of(ckpt.config), method, side, num_layers(ckpt.config))
+        except GainSurgeryError:
+            return "ia3"
+        if {t.key: t.dim for t in targets} == dict(dims):
+            return method
+    return "ia3"
