@@ -161,10 +161,6 @@ def resolve_base(spec: str) -> Path:
     return resolve_embedded(spec[len(EMBEDDED_PREFIX):])
 
 
-# --------------------------------------------------------------------------- #
-# internals
-
-
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (blocking); shared with
@@ -184,6 +180,10 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- #
+# internals
 
 
 def _remove_stale(final: Path) -> None:

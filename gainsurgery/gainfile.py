@@ -167,6 +167,26 @@ def load(path: str | os.PathLike[str], *, allow_negative: bool = False) -> GainF
     return gain
 
 
+def load_many(paths: Iterable[str | os.PathLike[str]], *, allow_negative: bool = False
+              ) -> tuple[GainFile, list[dict[str, Any]]]:
+    """Load gain files, stack them (in order) and describe each for provenance.
+
+    Returns:
+        (stacked gain, one dict per file: name, path, sha256, method, side,
+        base_model, parameters).
+    """
+    paths = [str(p) for p in paths]
+    gains = [load(p, allow_negative=allow_negative) for p in paths]
+    sources = [
+        {"name": Path(p).name, "path": str(Path(p).resolve()), "sha256": file_sha256(p),
+         "method": g.metadata.get("method"), "side": g.metadata.get("side"),
+         "base_model": g.metadata.get("base_model"), "parameters": g.num_parameters}
+        for p, g in zip(paths, gains)
+    ]
+    stacked = gains[0] if len(gains) == 1 else stack(gains, [Path(p).name for p in paths])
+    return stacked, sources
+
+
 def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 8 << 20) -> str:
     """Hex sha256 of a file, read in chunks of ``chunk_bytes``."""
     h = hashlib.sha256()

