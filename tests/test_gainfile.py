@@ -152,3 +152,13 @@ def test_save_is_atomic_on_failure(tmp_path):
         bad.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
+
+
+def test_saved_file_has_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    path = make().save(tmp_path / "g.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
