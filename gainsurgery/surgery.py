@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gainsurgery import __version__
-from gainsurgery.checkpoint import INDEX_NAME, Checkpoint, TensorInfo, refuse_unscalable
+from gainsurgery.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
 from gainsurgery.errors import PlanError
 from gainsurgery.gainfile import GainFile, check_values, natural_key
 from gainsurgery.scaling import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
@@ -252,8 +252,8 @@ class _Streamer:
                 self._scale(fdi, fdo, op)
                 pos = op.info.end
             self._copy(fdi, fdo, pos, file_size - pos)
-            fout.flush()
-            os.fsync(fdo)
+            # No fsync here: the kernel writes this shard back while the next one
+            # streams; execute() fsyncs every file once before OUT is renamed.
         if dst.stat().st_size != file_size:
             raise PlanError(f"{src.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
 
@@ -420,6 +420,7 @@ def execute(
     card: Callable[[dict[str, Any]], str] | None = None,
     extra_provenance: dict[str, Any] | None = None,
     check: Callable[[Path], None] | None = None,
+    fetch_shard: Callable[[Shard], None] | None = None,
 ) -> ApplyResult:
     """Stream ``plan`` into the folder ``out``; OUT appears only when complete.
 
@@ -435,6 +436,9 @@ def execute(
         extra_provenance: merged into ``gainsurgery.json``.
         check: called with the finished temporary folder before it is moved into
             place (e.g. a full :func:`verify`); raise to abandon the output.
+        fetch_shard: called with each shard just before it is streamed, to make
+            ``shard.path`` readable (e.g. download it from the Hub and point
+            ``shard.path`` at the download); shards are fetched one at a time.
 
     Raises:
         PlanError: output location unusable, disk full, base changed under us.
@@ -458,6 +462,8 @@ def execute(
             pending = [h for h in hashers.values() if h.thread.is_alive()]
             for h in pending[: max(0, len(pending) - _MAX_PENDING_HASHES + 1)]:
                 h.thread.join()
+            if fetch_shard is not None:
+                fetch_shard(shard)
             hashers[name] = _FollowingHasher(dst, shard.file_size)
             streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name], hashers[name].advance)
             _check_header(shard.path, dst, shard.data_start)
@@ -471,9 +477,8 @@ def execute(
         if card is not None:
             (tmp / "README.md").write_text(card(provenance), encoding="utf-8")
         for p in tmp.iterdir():
-            if not p.name.endswith(".safetensors"):
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
         _fsync_dir(tmp)
         if check is not None:
             check(tmp)
