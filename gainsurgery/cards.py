@@ -84,3 +84,75 @@ model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")
 ```
 """
     )
+
+
+_METHODS = {
+    "gain": "attention output projections",
+    "gain-ffn": "attention output and FFN down projections",
+}
+
+
+def gain_model_card(gain, file_name: str, repo_id: str) -> str:
+    """Model card (README.md) for a gain file published on its own.
+
+    Args:
+        gain: the :class:`~gainsurgery.gainfile.GainFile` being published.
+        file_name: its path in the repo (e.g. ``gain.safetensors``).
+        repo_id: the repo it is pushed to, for the apply example.
+    """
+    from gainsurgery.gainfile import format_count, stats
+
+    meta = gain.metadata
+    method = str(meta.get("method") or "gain")
+    side = str(meta.get("side") or "in")
+    base_model = hub_id_or_none(meta.get("base_model") if isinstance(meta.get("base_model"), str) else None)
+    fields = {
+        "base_model": base_model,
+        "base_model_relation": "adapter",
+        "library_name": "gainsurgery",
+        "tags": ["gainsurgery", "gain", method],
+    }
+    st = stats(gain)
+    o = st["overall"]
+    rows = "\n".join(
+        f"| {layer} | {s['count']} | {s['min']:.4f} | {s['max']:.4f} | {s['mean']:.4f} |"
+        for layer, s in st["per_layer"].items()
+    )
+    scaled = "W · diag(s) (input side: the features entering each weight)" if side == "in" else \
+        "diag(s) · W (output side; the bias is scaled too)"
+    base_text = f"`{base_model}`" if base_model else f"`{meta.get('base_model') or 'the base it was trained on'}`"
+    base_arg = base_model or "BASE"
+    description = f"\n{meta['description']}\n" if meta.get("description") else ""
+    return (
+        _front_matter(fields)
+        + f"""
+# GAIN gains for {base_model or 'a base model'} ({method})
+{description}
+This repo holds a **GAIN** gain file, `{file_name}`: one multiplicative gain per channel of
+the adapted weights of {base_text}, learned for domain adaptation ({PAPER}). Applying it
+replaces each adapted weight W by {scaled}. Unlike LoRA it adds no new directions, so
+earlier domains are kept; once merged, inference costs exactly what the base costs.
+
+- method: `{method}` ({_METHODS.get(method, 'see the file metadata')})
+- side: `{side}`
+- parameters: {st['parameters']:,} ({format_count(st['parameters'])}) in {st['tensors']} tensors
+- gains: min {o['min']:.4f}, max {o['max']:.4f}, mean {o['mean']:.4f}
+- base fingerprint: `{meta.get('base_fingerprint', 'n/a')}`
+
+## Apply it
+
+```
+pip install gainsurgery
+gainsurgery apply {base_arg} {repo_id}:{file_name} merged/
+```
+
+This streams the base's shards (from the Hub or a local folder) into `merged/` with the
+gains absorbed, in constant memory; `gainsurgery verify` checks the result bit for bit.
+
+## Per layer
+
+| layer | gains | min | max | mean |
+|---|---|---|---|---|
+{rows}
+"""
+    )

@@ -306,16 +306,10 @@ def _read_index(path: Path) -> dict:
 
 def read_config(folder: Path) -> dict:
     """Parse ``config.json`` in ``folder``; {} when absent."""
+    from gainsurgery.atomic import read_json_object
+
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not valid JSON") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path, CheckpointError) if path.is_file() else {}
 
 
 _QUANT_NAME = re.compile(r"(^|\.)(qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|absmax|quant_map|SCB|weight_format)$")

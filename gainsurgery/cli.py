@@ -7,7 +7,6 @@ cause (:class:`GainSurgeryError`) are printed as one line, exit status 1.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -86,21 +85,28 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 @click.option("--chunk-size", default=64, show_default=True, type=click.IntRange(1, 4096),
               help="MiB of tensor data scaled per read; bounds peak memory.")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Compute threads (default: CPUs, max 4).")
+@click.option("--push", "push_to", default=None, metavar="REPO_ID",
+              help="Publish OUT to this Hub repo (one commit) once complete and fully verified.")
 @_allow_negative
 @_json
-def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, allow_negative, as_json):
+def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, allow_negative, as_json):
     """Apply (and stack) gain files onto BASE, streaming into OUT.
 
     BASE is a checkpoint folder (sharded safetensors + index, or one
-    model.safetensors) or embedded:gemma-3-270m. Several gains are multiplied in
-    float32 and applied in one pass, rounding once to each tensor's dtype.
-    Untouched tensors are copied byte for byte; OUT appears only when complete.
+    model.safetensors), embedded:gemma-3-270m, or a Hub repo ORG/NAME[@REV]
+    (fetched one shard at a time into the HF cache). A GAIN may be a Hub file,
+    ORG/REPO[@REV]:path.safetensors. Several gains are multiplied in float32
+    and applied in one pass, rounding once to each tensor's dtype. Untouched
+    tensors are copied byte for byte; OUT appears only when complete (with
+    --push: only once verified and published).
 
     \b
     Example:
       gainsurgery apply base/ gain.safetensors merged/
       gainsurgery apply base/ legal.safetensors medical.safetensors merged/
+      gainsurgery apply Qwen/Qwen2.5-0.5B me/qwen-legal-gain:gain.safetensors merged/ --push me/qwen-legal
     """
+    from gainsurgery import hub
     from gainsurgery import sources as src
     from gainsurgery.cards import merged_model_card
     from gainsurgery.checkpoint import open_checkpoint
@@ -108,44 +114,67 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
 
     if len(gains_and_out) < 2:
         raise click.UsageError("give at least one GAIN file and the OUT folder")
-    *gain_paths, out = gains_and_out
-    ckpt = src.open_base(base)
-    gain, sources = gf.load_many(gain_paths, allow_negative=allow_negative)
-    plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
-    if dry_run:
-        from gainsurgery.surgery import check_output
+    *gain_specs, out = gains_and_out
+    if push_to:
+        hub.check_repo_id(push_to)
+    with src.opened_base(base) as (ckpt, remote):
+        gain_paths, gain_refs = hub.resolve_gain_specs(gain_specs)
+        gain, sources = gf.load_many(gain_paths, allow_negative=allow_negative)
+        for source, ref in zip(sources, gain_refs):
+            if ref is not None:
+                source["hub"] = str(ref)
+        plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
+        if dry_run:
+            from gainsurgery.surgery import check_output
 
-        check_output(ckpt.folder, Path(out), overwrite=overwrite)
-        summary = plan.summary()
-        if as_json:
-            _emit_json({"dry_run": True, "out": out, **summary})
-        else:
-            click.echo(f"plan: {plan.tensors_touched} of {len(ckpt.tensors)} tensors in {len(ckpt.shards)} shard(s)")
-            click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
-            click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
-            click.echo(f"  gain parameters: {gain.num_parameters:,}")
-            click.echo("dry run: nothing written")
-        return
+            check_output(ckpt.folder, Path(out), overwrite=overwrite)
+            summary = plan.summary()
+            if remote is not None:
+                summary["base"] = str(remote.ref)
+            if as_json:
+                _emit_json({"dry_run": True, "out": out, "push": push_to, **summary})
+            else:
+                click.echo(f"plan: {plan.tensors_touched} of {len(ckpt.tensors)} tensors in {len(ckpt.shards)} shard(s)")
+                click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
+                click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
+                click.echo(f"  gain parameters: {gain.num_parameters:,}")
+                if push_to:
+                    click.echo(f"  then push to: {push_to}")
+                click.echo("dry run: nothing written")
+            return
 
-    def check(tmp: Path) -> None:
-        report = verify(plan, open_checkpoint(tmp), chunk_bytes=chunk_size * MiB)
-        if not report.ok:
-            raise GainSurgeryError("verification failed, output discarded: " + report.problems[0])
+        if push_to:  # a bad or read-only token fails now, before any download or write
+            hub.prepare_repo(push_to)
+        pushed: list = []
 
-    bar = _progress(ckpt.total_bytes, "apply")
-    try:
-        result = execute(plan, out, base_spec=base, overwrite=overwrite, chunk_bytes=chunk_size * MiB,
-                         threads=threads, progress=bar.update, card=merged_model_card,
-                         check=check if verify_ else None)
-    finally:
-        bar.close()
+        def check(tmp: Path) -> None:
+            report = verify(plan, open_checkpoint(tmp), chunk_bytes=chunk_size * MiB)
+            if not report.ok:
+                raise GainSurgeryError("verification failed, output discarded: " + report.problems[0])
+            if push_to:  # published from the finished folder; a failed upload discards it too
+                items = hub.folder_upload(tmp)
+                pushed.append(hub.push(items, push_to, commit_message=f"Upload {Path(out).name} (gainsurgery apply)"))
+
+        bar = _progress(ckpt.total_bytes, "apply")
+        try:
+            result = execute(plan, out, base_spec=base, overwrite=overwrite, chunk_bytes=chunk_size * MiB,
+                             threads=threads, progress=bar.update, card=merged_model_card,
+                             check=check if verify_ or push_to else None,
+                             fetch_shard=remote.fetch_shard if remote is not None else None,
+                             extra_provenance={"base": remote.provenance()} if remote is not None else None)
+        finally:
+            bar.close()
+    verified = bool(verify_ or push_to)
     if as_json:
-        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": verify_,
+        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": verified,
                     **{k: v for k, v in plan.summary().items() if k != "touched"},
-                    "shards": result.shard_sha256})
+                    **({"base": str(remote.ref)} if remote is not None else {}), "shards": result.shard_sha256,
+                    **({"pushed": pushed[0].as_dict()} if pushed else {})})
     else:
         click.echo(f"wrote {result.out} ({plan.tensors_touched} tensors rescaled, "
-                   f"{_human_bytes(ckpt.total_bytes)}, {result.seconds:.1f} s){' - verified' if verify_ else ''}")
+                   f"{_human_bytes(ckpt.total_bytes)}, {result.seconds:.1f} s){' - verified' if verified else ''}")
+        if pushed:
+            click.echo(f"pushed to {pushed[0].repo_id}: {pushed[0].commit_url or pushed[0].revision}")
 
 
 @main.command()
@@ -192,6 +221,70 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
         click.echo(f"verification failed: {len(report.problems)} problem(s)", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("source", metavar="FOLDER_OR_GAINFILE")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (if it does not exist yet).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", default=None, metavar="MSG", help="Commit title.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; contact nothing.")
+@_json
+def push(source, repo_id, private, revision, create_pr, commit_message, dry_run, as_json):
+    """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
+
+    A folder must be complete: index (or model.safetensors), every shard with
+    the sha256 recorded in gainsurgery.json, config.json. A gain file goes up
+    with a generated model card (README.md). The token comes from HF_TOKEN or
+    `hf auth login`.
+
+    \b
+    Example:
+      gainsurgery push merged/ me/qwen-legal --private
+      gainsurgery push legal.safetensors me/qwen-legal-gain
+    """
+    from gainsurgery import hub
+    from gainsurgery.cards import merged_model_card
+
+    hub.check_repo_id(repo_id)
+    path = Path(source)
+    if path.is_dir():
+        card = None
+        prov = path / "gainsurgery.json"
+        if prov.is_file():
+            try:
+                card = merged_model_card(json.loads(prov.read_text(encoding="utf-8")))
+            except (ValueError, AttributeError):
+                card = None  # folder_upload reports the broken file
+        items = hub.folder_upload(path, card=card)
+        kind = "merged checkpoint"
+    elif path.is_file():
+        items = hub.gain_upload(path, repo_id)
+        kind = "gain file"
+    else:
+        raise GainSurgeryError(f"nothing to push: {source} is neither a folder nor a gain file")
+    total = sum(i.size for i in items)
+    if dry_run:
+        if as_json:
+            _emit_json({"dry_run": True, "repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr,
+                        "kind": kind, "bytes": total,
+                        "files": [{"path": i.path_in_repo, "bytes": i.size} for i in items]})
+        else:
+            click.echo(f"would push {kind} {source} to {repo_id} ({revision or 'main'}"
+                       f"{', as a pull request' if create_pr else ''}): {len(items)} files, {_human_bytes(total)}")
+            for i in items:
+                click.echo(f"  {i.path_in_repo:<48} {_human_bytes(i.size):>10}")
+            click.echo("dry run: nothing uploaded")
+        return
+    result = hub.push(items, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      commit_message=commit_message or f"Upload {kind} with gainsurgery")
+    if as_json:
+        _emit_json({"kind": kind, "bytes": total, **result.as_dict()})
+    else:
+        where = f"pull request {result.pr_url}" if result.pr_url else (result.commit_url or result.revision)
+        click.echo(f"pushed {kind} to {repo_id} ({len(items)} files, {_human_bytes(total)}): {where}")
 
 
 @main.command()

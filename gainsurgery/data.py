@@ -10,11 +10,11 @@ repair the missing BOS, which looks like an improvement on every domain.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from gainsurgery.atomic import iter_jsonl
 from gainsurgery.errors import GainSurgeryError
 
 #: Documents inside a .txt file are separated by two blank lines (see domains.py).
@@ -34,17 +34,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         docs = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{p}:{lineno}: not a JSON object per line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise DataError(f"{p}:{lineno}: no string field {text_field!r} (use --text-field)")
-                docs.append(obj[text_field])
+        for lineno, obj in iter_jsonl(p, DataError):
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise DataError(f"{p}:{lineno}: no string field {text_field!r} (use --text-field)")
+            docs.append(obj[text_field])
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

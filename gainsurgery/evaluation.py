@@ -11,11 +11,11 @@ log-likelihood of " yes" and " no" as the next token.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from gainsurgery.atomic import iter_jsonl
 from gainsurgery.data import Windows, adds_bos
 from gainsurgery.errors import GainSurgeryError
 
@@ -45,20 +45,13 @@ def read_yesno(path: str | Path, limit: int | None = None) -> list[dict[str, str
     p = Path(path)
     if not p.is_file():
         raise GainSurgeryError(f"yes/no file not found: {p}")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise GainSurgeryError(f"{p}:{lineno}: not JSON") from None
-            answer = str(obj.get("answer", "")).strip().lower()
-            if answer not in ("yes", "no") or not obj.get("question"):
-                raise GainSurgeryError(f"{p}:{lineno}: needs 'question' and an 'answer' of yes/no")
-            items.append({"passage": str(obj.get("passage", "")), "question": str(obj["question"]), "answer": answer})
-            if limit is not None and len(items) >= limit:
-                break
+    for lineno, obj in iter_jsonl(p, GainSurgeryError):
+        answer = str(obj.get("answer", "")).strip().lower() if isinstance(obj, dict) else ""
+        if answer not in ("yes", "no") or not obj.get("question"):
+            raise GainSurgeryError(f"{p}:{lineno}: needs 'question' and an 'answer' of yes/no")
+        items.append({"passage": str(obj.get("passage", "")), "question": str(obj["question"]), "answer": answer})
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise GainSurgeryError(f"{p}: no yes/no items")
     return items

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from gainsurgery.atomic import fsync_files, publish_folder, read_json_object
 from gainsurgery.architectures import METHODS, SIDES, model_type_of, num_layers, resolve_targets
 from gainsurgery.checkpoint import Checkpoint, fingerprint
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
@@ -334,17 +335,9 @@ def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndar
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+        fsync_files(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; an adapter folder is meant to be shared
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        publish_folder(tmp, out, trash_tag="old")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
@@ -370,12 +363,7 @@ def read_adapter(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], d
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise GainFileError(f"{folder}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise GainFileError(f"{cfg_path}: not valid JSON") from None
-    if not isinstance(config, dict):
-        raise GainFileError(f"{cfg_path}: not a JSON object")
+    config = read_json_object(cfg_path, GainFileError)
     peft_type = str(config.get("peft_type"))
     if peft_type.upper() != "IA3":
         why = ("its updates are additive (W + B·A, new directions), not a diagonal gain W·diag(s), "

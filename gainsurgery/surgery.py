@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gainsurgery import __version__
+from gainsurgery.atomic import fsync_files, publish_folder
 from gainsurgery.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
 from gainsurgery.errors import PlanError
 from gainsurgery.gainfile import GainFile, check_values, natural_key
@@ -400,14 +401,6 @@ class _FollowingHasher:
             self.error = exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def execute(
     plan: Plan,
     out: str | os.PathLike[str],
@@ -476,13 +469,10 @@ def execute(
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         if card is not None:
             (tmp / "README.md").write_text(card(provenance), encoding="utf-8")
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_files(tmp)
         if check is not None:
             check(tmp)
-        _move_into_place(tmp, out_r)
+        publish_folder(tmp, out_r)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -503,17 +493,6 @@ def _check_header(src: Path, dst: Path, header_end: int) -> None:
     with open(src, "rb") as a, open(dst, "rb") as b:
         if a.read(header_end) != b.read(header_end):
             raise PlanError(f"{src.name}: header of the written shard differs from the base (base changed?)")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.gainsurgery-old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    _fsync_dir(out.parent)
 
 
 def _provenance(plan: Plan, base_spec: str | None, shard_sha: dict[str, str], extra: dict | None) -> dict[str, Any]:

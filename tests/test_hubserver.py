@@ -18,10 +18,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-try:
-    from conftest_hub import hub  # noqa: F401  (the lead's conftest.py re-exports it too)
-except ImportError:
-    from tests.conftest_hub import hub  # noqa: F401
 
 # huggingface_hub's own LFS PUT passes `data=<file>` to httpx2, which warns; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
