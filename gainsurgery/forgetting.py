@@ -649,16 +649,17 @@ def make_plots(r: dict, out: Path, prefix: str = "") -> list[Path]:
     lim = max(1.0, max(abs(x) for v in ok.values() for row in v["change_vs_base"] for x in row))
     for m, v in ok.items():
         data = v["change_vs_base"]
-        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.2 + 0.5 * len(data)))
+        fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(cols)), 2.2 + 0.45 * len(data)))
         im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
         ax.set_yticks(range(len(data)), [f"{s['stage']}: {s['domain']}" for s in v["stages"]])
         for i, row in enumerate(data):
             for j, x in enumerate(row):
-                ax.text(j, i, f"{x:+.1f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{x:+.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(x) > 0.6 * lim else "black")
         ax.set_xlabel("evaluated domain")
         ax.set_ylabel("after stage")
-        ax.set_title(f"{m}: validation PPL change vs base (%)")
+        ax.set_title(f"{m}: validation PPL change vs base (%)", fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
         fig.tight_layout()
         p = out / f"{prefix}heatmap-{m}.png"
