@@ -87,9 +87,11 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Compute threads (default: CPUs, max 4).")
 @click.option("--push", "push_to", default=None, metavar="REPO_ID",
               help="Publish OUT to this Hub repo (one commit) once complete and fully verified.")
+@click.option("--private", is_flag=True, help="With --push: create the repo private (if it does not exist yet).")
 @_allow_negative
 @_json
-def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, allow_negative, as_json):
+def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, allow_negative,
+          as_json):
     """Apply (and stack) gain files onto BASE, streaming into OUT.
 
     BASE is a checkpoint folder (sharded safetensors + index, or one
@@ -144,7 +146,7 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
             return
 
         if push_to:  # a bad or read-only token fails now, before any download or write
-            hub.prepare_repo(push_to)
+            hub.prepare_repo(push_to, private=private)
         pushed: list = []
 
         def check(tmp: Path) -> None:
@@ -201,15 +203,21 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
     if len(gains_and_out) < 2:
         raise click.UsageError("give at least one GAIN file and the OUT folder")
     *gain_paths, out = gains_and_out
-    ckpt = src.open_base(base)
-    gain, sources = gf.load_many(gain_paths, allow_negative=allow_negative)
-    plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
-    out_ckpt = open_checkpoint(out)
-    bar = _progress(ckpt.total_bytes, "verify")
-    try:
-        report = run_verify(plan, out_ckpt, chunk_bytes=chunk_size * MiB, progress=bar.update)
-    finally:
-        bar.close()
+    from gainsurgery import hub
+
+    with src.opened_base(base) as (ckpt, remote):
+        local_gains, _ = hub.resolve_gain_specs(gain_paths)
+        gain, sources = gf.load_many(local_gains, allow_negative=allow_negative)
+        plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
+        out_ckpt = open_checkpoint(out)
+        if remote is not None:  # a Hub base: its shards come from the HF cache
+            for shard in ckpt.shards.values():
+                remote.fetch_shard(shard)
+        bar = _progress(ckpt.total_bytes, "verify")
+        try:
+            report = run_verify(plan, out_ckpt, chunk_bytes=chunk_size * MiB, progress=bar.update)
+        finally:
+            bar.close()
     if as_json:
         _emit_json(report.as_dict())
     elif report.ok:
@@ -539,13 +547,14 @@ def targets(base, method, side, init, output, as_json):
 
     if (init is None) != (output is None):
         raise click.UsageError("--init and -o/--output go together")
-    ckpt = src.open_base(base)
-    model_type = model_type_of(ckpt.config)
-    found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, method, side,
-                            expected_layers=num_layers(ckpt.config))
+    with src.opened_base(base) as (ckpt, _remote):  # headers only, also for a Hub base
+        model_type = model_type_of(ckpt.config)
+        found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, method, side,
+                                expected_layers=num_layers(ckpt.config))
+        base_fingerprint = fingerprint(ckpt)
     total = sum(t.length for t in found)
     if init:
-        meta = {"method": method, "side": side, "base_model": base, "base_fingerprint": fingerprint(ckpt),
+        meta = {"method": method, "side": side, "base_model": base, "base_fingerprint": base_fingerprint,
                 "description": "identity gain (all ones)"}
         gf.identity({t.key: (t.dim, t.length) for t in found}, meta).save(output)
     if as_json:

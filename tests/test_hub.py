@@ -198,6 +198,22 @@ def test_apply_from_hub_base_is_byte_identical(hub, hub_base, base, gain_file, m
     assert shards <= cached
 
 
+def test_verify_and_targets_take_a_hub_base(hub, hub_base, gain_file, merged, cli, tmp_path):
+    assert cli("verify", hub_base, gain_file, merged).exit_code == 0
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(merged, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    res = cli("verify", hub_base, gain_file, broken)
+    assert res.exit_code == 1 and "verification failed: 1 problem" in res.stderr
+    info = json.loads(cli("targets", hub_base, "--method", "gain", "--json").output)
+    assert info["model_type"] == "llama" and info["parameters"] == 2 * 32
+
+
 def test_hub_base_plan_reads_headers_only(hub, hub_base, base, tmp_path, cli):
     """A gain that does not fit is refused before any shard is downloaded."""
     other = random_gain(base, "gain", seed=1)
@@ -239,8 +255,9 @@ def test_apply_with_hub_gain_reference(hub, base, gain_file, merged, cli, tmp_pa
 
 def test_apply_push_publishes_verified_output(hub, hub_base, gain_file, merged, cli, tmp_path):
     out = tmp_path / "pushed"
-    res = cli("apply", hub_base, gain_file, out, "--push", "testuser/tiny-llama-legal", "--json")
+    res = cli("apply", hub_base, gain_file, out, "--push", "testuser/tiny-llama-legal", "--private", "--json")
     assert res.exit_code == 0, res.stderr
+    assert hub.repos["testuser/tiny-llama-legal"].private is True
     info = json.loads(res.stdout)
     assert info["verified"] is True and info["pushed"]["repo_id"] == "testuser/tiny-llama-legal"
     assert remote_files(hub, "testuser/tiny-llama-legal") == local_files(out)
