@@ -29,7 +29,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except GainSurgeryError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo("error: " + " ".join(str(exc).split()), err=True)
+            ctx.exit(1)
+        except OSError as exc:  # the environment refused (permissions, missing paths, ...)
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)

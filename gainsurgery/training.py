@@ -93,6 +93,11 @@ class TrainConfig:
             raise TrainingError("--resume continues a GAIN gain file; it needs --method gain or gain-ffn")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
+        out = Path(self.output)
+        if not out.resolve().parent.is_dir():
+            raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
+        if self.method in ("gain", "gain-ffn") and out.is_dir():
+            raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
 
     def warmup_steps(self) -> int:
         return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))

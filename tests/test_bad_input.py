@@ -329,3 +329,20 @@ def test_sigterm_mid_apply_cleans_up(tmp_path):
     proc.wait()
     assert proc.returncode != 0
     assert not out.exists() and not list(tmp_path.glob(".merged.gainsurgery-tmp-*"))
+
+
+def test_unwritable_output_folder_is_one_line(setup, cli, tmp_path):
+    base, g, _ = setup
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+            out = tmp_path / "g.safetensors" / "out"
+            res = cli("apply", base, g, out)
+            assert res.exit_code == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
+        else:
+            out = locked / "out"
+            assert_clean_failure(cli("apply", base, g, out), out, "ermission")
+    finally:
+        locked.chmod(0o700)

@@ -198,3 +198,11 @@ def test_accelerate_two_processes_match_one(lm, tmp_path):
     assert moved > 0.05
     for k in g1.vectors:
         np.testing.assert_allclose(g2.vectors[k], g1.vectors[k], atol=1e-4, rtol=0)
+
+
+def test_bad_output_location_fails_before_training(lm, cli, tmp_path):
+    base, a, _ = lm
+    res = cli("train", base, "--data", a, "-o", tmp_path / "missing" / "g.safetensors")
+    assert res.exit_code == 1 and "does not exist" in res.stderr
+    res = cli("train", base, "--data", a, "-o", tmp_path)
+    assert res.exit_code == 1 and "is a folder" in res.stderr
