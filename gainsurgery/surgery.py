@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -225,21 +225,33 @@ class ApplyResult:
 
 
 class _Streamer:
-    """Copies and scales one shard at a time with bounded buffers."""
+    """Copies and scales one shard at a time with bounded buffers, in a pipeline.
+
+    The main thread reads target tensors and scales them (on ``threads`` compute
+    threads) while one writer thread performs every output operation in file
+    order: kernel copies of untouched ranges and writes of scaled chunks. Two
+    buffers of half the chunk size alternate, so reading and scaling chunk k+1
+    overlaps writing chunk k, and peak memory stays at ``chunk_bytes``.
+    """
 
     def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
-        self.chunk_bytes = chunk_bytes
-        self.buffer = bytearray(chunk_bytes)
+        self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
+        self.pending: list[Future | None] = [None, None]
+        self.turn = 0
+        self.copy_buffer: bytearray | None = None  # only for filesystems without copy_file_range
         self.progress = progress or (lambda n: None)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-writer")
         self.scratch = [Scratch() for _ in range(self.threads)]
+        self.queued: list[Future] = []
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
 
     def stream_shard(self, src: Path, dst: Path, file_size: int, ops: list[TensorOp],
                      written: Callable[[int], None] = lambda end: None) -> None:
@@ -247,18 +259,45 @@ class _Streamer:
         self.written = written
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
-            pos = 0
-            for op in ops:
-                self._copy(fdi, fdo, pos, op.info.start - pos)
-                self._scale(fdi, fdo, op)
-                pos = op.info.end
-            self._copy(fdi, fdo, pos, file_size - pos)
+            try:
+                pos = 0
+                for op in ops:
+                    self._queue(self._copy, fdi, fdo, pos, op.info.start - pos)
+                    self._scale(fdi, fdo, op)
+                    pos = op.info.end
+                self._queue(self._copy, fdi, fdo, pos, file_size - pos)
+                self._drain()
+            finally:
+                self._drain(raise_errors=False)  # never close files under a running write
             # No fsync here: the kernel writes this shard back while the next one
             # streams; execute() fsyncs every file once before OUT is renamed.
         if dst.stat().st_size != file_size:
             raise PlanError(f"{src.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
 
+    def _queue(self, fn: Callable, *args) -> Future:
+        fut = self.writer.submit(fn, *args)
+        self.queued.append(fut)
+        # Surface a writer failure early instead of after the whole shard.
+        done = [f for f in self.queued if f.done()]
+        for f in done:
+            self.queued.remove(f)
+            f.result()
+        return fut
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        queued, self.queued = self.queued, []
+        self.pending = [None, None]
+        errors = []
+        for f in queued:
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+        if errors and raise_errors:
+            raise errors[0]
+
     def _copy(self, fdi: int, fdo: int, offset: int, count: int) -> None:
+        """(writer thread) Kernel copy of an untouched byte range, at the same offsets."""
         end = offset + count
         while offset < end:
             n = min(_COPY_STEP, end - offset)
@@ -275,54 +314,65 @@ class _Streamer:
             self.progress(done)
 
     def _copy_through_buffer(self, fdi: int, fdo: int, offset: int, count: int) -> int:
-        mv = memoryview(self.buffer)[: min(count, self.chunk_bytes)]
+        if self.copy_buffer is None:
+            self.copy_buffer = bytearray(8 << 20)
+        mv = memoryview(self.copy_buffer)[: min(count, len(self.copy_buffer))]
         got = os.preadv(fdi, [mv], offset)
         _pwrite_all(fdo, mv[:got], offset)
         return got
+
+    def _write(self, fdo: int, mv: memoryview, offset: int) -> None:
+        """(writer thread) Write a scaled chunk."""
+        _pwrite_all(fdo, mv, offset)
+        self.written(offset + len(mv))
+        self.progress(len(mv))
 
     def _scale(self, fdi: int, fdo: int, op: TensorOp) -> None:
         info = op.info
         dtype = NUMPY_DTYPES[info.dtype]
         itemsize = ITEMSIZE[info.dtype]
         vector = np.ascontiguousarray(op.vector, dtype=np.float32)
-        chunk_elems = self.chunk_bytes // itemsize
+        chunk_elems = len(self.buffers[0]) // itemsize
         batch: list = []
         batch_start = batch_stop = 0
         for seg in segments(info.shape, op.dim, BLOCK_ELEMS):
             if batch and seg.stop - batch_start > chunk_elems:
-                self._scale_batch(fdi, fdo, info, dtype, itemsize, vector, batch, batch_start, batch_stop)
+                self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
                 batch = []
             if not batch:
                 batch_start = seg.start
             batch.append(seg)
             batch_stop = seg.stop
         if batch:
-            self._scale_batch(fdi, fdo, info, dtype, itemsize, vector, batch, batch_start, batch_stop)
+            self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
 
-    def _scale_batch(self, fdi, fdo, info, dtype, itemsize, vector, batch, start, stop) -> None:
+    def _scale_batch(self, fdi, fdo, info, dtype, vector, batch, start, stop) -> None:
+        itemsize = ITEMSIZE[info.dtype]
         nbytes = (stop - start) * itemsize
         offset = info.start + start * itemsize
-        if nbytes > len(self.buffer):  # one vector period longer than a chunk
-            self.buffer = bytearray(nbytes)
-        mv = memoryview(self.buffer)[:nbytes]
+        k = self.turn
+        self.turn ^= 1
+        if self.pending[k] is not None:  # the buffer's previous chunk must be on its way to disk
+            self.pending[k].result()
+        if nbytes > len(self.buffers[k]):  # one vector period longer than a chunk
+            self.buffers[k] = bytearray(nbytes)
+        mv = memoryview(self.buffers[k])[:nbytes]
         got = os.preadv(fdi, [mv], offset)
         if got != nbytes:
             _read_fully(fdi, mv, offset, got)
         arr = np.frombuffer(mv, dtype=dtype)
 
-        def work(k: int, stride: int) -> None:
-            scratch = self.scratch[k]
-            for seg in batch[k::stride]:
+        def work(t: int, stride: int) -> None:
+            scratch = self.scratch[t]
+            for seg in batch[t::stride]:
                 scale_block(arr[seg.start - start : seg.stop - start], info.dtype, seg, vector, scratch)
 
         if self.pool is None or len(batch) == 1:
             work(0, 1)
         else:
-            for fut in [self.pool.submit(work, k, self.threads) for k in range(self.threads)]:
+            for fut in [self.pool.submit(work, t, self.threads) for t in range(self.threads)]:
                 fut.result()
-        _pwrite_all(fdo, mv, offset)
-        self.written(offset + nbytes)
-        self.progress(nbytes)
+        self.pending[k] = self._queue(self._write, fdo, mv, offset)
 
 
 def _read_fully(fd: int, mv: memoryview, offset: int, got: int) -> None:
