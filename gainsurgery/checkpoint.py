@@ -120,7 +120,7 @@ class Checkpoint:
         """
         out = []
         for p in sorted(self.folder.iterdir()):
-            if not p.is_file() or p.is_symlink() and not p.resolve().is_file():
+            if not p.is_file():  # follows symlinks: HF cache snapshots link to blobs
                 continue
             if p.name in (INDEX_NAME, "README.md", "gainsurgery.json") or p.name.endswith(WEIGHT_SUFFIXES):
                 continue
