@@ -273,10 +273,11 @@ def test_disk_full_leaves_nothing(tiny_ckpt, cli, tmp_path):
         subprocess.run(["umount", str(mnt)])
 
 
-def test_sigkill_mid_apply_leaves_no_out(tmp_path):
-    """Kill -9 while shards are being written: OUT never appears; the next run cleans up."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _signal_mid_apply(tmp_path, sig) -> tuple[subprocess.Popen, list[str], Path]:
+    """Start a real `gainsurgery apply` (about 200 MB, 1 MiB chunks) and send ``sig``
+    once its first output shard exists in the temporary folder."""
     import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     base = tmp_path / "base"
     config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -288,16 +289,21 @@ def test_sigkill_mid_apply_leaves_no_out(tmp_path):
            "--chunk-size", "1", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    killed = False
     while time.time() < deadline and proc.poll() is None:
         tmps = list(tmp_path.glob(".merged.gainsurgery-tmp-*"))
         if tmps and any(p.suffix == ".safetensors" for p in tmps[0].iterdir()):
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
+            proc.send_signal(sig)
             break
         time.sleep(0.002)
     proc.wait()
-    assert killed, "apply finished before it could be killed; make the checkpoint larger"
+    assert proc.returncode != 0, "apply finished before the signal; make the checkpoint larger"
+    return proc, cmd, out
+
+
+def test_sigkill_mid_apply_leaves_no_out(tmp_path):
+    """Kill -9 while shards are being written: OUT never appears; the next run cleans up."""
+    proc, cmd, out = _signal_mid_apply(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert list(tmp_path.glob(".merged.gainsurgery-tmp-*")), "expected the dead run's temporary folder"
     # A later run removes the dead run's temporary folder and succeeds.
@@ -307,27 +313,8 @@ def test_sigkill_mid_apply_leaves_no_out(tmp_path):
 
 
 def test_sigterm_mid_apply_cleans_up(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    import torch
-
-    base = tmp_path / "base"
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(base, max_shard_size="20MB")
-    random_gain(base, "gain-ffn").save(tmp_path / "g.safetensors")
-    out = tmp_path / "merged"
-    proc = subprocess.Popen([sys.executable, "-m", "gainsurgery.cli", "apply", str(base),
-                             str(tmp_path / "g.safetensors"), str(out), "--chunk-size", "1", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        tmps = list(tmp_path.glob(".merged.gainsurgery-tmp-*"))
-        if tmps and any(p.suffix == ".safetensors" for p in tmps[0].iterdir()):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode != 0
+    proc, _, out = _signal_mid_apply(tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143
     assert not out.exists() and not list(tmp_path.glob(".merged.gainsurgery-tmp-*"))
 
 
