@@ -225,8 +225,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(folder)
     docs = [d for path in cfg.data for d in read_documents(path, cfg.text_field)]
     windows = pack(tokenizer, docs, cfg.seq_len)
-    eval_sets = {Path(p).stem if len(cfg.eval_data) == 1 else str(p): pack(
-        tokenizer, read_documents(p, cfg.text_field), cfg.seq_len, cfg.eval_windows) for p in cfg.eval_data}
+    names = [_eval_name(p) for p in cfg.eval_data]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in cfg.eval_data]
+    eval_sets = {name: pack(tokenizer, read_documents(p, cfg.text_field), cfg.seq_len, cfg.eval_windows)
+                 for name, p in zip(names, cfg.eval_data)}
 
     model = load_causal_lm(folder, cfg.dtype)
     model.config.use_cache = False
@@ -353,6 +356,13 @@ def _scheduler(optimizer: Any, cfg: TrainConfig):
     if make is None:
         return transformers.get_constant_schedule_with_warmup(optimizer, warmup)
     return make(optimizer, warmup, cfg.steps)
+
+
+def _eval_name(path: str) -> str:
+    """A short label for an eval file: ``legal.txt`` -> legal, ``legal/validation.txt`` -> legal."""
+    p = Path(path)
+    generic = ("validation", "valid", "val", "test", "eval", "train", "dev")
+    return p.parent.name if p.stem in generic and p.parent.name else p.stem
 
 
 def _default_log(output: str) -> Path:

@@ -206,3 +206,11 @@ def test_bad_output_location_fails_before_training(lm, cli, tmp_path):
     assert res.exit_code == 1 and "does not exist" in res.stderr
     res = cli("train", base, "--data", a, "-o", tmp_path)
     assert res.exit_code == 1 and "is a folder" in res.stderr
+
+
+def test_eval_names_come_from_the_domain_folder():
+    from gainsurgery.training import _eval_name
+
+    assert _eval_name("/cache/domains/legal/validation.txt") == "legal"
+    assert _eval_name("data/legal.txt") == "legal"
+    assert _eval_name("validation.txt") == "validation"
