@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from gainsurgery.errors import GainSurgeryError
 
@@ -49,6 +49,29 @@ def publish_folder(tmp: Path, out: Path, *, trash_tag: str = "gainsurgery-old") 
     else:
         os.rename(tmp, out)
     fsync_dir(out.parent)
+
+
+def check_replaceable_folder(out: Path, *, overwrite: bool, protect: Iterable[str | os.PathLike[str]] = (),
+                             what: str = "OUT", error: type[GainSurgeryError] = GainSurgeryError) -> Path:
+    """Check that the folder ``out`` may be (re)written; return it resolved.
+
+    Refuses an existing ``out`` without ``overwrite``, an existing non-folder, an
+    ``out`` that holds any of ``protect`` (``--overwrite`` would delete them), and
+    an ``out`` whose parent folder does not exist. ``what`` names it in messages.
+    """
+    out = Path(out)
+    out_r = out.resolve()
+    if out_r.exists() or out.is_symlink():
+        if not overwrite:
+            raise error(f"{what} already exists: {out} (pass --overwrite to replace it)")
+        if not out_r.is_dir():
+            raise error(f"{what} exists and is not a folder: {out}")
+        for p in protect:
+            if out_r in Path(p).resolve().parents:
+                raise error(f"{what} ({out}) holds {p}, which --overwrite would delete")
+    if not out_r.parent.is_dir():
+        raise error(f"the folder that should hold {what} does not exist: {out_r.parent}")
+    return out_r
 
 
 def write_bytes(path: Path, data: bytes, error: type[GainSurgeryError] = GainSurgeryError) -> Path:

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gainsurgery.atomic import fsync_files, publish_folder, read_json_object
+from gainsurgery.atomic import check_replaceable_folder, fsync_files, publish_folder, read_json_object
 from gainsurgery.architectures import METHODS, SIDES, model_type_of, num_layers, resolve_targets
 from gainsurgery.checkpoint import Checkpoint, fingerprint
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
@@ -303,28 +303,14 @@ def export_peft(
         >>> export_peft(gainfile.load("g.safetensors"), sources.open_base("base/"), "adapter/",
         ...             base_name="Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
     """
-    out = _check_adapter_dir(Path(adapter_dir), overwrite=overwrite, protect=protect)
+    out = check_replaceable_folder(Path(adapter_dir), overwrite=overwrite, protect=protect,
+                                   what="adapter folder", error=PlanError)
     modules = memory_modules(ckpt.folder)
     plan = plan_export(gain, ckpt, modules)
     config = adapter_config(plan, modules, base_name)
     tensors = {m.adapter_key: m.vector.reshape(m.adapter_shape) for m in plan}
     _write_adapter(out, config, tensors)
     return ExportResult(out, config, plan)
-
-
-def _check_adapter_dir(out: Path, *, overwrite: bool, protect: Iterable[str | os.PathLike[str]]) -> Path:
-    out_r = out.resolve()
-    if out_r.exists() or out.is_symlink():
-        if not overwrite:
-            raise PlanError(f"adapter folder already exists: {out} (pass --overwrite to replace it)")
-        if not out_r.is_dir():
-            raise PlanError(f"adapter path exists and is not a folder: {out}")
-        for p in protect:
-            if out_r in Path(p).resolve().parents:
-                raise PlanError(f"adapter folder {out} holds {p}, which --overwrite would delete")
-    if not out_r.parent.is_dir():
-        raise PlanError(f"the folder that should hold the adapter does not exist: {out_r.parent}")
-    return out_r
 
 
 def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gainsurgery import __version__
-from gainsurgery.atomic import fsync_files, publish_folder
+from gainsurgery.atomic import check_replaceable_folder, fsync_files, publish_folder
 from gainsurgery.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
 from gainsurgery.errors import PlanError
 from gainsurgery.gainfile import GainFile, check_values, natural_key
@@ -168,18 +168,7 @@ def check_output(base_folder: Path, out: Path, *, overwrite: bool, protect: list
         raise PlanError(f"OUT ({out}) is inside the base folder; choose a folder outside BASE")
     if out_r in base_r.parents:
         raise PlanError(f"OUT ({out}) contains the base folder; choose another OUT")
-    if out_r.exists() or out_r.is_symlink():
-        if not overwrite:
-            raise PlanError(f"OUT already exists: {out} (pass --overwrite to replace it)")
-        if not out_r.is_dir():
-            raise PlanError(f"OUT exists and is not a folder: {out}")
-        for p in protect:
-            pr = Path(p).resolve()
-            if out_r in pr.parents:
-                raise PlanError(f"OUT ({out}) holds {p}, which --overwrite would delete")
-    if not out_r.parent.is_dir():
-        raise PlanError(f"the folder that should hold OUT does not exist: {out_r.parent}")
-    return out_r
+    return check_replaceable_folder(Path(out), overwrite=overwrite, protect=protect, what="OUT", error=PlanError)
 
 
 def _tmp_name(out: Path) -> Path:
