@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from gainsurgery.atomic import write_bytes
 from gainsurgery.errors import GainFileError
 
 FORMAT = "gainsurgery.gain/1"
@@ -92,7 +93,7 @@ class GainFile:
                 continue
             meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.vectors.items()}, metadata=meta)
-        return atomic_write_bytes(Path(path), data)
+        return write_bytes(Path(path), data, GainFileError)
 
     def scaled_keys_by_layer(self) -> dict[str, list[str]]:
         """Group keys by their layer label (see :func:`layer_label`)."""
@@ -311,13 +312,6 @@ def layer_label(key: str) -> str:
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.10`` after ``layers.9``."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`gainsurgery.atomic.write_bytes`)."""
-    from gainsurgery.atomic import write_bytes
-
-    return write_bytes(Path(path), data, GainFileError)
 
 
 def first_line(exc: BaseException) -> str:
