@@ -17,6 +17,7 @@ import click
 from gainsurgery import __version__
 from gainsurgery import gainfile as gf
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.io.hashing import sha256_file
 
 MiB = 1 << 20
 
@@ -115,7 +116,7 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
     from gainsurgery import hub
     from gainsurgery import sources as src
     from gainsurgery.cards import merged_model_card
-    from gainsurgery.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.surgery import execute, make_plan, verify
 
     if len(gains_and_out) < 2:
@@ -201,7 +202,7 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
       gainsurgery verify base/ gain.safetensors merged/
     """
     from gainsurgery import sources as src
-    from gainsurgery.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.surgery import make_plan, verify as run_verify
 
     if len(gains_and_out) < 2:
@@ -315,7 +316,7 @@ def stack(gains, output, description, allow_negative, as_json):
     loaded = [gf.load(p, allow_negative=allow_negative) for p in gains]
     stacked = gf.stack(loaded, [Path(p).name for p in gains])
     for parent, p in zip(stacked.metadata["parents"], gains):
-        parent["sha256"] = gf.file_sha256(p)
+        parent["sha256"] = sha256_file(p)
     if description:
         stacked.metadata["description"] = description
     stacked.save(output)
@@ -338,7 +339,7 @@ def invert(gain, output, as_json):
     """
     g = gf.load(gain, allow_negative=True)
     inv = gf.invert(g)
-    inv.metadata["parents"] = [{"name": Path(gain).name, "sha256": gf.file_sha256(gain), "op": "invert"}]
+    inv.metadata["parents"] = [{"name": Path(gain).name, "sha256": sha256_file(gain), "op": "invert"}]
     inv.save(output)
     _emit_json({"output": output, "parameters": inv.num_parameters}) if as_json else click.echo(
         f"wrote {output}: inverse of {inv.num_parameters:,} gains")
@@ -547,7 +548,7 @@ def targets(base, method, side, init, output, as_json):
     """
     from gainsurgery import sources as src
     from gainsurgery.architectures import model_type_of, num_layers, resolve_targets
-    from gainsurgery.checkpoint import fingerprint
+    from gainsurgery.io.checkpoint import fingerprint
 
     if (init is None) != (output is None):
         raise click.UsageError("--init and -o/--output go together")

@@ -9,20 +9,16 @@ repair the missing BOS, which looks like an improvement on every domain.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from gainsurgery.atomic import iter_jsonl
-from gainsurgery.errors import GainSurgeryError
+from gainsurgery.errors import DataError
+from gainsurgery.io.atomic import iter_jsonl
+from gainsurgery.io.hashing import sha256_files
 
 #: Documents inside a .txt file are separated by two blank lines (see domains.py).
 DOC_SEPARATOR = "\n\n\n"
-
-
-class DataError(GainSurgeryError):
-    """A data file is missing, empty or in an unsupported format."""
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
@@ -61,12 +57,7 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
 
 def fingerprint_files(paths: Iterable[str | Path]) -> str:
     """sha256 over the contents of data files, for the gain file's provenance."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return "sha256:" + h.hexdigest()[:16]
+    return "sha256:" + sha256_files(paths)[:16]
 
 
 def adds_bos(tokenizer: Any) -> bool:

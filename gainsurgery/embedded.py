@@ -14,7 +14,7 @@ dequantized once by transformers and saved as a sharded bf16 safetensors folder:
         gainsurgery-embedded.json        (completion marker, written last)
 
 ``<cache>`` is ``$GAINSURGERY_CACHE``, else ``$XDG_CACHE_HOME/gainsurgery``,
-else ``~/.cache/gainsurgery`` (see :func:`cache_root`).
+else ``~/.cache/gainsurgery`` (see :func:`gainsurgery.io.cache.cache_root`).
 
 The conversion is written into a temporary sibling folder and renamed into place
 only when complete, under an exclusive lock file, so a killed conversion leaves
@@ -27,7 +27,6 @@ only inside the conversion, so ``import gainsurgery.embedded`` stays cheap.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -35,11 +34,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from gainsurgery.errors import CheckpointError
+from gainsurgery.io.cache import cache_root, exclusive_lock
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -74,21 +73,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
     ),
 }
-
-
-def cache_root() -> Path:
-    """Return the gainsurgery cache root (not created).
-
-    ``$GAINSURGERY_CACHE`` wins, then ``$XDG_CACHE_HOME/gainsurgery``, then
-    ``~/.cache/gainsurgery``. Empty variables count as unset.
-    """
-    explicit = os.environ.get("GAINSURGERY_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "gainsurgery"
-    return Path.home() / ".cache" / "gainsurgery"
 
 
 def is_embedded(spec: str) -> bool:
@@ -159,27 +143,6 @@ def resolve_base(spec: str) -> Path:
     if not is_embedded(spec):
         return Path(spec)
     return resolve_embedded(spec[len(EMBEDDED_PREFIX):])
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (blocking); shared with
-    :mod:`gainsurgery.domains`, which guards its cache the same way.
-
-    Where ``fcntl`` is unavailable (Windows) we run unlocked: :func:`_publish`
-    tolerates losing a rename race, so the worst case is duplicated work.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- #

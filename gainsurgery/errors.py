@@ -1,8 +1,10 @@
-"""Errors a user can cause.
+"""Errors a user can cause: every error class of the core lives here.
 
 Every error that bad input, a bad file or a bad environment can trigger is a
 :class:`GainSurgeryError`. The CLI prints its message on one line, without a
 traceback, and exits non-zero. Anything else is a bug and raises normally.
+(The lab package, :mod:`gainsurgery_lab`, adds its own subclasses for corpora
+and experiments.)
 """
 
 
@@ -28,3 +30,15 @@ class PlanError(GainSurgeryError):
 
 class HubError(GainSurgeryError):
     """A Hugging Face Hub request failed (auth, not found, network, rate limit)."""
+
+
+class TrainingError(GainSurgeryError):
+    """Training was asked for something that cannot work (bad options, no data)."""
+
+
+class DataError(GainSurgeryError):
+    """A data file is missing, empty or in an unsupported format."""
+
+
+class MissingExtraError(GainSurgeryError):
+    """A command needs an optional extra (``pip install "gainsurgery[train]"``...) that is not installed."""

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from gainsurgery.atomic import iter_jsonl
+from gainsurgery.io.atomic import iter_jsonl
 from gainsurgery.data import Windows, adds_bos
 from gainsurgery.errors import GainSurgeryError
 

@@ -406,7 +406,7 @@ class Experiment:
     # -- merging ----------------------------------------------------------------------------------
     def _merge_gains(self, gain_files: list[Path], dst: Path) -> None:
         """Base + stack(g1..gk), streamed (rounded once to the checkpoint dtype)."""
-        from gainsurgery.checkpoint import open_checkpoint
+        from gainsurgery.io.checkpoint import open_checkpoint
         from gainsurgery.gainfile import load_many
         from gainsurgery.surgery import execute, make_plan
 

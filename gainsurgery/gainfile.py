@@ -11,7 +11,6 @@ numpy and safetensors, so the apply path never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gainsurgery.atomic import write_bytes
+from gainsurgery.io.atomic import write_bytes
+from gainsurgery.io.hashing import sha256_file
 from gainsurgery.errors import GainFileError
 
 FORMAT = "gainsurgery.gain/1"
@@ -178,22 +178,13 @@ def load_many(paths: Iterable[str | os.PathLike[str]], *, allow_negative: bool =
     paths = [str(p) for p in paths]
     gains = [load(p, allow_negative=allow_negative) for p in paths]
     sources = [
-        {"name": Path(p).name, "path": str(Path(p).resolve()), "sha256": file_sha256(p),
+        {"name": Path(p).name, "path": str(Path(p).resolve()), "sha256": sha256_file(p),
          "method": g.metadata.get("method"), "side": g.metadata.get("side"),
          "base_model": g.metadata.get("base_model"), "parameters": g.num_parameters}
         for p, g in zip(paths, gains)
     ]
     stacked = gains[0] if len(gains) == 1 else stack(gains, [Path(p).name for p in paths])
     return stacked, sources
-
-
-def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 8 << 20) -> str:
-    """Hex sha256 of a file, read in chunks of ``chunk_bytes``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None) -> GainFile:

@@ -8,7 +8,7 @@ Three jobs:
 * **A Hub base, one shard at a time.** :func:`open_remote_base` reads only the
   index, the small files and each shard's *header* (HTTP range requests), and
   lays them out in a staging folder as sparse stand-ins for the shards, so the
-  ordinary :func:`~gainsurgery.checkpoint.open_checkpoint` validates them and
+  ordinary :func:`~gainsurgery.io.checkpoint.open_checkpoint` validates them and
   :func:`~gainsurgery.surgery.make_plan` checks every gain key against every
   header before anything is downloaded or written. During the apply,
   :meth:`RemoteBase.fetch_shard` downloads each shard with ``hf_hub_download``
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from gainsurgery.checkpoint import (
+from gainsurgery.io.checkpoint import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     SINGLE_NAME,
@@ -319,7 +319,7 @@ def open_remote_base(ref: HubRef) -> RemoteBase:
 
     Resolves the revision to a commit once, so headers and shards come from the
     same snapshot. Every header and the index pass the same hostile-input checks
-    as a local folder (:func:`~gainsurgery.checkpoint.open_checkpoint`).
+    as a local folder (:func:`~gainsurgery.io.checkpoint.open_checkpoint`).
 
     Raises:
         HubError: auth, not found, rate limit, network.
@@ -394,7 +394,7 @@ def _write_header_stub(ref: HubRef, commit: str, name: str, size: int, dst: Path
 
     huggingface_hub's ``get_safetensors_metadata`` parses headers the same way
     but drops the header length and padding, which the byte offsets depend on;
-    we keep the raw bytes and let :mod:`gainsurgery.checkpoint` validate them.
+    we keep the raw bytes and let :mod:`gainsurgery.io.checkpoint` validate them.
     """
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
@@ -466,7 +466,7 @@ def folder_upload(folder: str | os.PathLike[str], card: str | None = None) -> li
     Raises:
         CheckpointError: anything missing or different, with the file named.
     """
-    from gainsurgery.gainfile import file_sha256
+    from gainsurgery.io.hashing import sha256_file as file_sha256
 
     folder = Path(folder)
     if not folder.is_dir():

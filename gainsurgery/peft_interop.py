@@ -35,9 +35,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gainsurgery.atomic import check_replaceable_folder, fsync_files, publish_folder, read_json_object
+from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder, read_json_object
 from gainsurgery.architectures import METHODS, SIDES, model_type_of, num_layers, resolve_targets
-from gainsurgery.checkpoint import Checkpoint, fingerprint
+from gainsurgery.io.checkpoint import Checkpoint, fingerprint
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
 from gainsurgery.gainfile import GainFile, check_values, first_line, natural_key
 from gainsurgery.hooks import find_module, input_dim_of

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from gainsurgery.checkpoint import Checkpoint, open_checkpoint
+from gainsurgery.io.checkpoint import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from gainsurgery.hub import RemoteBase

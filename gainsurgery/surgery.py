@@ -32,8 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from gainsurgery import __version__
-from gainsurgery.atomic import check_replaceable_folder, fsync_files, publish_folder
-from gainsurgery.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
+from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder
+from gainsurgery.io.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
 from gainsurgery.errors import PlanError
 from gainsurgery.gainfile import GainFile, check_values, natural_key
 from gainsurgery.scaling import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
@@ -501,7 +501,7 @@ def execute(
             _check_header(shard.path, dst, shard.data_start)
         if base.index is not None:
             shutil.copyfile(base.folder / INDEX_NAME, tmp / INDEX_NAME)
-        for extra in base.extra_files():
+        for extra in base.extra_files(skip=("README.md", PROVENANCE_NAME)):
             shutil.copyfile(extra, tmp / extra.name)
         shard_sha = {name: h.hexdigest() for name, h in hashers.items()}
         provenance = _provenance(plan, base_spec, shard_sha, extra_provenance)

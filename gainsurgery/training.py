@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from gainsurgery.architectures import Target, model_type_of, num_layers, resolve_targets
-from gainsurgery.checkpoint import fingerprint, open_checkpoint
+from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
 from gainsurgery.data import fingerprint_files, pack, read_documents
-from gainsurgery.errors import GainSurgeryError
+from gainsurgery.errors import TrainingError
 from gainsurgery.gainfile import GainFile
 from gainsurgery.hooks import find_module, input_dim_of
 from gainsurgery.sources import resolve_base
@@ -42,10 +42,6 @@ from gainsurgery.sources import resolve_base
 METHODS = ("gain", "gain-ffn", "lora", "ia3")
 DEFAULT_LR = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4}
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class TrainingError(GainSurgeryError):
-    """Training was asked for something that cannot work (bad options, no data)."""
 
 
 @dataclass

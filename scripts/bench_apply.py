@@ -115,7 +115,7 @@ def build_checkpoint(folder: Path, size_gb: float) -> int:
 def write_gain(base: Path, path: Path) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gainsurgery.architectures import resolve_targets
-    from gainsurgery.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.gainfile import GainFile
 
     ckpt = open_checkpoint(base)

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gainsurgery.architectures import num_layers, resolve_targets  # noqa: E402
-from gainsurgery.checkpoint import open_checkpoint  # noqa: E402
+from gainsurgery.io.checkpoint import open_checkpoint  # noqa: E402
 from gainsurgery.cli import main  # noqa: E402
 from gainsurgery.gainfile import GainFile  # noqa: E402
 from conftest_hub import hub  # noqa: E402,F401  (the loopback Hub fixture)

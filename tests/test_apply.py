@@ -225,7 +225,7 @@ def test_provenance_and_model_card(tiny_ckpt, cli, tmp_path):
     g.save(tmp_path / "g.safetensors")
     assert cli("apply", base, tmp_path / "g.safetensors", tmp_path / "m").exit_code == 0
     prov = json.loads((tmp_path / "m" / "gainsurgery.json").read_text())
-    from gainsurgery.gainfile import file_sha256
+    from gainsurgery.io.hashing import sha256_file as file_sha256
 
     assert prov["gains"][0]["sha256"] == file_sha256(tmp_path / "g.safetensors")
     assert prov["base"]["folder"] == str(base.resolve())
@@ -253,7 +253,7 @@ def test_dry_run_writes_nothing(tiny_ckpt, cli, tmp_path):
 
 def test_small_chunks_and_single_thread_give_same_bytes(tiny_ckpt, tmp_path):
     """Chunk boundaries and threading must not change a single byte."""
-    from gainsurgery.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.surgery import execute, make_plan
 
     from transformers import AutoModelForCausalLM, LlamaConfig

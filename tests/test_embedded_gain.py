@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gainsurgery.checkpoint import open_checkpoint
+from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.gainfile import load
 from gainsurgery.hooks import attach_gains
 from gainsurgery.modeling import load_causal_lm, load_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_gain
-from gainsurgery.gainfile import file_sha256
+from gainsurgery.io.hashing import sha256_file as file_sha256
 
 
 # huggingface_hub's own LFS PUT passes `data=<file>` to httpx2, which warns; not ours to fix.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gainsurgery.checkpoint import open_checkpoint
+from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.data import adds_bos, pack, read_documents
 from gainsurgery.gainfile import load
 from models import TEXT_A, TEXT_B, load_model, save_tiny_lm, tiny_tokenizer, write_domain

@@ -1,8 +1,10 @@
-"""Writing outputs so that they appear whole or not at all.
+"""Writing outputs so that they appear whole or not at all; reading JSON inputs.
 
-Files are written to a temporary sibling, fsynced and renamed; folders are
-built in a temporary sibling folder and renamed into place, an existing one
-being moved aside first and deleted only after the new one is in place.
+The one writer family: :func:`write_bytes`, :func:`write_text` and
+:func:`write_json` write a temporary sibling, fsync it and rename it over the
+target. Folders are built in a temporary sibling folder and renamed into place
+by :func:`publish_folder`, an existing one being moved aside first and deleted
+only after the new one is in place.
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ def write_bytes(path: Path, data: bytes, error: type[GainSurgeryError] = GainSur
             pass
         raise
     return path
+
+
+def write_text(path: Path, text: str, error: type[GainSurgeryError] = GainSurgeryError) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`write_bytes`)."""
+    return write_bytes(path, text.encode("utf-8"), error)
+
+
+def write_json(path: Path, value: Any, error: type[GainSurgeryError] = GainSurgeryError, *,
+               indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``value`` as JSON (plus a final newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n", error)
 
 
 def read_json_object(path: Path, error: type[GainSurgeryError], max_bytes: int | None = None) -> dict[str, Any]:
