@@ -16,7 +16,9 @@ is the module's name in the model transformers builds in memory, which can
 differ from the checkpoint's tensor names (``model.language_model.`` vs
 ``language_model.model.``). Both directions therefore build BASE's model on the
 meta device (no weights are read) and match names with
-:func:`gainsurgery.hooks.find_module`.
+:func:`gainsurgery.architectures.modules.find_module`. Which dim is a
+weight's input side, and whether PEFT needs ``fan_in_fan_out``, comes from the
+registry's layout for BASE's model type, not from module classes.
 
 LoRA and other adapter types are refused: their updates are additive
 (``W + B·A``), not diagonal gains.
@@ -36,11 +38,19 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder, read_json_object
-from gainsurgery.architectures import METHODS, SIDES, model_type_of, num_layers, resolve_targets
+from gainsurgery.architectures import (
+    METHODS,
+    SIDES,
+    bias_key,
+    family_of,
+    model_type_of,
+    num_layers,
+    resolve_targets,
+)
+from gainsurgery.architectures.modules import find_module
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
 from gainsurgery.gainfile import GainFile, check_values, first_line, natural_key
-from gainsurgery.hooks import find_module, input_dim_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,14 +118,18 @@ def memory_modules(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(model.named_modules())
 
 
-def _is_conv1d(module: Any) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-def _is_linear(module: Any) -> bool:
+def _peft_can_target(module: Any) -> bool:
+    """PEFT (IA)³ wraps ``nn.Linear`` and transformers' ``Conv1D`` modules only."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, torch.nn.Linear)
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _layout(ckpt: Checkpoint) -> tuple[int, bool]:
+    """(input dim of a target weight, whether weights are stored ``[in, out]``) from the registry."""
+    family = family_of(model_type_of(ckpt.config))
+    return family.input_dim, family.layout == "conv1d"
 
 
 # --------------------------------------------------------------------------- export
@@ -139,6 +153,7 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
     from gainsurgery.surgery import make_plan
 
     make_plan(ckpt, gain, allow_negative=True)  # keys, dims and lengths fit the base
+    in_dim, conv1d = _layout(ckpt)
     out: list[IA3Module] = []
     weight_keys = [k for k in sorted(gain.vectors, key=natural_key) if not k.endswith(".bias")]
     used_bias: set[str] = set()
@@ -150,7 +165,7 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
                 f"PEFT (IA)³ cannot target {key!r}: no single Linear module holds it in the model transformers "
                 "builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the checkpoint instead"
             ) from None
-        if not (_is_linear(module) or _is_conv1d(module)):
+        if not _peft_can_target(module):
             raise ArchitectureError(
                 f"PEFT (IA)³ targets only Linear and Conv1D modules; {key!r} belongs to {name!r}, "
                 f"a {type(module).__name__}"
@@ -161,25 +176,25 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
                 f"holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
             )
         vec = np.asarray(gain.vectors[key], dtype=np.float32)
-        feedforward = gain.dims[key] == input_dim_of(module)
-        bias_key = key[: -len("weight")] + "bias" if key.endswith(".weight") else None
+        feedforward = gain.dims[key] == in_dim
+        bias = bias_key(key)
         has_bias = getattr(module, "bias", None) is not None
         if feedforward:
-            if bias_key in gain.vectors:
+            if bias in gain.vectors:
                 raise ArchitectureError(
-                    f"{key!r} is scaled on its input side but {bias_key!r} is scaled too; PEFT (IA)³ input-side "
+                    f"{key!r} is scaled on its input side but {bias!r} is scaled too; PEFT (IA)³ input-side "
                     "(feedforward) vectors never touch the bias"
                 )
-            out.append(IA3Module(name, key, True, _is_conv1d(module), vec))
+            out.append(IA3Module(name, key, True, conv1d, vec))
             continue
         if has_bias:
-            if bias_key not in gain.vectors or not np.array_equal(gain.vectors[bias_key], vec):
+            if bias not in gain.vectors or not np.array_equal(gain.vectors[bias], vec):
                 raise ArchitectureError(
                     f"output-side gain on {key!r} leaves its bias unscaled, but PEFT (IA)³ scales the output "
-                    f"including the bias; the gain needs the same vector on {bias_key!r} to export"
+                    f"including the bias; the gain needs the same vector on {bias!r} to export"
                 )
-            used_bias.add(bias_key)
-        out.append(IA3Module(name, key, False, _is_conv1d(module), vec, bias_key if has_bias else None))
+            used_bias.add(bias)
+        out.append(IA3Module(name, key, False, conv1d, vec, bias if has_bias else None))
     stray = sorted(set(gain.vectors) - set(weight_keys) - used_bias)
     if stray:
         raise ArchitectureError(
@@ -449,6 +464,7 @@ def import_peft(
         >>> g.save("gain.safetensors")  # doctest: +SKIP
     """
     config, tensors = read_adapter(adapter_dir)
+    in_dim, _ = _layout(ckpt)
     modules = memory_modules(ckpt.folder)
     vectors: dict[str, np.ndarray] = {}
     dims: dict[str, int] = {}
@@ -461,11 +477,10 @@ def import_peft(
                 f"adapter module {name!r} is not a module of the model transformers builds from the base; "
                 "was the adapter trained on another model?"
             )
-        if not (_is_linear(module) or _is_conv1d(module)):
+        if not _peft_can_target(module):
             raise ArchitectureError(f"adapter module {name!r} is a {type(module).__name__}; "
                                     "only Linear and Conv1D vectors map to gain files")
         key = checkpoint_key_for(name, ckpt, modules)
-        in_dim = input_dim_of(module)
         feedforward = _is_feedforward(config, name)
         dim = in_dim if feedforward else 1 - in_dim
         want = (1, module.weight.shape[dim]) if feedforward else (module.weight.shape[dim], 1)
@@ -479,9 +494,9 @@ def import_peft(
         check_values(vec, key, allow_negative=allow_negative, source=str(adapter_dir))
         vectors[key], dims[key] = vec, dim
         sides.add("in" if feedforward else "out")
-        bias_key = key[: -len("weight")] + "bias"
-        if not feedforward and bias_key in ckpt.tensors:
-            vectors[bias_key], dims[bias_key] = vec.copy(), 0
+        bias = bias_key(key)
+        if not feedforward and bias in ckpt.tensors:
+            vectors[bias], dims[bias] = vec.copy(), 0
     side = sides.pop() if len(sides) == 1 else "mixed"
     metadata = {
         "method": _infer_method(ckpt, dims, side),

@@ -36,7 +36,8 @@ from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
 from gainsurgery.data import fingerprint_files, pack, read_documents
 from gainsurgery.errors import TrainingError
 from gainsurgery.gainfile import GainFile
-from gainsurgery.hooks import find_module, input_dim_of
+from gainsurgery.architectures.modules import find_module
+from gainsurgery.architectures.registry import INPUT_DIM, bias_key
 from gainsurgery.sources import resolve_base
 
 METHODS = ("gain", "gain-ffn", "lora", "ia3")
@@ -128,7 +129,7 @@ class GainAdapter:
         self.handles = []
         for i, t in enumerate(self.weight_targets):
             name, module = find_module(modules, t.key)
-            on_input = t.dim == input_dim_of(module)
+            on_input = t.dim == INPUT_DIM[t.layout]
             self.handles.append(module.register_forward_pre_hook(_input_hook(holder, i)) if on_input
                                 else module.register_forward_hook(_output_hook(holder, i)))
 
@@ -138,7 +139,7 @@ class GainAdapter:
         for t, p in zip(self.weight_targets, self.holder.gains):
             vectors[t.key] = p.detach().float().cpu().numpy().astype(np.float32)
             dims[t.key] = t.dim
-            bias = t.key[: -len("weight")] + "bias"
+            bias = bias_key(t.key)
             if bias in self.bias_keys:
                 vectors[bias], dims[bias] = vectors[t.key], 0
         return GainFile(vectors, dims, metadata)

@@ -1,14 +1,9 @@
-"""Architecture registry: which tensors GAIN adapts, and how they are laid out.
+"""GAIN targets of a checkpoint: which of its tensors a method scales, along which dim.
 
-Knowledge about model families is data (:data:`FAMILIES`), not if-chains. Each
-family names regular expressions for the attention output projection and the FFN
-down projection(s), matched as *suffixes* of the checkpoint's own tensor names,
-so prefixes such as ``model.``, ``transformer.`` or ``model.language_model.`` are
-found rather than guessed. Everything downstream of a gain file is
+:func:`resolve_targets` matches the registry's patterns (see
+:mod:`gainsurgery.architectures.registry`) against a checkpoint's tensor names
+and shapes, from headers alone. Everything downstream of a gain file is
 architecture-agnostic: it only sees tensor names and dims.
-
-Layouts: ``nn.Linear`` stores ``[out, in]`` (input side is dim 1); GPT-2's
-``Conv1D`` stores ``[in, out]`` (input side is dim 0).
 """
 
 from __future__ import annotations
@@ -17,94 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from gainsurgery.architectures.registry import METHODS, SIDES, bias_key, family_of
 from gainsurgery.errors import ArchitectureError
-
-METHODS = ("gain", "gain-ffn")
-SIDES = ("in", "out")
-
-_LLAMA = {
-    "layout": "linear",
-    "attn_out": [r"layers\.(\d+)\.self_attn\.o_proj\.weight"],
-    "ffn_down": [r"layers\.(\d+)\.mlp\.down_proj\.weight"],
-}
-
-#: family name -> layout, suffix patterns (group 1 = layer index), names to skip.
-FAMILIES: dict[str, dict] = {
-    "llama": _LLAMA,
-    "gemma3": {**_LLAMA, "exclude": [r"vision_tower\.", r"multi_modal_projector\."]},
-    "mixtral": {
-        "layout": "linear",
-        "attn_out": _LLAMA["attn_out"],
-        "ffn_down": [r"layers\.(\d+)\.block_sparse_moe\.experts\.\d+\.w2\.weight"],
-    },
-    "qwen2_moe": {
-        "layout": "linear",
-        "attn_out": _LLAMA["attn_out"],
-        "ffn_down": [
-            r"layers\.(\d+)\.mlp\.experts\.\d+\.down_proj\.weight",
-            r"layers\.(\d+)\.mlp\.shared_expert\.down_proj\.weight",
-            r"layers\.(\d+)\.mlp\.down_proj\.weight",  # dense layers (mlp_only_layers)
-        ],
-    },
-    "phi": {
-        "layout": "linear",
-        "attn_out": [r"layers\.(\d+)\.self_attn\.dense\.weight"],
-        "ffn_down": [r"layers\.(\d+)\.mlp\.fc2\.weight"],
-    },
-    "gpt2": {
-        "layout": "conv1d",
-        "attn_out": [r"h\.(\d+)\.attn\.c_proj\.weight"],
-        "ffn_down": [r"h\.(\d+)\.mlp\.c_proj\.weight"],
-    },
-    "gpt_bigcode": {
-        "layout": "linear",
-        "attn_out": [r"h\.(\d+)\.attn\.c_proj\.weight"],
-        "ffn_down": [r"h\.(\d+)\.mlp\.c_proj\.weight"],
-    },
-    "gpt_neox": {
-        "layout": "linear",
-        "attn_out": [r"layers\.(\d+)\.attention\.dense\.weight"],
-        "ffn_down": [r"layers\.(\d+)\.mlp\.dense_4h_to_h\.weight"],
-    },
-    "opt": {
-        "layout": "linear",
-        "attn_out": [r"layers\.(\d+)\.self_attn\.out_proj\.weight"],
-        "ffn_down": [r"layers\.(\d+)\.fc2\.weight"],
-    },
-    "falcon": {
-        "layout": "linear",
-        "attn_out": [r"h\.(\d+)\.self_attention\.dense\.weight"],
-        "ffn_down": [r"h\.(\d+)\.mlp\.dense_4h_to_h\.weight"],
-    },
-    "starcoder2": {
-        "layout": "linear",
-        "attn_out": _LLAMA["attn_out"],
-        "ffn_down": [r"layers\.(\d+)\.mlp\.c_proj\.weight"],
-    },
-}
-
-#: transformers ``model_type`` -> family in :data:`FAMILIES`.
-MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma": "llama",
-    "gemma2": "llama",
-    "gemma3_text": "llama",
-    "gemma3": "gemma3",
-    "phi3": "llama",
-    "phi": "phi",
-    "gpt2": "gpt2",
-    "gpt_bigcode": "gpt_bigcode",
-    "gpt_neox": "gpt_neox",
-    "opt": "opt",
-    "falcon": "falcon",
-    "bloom": "falcon",
-    "starcoder2": "starcoder2",
-    "mixtral": "mixtral",
-    "qwen2_moe": "qwen2_moe",
-}
 
 
 @dataclass(frozen=True)
@@ -133,20 +42,12 @@ class Target:
         return self.key.rsplit(".", 1)[0]
 
 
-def supported_model_types() -> list[str]:
-    """Model types the registry knows, sorted."""
-    return sorted(MODEL_TYPES)
-
-
 def model_type_of(config: Mapping) -> str:
     """The ``model_type`` of a config dict, or a clear error when missing or unknown."""
     model_type = config.get("model_type")
     if not model_type:
         raise ArchitectureError("config.json has no 'model_type'; cannot tell which tensors GAIN adapts")
-    if model_type not in MODEL_TYPES:
-        raise ArchitectureError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
+    family_of(model_type)  # unknown: a clear error naming the supported ones
     return str(model_type)
 
 
@@ -193,18 +94,13 @@ def resolve_targets(
         raise ArchitectureError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if side not in SIDES:
         raise ArchitectureError(f"unknown side {side!r}; choose 'in' or 'out'")
-    if model_type not in MODEL_TYPES:
-        raise ArchitectureError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
-    family = FAMILIES[MODEL_TYPES[model_type]]
-    layout = family["layout"]
+    family = family_of(model_type)
     kinds = ["attn_out"] + (["ffn_down"] if method == "gain-ffn" else [])
-    excludes = [re.compile(p) for p in family.get("exclude", [])]
+    excludes = [re.compile(p) for p in family.exclude]
     targets: list[Target] = []
     attn_layers: list[int] = []
     for kind in kinds:
-        patterns = [re.compile(r"(?:^|\.)" + p + "$") for p in family[kind]]
+        patterns = [re.compile(r"(?:^|\.)" + p + "$") for p in getattr(family, kind)]
         found = 0
         for name, shape in shapes.items():
             if any(e.search(name) for e in excludes):
@@ -218,16 +114,15 @@ def resolve_targets(
             found += 1
             if kind == "attn_out":
                 attn_layers.append(layer)
-            in_dim = 1 if layout == "linear" else 0
-            dim = in_dim if side == "in" else 1 - in_dim
-            targets.append(Target(name, dim, int(shape[dim]), kind, layer, layout))
-            bias = name[: -len("weight")] + "bias"
+            dim = family.input_dim if side == "in" else 1 - family.input_dim
+            targets.append(Target(name, dim, int(shape[dim]), kind, layer, family.layout))
+            bias = bias_key(name)
             if side == "out" and bias in shapes:
-                targets.append(Target(bias, 0, int(shapes[bias][0]), "bias", layer, layout))
+                targets.append(Target(bias, 0, int(shapes[bias][0]), "bias", layer, family.layout))
         if not found:
             raise ArchitectureError(
                 f"no {kind.replace('_', ' ')} tensors found for model_type {model_type!r} "
-                f"(looked for names ending in {family[kind][0]!r})"
+                f"(looked for names ending in {getattr(family, kind)[0]!r})"
             )
     if expected_layers is not None and sorted(attn_layers) != list(range(expected_layers)):
         raise ArchitectureError(
@@ -238,7 +133,7 @@ def resolve_targets(
     order = {t.key: (t.layer, kinds.index(t.kind) if t.kind != "bias" else None, t.key) for t in targets}
     for t in targets:
         if t.kind == "bias":
-            weight = order[t.key[: -len("bias")] + "weight"]
+            weight = order[t.key[: -len("bias")] + "weight"]  # the inverse of registry.bias_key
             order[t.key] = (weight[0], weight[1], weight[2] + "~")
     targets.sort(key=lambda t: order[t.key])
     return targets
