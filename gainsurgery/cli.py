@@ -1,12 +1,16 @@
-"""The ``gainsurgery`` command line (click).
+"""The ``gainsurgery`` command line (click): parse -> one call -> print.
 
-Each command parses arguments, calls the library and prints. Errors a user can
-cause (:class:`GainSurgeryError`) are printed as one line, exit status 1.
+Each command parses its arguments, makes one call into the library (mostly
+:mod:`gainsurgery.api`) and prints the result. Errors a user can cause
+(:class:`GainSurgeryError`) are printed as one line, exit status 1; a closed
+stdout (``gainsurgery inspect G | head -1``) is a normal end, exit status 0.
+Commands that need an optional extra say which one, in one line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,9 +19,8 @@ from typing import Any
 import click
 
 from gainsurgery import __version__
-from gainsurgery import gainfile as gf
 from gainsurgery.errors import GainSurgeryError
-from gainsurgery.io.hashing import sha256_file
+from gainsurgery.extras import require_extra
 
 MiB = 1 << 20
 
@@ -28,7 +31,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return result
+        except BrokenPipeError:  # the reader went away (`| head`): a normal end for a CLI
+            _silence_stdout()
+            ctx.exit(0)
         except GainSurgeryError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)
             ctx.exit(1)
@@ -39,6 +47,16 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)
             ctx.exit(130)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. under a test runner)
+        pass
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised in a subprocess test
@@ -61,12 +79,19 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _progress(total: int, desc: str):
+def _progress(desc: str, total: int):
+    """A byte progress bar on stderr, shown on a terminal only."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
-               file=sys.stderr, leave=False)
-    return bar
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
+                file=sys.stderr, leave=False)
+
+
+def _hub():
+    """The Hub client for this command: HF_ENDPOINT and the HF cache read now, the token on first use."""
+    from gainsurgery.hub.client import HubClient
+
+    return HubClient.from_env()
 
 
 def _human_bytes(n: int) -> str:
@@ -113,75 +138,39 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
       gainsurgery apply base/ legal.safetensors medical.safetensors merged/
       gainsurgery apply Qwen/Qwen2.5-0.5B me/qwen-legal-gain:gain.safetensors merged/ --push me/qwen-legal
     """
-    from gainsurgery import hub
-    from gainsurgery import sources as src
-    from gainsurgery.cards import merged_model_card
-    from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.surgery import execute, make_plan, verify
+    from gainsurgery import api
 
     if len(gains_and_out) < 2:
         raise click.UsageError("give at least one GAIN file and the OUT folder")
     *gain_specs, out = gains_and_out
-    if push_to:
-        hub.check_repo_id(push_to)
-    with src.opened_base(base) as (ckpt, remote):
-        gain_paths, gain_refs = hub.resolve_gain_specs(gain_specs)
-        gain, sources = gf.load_many(gain_paths, allow_negative=allow_negative)
-        for source, ref in zip(sources, gain_refs):
-            if ref is not None:
-                source["hub"] = str(ref)
-        plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
-        if dry_run:
-            from gainsurgery.surgery import check_output
-
-            check_output(ckpt.folder, Path(out), overwrite=overwrite)
-            summary = plan.summary()
-            if remote is not None:
-                summary["base"] = str(remote.ref)
-            if as_json:
-                _emit_json({"dry_run": True, "out": out, "push": push_to, **summary})
-            else:
-                click.echo(f"plan: {plan.tensors_touched} of {len(ckpt.tensors)} tensors in {len(ckpt.shards)} shard(s)")
-                click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
-                click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
-                click.echo(f"  gain parameters: {gain.num_parameters:,}")
-                if push_to:
-                    click.echo(f"  then push to: {push_to}")
-                click.echo("dry run: nothing written")
-            return
-
-        if push_to:  # a bad or read-only token fails now, before any download or write
-            hub.prepare_repo(push_to, private=private)
-        pushed: list = []
-
-        def check(tmp: Path) -> None:
-            report = verify(plan, open_checkpoint(tmp), chunk_bytes=chunk_size * MiB)
-            if not report.ok:
-                raise GainSurgeryError("verification failed, output discarded: " + report.problems[0])
-            if push_to:  # published from the finished folder; a failed upload discards it too
-                items = hub.folder_upload(tmp)
-                pushed.append(hub.push(items, push_to, commit_message=f"Upload {Path(out).name} (gainsurgery apply)"))
-
-        bar = _progress(ckpt.total_bytes, "apply")
-        try:
-            result = execute(plan, out, base_spec=base, overwrite=overwrite, chunk_bytes=chunk_size * MiB,
-                             threads=threads, progress=bar.update, card=merged_model_card,
-                             check=check if verify_ or push_to else None,
-                             fetch_shard=remote.fetch_shard if remote is not None else None,
-                             extra_provenance={"base": remote.provenance()} if remote is not None else None)
-        finally:
-            bar.close()
-    verified = bool(verify_ or push_to)
+    result = api.apply(base, gain_specs, out, overwrite=overwrite, verify=verify_, dry_run=dry_run,
+                       allow_negative=allow_negative, chunk_bytes=chunk_size * MiB, threads=threads,
+                       progress=_progress, push_to=push_to, private=private, hub=_hub())
+    plan = result.plan
+    if result.dry_run:
+        summary = {**plan.summary(), "base": result.base}
+        if as_json:
+            _emit_json({"dry_run": True, "out": out, "push": push_to, **summary})
+        else:
+            click.echo(f"plan: {plan.tensors_touched} of {len(plan.base.tensors)} tensors in "
+                       f"{len(plan.base.shards)} shard(s)")
+            click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
+            click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
+            click.echo(f"  gain parameters: {plan.gain.num_parameters:,}")
+            if push_to:
+                click.echo(f"  then push to: {push_to}")
+            click.echo("dry run: nothing written")
+        return
     if as_json:
-        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": verified,
-                    **{k: v for k, v in plan.summary().items() if k != "touched"},
-                    **({"base": str(remote.ref)} if remote is not None else {}), "shards": result.shard_sha256,
-                    **({"pushed": pushed[0].as_dict()} if pushed else {})})
+        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": result.verified,
+                    **{k: v for k, v in plan.summary().items() if k != "touched"}, "base": result.base,
+                    "shards": result.shard_sha256, **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
     else:
         click.echo(f"wrote {result.out} ({plan.tensors_touched} tensors rescaled, "
-                   f"{_human_bytes(ckpt.total_bytes)}, {result.seconds:.1f} s){' - verified' if verified else ''}")
-        if pushed:
-            click.echo(f"pushed to {pushed[0].repo_id}: {pushed[0].commit_url or pushed[0].revision}")
+                   f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
+                   f"{' - verified' if result.verified else ''}")
+        if result.pushed:
+            click.echo(f"pushed to {result.pushed.repo_id}: {result.pushed.commit_url or result.pushed.revision}")
 
 
 @main.command()
@@ -201,28 +190,13 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
     Example:
       gainsurgery verify base/ gain.safetensors merged/
     """
-    from gainsurgery import sources as src
-    from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.surgery import make_plan, verify as run_verify
+    from gainsurgery import api
 
     if len(gains_and_out) < 2:
         raise click.UsageError("give at least one GAIN file and the OUT folder")
-    *gain_paths, out = gains_and_out
-    from gainsurgery import hub
-
-    with src.opened_base(base) as (ckpt, remote):
-        local_gains, _ = hub.resolve_gain_specs(gain_paths)
-        gain, sources = gf.load_many(local_gains, allow_negative=allow_negative)
-        plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
-        out_ckpt = open_checkpoint(out)
-        if remote is not None:  # a Hub base: its shards come from the HF cache
-            for shard in ckpt.shards.values():
-                remote.fetch_shard(shard)
-        bar = _progress(ckpt.total_bytes, "verify")
-        try:
-            report = run_verify(plan, out_ckpt, chunk_bytes=chunk_size * MiB, progress=bar.update)
-        finally:
-            bar.close()
+    *gain_specs, out = gains_and_out
+    report = api.verify(base, gain_specs, out, allow_negative=allow_negative, chunk_bytes=chunk_size * MiB,
+                        progress=_progress, hub=_hub())
     if as_json:
         _emit_json(report.as_dict())
     elif report.ok:
@@ -258,27 +232,11 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
       gainsurgery push merged/ me/qwen-legal --private
       gainsurgery push legal.safetensors me/qwen-legal-gain
     """
-    from gainsurgery import hub
-    from gainsurgery.cards import merged_model_card
+    from gainsurgery import api
 
-    hub.check_repo_id(repo_id)
-    path = Path(source)
-    if path.is_dir():
-        card = None
-        prov = path / "gainsurgery.json"
-        if prov.is_file():
-            try:
-                card = merged_model_card(json.loads(prov.read_text(encoding="utf-8")))
-            except (ValueError, AttributeError):
-                card = None  # folder_upload reports the broken file
-        items = hub.folder_upload(path, card=card)
-        kind = "merged checkpoint"
-    elif path.is_file():
-        items = hub.gain_upload(path, repo_id)
-        kind = "gain file"
-    else:
-        raise GainSurgeryError(f"nothing to push: {source} is neither a folder nor a gain file")
-    total = sum(i.size for i in items)
+    plan = api.push(source, repo_id, private=private, revision=revision, create_pr=create_pr,
+                    commit_message=commit_message, dry_run=dry_run, hub=_hub())
+    kind, items, total = plan.kind, plan.items, plan.bytes
     if dry_run:
         if as_json:
             _emit_json({"dry_run": True, "repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr,
@@ -291,8 +249,7 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
                 click.echo(f"  {i.path_in_repo:<48} {_human_bytes(i.size):>10}")
             click.echo("dry run: nothing uploaded")
         return
-    result = hub.push(items, repo_id, private=private, revision=revision, create_pr=create_pr,
-                      commit_message=commit_message or f"Upload {kind} with gainsurgery")
+    result = plan.result
     if as_json:
         _emit_json({"kind": kind, "bytes": total, **result.as_dict()})
     else:
@@ -313,12 +270,9 @@ def stack(gains, output, description, allow_negative, as_json):
     Example:
       gainsurgery stack legal.safetensors medical.safetensors -o both.safetensors
     """
-    loaded = [gf.load(p, allow_negative=allow_negative) for p in gains]
-    stacked = gf.stack(loaded, [Path(p).name for p in gains])
-    for parent, p in zip(stacked.metadata["parents"], gains):
-        parent["sha256"] = sha256_file(p)
-    if description:
-        stacked.metadata["description"] = description
+    from gainsurgery import api
+
+    stacked = api.stack_gains(gains, allow_negative=allow_negative, description=description)
     stacked.save(output)
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
@@ -337,9 +291,9 @@ def invert(gain, output, as_json):
     Example:
       gainsurgery invert gain.safetensors -o gain_inv.safetensors
     """
-    g = gf.load(gain, allow_negative=True)
-    inv = gf.invert(g)
-    inv.metadata["parents"] = [{"name": Path(gain).name, "sha256": sha256_file(gain), "op": "invert"}]
+    from gainsurgery import api
+
+    inv = api.invert_gain(gain)
     inv.save(output)
     _emit_json({"output": output, "parameters": inv.num_parameters}) if as_json else click.echo(
         f"wrote {output}: inverse of {inv.num_parameters:,} gains")
@@ -356,6 +310,10 @@ def inspect(gain, plot, as_json):
     Example:
       gainsurgery inspect gain.safetensors --plot gains.png
     """
+    from gainsurgery import gainfile as gf
+
+    if plot:
+        require_extra("plots", "gainsurgery inspect --plot")
     g = gf.load(gain, allow_negative=True)
     st = gf.stats(g)
     if plot:
@@ -497,6 +455,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
       gainsurgery eval embedded:gemma-3-270m --gain legal.safetensors \\
           --data legal=legal/validation.txt --data code=code/validation.txt
     """
+    from gainsurgery import gainfile as gf
     from gainsurgery.data import pack, read_documents
     from gainsurgery.evaluation import perplexity, read_yesno, yesno_accuracy
     from gainsurgery.hooks import attach_gains
@@ -546,28 +505,20 @@ def targets(base, method, side, init, output, as_json):
       gainsurgery targets base/ --method gain-ffn
       gainsurgery targets base/ --init ones -o identity.safetensors
     """
-    from gainsurgery import sources as src
-    from gainsurgery.architectures import model_type_of, num_layers, resolve_targets
-    from gainsurgery.io.checkpoint import fingerprint
+    from gainsurgery import api
 
     if (init is None) != (output is None):
         raise click.UsageError("--init and -o/--output go together")
-    with src.opened_base(base) as (ckpt, _remote):  # headers only, also for a Hub base
-        model_type = model_type_of(ckpt.config)
-        found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, method, side,
-                                expected_layers=num_layers(ckpt.config))
-        base_fingerprint = fingerprint(ckpt)
-    total = sum(t.length for t in found)
+    found = api.targets(base, method, side, hub=_hub())
     if init:
-        meta = {"method": method, "side": side, "base_model": base, "base_fingerprint": base_fingerprint,
-                "description": "identity gain (all ones)"}
-        gf.identity({t.key: (t.dim, t.length) for t in found}, meta).save(output)
+        found.identity().save(output)
+    model_type, total = found.model_type, found.parameters
     if as_json:
         _emit_json({"model_type": model_type, "method": method, "side": side, "parameters": total,
-                    "targets": [t.__dict__ for t in found], "output": output})
+                    "targets": [t.__dict__ for t in found.targets], "output": output})
         return
-    click.echo(f"{model_type}, method {method}, side {side}: {len(found)} tensors, {total:,} gains")
-    for t in found:
+    click.echo(f"{model_type}, method {method}, side {side}: {len(found.targets)} tensors, {total:,} gains")
+    for t in found.targets:
         click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}")
     if init:
         click.echo(f"wrote {output}")
@@ -593,6 +544,7 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
     Example:
       gainsurgery export-peft gain.safetensors adapter/ --base base/
     """
+    from gainsurgery import gainfile as gf
     from gainsurgery import sources as src
     from gainsurgery.peft_interop import export_peft as run_export
 

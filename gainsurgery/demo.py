@@ -39,13 +39,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     from gainsurgery import domains
     from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.data import pack, read_documents
-    from gainsurgery.gainfile import load_many
     from gainsurgery.evaluation import perplexity
     from gainsurgery.modeling import load_causal_lm, load_tokenizer
     from gainsurgery.sources import resolve_base
-    from gainsurgery.surgery import execute, make_plan, verify
+    from gainsurgery.merge import apply, verify_merged
     from gainsurgery.training import TrainConfig, train
-    from gainsurgery.cards import merged_model_card
 
     from transformers.utils import logging as hf_logging
 
@@ -87,16 +85,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say("[4/6] apply: stream the gains into a merged checkpoint (untouched bytes copied by the kernel)")
     t0 = time.perf_counter()
     merged = work / "merged"
-    gain, sources = load_many([gain_path])
-    plan = make_plan(ckpt, gain, sources)
-    execute(plan, merged, base_spec=cfg.model, overwrite=True, card=merged_model_card)
+    plan = apply(cfg.model, [gain_path], merged, overwrite=True).plan
     step("apply", t0)
     say(f"      {merged}: {plan.tensors_touched} tensors rescaled, {plan.bytes_rewritten / 1e6:.0f} MB rewritten, "
         f"{plan.bytes_copied / 1e6:.0f} MB copied")
 
     say("[5/6] verify: recompute every rescaled tensor, compare every other byte")
     t0 = time.perf_counter()
-    report = verify(plan, open_checkpoint(merged))
+    report = verify_merged(cfg.model, [gain_path], merged)
     step("verify", t0)
     if not report.ok:
         from gainsurgery.errors import GainSurgeryError

@@ -10,7 +10,7 @@ Staging (the way each method is used in practice):
 
 - ``gain`` / ``gain-ffn``: fresh gains (init 1) are trained by hooks on the
   previous stage's merged folder; the merged folder of stage k is the *base*
-  with ``stack(g1..gk)`` streamed in by :func:`gainsurgery.surgery.execute`
+  with ``stack(g1..gk)`` streamed in by :func:`gainsurgery.merge.apply`
   (the product is taken in float32 and rounded to the checkpoint dtype once).
   Gain keys are checkpoint tensor names, identical in every merged folder,
   because apply mirrors the layout.
@@ -406,13 +406,9 @@ class Experiment:
     # -- merging ----------------------------------------------------------------------------------
     def _merge_gains(self, gain_files: list[Path], dst: Path) -> None:
         """Base + stack(g1..gk), streamed (rounded once to the checkpoint dtype)."""
-        from gainsurgery.io.checkpoint import open_checkpoint
-        from gainsurgery.gainfile import load_many
-        from gainsurgery.surgery import execute, make_plan
+        from gainsurgery.merge import apply
 
-        gain, sources = load_many(gain_files)
-        plan = make_plan(open_checkpoint(self.base_folder), gain, sources)
-        execute(plan, dst, base_spec=str(self.cfg.base), overwrite=True)
+        apply(str(self.cfg.base), gain_files, dst, overwrite=True)
 
     def _merge_adapter(self, prev: Path, adapter: Path, dst: Path) -> None:
         """prev + adapter, merged in float32 and saved in prev's dtype, tokenizer copied."""

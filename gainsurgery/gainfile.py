@@ -172,19 +172,24 @@ def load_many(paths: Iterable[str | os.PathLike[str]], *, allow_negative: bool =
     """Load gain files, stack them (in order) and describe each for provenance.
 
     Returns:
-        (stacked gain, one dict per file: name, path, sha256, method, side,
-        base_model, parameters).
+        (stacked gain, one :func:`describe` dict per file).
     """
     paths = [str(p) for p in paths]
     gains = [load(p, allow_negative=allow_negative) for p in paths]
-    sources = [
-        {"name": Path(p).name, "path": str(Path(p).resolve()), "sha256": sha256_file(p),
-         "method": g.metadata.get("method"), "side": g.metadata.get("side"),
-         "base_model": g.metadata.get("base_model"), "parameters": g.num_parameters}
-        for p, g in zip(paths, gains)
-    ]
+    sources = [describe(g, Path(p).name, p) for p, g in zip(paths, gains)]
     stacked = gains[0] if len(gains) == 1 else stack(gains, [Path(p).name for p in paths])
     return stacked, sources
+
+
+def describe(gain: GainFile, name: str, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What provenance records about one gain: name, path and sha256 (for a file), method, side,
+    base_model and parameter count."""
+    entry: dict[str, Any] = {"name": name}
+    if path is not None:
+        entry.update(path=str(Path(path).resolve()), sha256=sha256_file(path))
+    entry.update(method=gain.metadata.get("method"), side=gain.metadata.get("side"),
+                 base_model=gain.metadata.get("base_model"), parameters=gain.num_parameters)
+    return entry
 
 
 def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None) -> GainFile:

@@ -150,7 +150,7 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
             leaves the module's bias unscaled (PEFT scales it), an input-side gain
             also scales a bias, or a bias is scaled without its weight.
     """
-    from gainsurgery.surgery import make_plan
+    from gainsurgery.merge.plan import make_plan
 
     make_plan(ckpt, gain, allow_negative=True)  # keys, dims and lengths fit the base
     in_dim, conv1d = _layout(ckpt)

@@ -12,7 +12,15 @@ from click.testing import CliRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test reaches the real Hub: the default endpoint is a closed loopback port, and
+# tests that need a Hub start the loopback one (fixture ``hub``, which sets HF_ENDPOINT).
+# HF_HUB_OFFLINE stays unset: huggingface_hub reads it once, at import, and it would
+# refuse the loopback Hub too. Xet is off so uploads use LFS, which the loopback Hub speaks.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("TRANSFORMERS_OFFLINE", None)
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

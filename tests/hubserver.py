@@ -23,9 +23,8 @@ hf_hub_download / file_exists                 HEAD/GET /{prefix}{ns}/{name}/reso
                                               HEAD/GET /_lfs/{oid}  ("CDN", reached through 302)
 
 Uploads only take the LFS path when Xet is disabled: with ``hf_xet`` installed,
-huggingface_hub 2.4 uploads through Xet unconditionally unless
-``huggingface_hub.constants.HF_HUB_DISABLE_XET`` is true (the ``hub`` fixture
-in ``conftest_hub.py`` sets it).
+huggingface_hub 2.4 uploads through Xet unconditionally unless ``HF_HUB_DISABLE_XET``
+is set when it is imported (``tests/conftest.py`` sets it first).
 """
 
 from __future__ import annotations
@@ -272,9 +271,13 @@ class HubServer:
         Failure: answer ``status`` with ``X-Error-Code: error_code`` / ``X-Error-Message: message`` and any
         extra ``headers``; or ``drop=True``: close the connection without answering; or ``truncate_after=N``:
         serve the request normally but cut the body after N bytes (exercises download resume).
-        Defaults: 401 says "Invalid credentials in Authorization header", 404 carries ``RepoNotFound``.
+        Defaults: 401 says "Invalid credentials in Authorization header", 404 carries ``RepoNotFound``,
+        429 and 503 say ``Retry-After: 0`` (as the Hub tells a client when to come back; the client
+        then retries after about a second instead of its exponential back-off).
         """
         hdrs = dict(headers or {})
+        if status in (429, 503):
+            hdrs.setdefault("Retry-After", "0")
         if error_code is None and status == 404:
             error_code = "RepoNotFound"
         if message is None and status == 401:

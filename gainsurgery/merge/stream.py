@@ -1,159 +1,51 @@
-"""Plan, stream, verify: applying gain files to a sharded safetensors checkpoint.
+"""Streaming a plan into a folder in constant memory, and claiming the output folder.
 
-The flow is three steps, each usable on its own:
+:func:`execute` writes every shard of the base into a staging folder: bytes no
+gain touches are copied by the kernel (``copy_file_range``); target tensors are
+read, scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks
+while a writer thread keeps file order, and a hasher thread follows the writer
+to record each shard's sha256. Gains change neither shapes nor dtypes, so the
+output mirrors the input: same shard names, same headers, same index.
 
-1. :func:`make_plan` (pure): match a (stacked) gain file against a checkpoint's
-   headers and refuse anything that does not fit, before any output exists.
-2. :func:`execute`: stream every shard into a temporary sibling of OUT. Bytes
-   that no gain touches are copied by the kernel (``copy_file_range``), target
-   tensors are read, scaled and written back in bounded chunks. OUT appears, by
-   rename, only once every file is written, fsynced and checked.
-3. :func:`verify`: recompute every target tensor and compare every other byte.
-
-Gains change neither shapes nor dtypes, so the output mirrors the input: same
-shard names, same headers, same index.
+:func:`staged_output` claims OUT: it checks the location (never BASE, never
+inside or around it), removes temporary folders of dead runs, and yields a
+temporary sibling that is renamed into place only by :meth:`Staging.publish`;
+on any failure the temporary folder is deleted, so OUT is whole or absent.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from gainsurgery import __version__
-from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder
-from gainsurgery.io.checkpoint import INDEX_NAME, Checkpoint, Shard, TensorInfo, refuse_unscalable
 from gainsurgery.errors import PlanError
-from gainsurgery.gainfile import GainFile, check_values, natural_key
-from gainsurgery.scaling import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
+from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder
+from gainsurgery.io.checkpoint import INDEX_NAME
+from gainsurgery.io.safetensors import Shard
+from gainsurgery.merge.kernel import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
+from gainsurgery.merge.plan import Plan, TensorOp
+from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
-DEFAULT_CHUNK_BYTES = 64 << 20
-PROVENANCE_NAME = "gainsurgery.json"
 _COPY_STEP = 64 << 20  # bytes per copy_file_range call; the hasher follows in steps this big
 _MAX_PENDING_HASHES = 2  # shards whose hash may still be running while the next one streams
 
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class TensorOp:
-    """Scale one tensor of the base by ``vector`` along ``dim``."""
-
-    info: TensorInfo
-    vector: np.ndarray
-    dim: int
-
-
-@dataclass
-class Plan:
-    """What an apply will do; computed from headers alone.
-
-    Attributes:
-        base: the opened base checkpoint.
-        gain: the stacked gain applied in one pass.
-        sources: provenance of each gain file (name, path, sha256, ...).
-        ops: shard name -> tensor operations sorted by file offset.
-    """
-
-    base: Checkpoint
-    gain: GainFile
-    sources: list[dict[str, Any]]
-    ops: dict[str, list[TensorOp]]
-
-    @property
-    def tensors_touched(self) -> int:
-        """Number of tensors that will be rewritten."""
-        return sum(len(v) for v in self.ops.values())
-
-    @property
-    def bytes_rewritten(self) -> int:
-        """Bytes of tensor data read, scaled and written by Python."""
-        return sum(op.info.nbytes for ops in self.ops.values() for op in ops)
-
-    @property
-    def bytes_copied(self) -> int:
-        """Bytes copied unchanged by the kernel (headers included)."""
-        return self.base.total_bytes - self.bytes_rewritten
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready description of the plan, for --dry-run and provenance."""
-        return {
-            "base": str(self.base.folder),
-            "shards": len(self.base.shards),
-            "tensors_total": len(self.base.tensors),
-            "tensors_touched": self.tensors_touched,
-            "gain_parameters": self.gain.num_parameters,
-            "bytes_total": self.base.total_bytes,
-            "bytes_rewritten": self.bytes_rewritten,
-            "bytes_copied": self.bytes_copied,
-            "touched": [
-                {"tensor": op.info.name, "shard": op.info.shard, "dtype": op.info.dtype,
-                 "shape": list(op.info.shape), "dim": op.dim, "bytes": op.info.nbytes}
-                for ops in self.ops.values() for op in ops
-            ],
-        }
-
-
-def make_plan(
-    base: Checkpoint,
-    gain: GainFile,
-    sources: list[dict[str, Any]] | None = None,
-    *,
-    allow_negative: bool = False,
-) -> Plan:
-    """Match ``gain`` against ``base``; raise PlanError on anything that does not fit.
-
-    Every key must name a tensor of the base, its dim must exist, the vector
-    length must equal that dim's size, and the tensor must be float32, float16
-    or bfloat16. Nothing is read beyond headers.
-    """
-    ops: dict[str, list[TensorOp]] = {name: [] for name in base.shards}
-    for key in sorted(gain.vectors, key=natural_key):
-        vector = gain.vectors[key]
-        dim = gain.dims[key]
-        info = base.tensors.get(key)
-        if info is None:
-            hint = _closest(key, base.tensors)
-            raise PlanError(
-                f"gain key {key!r} is not a tensor of the base checkpoint"
-                + (f" (closest: {hint!r}); was the gain trained on another model?" if hint else "")
-            )
-        if dim >= len(info.shape):
-            raise PlanError(f"gain for {key!r} runs along dim {dim}, but the tensor has only {len(info.shape)} dims")
-        if info.shape[dim] != vector.size:
-            raise PlanError(
-                f"gain for {key!r} has length {vector.size}, but dim {dim} of the tensor has size {info.shape[dim]}"
-            )
-        refuse_unscalable(info)
-        check_values(vector, key, allow_negative=allow_negative)
-        ops[info.shard].append(TensorOp(info, vector, dim))
-    for shard_ops in ops.values():
-        shard_ops.sort(key=lambda op: op.info.start)
-    return Plan(base, gain, list(sources or []), ops)
-
-
-def _closest(key: str, names) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
 # --------------------------------------------------------------------------- output location
 
 
-def check_output(base_folder: Path, out: Path, *, overwrite: bool, protect: list[Path] = ()) -> Path:
+def check_output(base_folder: Path, out: Path, *, overwrite: bool, protect: Iterable[Path] = ()) -> Path:
     """Validate the output folder location; return it resolved.
 
     Refuses OUT equal to or inside BASE, OUT containing BASE, an existing OUT
@@ -171,7 +63,8 @@ def check_output(base_folder: Path, out: Path, *, overwrite: bool, protect: list
     return check_replaceable_folder(Path(out), overwrite=overwrite, protect=protect, what="OUT", error=PlanError)
 
 
-def _tmp_name(out: Path) -> Path:
+def temp_name(out: Path) -> Path:
+    """The temporary sibling this process builds ``out`` in (its pid marks it, for stale-temp cleanup)."""
     return out.parent / f".{out.name}.gainsurgery-tmp-{os.getpid()}"
 
 
@@ -201,16 +94,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 # --------------------------------------------------------------------------- streaming
-
-
-@dataclass
-class ApplyResult:
-    """What :func:`execute` wrote."""
-
-    out: Path
-    shard_sha256: dict[str, str]
-    seconds: float
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 class _Streamer:
@@ -440,54 +323,90 @@ class _FollowingHasher:
             self.error = exc
 
 
+
+
+@dataclass
+class Staging:
+    """A claimed output: the final location and the temporary sibling it is built in.
+
+    Attributes:
+        out: where the output will appear (resolved).
+        folder: the temporary folder being written.
+    """
+
+    out: Path
+    folder: Path
+
+    def sync(self) -> None:
+        """fsync every file of the staging folder (once, after all are written)."""
+        fsync_files(self.folder)
+
+    def publish(self) -> None:
+        """Rename the finished staging folder to OUT (replacing an old OUT atomically)."""
+        publish_folder(self.folder, self.out)
+
+
+@contextlib.contextmanager
+def staged_output(base_folder: Path, out: str | os.PathLike[str], *, overwrite: bool = False,
+                  protect: Iterable[Path] = ()) -> Iterator[Staging]:
+    """Claim OUT and yield a :class:`Staging` to build it in; OUT appears only through ``publish()``.
+
+    Checks the location first (:func:`check_output`), removes temporary folders of
+    dead runs, and on any failure inside the block deletes the staging folder: a
+    crash, a kill, a failed verification or push, or a full disk leave nothing.
+
+    Raises:
+        PlanError: OUT is unusable, or writing failed (disk full, permissions).
+    """
+    out_r = check_output(base_folder, Path(out), overwrite=overwrite, protect=protect)
+    remove_stale_temporaries(out_r)
+    tmp = temp_name(out_r)
+    try:
+        tmp.mkdir()
+        yield Staging(out_r, tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise PlanError(f"disk full while writing {out}; nothing was left behind") from None
+        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def execute(
     plan: Plan,
-    out: str | os.PathLike[str],
+    folder: Path,
     *,
-    base_spec: str | None = None,
-    overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
     progress: Progress | None = None,
-    card: Callable[[dict[str, Any]], str] | None = None,
-    extra_provenance: dict[str, Any] | None = None,
-    check: Callable[[Path], None] | None = None,
     fetch_shard: Callable[[Shard], None] | None = None,
-) -> ApplyResult:
-    """Stream ``plan`` into the folder ``out``; OUT appears only when complete.
+) -> dict[str, str]:
+    """Write the base's shards, with ``plan`` applied, and its index into the existing ``folder``.
 
     Args:
-        plan: from :func:`make_plan`.
-        out: output folder; must not exist unless ``overwrite``.
-        base_spec: the base as the user gave it (path, Hub id, ``embedded:...``),
-            recorded in the provenance file.
+        plan: from :func:`~gainsurgery.merge.plan.make_plan`.
+        folder: an empty folder (a :class:`Staging` folder).
         chunk_bytes: bytes of tensor data scaled per read (bounds peak memory).
         threads: compute threads for scaling (default: CPU count, at most 4).
         progress: called with the number of bytes handled, as they are.
-        card: builds the model card text from the provenance dict.
-        extra_provenance: merged into ``gainsurgery.json``.
-        check: called with the finished temporary folder before it is moved into
-            place (e.g. a full :func:`verify`); raise to abandon the output.
         fetch_shard: called with each shard just before it is streamed, to make
-            ``shard.path`` readable (e.g. download it from the Hub and point
-            ``shard.path`` at the download); shards are fetched one at a time.
+            ``shard.path`` readable (a Hub base downloads it); one at a time.
+
+    Returns:
+        shard file name -> sha256 of the written shard.
 
     Raises:
-        PlanError: output location unusable, disk full, base changed under us.
+        PlanError: the base changed under us (sizes or headers differ, a shard ended early).
     """
-    t0 = time.perf_counter()
     base = plan.base
-    protect = [Path(s["path"]) for s in plan.sources if s.get("path")]
-    out_r = check_output(base.folder, Path(out), overwrite=overwrite, protect=protect)
-    remove_stale_temporaries(out_r)
-    tmp = _tmp_name(out_r)
     threads = threads or min(4, os.cpu_count() or 1)
     streamer = _Streamer(chunk_bytes, threads, progress)
     hashers: dict[str, _FollowingHasher] = {}
     try:
-        tmp.mkdir()
         for name, shard in base.shards.items():
-            dst = tmp / name
+            dst = folder / name
             dst.touch()
             # Hash each shard while it is written; a slow hash may run on into the
             # next shard, but no more than a couple at once (bounded memory).
@@ -500,148 +419,16 @@ def execute(
             streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name], hashers[name].advance)
             _check_header(shard.path, dst, shard.data_start)
         if base.index is not None:
-            shutil.copyfile(base.folder / INDEX_NAME, tmp / INDEX_NAME)
-        for extra in base.extra_files(skip=("README.md", PROVENANCE_NAME)):
-            shutil.copyfile(extra, tmp / extra.name)
-        shard_sha = {name: h.hexdigest() for name, h in hashers.items()}
-        provenance = _provenance(plan, base_spec, shard_sha, extra_provenance)
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        if card is not None:
-            (tmp / "README.md").write_text(card(provenance), encoding="utf-8")
-        fsync_files(tmp)
-        if check is not None:
-            check(tmp)
-        publish_folder(tmp, out_r)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise PlanError(f"disk full while writing {out}; nothing was left behind") from None
-        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(base.folder / INDEX_NAME, folder / INDEX_NAME)
+        return {name: h.hexdigest() for name, h in hashers.items()}
     finally:
         for h in hashers.values():
             h.abort()
             h.thread.join()
         streamer.close()
-    return ApplyResult(out_r, shard_sha, time.perf_counter() - t0, provenance)
 
 
 def _check_header(src: Path, dst: Path, header_end: int) -> None:
     with open(src, "rb") as a, open(dst, "rb") as b:
         if a.read(header_end) != b.read(header_end):
             raise PlanError(f"{src.name}: header of the written shard differs from the base (base changed?)")
-
-
-def _provenance(plan: Plan, base_spec: str | None, shard_sha: dict[str, str], extra: dict | None) -> dict[str, Any]:
-    return {
-        "tool": "gainsurgery",
-        "version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "base": {"given": base_spec or str(plan.base.folder), "folder": str(plan.base.folder.resolve())},
-        "gains": plan.sources,
-        "gain_parameters": plan.gain.num_parameters,
-        "method": plan.gain.metadata.get("method"),
-        "side": plan.gain.metadata.get("side"),
-        "tensors_scaled": plan.tensors_touched,
-        "bytes_rewritten": plan.bytes_rewritten,
-        "shards": {name: {"sha256": sha, "bytes": plan.base.shards[name].file_size} for name, sha in shard_sha.items()},
-        **(extra or {}),
-    }
-
-
-# --------------------------------------------------------------------------- verification
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify`. ``ok`` only when ``problems`` is empty."""
-
-    tensors_checked: int = 0
-    tensors_scaled: int = 0
-    bytes_compared: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "tensors_checked": self.tensors_checked, "tensors_scaled": self.tensors_scaled,
-                "bytes_compared": self.bytes_compared, "problems": self.problems}
-
-
-def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-           progress: Progress | None = None) -> VerifyReport:
-    """Check ``out`` against ``plan``: recompute targets, compare all other bytes.
-
-    Headers, shard names and the index must be identical; every target tensor
-    must equal the float32-compute, round-once reference bit for bit; every other
-    tensor must be byte-identical to the base.
-    """
-    progress = progress or (lambda n: None)
-    report = VerifyReport()
-    base = plan.base
-    if list(out.shards) != list(base.shards):
-        report.problems.append(f"shard files differ: base {list(base.shards)} vs output {list(out.shards)}")
-        return report
-    if (base.index is None) != (out.index is None) or (
-        base.index is not None and (base.folder / INDEX_NAME).read_bytes() != (out.folder / INDEX_NAME).read_bytes()
-    ):
-        report.problems.append("index file differs from the base")
-    scratch = Scratch()
-    for name, shard in base.shards.items():
-        out_shard = out.shards[name]
-        if out_shard.file_size != shard.file_size:
-            report.problems.append(f"{name}: size {out_shard.file_size} bytes, base has {shard.file_size}")
-            continue
-        with open(shard.path, "rb") as fa, open(out_shard.path, "rb") as fb:
-            if fa.read(shard.data_start) != fb.read(shard.data_start):
-                report.problems.append(f"{name}: header differs from the base")
-                continue
-            ops = {op.info.name: op for op in plan.ops[name]}
-            for tname, info in shard.tensors.items():
-                report.tensors_checked += 1
-                op = ops.get(tname)
-                if op is None:
-                    same = _compare_ranges(fa, fb, info.start, info.nbytes, chunk_bytes, progress)
-                    if not same:
-                        report.problems.append(f"{tname}: bytes differ from the base but no gain targets it")
-                else:
-                    report.tensors_scaled += 1
-                    if not _check_scaled(fa, fb, op, chunk_bytes, scratch, progress):
-                        report.problems.append(f"{tname}: differs from base x gain (float32, rounded once)")
-                report.bytes_compared += info.nbytes
-    return report
-
-
-def _compare_ranges(fa, fb, offset: int, count: int, chunk_bytes: int, progress: Progress) -> bool:
-    end = offset + count
-    while offset < end:
-        n = min(chunk_bytes, end - offset)
-        fa.seek(offset)
-        fb.seek(offset)
-        if fa.read(n) != fb.read(n):
-            return False
-        offset += n
-        progress(n)
-    return True
-
-
-def _check_scaled(fa, fb, op: TensorOp, chunk_bytes: int, scratch: Scratch, progress: Progress) -> bool:
-    info = op.info
-    itemsize = ITEMSIZE[info.dtype]
-    dtype = NUMPY_DTYPES[info.dtype]
-    vector = np.ascontiguousarray(op.vector, dtype=np.float32)
-    for seg in segments(info.shape, op.dim, max(BLOCK_ELEMS, chunk_bytes // itemsize // 4)):
-        offset = info.start + seg.start * itemsize
-        n = (seg.stop - seg.start) * itemsize
-        fa.seek(offset)
-        fb.seek(offset)
-        ref = np.frombuffer(bytearray(fa.read(n)), dtype=dtype)
-        scale_block(ref, info.dtype, seg, vector, scratch)
-        if ref.tobytes() != fb.read(n):
-            return False
-        progress(n)
-    return True

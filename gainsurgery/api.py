@@ -1,0 +1,410 @@
+"""The public Python API: gainsurgery for notebooks and pipelines.
+
+Everything the command line does is a call here (the CLI only parses and prints),
+re-exported lazily from the package: ``from gainsurgery import apply, load_gain``.
+
+Gain files::
+
+    g = load_gain("legal.safetensors")
+    both = stack_gains(["legal.safetensors", "medical.safetensors"])
+    save_gain(invert_gain(g), "undo-legal.safetensors")
+
+Merging, by streaming, in constant memory::
+
+    result = apply("base/", ["legal.safetensors"], "merged/", verify=True)
+
+Gains on a model in memory, as forward hooks::
+
+    with attach(model, "legal.safetensors"):
+        logits = model(input_ids).logits
+
+Training::
+
+    train(TrainConfig(base="embedded:gemma-3-270m", data=["legal.txt"], output="legal.safetensors"))
+
+Functions that need torch (:func:`attach`, :func:`train`, :func:`evaluate`,
+:func:`export_peft`, :func:`import_peft`) need the ``train`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from gainsurgery import gainfile as gf
+from gainsurgery.gainfile import GainFile
+from gainsurgery.io.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from gainsurgery.architectures import Target
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.publish import PushResult, UploadItem
+    from gainsurgery.interop.peft import ExportResult
+    from gainsurgery.merge import ApplyResult, ProgressFactory, VerifyReport
+    from gainsurgery.training import TrainConfig, TrainResult
+    from gainsurgery.training.hooks import GainHooks
+
+__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "invert_gain", "load_gain", "push",
+           "save_gain", "stack_gains", "targets", "train", "verify"]
+
+
+
+# --------------------------------------------------------------------------- gain files
+
+
+def load_gain(path: str | os.PathLike[str], *, allow_negative: bool = False) -> GainFile:
+    """Load and validate a gain file (format v1).
+
+    Args:
+        path: the ``.safetensors`` gain file.
+        allow_negative: accept negative gains (sign flips); refused by default.
+
+    Returns:
+        The :class:`~gainsurgery.gainfile.GainFile`: ``vectors``, ``dims``, ``metadata``.
+
+    Raises:
+        GainFileError: missing, not a gain file, or holding NaN, infinite, zero or negative gains.
+
+    Example:
+        >>> g = load_gain("legal.safetensors")  # doctest: +SKIP
+        >>> g.num_parameters, g.metadata["method"]  # doctest: +SKIP
+        (55296, 'gain-ffn')
+    """
+    return gf.load(path, allow_negative=allow_negative)
+
+
+def save_gain(gain: GainFile, path: str | os.PathLike[str]) -> Path:
+    """Write ``gain`` as a v1 gain file, atomically (temp file, fsync, rename).
+
+    Returns:
+        The path written.
+
+    Raises:
+        GainFileError: the gain breaks the format (e.g. non-float32 vectors), or the folder is missing.
+
+    Example:
+        >>> save_gain(g, "copy.safetensors")  # doctest: +SKIP
+        PosixPath('copy.safetensors')
+    """
+    return gain.save(path)
+
+
+def _load_each(gains: Sequence[GainFile | str | os.PathLike[str]], allow_negative: bool
+               ) -> list[tuple[GainFile, str, str | None]]:
+    """(gain, name, path or None) for each gain object or path."""
+    out = []
+    for i, g in enumerate(gains):
+        if isinstance(g, GainFile):
+            out.append((g, f"gain[{i}]", None))
+        else:
+            out.append((gf.load(g, allow_negative=allow_negative), Path(g).name, str(g)))
+    return out
+
+
+def stack_gains(gains: Sequence[GainFile | str | os.PathLike[str]], *, allow_negative: bool = False,
+                description: str | None = None) -> GainFile:
+    """Compose gains into one: the float32 product on shared tensors, the union otherwise.
+
+    Applying the result once equals applying the product of the vectors, rounded
+    once per tensor (not once per file).
+
+    Args:
+        gains: gain files (paths) or :class:`GainFile` objects, in order.
+        allow_negative: accept negative gains in the inputs.
+        description: free text stored in the metadata.
+
+    Returns:
+        The stacked gain; ``metadata["parents"]`` names each input (with its sha256 for files).
+
+    Raises:
+        GainFileError: a tensor is scaled along different dims, or an input is invalid.
+
+    Example:
+        >>> both = stack_gains(["legal.safetensors", "medical.safetensors"])  # doctest: +SKIP
+        >>> save_gain(both, "both.safetensors")  # doctest: +SKIP
+    """
+    loaded = _load_each(gains, allow_negative)
+    stacked = gf.stack([g for g, _, _ in loaded], [name for _, name, _ in loaded])
+    for parent, (_, _, path) in zip(stacked.metadata["parents"], loaded):
+        if path is not None:
+            parent["sha256"] = sha256_file(path)
+    if description:
+        stacked.metadata["description"] = description
+    return stacked
+
+
+def invert_gain(gain: GainFile | str | os.PathLike[str]) -> GainFile:
+    """The inverse gain (1/s in float32), which undoes ``gain`` up to rounding.
+
+    Args:
+        gain: a gain file (path) or a :class:`GainFile`.
+
+    Returns:
+        The inverse; for a file, ``metadata["parents"]`` records its name and sha256.
+
+    Raises:
+        GainFileError: the inverse overflows float32 (gains too close to zero).
+
+    Example:
+        >>> save_gain(invert_gain("legal.safetensors"), "undo-legal.safetensors")  # doctest: +SKIP
+    """
+    (g, name, path), = _load_each([gain], allow_negative=True)
+    inv = gf.invert(g)
+    if path is not None:
+        inv.metadata["parents"] = [{"name": name, "sha256": sha256_file(path), "op": "invert"}]
+    return inv
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def apply(
+    base: str | os.PathLike[str],
+    gains: Sequence[GainFile | str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    allow_negative: bool = False,
+    chunk_bytes: int = 64 << 20,
+    threads: int | None = None,
+    progress: ProgressFactory | None = None,
+    push_to: str | None = None,
+    private: bool = False,
+    hub: HubClient | None = None,
+) -> ApplyResult:
+    """Stream gains into a merged copy of ``base``, in constant memory; OUT appears only when complete.
+
+    The same orchestration as ``gainsurgery apply`` (see :func:`gainsurgery.merge.apply`).
+
+    Args:
+        base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
+        gains: gain files (paths, ``ORG/REPO[@REV]:path`` on the Hub) or :class:`GainFile`
+            objects; several are multiplied in float32 and applied in one pass.
+        out: the output folder; must not exist unless ``overwrite``.
+        overwrite: replace an existing OUT, atomically, on success.
+        verify: check every byte before OUT appears.
+        dry_run: plan only; write nothing.
+        allow_negative: accept negative gains.
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        threads: compute threads (default: CPUs, at most 4).
+        progress: a progress-bar factory, ``progress(description, total_bytes)``.
+        push_to: also publish OUT to this Hub repo (verified first; a failed push
+            discards OUT).
+        private: with ``push_to``, create the repo private.
+        hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
+
+    Returns:
+        An :class:`~gainsurgery.merge.ApplyResult` (``out``, ``plan``, ``shard_sha256``,
+        ``seconds``, ``verified``, ``pushed``...).
+
+    Raises:
+        GainSurgeryError: bad base or gain, unusable OUT, failed verification, Hub
+            failure; nothing is left behind.
+
+    Example:
+        >>> result = apply("base/", ["legal.safetensors"], "merged/", verify=True)  # doctest: +SKIP
+        >>> result.plan.tensors_touched, result.verified  # doctest: +SKIP
+        (36, True)
+    """
+    from gainsurgery import merge
+
+    publisher = None
+    if push_to:
+        from gainsurgery.hub.client import HubClient
+        from gainsurgery.hub.publish import HubPublisher
+        from gainsurgery.hub.refs import check_repo_id
+
+        check_repo_id(push_to)
+        hub = hub if hub is not None else HubClient.from_env()
+        publisher = HubPublisher(hub, push_to, private=private,
+                                 commit_message=f"Upload {Path(out).name} (gainsurgery apply)")
+    return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
+                       allow_negative=allow_negative, chunk_bytes=chunk_bytes, threads=threads, progress=progress,
+                       publish=publisher, hub=hub)
+
+
+def verify(
+    base: str | os.PathLike[str],
+    gains: Sequence[GainFile | str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    allow_negative: bool = False,
+    chunk_bytes: int = 64 << 20,
+    progress: ProgressFactory | None = None,
+    hub: HubClient | None = None,
+) -> VerifyReport:
+    """Check that ``out`` is exactly ``base`` with ``gains`` applied, bit for bit.
+
+    Args:
+        base: the base (folder, ``embedded:NAME`` or Hub repo).
+        gains: the gain files that were applied, in order.
+        out: the merged folder to check.
+        allow_negative: accept negative gains.
+        chunk_bytes: bytes compared per read.
+        progress: a progress-bar factory.
+        hub: the Hub client for a Hub base (default: from the environment).
+
+    Returns:
+        A :class:`~gainsurgery.merge.verify.VerifyReport`: ``ok``, ``problems``, counts.
+
+    Example:
+        >>> verify("base/", ["legal.safetensors"], "merged/").ok  # doctest: +SKIP
+        True
+    """
+    from gainsurgery import merge
+
+    return merge.verify_merged(base, gains, out, allow_negative=allow_negative, chunk_bytes=chunk_bytes,
+                               progress=progress, hub=hub)
+
+
+@dataclass
+class TargetList:
+    """The tensors GAIN adapts on a base (see :func:`targets`).
+
+    Attributes:
+        base: the base as given.
+        model_type: its transformers ``model_type``.
+        method: ``gain`` or ``gain-ffn``.
+        side: ``in`` or ``out``.
+        targets: the tensors, in layer order.
+        fingerprint: the base's structure fingerprint (names, dtypes, shapes).
+    """
+
+    base: str
+    model_type: str
+    method: str
+    side: str
+    targets: list[Target]
+    fingerprint: str
+
+    @property
+    def parameters(self) -> int:
+        """Number of gains the method learns on this base."""
+        return sum(t.length for t in self.targets)
+
+    def identity(self) -> GainFile:
+        """A gain file of ones for these targets (applying it changes no byte)."""
+        meta = {"method": self.method, "side": self.side, "base_model": self.base,
+                "base_fingerprint": self.fingerprint, "description": "identity gain (all ones)"}
+        return gf.identity({t.key: (t.dim, t.length) for t in self.targets}, meta)
+
+
+def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = "in", *,
+            hub: HubClient | None = None) -> TargetList:
+    """Which tensors a GAIN method scales on ``base``, from its headers and config.json only.
+
+    Args:
+        base: a checkpoint folder, ``embedded:NAME`` or a Hub repo (headers are range-read).
+        method: ``gain`` (attention output projection) or ``gain-ffn`` (+ FFN down projection).
+        side: ``in`` (W·diag(s), the paper's default) or ``out`` (diag(s)·W, bias too).
+        hub: the Hub client for a Hub base.
+
+    Returns:
+        A :class:`TargetList`; ``.identity()`` makes a gain file of ones for them.
+
+    Raises:
+        ArchitectureError: unknown model type, or tensors that do not match the registry.
+
+    Example:
+        >>> t = targets("embedded:gemma-3-270m", "gain-ffn")  # doctest: +SKIP
+        >>> t.parameters  # doctest: +SKIP
+        55296
+    """
+    from gainsurgery.architectures import model_type_of, num_layers, resolve_targets
+    from gainsurgery.io.checkpoint import fingerprint
+    from gainsurgery.sources import opened_base
+
+    with opened_base(base, hub) as opened:  # headers only, also for a Hub base
+        ckpt = opened.checkpoint
+        model_type = model_type_of(ckpt.config)
+        found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, method, side,
+                                expected_layers=num_layers(ckpt.config))
+        return TargetList(str(base), model_type, method, side, found, fingerprint(ckpt))
+
+
+@dataclass
+class PushPlan:
+    """What :func:`push` uploads (or, with ``dry_run``, would upload).
+
+    Attributes:
+        kind: ``merged checkpoint`` or ``gain file``.
+        repo_id: the target repo.
+        items: the files of the commit.
+        result: where they went (None for a dry run).
+    """
+
+    kind: str
+    repo_id: str
+    items: list[UploadItem]
+    result: PushResult | None = None
+
+    @property
+    def bytes(self) -> int:
+        """Total size of the upload."""
+        return sum(i.size for i in self.items)
+
+
+def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, dry_run: bool = False,
+         hub: HubClient | None = None) -> PushPlan:
+    """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
+
+    A folder must be complete: index (or ``model.safetensors``), every shard with
+    the sha256 its ``gainsurgery.json`` records, ``config.json``; a model card is
+    added when it has none. A gain file goes up with a generated model card.
+
+    Args:
+        source: a merged checkpoint folder or a gain file.
+        repo_id: ``org/name``.
+        private: create the repo private (if it does not exist yet).
+        revision: branch to commit to (created if missing).
+        create_pr: open a pull request instead of committing to the branch.
+        commit_message: the commit title.
+        dry_run: check and list the files; contact nothing.
+        hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
+
+    Returns:
+        A :class:`PushPlan` with the files and, unless ``dry_run``, the push result.
+
+    Raises:
+        CheckpointError: the folder is incomplete or differs from its provenance.
+        HubError: auth, not found, rate limit, network; nothing is committed.
+
+    Example:
+        >>> push("merged/", "me/qwen-legal", private=True).result.commit_url  # doctest: +SKIP
+    """
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.hub import publish as pub
+    from gainsurgery.hub.cards import CARD_NAME, merged_model_card
+    from gainsurgery.hub.refs import check_repo_id
+    from gainsurgery.merge.provenance import PROVENANCE_NAME, check_recorded_shards
+    from gainsurgery.sources import base_facts
+
+    check_repo_id(repo_id)
+    path = Path(source)
+    if path.is_dir():
+        items = pub.folder_upload(path)
+        from gainsurgery.io.checkpoint import open_checkpoint
+
+        provenance = check_recorded_shards(path, list(open_checkpoint(path).shards))
+        if provenance is not None and not (path / CARD_NAME).is_file():
+            items.append(pub.text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME)))
+        kind = "merged checkpoint"
+    elif path.is_file():
+        base = gf.load(path, allow_negative=True).metadata.get("base_model")
+        items = pub.gain_upload(path, repo_id, base_facts(base if isinstance(base, str) else None))
+        kind = "gain file"
+    else:
+        raise GainSurgeryError(f"nothing to push: {source} is neither a folder nor a gain file")
+    plan = PushPlan(kind, repo_id, items)
+    if not dry_run:
+        from gainsurgery.hub.client import HubClient
+
+        client = hub if hub is not None else HubClient.from_env()
+        plan.result = pub.push(client, items, repo_id, private=private, revision=revision, create_pr=create_pr,
+                               commit_message=commit_message or f"Upload {kind} with gainsurgery")
+    return plan

@@ -1,0 +1,207 @@
+"""A Hub base, one shard at a time.
+
+:func:`open_remote_base` reads only the index, the small files and each shard's
+*header* (HTTP range requests) and lays them out in a staging folder as sparse
+stand-ins for the shards, so the ordinary
+:func:`~gainsurgery.io.checkpoint.open_checkpoint` validates them and
+:func:`~gainsurgery.merge.plan.make_plan` checks every gain key against every
+header before anything is downloaded or written. During the apply,
+:meth:`RemoteBase.fetch_shard` downloads each shard into the standard HF cache
+(resumable) just before it is streamed. Every request goes through the explicit
+:class:`~gainsurgery.hub.client.HubClient`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Collection
+
+from gainsurgery.errors import CheckpointError
+from gainsurgery.hub.client import HubClient
+from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.refs import HubRef
+from gainsurgery.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
+
+#: Bytes asked for first when reading a shard header; most headers fit (one request).
+HEADER_PROBE_BYTES = 100_000
+#: Top-level non-weight files larger than this are not fetched with a Hub base.
+MAX_SMALL_FILE_BYTES = 64 << 20
+#: Files of a Hub base never fetched as "small files" (the index is read on its own; git plumbing).
+_NOT_SMALL = (INDEX_NAME, ".gitattributes")
+
+
+@dataclass
+class RemoteBase:
+    """A Hub base checkpoint, opened from headers; shards are fetched on demand.
+
+    Attributes:
+        ref: the repo and revision as given.
+        client: the Hub client shards are downloaded with.
+        commit: the commit the revision resolved to; every file comes from it.
+        staging: local folder holding the index, small files and sparse
+            stand-ins of the shards (headers only; they take no disk space).
+        checkpoint: the validated checkpoint; ``shards[name].path`` points at the
+            stand-in until :meth:`fetch_shard` replaces it with the download.
+        skipped: top-level non-weight files not fetched (too big), in bytes.
+    """
+
+    ref: HubRef
+    client: HubClient
+    commit: str
+    staging: Path
+    checkpoint: Checkpoint
+    skipped: dict[str, int] = field(default_factory=dict)
+    downloaded: list[Path] = field(default_factory=list)
+
+    def fetch_shard(self, shard: Shard) -> None:
+        """Download ``shard`` (HF cache, resumable) and point ``shard.path`` at it.
+
+        Raises:
+            CheckpointError: the download's size or header differs from the header
+                the plan was made from (the repo changed under us).
+        """
+        what = f"{self.ref.repo_id}@{self.commit[:12]}:{shard.name}"
+        with hub_errors(what, "download", self.client.endpoint):
+            local = self.client.download(self.ref.repo_id, shard.name, revision=self.commit)
+        if local.stat().st_size != shard.file_size:
+            raise CheckpointError(f"{what}: downloaded {local.stat().st_size} bytes, its header said "
+                                  f"{shard.file_size}; try again (the file changed?)")
+        with open(shard.path, "rb") as a, open(local, "rb") as b:
+            if a.read(shard.data_start) != b.read(shard.data_start):
+                raise CheckpointError(f"{what}: downloaded header differs from the one planned from")
+        shard.path = local
+        self.downloaded.append(local)
+
+    def provenance(self) -> dict[str, Any]:
+        """What to record about this base in ``gainsurgery.json``."""
+        out = {"given": str(self.ref), "hub": self.ref.repo_id, "revision": self.ref.revision or "main",
+               "commit": self.commit}
+        if self.skipped:
+            out["files_not_copied"] = self.skipped
+        return out
+
+    def close(self) -> None:
+        """Remove the staging folder (the HF cache keeps its downloads)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> RemoteBase:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ()) -> RemoteBase:
+    """Open a Hub base from its index, small files and shard headers only.
+
+    Resolves the revision to a commit once, so headers and shards come from the
+    same snapshot. Every header and the index pass the same hostile-input checks
+    as a local folder (:func:`~gainsurgery.io.checkpoint.open_checkpoint`).
+
+    Raises:
+        HubError: auth, not found, rate limit, network.
+        CheckpointError: no safetensors weights, or a hostile index/header.
+
+    Example:
+        >>> with open_remote_base(HubRef("Qwen/Qwen2.5-0.5B"), HubClient.from_env()) as rb:  # doctest: +SKIP
+        ...     len(rb.checkpoint.tensors)
+    """
+    from huggingface_hub.hf_api import RepoFile
+
+    with hub_errors(str(ref), "read", client.endpoint):
+        info = client.api.model_info(ref.repo_id, revision=ref.revision)
+        commit = info.sha
+        entries = [e for e in client.api.list_repo_tree(ref.repo_id, revision=commit) if isinstance(e, RepoFile)]
+    sizes = {e.path: e.size for e in entries}
+    staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
+    remote = None
+    try:
+        if INDEX_NAME in sizes:
+            if sizes[INDEX_NAME] > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{ref}: {INDEX_NAME} is absurdly large ({sizes[INDEX_NAME]} bytes)")
+            with hub_errors(f"{ref}:{INDEX_NAME}", "download", client.endpoint):
+                index_path = client.download(ref.repo_id, INDEX_NAME, revision=commit)
+            shutil.copyfile(index_path, staging / INDEX_NAME)
+            shard_names = _index_shards(staging / INDEX_NAME, ref)
+        elif SINGLE_NAME in sizes:
+            shard_names = [SINGLE_NAME]
+        else:
+            kind = "pickle (.bin) weights only" if any(p.endswith(".bin") for p in sizes) else "no safetensors weights"
+            raise CheckpointError(f"{ref}: {kind} ({INDEX_NAME} or {SINGLE_NAME} not found); "
+                                  "gainsurgery reads safetensors checkpoints only")
+        for name in shard_names:
+            if name not in sizes:
+                raise CheckpointError(f"{ref}: the index names shard {name}, which the repo does not have")
+            _write_header_stub(client, ref, commit, name, sizes[name], staging / name)
+        skipped = {}
+        for path, size in sorted(sizes.items()):
+            if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
+                    or path in shard_names):
+                continue
+            if size > MAX_SMALL_FILE_BYTES:
+                skipped[path] = size
+                continue
+            with hub_errors(f"{ref}:{path}", "download", client.endpoint):
+                local = client.download(ref.repo_id, path, revision=commit)
+            shutil.copyfile(local, staging / path)
+        remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped)
+        return remote
+    finally:
+        if remote is None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _index_shards(index_path: Path, ref: HubRef) -> list[str]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        raise CheckpointError(f"{ref}: {INDEX_NAME} is not valid JSON") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{ref}: {INDEX_NAME} has no 'weight_map' object")
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:  # before we create files named after them
+        if not is_plain_file_name(name) or not str(name).endswith(".safetensors"):
+            raise CheckpointError(f"{ref}: {INDEX_NAME} names shard {name!r}, not a plain .safetensors file name")
+    return names
+
+
+def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, size: int, dst: Path) -> None:
+    """Fetch the header of shard ``name`` (range requests) and write it as a sparse file of ``size`` bytes.
+
+    huggingface_hub's ``get_safetensors_metadata`` parses headers the same way
+    but drops the header length and padding, which the byte offsets depend on;
+    we keep the raw bytes and let :mod:`gainsurgery.io.checkpoint` validate them.
+    """
+    from huggingface_hub.utils import hf_raise_for_status, http_backoff
+
+    url = client.file_url(ref.repo_id, name, revision=commit)
+    headers = client.headers()
+    what = f"{ref}:{name}"
+
+    def get(first: int, last: int) -> bytes:
+        with hub_errors(what, "read the header of", client.endpoint):
+            response = http_backoff("GET", url, headers={**headers, "Range": f"bytes={first}-{last}"})
+            hf_raise_for_status(response)
+        body = response.content
+        if response.status_code == 200:  # server ignored Range: it sent the whole file
+            body = body[first:last + 1]
+        return body
+
+    head = get(0, HEADER_PROBE_BYTES - 1)
+    if len(head) < 8:
+        raise CheckpointError(f"{what}: truncated (shorter than the 8-byte header length)")
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{what}: header length {header_len} bytes is absurd (limit {MAX_HEADER_BYTES})")
+    if 8 + header_len > size:
+        raise CheckpointError(f"{what}: truncated (header claims {header_len} bytes, file has {size})")
+    if len(head) < 8 + header_len:
+        head += get(len(head), 8 + header_len - 1)
+    with open(dst, "wb") as f:
+        f.write(head[: 8 + header_len])
+        f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
