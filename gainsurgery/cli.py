@@ -19,8 +19,11 @@ from typing import Any
 import click
 
 from gainsurgery import __version__
+from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
+from gainsurgery.architectures.registry import SIDES
 from gainsurgery.errors import GainSurgeryError
 from gainsurgery.extras import require_extra
+from gainsurgery.training.config import METHODS as TRAIN_METHODS
 
 MiB = 1 << 20
 
@@ -346,8 +349,8 @@ def inspect(gain, plot, as_json):
 @click.argument("base")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training text: .txt (documents split by two blank lines), .jsonl or .parquet. Repeatable.")
-@click.option("--method", type=click.Choice(["gain", "gain-ffn", "lora", "ia3"]), default="gain-ffn", show_default=True)
-@click.option("--side", type=click.Choice(["in", "out"]), default="in", show_default=True,
+@click.option("--method", type=click.Choice(TRAIN_METHODS), default="gain-ffn", show_default=True)
+@click.option("--side", type=click.Choice(SIDES), default="in", show_default=True,
               help="GAIN only: in = W·diag(s) (paper); out = diag(s)·W (experiment).")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Gain file (.safetensors) for gain methods; adapter folder for lora/ia3.")
@@ -383,15 +386,16 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
       gainsurgery train embedded:gemma-3-270m --data legal/train.txt \\
           --eval-data legal/validation.txt --steps 200 -o legal.safetensors
     """
+    require_extra("train", "gainsurgery train")
+    from gainsurgery import api
     from gainsurgery.training import TrainConfig
-    from gainsurgery.training import train as run_train
 
     cfg = TrainConfig(base=base, data=list(data), output=output, method=method, side=side, steps=steps, lr=lr,
                       batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, dtype=dtype, seed=seed,
                       warmup=warmup, schedule=schedule, eval_data=list(eval_data), eval_every=eval_every,
                       eval_windows=eval_windows, text_field=text_field, resume=resume, log=log,
                       lora_rank=lora_rank, progress=not no_progress)
-    result = run_train(cfg)
+    result = api.train(cfg)
     if as_json:
         _emit_json(result.__dict__)
         return
@@ -409,7 +413,7 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
 @click.option("--model", default="embedded:gemma-3-270m", show_default=True, help="Base model.")
 @click.option("--domain", default="legal", show_default=True, help="Domain to adapt to (see scripts/fetch_domains.py).")
 @click.option("--other", default="code", show_default=True, help="A different domain, to watch for forgetting.")
-@click.option("--method", type=click.Choice(["gain", "gain-ffn"]), default="gain-ffn", show_default=True)
+@click.option("--method", type=click.Choice(GAIN_METHODS), default="gain-ffn", show_default=True)
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8))
@@ -421,6 +425,7 @@ def demo(workdir, model, domain, other, method, steps, batch_size, seq_len, eval
     applies it by streaming, verifies the merged checkpoint and compares
     perplexity before and after on the trained and on a different domain.
     """
+    require_extra("demo", "gainsurgery demo")
     from gainsurgery.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(workdir=Path(workdir), model=model, domain=domain, other=other, method=method,
@@ -455,12 +460,6 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
       gainsurgery eval embedded:gemma-3-270m --gain legal.safetensors \\
           --data legal=legal/validation.txt --data code=code/validation.txt
     """
-    from gainsurgery import gainfile as gf
-    from gainsurgery.data import pack, read_documents
-    from gainsurgery.evaluation import perplexity, read_yesno, yesno_accuracy
-    from gainsurgery.hooks import attach_gains
-    from gainsurgery.modeling import load_for_eval
-
     if not data and not yesno:
         raise click.UsageError("give --data NAME=FILE and/or --yesno FILE")
     domains = {}
@@ -469,16 +468,12 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         if not sep or not name or not path:
             raise click.UsageError(f"--data takes NAME=FILE, got {item!r}")
         domains[name] = path
-    lm, tokenizer, info = load_for_eval(model, dtype, base)
-    if gains:
-        gain, _ = gf.load_many(gains, allow_negative=True)
-        attach_gains(lm, gain)
-    results: dict[str, Any] = {"model": model, "gains": list(gains), **info, "seq_len": seq_len, "domains": {}}
-    for name, path in domains.items():
-        windows = pack(tokenizer, read_documents(path, text_field), seq_len, max_windows)
-        results["domains"][name] = perplexity(lm, windows, batch_size)
-    if yesno:
-        results["yesno"] = yesno_accuracy(lm, tokenizer, read_yesno(yesno, yesno_limit))
+    require_extra("train", "gainsurgery eval")
+    from gainsurgery import api
+
+    results = api.evaluate(model, gains=list(gains), base=base, data=domains, yesno=yesno, yesno_limit=yesno_limit,
+                           seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=dtype,
+                           text_field=text_field)
     click.echo(f"{'domain':<16} {'ppl':>10} {'nll':>8} {'tokens':>8}")
     for name, r in results["domains"].items():
         click.echo(f"{name:<16} {r['ppl']:>10.3f} {r['nll']:>8.4f} {r['tokens']:>8}")
@@ -486,13 +481,15 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         y = results["yesno"]
         click.echo(f"yes/no accuracy: {y['accuracy']:.3f} on {y['items']} items (said yes {y['predicted_yes']:.0%})")
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        from gainsurgery.io.atomic import write_json
+
+        write_json(Path(json_out), results)
 
 
 @main.command()
 @click.argument("base")
-@click.option("--method", type=click.Choice(["gain", "gain-ffn"]), default="gain-ffn", show_default=True)
-@click.option("--side", type=click.Choice(["in", "out"]), default="in", show_default=True,
+@click.option("--method", type=click.Choice(GAIN_METHODS), default="gain-ffn", show_default=True)
+@click.option("--side", type=click.Choice(SIDES), default="in", show_default=True,
               help="in: W·diag(s) (paper default); out: diag(s)·W, bias scaled too.")
 @click.option("--init", type=click.Choice(["ones"]), default=None, help="Write an identity gain file (needs -o).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where --init writes.")
@@ -544,15 +541,11 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
     Example:
       gainsurgery export-peft gain.safetensors adapter/ --base base/
     """
-    from gainsurgery import gainfile as gf
-    from gainsurgery import sources as src
-    from gainsurgery.peft_interop import export_peft as run_export
+    require_extra("train", "gainsurgery export-peft")
+    from gainsurgery import api
 
-    g = gf.load(gain, allow_negative=allow_negative)
-    ckpt = src.open_base(base)
-    name = base_name or g.metadata.get("base_model") or (str(ckpt.folder) if base.startswith(src.EMBEDDED_PREFIX)
-                                                          else base)
-    result = run_export(g, ckpt, adapter_dir, base_name=name, overwrite=overwrite, protect=[gain])
+    result = api.export_peft(gain, adapter_dir, base=base, base_name=base_name, overwrite=overwrite,
+                             allow_negative=allow_negative)
     cfg = result.config
     if as_json:
         _emit_json({"adapter_dir": str(result.adapter_dir), "parameters": result.num_parameters,
@@ -580,11 +573,10 @@ def import_peft(adapter_dir, output, base, description, allow_negative, as_json)
     Example:
       gainsurgery import-peft adapter/ -o gain.safetensors --base base/
     """
-    from gainsurgery import sources as src
-    from gainsurgery.peft_interop import import_peft as run_import
+    require_extra("train", "gainsurgery import-peft")
+    from gainsurgery import api
 
-    ckpt = src.open_base(base)
-    g = run_import(adapter_dir, ckpt, base_name=base, allow_negative=allow_negative, description=description)
+    g = api.import_peft(adapter_dir, base=base, description=description, allow_negative=allow_negative)
     g.save(output)
     if as_json:
         _emit_json({"output": output, "parameters": g.num_parameters, "tensors": len(g.vectors),

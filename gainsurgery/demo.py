@@ -38,9 +38,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
     from gainsurgery import domains
     from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.data import pack, read_documents
-    from gainsurgery.evaluation import perplexity
-    from gainsurgery.modeling import load_causal_lm, load_tokenizer
+    from gainsurgery.training.data import pack, read_documents
+    from gainsurgery.training.evaluation import perplexity
+    from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
     from gainsurgery.sources import resolve_base
     from gainsurgery.merge import apply, verify_merged
     from gainsurgery.training import TrainConfig, train

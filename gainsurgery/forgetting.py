@@ -35,14 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.training.config import DEFAULT_LR as DEFAULT_LRS
 
 METHODS = ("gain-ffn", "gain", "lora", "ia3", "full")
 TRAINABLE_METHODS = ("gain-ffn", "gain", "lora", "ia3")
-GAIN_METHODS = ("gain", "gain-ffn")
 SWEEP_LRS = {"gain": [2e-3, 5e-3, 1e-2], "gain-ffn": [2e-3, 5e-3, 1e-2], "ia3": [2e-3, 5e-3, 1e-2],
              "lora": [2e-4, 5e-4, 1e-3]}
-DEFAULT_LRS = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4}
 
 #: Measured on this project's 2-core CPU, Gemma 3 270M in float32 (docs/training.md).
 CPU_SECONDS_PER_STEP_PER_WINDOW = 5.4 / (4 * 128)   # training: 5.4 s per 4 × 128 tokens
@@ -267,7 +267,7 @@ class Experiment:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from gainsurgery.modeling import load_tokenizer
+            from gainsurgery.training.modeling import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.base_folder)
         return self._tokenizer
@@ -275,7 +275,7 @@ class Experiment:
     def windows(self) -> dict:
         """Fixed validation windows per evaluation domain (first N windows, BOS first)."""
         if self._windows is None:
-            from gainsurgery.data import pack, read_documents
+            from gainsurgery.training.data import pack, read_documents
 
             self._windows = {d.name: pack(self.tokenizer, read_documents(d.validation), self.cfg.seq_len,
                                           self.cfg.eval_windows) for d in self.columns}
@@ -283,8 +283,8 @@ class Experiment:
 
     def eval_row(self, folder: Path) -> list[float]:
         """PPL of the checkpoint in ``folder`` on every evaluation domain (column order)."""
-        from gainsurgery.evaluation import perplexity
-        from gainsurgery.modeling import load_causal_lm
+        from gainsurgery.training.evaluation import perplexity
+        from gainsurgery.training.modeling import load_causal_lm
 
         model = load_causal_lm(folder, self.cfg.dtype)
         wins = self.windows()
@@ -293,8 +293,8 @@ class Experiment:
         return row
 
     def yesno(self, folder: Path) -> dict:
-        from gainsurgery.evaluation import read_yesno, yesno_accuracy
-        from gainsurgery.modeling import load_causal_lm
+        from gainsurgery.training.evaluation import read_yesno, yesno_accuracy
+        from gainsurgery.training.modeling import load_causal_lm
 
         items = read_yesno(self.cfg.yesno_file, self.cfg.yesno)
         model = load_causal_lm(folder, self.cfg.dtype)
@@ -415,7 +415,7 @@ class Experiment:
         import torch
         from peft import PeftModel
 
-        from gainsurgery.modeling import load_causal_lm
+        from gainsurgery.training.modeling import load_causal_lm
 
         model = PeftModel.from_pretrained(load_causal_lm(prev, "float32"), adapter)
         merged = model.merge_and_unload()

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from conftest import random_gain
 from gainsurgery.gainfile import GainFile
-from gainsurgery.hooks import attach_gains
+from gainsurgery.training.hooks import attach
 from models import load_model
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "phi",
@@ -81,10 +81,9 @@ def test_apply_matches_hooks_and_reference(model_type, tiny_ckpt, cli, tmp_path)
     merged = load_model(out, model_type)
     hooked = load_model(base, model_type)
     plain = logits(hooked)
-    handles = attach_gains(hooked, gain)
-    expected = logits(hooked)
-    for h in handles:
-        h.remove()
+    with attach(hooked, gain):
+        expected = logits(hooked)
+    assert torch.equal(logits(hooked), plain), "the hooks were not removed"
     got = logits(merged)
     assert not torch.allclose(plain, expected, atol=1e-4), "gain had no effect; test would be vacuous"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -101,7 +100,7 @@ def test_apply_half_precision_exact_and_close(model_type, dtype, tiny_ckpt, cli,
     assert_surgery_exact(base, tmp_path / "m", gain)
     merged = load_model(tmp_path / "m", model_type).float()
     hooked = load_model(base, model_type).float()
-    attach_gains(hooked, gain)
+    attach(hooked, gain)
     # The merged weights are rounded once to half precision; hooks scale in float32.
     torch.testing.assert_close(logits(merged), logits(hooked), rtol=0.05, atol=0.05)
 
@@ -145,7 +144,7 @@ def test_output_side_scales_bias(tiny_ckpt, cli, tmp_path):
     assert cli("apply", base, tmp_path / "g.safetensors", tmp_path / "m").exit_code == 0
     assert_surgery_exact(base, tmp_path / "m", gain)
     hooked = load_model(base, "gpt2")
-    attach_gains(hooked, gain)
+    attach(hooked, gain)
     torch.testing.assert_close(logits(load_model(tmp_path / "m", "gpt2")), logits(hooked), rtol=1e-4, atol=1e-4)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.gainfile import load
-from gainsurgery.hooks import attach_gains
-from gainsurgery.modeling import load_causal_lm, load_tokenizer
+from gainsurgery.training.hooks import attach
+from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
 from gainsurgery.sources import resolve_base
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_embedded_train_apply_equivalence(cli, tmp_path):
     hooked = load_causal_lm(base, "float32")
     with torch.no_grad():
         plain = hooked(input_ids=ids).logits
-        attach_gains(hooked, g)
+        attach(hooked, g)
         expected = hooked(input_ids=ids).logits
         got = load_causal_lm(tmp_path / "m", "float32")(input_ids=ids).logits
     # Merged weights are W·diag(s) rounded once to bf16; hooks scale activations in float32.

@@ -33,9 +33,9 @@ def _cfg(root, base, doms, out="run", **kw):
 
 
 def test_sequence_matrix_metrics_resume_outputs(setup):
-    from gainsurgery.data import pack, read_documents
-    from gainsurgery.evaluation import perplexity
-    from gainsurgery.modeling import load_causal_lm, load_tokenizer
+    from gainsurgery.training.data import pack, read_documents
+    from gainsurgery.training.evaluation import perplexity
+    from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
 
     root, base, doms = setup
     exp = fg.Experiment(_cfg(root, base, doms), echo=None)

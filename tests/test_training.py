@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gainsurgery.io.checkpoint import open_checkpoint
-from gainsurgery.data import adds_bos, pack, read_documents
+from gainsurgery.training.data import adds_bos, pack, read_documents
 from gainsurgery.gainfile import load
 from models import TEXT_A, TEXT_B, load_model, save_tiny_lm, tiny_tokenizer, write_domain
 
@@ -52,7 +52,7 @@ def test_read_documents_formats(tmp_path):
 
     pq.write_table(pa.table({"text": ["p1", "p2"]}), tmp_path / "d.parquet")
     assert read_documents(tmp_path / "d.parquet") == ["p1", "p2"]
-    from gainsurgery.data import DataError
+    from gainsurgery.training.data import DataError
 
     with pytest.raises(DataError, match="no string field 'text'"):
         read_documents(tmp_path / "d.jsonl")
@@ -91,11 +91,11 @@ def test_trained_gains_hooks_equal_apply_merged_logits(lm, cli, tmp_path):
     base, a, _ = lm
     train_cli(cli, base, a, tmp_path / "g.safetensors")
     assert cli("apply", base, tmp_path / "g.safetensors", tmp_path / "m").exit_code == 0
-    from gainsurgery.hooks import attach_gains
+    from gainsurgery.training.hooks import attach
 
     ids = torch.tensor([[1, 5, 9, 40, 33, 2, 64, 100]])
     hooked = load_model(base, "llama")
-    attach_gains(hooked, load(tmp_path / "g.safetensors"))
+    attach(hooked, load(tmp_path / "g.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "m", "llama")(input_ids=ids).logits,
                                    hooked(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
@@ -209,7 +209,7 @@ def test_bad_output_location_fails_before_training(lm, cli, tmp_path):
 
 
 def test_eval_names_come_from_the_domain_folder():
-    from gainsurgery.training import _eval_name
+    from gainsurgery.training.loop import _eval_name
 
     assert _eval_name("/cache/domains/legal/validation.txt") == "legal"
     assert _eval_name("data/legal.txt") == "legal"

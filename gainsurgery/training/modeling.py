@@ -2,7 +2,7 @@
 
 A MODEL argument may be a checkpoint folder (base or merged), ``embedded:NAME``,
 or a PEFT adapter folder (its base is loaded from ``base_model_name_or_path`` or
-``--base``). Imports of torch/transformers stay inside functions so the surgery
+``--base``). Imports of torch/transformers stay inside functions so the merge
 commands never pay for them.
 """
 

@@ -51,6 +51,7 @@ from gainsurgery.architectures.modules import find_module
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
 from gainsurgery.gainfile import GainFile, check_values, first_line, natural_key
+from gainsurgery.sources import is_embedded, resolve_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -285,6 +286,21 @@ class ExportResult:
         return int(sum(m.vector.size for m in self.modules))
 
 
+def adapter_base_name(base: str, gain: GainFile, base_name: str | None = None) -> str:
+    """The ``base_model_name_or_path`` an exported adapter records.
+
+    ``base_name`` when given (used as is); else the gain's ``base_model``, else
+    ``base``. An ``embedded:NAME`` base is recorded as its local folder, so
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` can load it (PEFT
+    knows Hub ids and paths, not gainsurgery's embedded models).
+    """
+    if base_name:
+        return base_name
+    name = gain.metadata.get("base_model")
+    name = name if isinstance(name, str) and name else base
+    return str(resolve_base(name)) if is_embedded(name) else name
+
+
 def export_peft(
     gain: GainFile,
     ckpt: Checkpoint,
@@ -305,7 +321,7 @@ def export_peft(
         gain: the gain file, keys = tensor names of ``ckpt``.
         ckpt: the base checkpoint.
         adapter_dir: output folder; must not exist unless ``overwrite``.
-        base_name: recorded as ``base_model_name_or_path``.
+        base_name: recorded as ``base_model_name_or_path`` (see :func:`adapter_base_name`).
         overwrite: replace an existing folder (only on success).
         protect: paths that must not be inside ``adapter_dir`` when overwriting.
 
@@ -332,7 +348,7 @@ def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndar
     from safetensors.numpy import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    try:  # a staging folder, fsynced and published whole below
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

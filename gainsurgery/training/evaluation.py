@@ -1,23 +1,27 @@
 """Evaluation: perplexity over fixed token windows, zero-shot yes/no accuracy.
 
 Perplexity is exp(mean NLL) over every predicted token of the windows from
-:func:`gainsurgery.data.pack` (first ``max_windows`` windows of the held-out
+:func:`gainsurgery.training.data.pack` (first ``max_windows`` windows of the held-out
 file, in document order): deterministic, so two models are compared on exactly
 the same tokens.
 
 Yes/no accuracy scores a passage + question prompt by comparing the model's
 log-likelihood of " yes" and " no" as the next token.
+
+:func:`evaluate` is what ``gainsurgery eval`` runs: load a model (or an adapter on
+its base), optionally attach gains as hooks, and measure both.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
-from gainsurgery.io.atomic import iter_jsonl
-from gainsurgery.data import Windows, adds_bos
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.io.atomic import iter_jsonl
+from gainsurgery.training.data import Windows, adds_bos
 
 
 def perplexity(model: Any, windows: Windows, batch_size: int = 8) -> dict[str, float]:
@@ -87,3 +91,59 @@ def yesno_accuracy(model: Any, tokenizer: Any, items: Iterable[dict[str, str]], 
             correct += pred == item["answer"]
             total += 1
     return {"accuracy": correct / total, "items": total, "predicted_yes": said_yes / total}
+
+
+def evaluate(
+    model: str,
+    *,
+    gains: Sequence[str | os.PathLike[str]] = (),
+    base: str | None = None,
+    data: Mapping[str, str | os.PathLike[str]] | None = None,
+    yesno: str | os.PathLike[str] | None = None,
+    yesno_limit: int | None = None,
+    seq_len: int = 256,
+    max_windows: int = 32,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    text_field: str = "text",
+) -> dict[str, Any]:
+    """Perplexity per domain (and yes/no accuracy) of ``model``, optionally with gains as hooks.
+
+    Args:
+        model: a checkpoint folder (base or merged), ``embedded:NAME``, or a PEFT adapter folder.
+        gains: gain files applied as forward hooks (stacked; no merge).
+        base: the base of a PEFT adapter (default: from its config).
+        data: domain name -> held-out text file.
+        yesno: a JSON-lines file of passage/question/answer(yes|no).
+        yesno_limit: score only the first N yes/no items.
+        seq_len: tokens per window; max_windows: windows per domain; batch_size: windows per forward.
+        dtype: model dtype; text_field: the text field of .jsonl/.parquet files.
+
+    Returns:
+        ``{"model", "gains", ..., "domains": {name: {"nll", "tokens", "ppl"}}, "yesno": {...}}``.
+
+    Example:
+        >>> evaluate("embedded:gemma-3-270m", gains=["legal.safetensors"],
+        ...          data={"legal": "legal/validation.txt"})["domains"]["legal"]["ppl"]  # doctest: +SKIP
+    """
+    from gainsurgery.extras import require_extra
+
+    require_extra("train", "evaluation")
+    from gainsurgery.gainfile import load_many
+    from gainsurgery.training.data import pack, read_documents
+    from gainsurgery.training.hooks import attach
+    from gainsurgery.training.modeling import load_for_eval
+
+    data = dict(data or {})
+    lm, tokenizer, info = load_for_eval(model, dtype, base)
+    if gains:
+        gain, _ = load_many(gains, allow_negative=True)
+        attach(lm, gain)
+    results: dict[str, Any] = {"model": model, "gains": [str(g) for g in gains], **info, "seq_len": seq_len,
+                               "domains": {}}
+    for name, path in data.items():
+        windows = pack(tokenizer, read_documents(path, text_field), seq_len, max_windows)
+        results["domains"][name] = perplexity(lm, windows, batch_size)
+    if yesno:
+        results["yesno"] = yesno_accuracy(lm, tokenizer, read_yesno(yesno, yesno_limit))
+    return results

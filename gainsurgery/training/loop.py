@@ -12,12 +12,8 @@ The loop is data -> model -> loss -> step, nothing more:
   ``accelerate launch`` (DDP). ``--batch-size`` is the *global* batch: it is
   split across processes, so any process count gives the same optimisation.
 
-Default learning rates (documented in docs/training.md): gains are O(1)
-multipliers trained with Adam, whose step is about ``lr`` in parameter units,
-so lr=5e-3 moves a gain by at most ~0.5% per step — enough to adapt in a few
-hundred steps without overshooting 1.0 into sign flips. LoRA's B starts at 0
-and its effective step scales with alpha/r, so it takes the customary smaller
-lr (5e-4 for short runs); IA3 vectors are gains too (5e-3).
+Options and defaults: :mod:`gainsurgery.training.config`; the hooks:
+:mod:`gainsurgery.training.hooks`.
 """
 
 from __future__ import annotations
@@ -25,144 +21,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gainsurgery.architectures import Target, model_type_of, num_layers, resolve_targets
-from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
-from gainsurgery.data import fingerprint_files, pack, read_documents
+from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import TrainingError
-from gainsurgery.gainfile import GainFile
-from gainsurgery.architectures.modules import find_module
-from gainsurgery.architectures.registry import INPUT_DIM, bias_key
+from gainsurgery.extras import require_extra
+from gainsurgery.io.atomic import write_json
+from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
 from gainsurgery.sources import resolve_base
-
-METHODS = ("gain", "gain-ffn", "lora", "ia3")
-DEFAULT_LR = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4}
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``gainsurgery train`` needs. Field names mirror the CLI options."""
-
-    base: str
-    data: list[str]
-    output: str
-    method: str = "gain-ffn"
-    side: str = "in"
-    steps: int = 100
-    lr: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    dtype: str = "float32"
-    seed: int = 0
-    warmup: float = 0.1
-    schedule: str = "cosine"
-    eval_data: list[str] = field(default_factory=list)
-    eval_every: int = 0
-    eval_windows: int = 32
-    text_field: str = "text"
-    resume: str | None = None
-    log: str | None = None
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    progress: bool = True
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise TrainingError("--steps, --batch-size and --grad-accum must be at least 1")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.warmup < 1 and not (self.warmup >= 1 and float(self.warmup).is_integer()):
-            raise TrainingError("--warmup is a fraction of the steps in [0, 1) or a whole number of steps")
-        if self.resume and self.method not in ("gain", "gain-ffn"):
-            raise TrainingError("--resume continues a GAIN gain file; it needs --method gain or gain-ffn")
-        if not self.data:
-            raise TrainingError("give training text with --data FILE")
-        out = Path(self.output)
-        if not out.resolve().parent.is_dir():
-            raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
-        if self.method in ("gain", "gain-ffn") and out.is_dir():
-            raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
-
-    def warmup_steps(self) -> int:
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
-
-
-class GainAdapter:
-    """Trainable gain vectors attached to a model's modules with forward hooks.
-
-    The parameters live in a ``torch.nn.Module`` registered on the model as
-    ``gainsurgery_gains`` so optimisers, DDP and ``state_dict`` all see them.
-    """
-
-    def __init__(self, model: Any, targets: list[Target], init: GainFile | None = None) -> None:
-        import torch
-        from torch import nn
-
-        self.weight_targets = [t for t in targets if t.kind != "bias"]
-        self.bias_keys = {t.key for t in targets if t.kind == "bias"}
-        modules = dict(model.named_modules())
-        params = []
-        for t in self.weight_targets:
-            vec = torch.ones(t.length, dtype=torch.float32)
-            if init is not None:
-                if t.key not in init.vectors or init.vectors[t.key].size != t.length or init.dims[t.key] != t.dim:
-                    raise TrainingError(f"--resume file does not match this model at {t.key!r}")
-                vec = torch.from_numpy(init.vectors[t.key].copy())
-            params.append(nn.Parameter(vec))
-        holder = nn.Module()
-        holder.gains = nn.ParameterList(params)
-        model.add_module("gainsurgery_gains", holder)
-        self.holder = holder
-        self.handles = []
-        for i, t in enumerate(self.weight_targets):
-            name, module = find_module(modules, t.key)
-            on_input = t.dim == INPUT_DIM[t.layout]
-            self.handles.append(module.register_forward_pre_hook(_input_hook(holder, i)) if on_input
-                                else module.register_forward_hook(_output_hook(holder, i)))
-
-    def gain_file(self, metadata: dict[str, Any]) -> GainFile:
-        """The current gains as a v1 gain file (output-side biases share their weight's vector)."""
-        vectors, dims = {}, {}
-        for t, p in zip(self.weight_targets, self.holder.gains):
-            vectors[t.key] = p.detach().float().cpu().numpy().astype(np.float32)
-            dims[t.key] = t.dim
-            bias = bias_key(t.key)
-            if bias in self.bias_keys:
-                vectors[bias], dims[bias] = vectors[t.key], 0
-        return GainFile(vectors, dims, metadata)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _input_hook(holder, i):
-    def hook(module, args):
-        x = args[0]
-        return (x * holder.gains[i].to(x.dtype),) + tuple(args[1:])
-
-    return hook
-
-
-def _output_hook(holder, i):
-    def hook(module, args, output):
-        return output * holder.gains[i].to(output.dtype)
-
-    return hook
-
+from gainsurgery.training.config import TrainConfig, TrainResult
+from gainsurgery.training.data import fingerprint_files, pack, read_documents
+from gainsurgery.training.hooks import GainHooks
 
 def resolve_gain_targets(folder: Path, method: str, side: str) -> tuple[list[Target], Any]:
     """GAIN targets of a checkpoint folder, from its headers and config."""
@@ -183,35 +55,37 @@ def _order(n_windows: int, needed: int, seed: int) -> list[int]:
     return order[:needed]
 
 
-@dataclass
-class TrainResult:
-    """What a training run produced and measured."""
-
-    output: str
-    method: str
-    trainable_parameters: int
-    steps: int
-    final_loss: float
-    seconds: float
-    seconds_per_step: float
-    tokens: int
-    eval: list[dict] = field(default_factory=list)
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train gains (or a PEFT baseline) and save them to ``cfg.output``.
 
-    GAIN methods save a v1 gain file; ``lora``/``ia3`` save a PEFT adapter folder.
+    GAIN methods save a v1 gain file (with the run's settings, data fingerprint
+    and final loss in its ``training`` metadata); ``lora``/``ia3`` save a PEFT
+    adapter folder. Runs on one CPU/GPU, or under ``accelerate launch``.
+
+    Args:
+        cfg: what to train (see :class:`~gainsurgery.training.config.TrainConfig`).
+
+    Returns:
+        A :class:`~gainsurgery.training.config.TrainResult`.
+
+    Raises:
+        TrainingError: bad options (checked before the model loads) or a loss that diverges.
+        MissingExtraError: torch, transformers, accelerate or peft are not installed.
+
+    Example:
+        >>> train(TrainConfig(base="embedded:gemma-3-270m", data=["legal.txt"],
+        ...                   output="legal.safetensors", steps=30))  # doctest: +SKIP
     """
+    require_extra("train", "training")
+    cfg.validate()
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from torch.utils.data import DataLoader
 
-    from gainsurgery.evaluation import perplexity
-    from gainsurgery.modeling import load_causal_lm, load_tokenizer
+    from gainsurgery.training.evaluation import perplexity
+    from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
 
-    cfg.validate()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if cfg.batch_size % accelerator.num_processes:
@@ -233,14 +107,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     for p in model.parameters():
         p.requires_grad_(False)
     adapter = None
-    if cfg.method in ("gain", "gain-ffn"):
+    if cfg.method in GAIN_METHODS:
         targets, ckpt = resolve_gain_targets(folder, cfg.method, cfg.side)
         init = None
         if cfg.resume:
             from gainsurgery.gainfile import load
 
             init = load(cfg.resume, allow_negative=True)
-        adapter = GainAdapter(model, targets, init)
+        adapter = GainHooks.trainable(model, targets, init)
     else:
         model = _peft_model(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -325,7 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(cfg.output)
-            (Path(cfg.output) / "gainsurgery_training.json").write_text(json.dumps(training_meta, indent=2))
+            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
     accelerator.wait_for_everyone()
     return result
 

@@ -1,0 +1,1 @@
+"""Interop with other adapter formats: PEFT (IA)³ adapters <-> gain files (:mod:`~gainsurgery.interop.peft`)."""

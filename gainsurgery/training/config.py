@@ -1,0 +1,143 @@
+"""What a training run is asked to do (:class:`TrainConfig`) and what it measured (:class:`TrainResult`).
+
+Methods: the GAIN methods of the registry (``gain``, ``gain-ffn``) and two PEFT
+baselines trained on the same loop and data (``lora``, ``ia3``).
+
+Default learning rates (documented in docs/training.md): gains are O(1)
+multipliers trained with Adam, whose step is about ``lr`` in parameter units,
+so lr=5e-3 moves a gain by at most ~0.5% per step — enough to adapt in a few
+hundred steps without overshooting 1.0 into sign flips. LoRA's B starts at 0
+and its effective step scales with alpha/r, so it takes the customary smaller
+lr (5e-4 for short runs); IA3 vectors are gains too (5e-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
+from gainsurgery.errors import TrainingError
+
+#: Everything ``gainsurgery train`` can train: GAIN methods, then the PEFT baselines.
+METHODS = (*GAIN_METHODS, "lora", "ia3")
+#: Default peak learning rate per method (see the module docstring for why).
+DEFAULT_LR = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names mirror the ``gainsurgery train`` options.
+
+    Attributes:
+        base: the base model (checkpoint folder or ``embedded:NAME``).
+        data: training text files (.txt, .jsonl, .parquet).
+        output: the gain file (GAIN methods) or adapter folder (``lora``/``ia3``) to write.
+        method: one of :data:`METHODS`.
+        side: ``in`` (W·diag(s)) or ``out`` (diag(s)·W); GAIN only.
+        steps: optimizer steps.
+        lr: peak learning rate; None for :data:`DEFAULT_LR` of the method.
+        batch_size: the *global* batch, in windows (split across processes).
+        grad_accum: micro-batches per step.
+        seq_len: tokens per window.
+        dtype: model dtype (``float32``, ``bfloat16``, ``float16``).
+        seed: seeds the data order and initialisation.
+        warmup: a fraction of the steps (< 1) or a number of steps (>= 1).
+        schedule: ``cosine``, ``linear`` or ``constant``.
+        eval_data: validation files; perplexity is logged before, during and after training.
+        eval_every: steps between evaluations (0: at start and end only).
+        eval_windows: windows per validation file.
+        text_field: the text field of .jsonl / column of .parquet.
+        resume: a gain file to start from (GAIN only).
+        log: JSON-lines log path (default: beside ``output``).
+        lora_rank: LoRA rank; lora_alpha: LoRA alpha.
+        progress: show a progress bar.
+
+    Example:
+        >>> TrainConfig(base="embedded:gemma-3-270m", data=["legal.txt"], output="legal.safetensors").learning_rate
+        0.005
+    """
+
+    base: str
+    data: list[str]
+    output: str
+    method: str = "gain-ffn"
+    side: str = "in"
+    steps: int = 100
+    lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    dtype: str = "float32"
+    seed: int = 0
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    eval_data: list[str] = field(default_factory=list)
+    eval_every: int = 0
+    eval_windows: int = 32
+    text_field: str = "text"
+    resume: str | None = None
+    log: str | None = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    progress: bool = True
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``lr``, or the method's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def validate(self) -> None:
+        """Refuse options that cannot work, before any model is loaded.
+
+        Raises:
+            TrainingError: unknown method or schedule, bad counts, no data, unusable output path.
+        """
+        if self.method not in METHODS:
+            raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainingError("--steps, --batch-size and --grad-accum must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup < 1 and not (self.warmup >= 1 and float(self.warmup).is_integer()):
+            raise TrainingError("--warmup is a fraction of the steps in [0, 1) or a whole number of steps")
+        if self.resume and self.method not in GAIN_METHODS:
+            raise TrainingError("--resume continues a GAIN gain file; it needs --method gain or gain-ffn")
+        if not self.data:
+            raise TrainingError("give training text with --data FILE")
+        out = Path(self.output)
+        if not out.resolve().parent.is_dir():
+            raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
+        if self.method in GAIN_METHODS and out.is_dir():
+            raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
+
+    def warmup_steps(self) -> int:
+        """Warmup length in steps."""
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced and measured.
+
+    Attributes:
+        output: where the gain file or adapter was written.
+        method: the method trained.
+        trainable_parameters: number of trained values.
+        steps: optimizer steps done.
+        final_loss: training loss of the last step.
+        seconds: wall time of the loop; seconds_per_step: its average per step.
+        tokens: tokens trained on (predicted positions).
+        eval: one row per evaluation: ``step`` and ``eval_ppl/<name>`` per validation file.
+    """
+
+    output: str
+    method: str
+    trainable_parameters: int
+    steps: int
+    final_loss: float
+    seconds: float
+    seconds_per_step: float
+    tokens: int
+    eval: list[dict] = field(default_factory=list)
