@@ -36,7 +36,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
-    from gainsurgery import domains
+    from gainsurgery_lab import corpora as domains
     from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.training.data import pack, read_documents
     from gainsurgery.training.evaluation import perplexity

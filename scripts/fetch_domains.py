@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fetch the eight domain corpora (and optionally the CoQA yes/no items).
 
-Thin command line over :mod:`gainsurgery.domains`; see its docstring for the
+Thin command line over :mod:`gainsurgery_lab.corpora`; see its docstring for the
 sources, the cache layout and the split-file format. Examples::
 
     python scripts/fetch_domains.py                      # all eight domains
@@ -23,7 +23,7 @@ import click
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gainsurgery import domains as dom  # noqa: E402
+from gainsurgery_lab import corpora as dom  # noqa: E402
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sequential adaptation over K domains: how much does each method forget?
 
-Thin command line over :mod:`gainsurgery.forgetting` (methods, staging,
+Thin command line over :mod:`gainsurgery_lab.forgetting` (methods, staging,
 metrics, resume: see its docstring and docs/results/forgetting.md). Examples::
 
     # the CPU run (~65 min on 2 cores): 3 domains, gain-ffn/gain/lora/ia3, lr sweep, all 8 domains scored
@@ -25,8 +25,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gainsurgery import domains as dom  # noqa: E402
-from gainsurgery import forgetting as fg  # noqa: E402
+from gainsurgery_lab import corpora as dom  # noqa: E402
+from gainsurgery_lab import forgetting as fg  # noqa: E402
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 
 

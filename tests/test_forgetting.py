@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gainsurgery import forgetting as fg
+from gainsurgery_lab import forgetting as fg
 from models import TEXT_A, TEXT_B, save_tiny_lm, write_domain
 
 TEXT_C = ("the patient was given a dose of the drug and the fever went down within two days. ") * 40

@@ -17,7 +17,7 @@ from gainsurgery.errors import DataError
 from gainsurgery.io.atomic import iter_jsonl
 from gainsurgery.io.hashing import sha256_files
 
-#: Documents inside a .txt file are separated by two blank lines (see domains.py).
+#: Documents inside a .txt file are separated by two blank lines (the corpora of gainsurgery_lab write them so).
 DOC_SEPARATOR = "\n\n\n"
 
 

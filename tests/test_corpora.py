@@ -1,4 +1,4 @@
-"""Tests for gainsurgery.domains: cleaning, document splitting and the cache
+"""Tests for gainsurgery_lab.corpora: cleaning, document splitting and the cache
 logic, all offline on small inline strings; one network test fetches the
 smallest real domain."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gainsurgery import domains as dom
-from gainsurgery.domains import (
+from gainsurgery_lab import corpora as dom
+from gainsurgery_lab.corpora import (
     DOC_SEPARATOR,
     DomainError,
     brown_detag,

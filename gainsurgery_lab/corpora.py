@@ -63,9 +63,8 @@ from gainsurgery.io.atomic import write_text
 from gainsurgery.io.cache import cache_root, exclusive_lock
 from gainsurgery.io.hashing import sha256_file
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.training.data import DOC_SEPARATOR  # how training reads split files
 
-#: Separator between documents in ``train.txt`` / ``validation.txt``.
-DOC_SEPARATOR = "\n\n\n"
 MANIFEST_FORMAT = "gainsurgery.domains/1"
 SPLITS = ("train", "validation")
 DEFAULT_TRAIN_CHARS = 400_000
