@@ -2,10 +2,50 @@
 
 Train, share, stack and apply diagonal gain vectors ``W_new = W · diag(s)`` on
 causal language models, streaming over sharded safetensors checkpoints.
+
+The Python API (:mod:`gainsurgery.api`) is re-exported here and imported on
+first use, so ``import gainsurgery`` stays cheap::
+
+    from gainsurgery import apply, attach, load_gain, stack_gains, train, TrainConfig
+
+See docs/api.md for examples and docs/architecture.md for the package layout.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 
-__all__ = ["GainSurgeryError", "__version__"]
+#: public name -> module that defines it (imported on first access).
+_LAZY = {
+    **{name: "gainsurgery.api" for name in (
+        "apply", "attach", "evaluate", "export_peft", "import_peft", "invert_gain", "load_gain", "push",
+        "save_gain", "stack_gains", "targets", "train", "verify")},
+    "GainFile": "gainsurgery.gainfile",
+    "ApplyResult": "gainsurgery.merge",
+    "VerifyReport": "gainsurgery.merge.verify",
+    "TrainConfig": "gainsurgery.training.config",
+    "TrainResult": "gainsurgery.training.config",
+    "GainHooks": "gainsurgery.training.hooks",
+    "HubClient": "gainsurgery.hub.client",
+    "HubConfig": "gainsurgery.hub.client",
+}
+
+__all__ = ["GainSurgeryError", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gainsurgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

