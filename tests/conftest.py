@@ -78,3 +78,23 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture
+def fake_embedded(tiny_ckpt, tmp_path, monkeypatch):
+    """``embedded:tiny-test``: a tiny llama checkpoint, already converted in a private cache, whose
+    record has Gemma 3 270M's facts (license, upstream). Returns (spec, folder)."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from gainsurgery.sources import embedded
+
+    cache = tmp_path / "gainsurgery-cache"
+    folder = embedded.embedded_dir("tiny-test", cache)
+    shutil.copytree(tiny_ckpt("llama", "float32"), folder)
+    (folder / embedded.MARKER_NAME).write_text(json.dumps({"conversion_version": embedded.CONVERSION_VERSION}))
+    monkeypatch.setenv("GAINSURGERY_CACHE", str(cache))
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "tiny-test",
+                        replace(embedded.EMBEDDED_MODELS["gemma-3-270m"], name="tiny-test"))
+    return "embedded:tiny-test", folder

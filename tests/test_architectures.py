@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gainsurgery.architectures import MODEL_TYPES, resolve_targets, supported_model_types
+from gainsurgery.architectures import FAMILIES, MODEL_TYPES, family_of, num_layers, resolve_targets, supported_model_types
 from gainsurgery.errors import ArchitectureError
 
 
@@ -74,7 +74,21 @@ def test_gemma3_multimodal_skips_vision_tower():
 def test_unknown_model_type_lists_supported():
     with pytest.raises(ArchitectureError, match="supported: .*gpt2.*llama"):
         resolve_targets({}, "florp")
-    assert "qwen2_moe" in supported_model_types() and len(MODEL_TYPES) == 19
+    assert supported_model_types() == sorted(MODEL_TYPES) and set(MODEL_TYPES.values()) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_every_model_type_has_a_tiny_builder_and_resolves(model_type, tiny_ckpt):
+    """Each registry entry is exercised on a saved tiny checkpoint of that type (tests/models.py)."""
+    from gainsurgery.io.checkpoint import open_checkpoint
+    from models import tiny_config
+
+    assert tiny_config(model_type).model_type == model_type  # KeyError: add a builder to tests/models.py
+    ckpt = open_checkpoint(tiny_ckpt(model_type, "float32"))
+    found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, "gain-ffn",
+                            expected_layers=num_layers(ckpt.config))
+    assert {t.dim for t in found} == {family_of(model_type).input_dim}
+    assert {t.kind for t in found} == {"attn_out", "ffn_down"}
 
 
 def test_registry_mismatch_is_caught():

@@ -38,7 +38,7 @@ def _base_text(facts: Mapping[str, Any] | None) -> str:
         named = origin or upstream
         text = f"is [{named}]({HUB_URL}/{named})"
         if upstream and upstream != named:
-            text += f", from [{upstream}]({HUB_URL}/{upstream})"
+            text += f", taken from [{upstream}]({HUB_URL}/{upstream})"
         if facts.get("description"):
             text += f" ({facts['description']})"
         parts.append(text)
