@@ -29,9 +29,9 @@ Functions that need torch (:func:`attach`, :func:`train`, :func:`evaluate`,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gainsurgery import gainfile as gf
 from gainsurgery.gainfile import GainFile

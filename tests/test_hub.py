@@ -8,7 +8,6 @@ one ``error:`` line on stderr, no OUT and no commit on the server.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

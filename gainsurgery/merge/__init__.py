@@ -17,12 +17,13 @@ API, the demo, the lab experiments and ``apply --push``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from gainsurgery import gainfile as gf
 from gainsurgery.errors import GainFileError, GainSurgeryError
@@ -32,7 +33,7 @@ from gainsurgery.merge.plan import Plan, TensorOp, make_plan
 from gainsurgery.merge.provenance import OUTPUT_FILES, PROVENANCE_NAME, build_provenance, write_provenance
 from gainsurgery.merge.stream import DEFAULT_CHUNK_BYTES, check_output, execute, staged_output
 from gainsurgery.merge.verify import VerifyReport, verify
-from gainsurgery.sources import opened_base, resolve_gain_specs
+from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
 
 if TYPE_CHECKING:
     from gainsurgery.hub.client import HubClient
@@ -177,15 +178,13 @@ def apply(
         GainSurgeryError: anything the user can fix (bad base, bad gain, unusable OUT,
             failed verification, Hub errors); OUT is then left untouched.
     """
-    with opened_base(base, hub, skip_files=OUTPUT_FILES) as opened:
+    with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
         ckpt = opened.checkpoint
-        gain, sources = load_gains(gains, allow_negative=allow_negative, hub=hub)
-        plan = make_plan(ckpt, gain, sources, allow_negative=allow_negative)
         if dry_run:
             check_output(ckpt.folder, Path(out), overwrite=overwrite)
             return ApplyResult(plan, opened.label, dry_run=True)
         t0 = time.perf_counter()
-        protect = [Path(s["path"]) for s in sources if s.get("path")]
+        protect = [Path(s["path"]) for s in plan.sources if s.get("path")]
         with staged_output(ckpt.folder, out, overwrite=overwrite, protect=protect) as staging:
             if publish is not None:
                 publish.prepare()
@@ -212,6 +211,15 @@ def apply(
                     bar.close()
     return ApplyResult(plan, opened.label, staging.out, seconds=time.perf_counter() - t0, shard_sha256=shard_sha,
                        provenance=provenance, verified=checked, pushed=pushed)
+
+
+@contextlib.contextmanager
+def _planned(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str] | GainFile], *,
+             allow_negative: bool, hub: HubClient | None) -> Iterator[tuple[OpenedBase, Plan]]:
+    """Open the base, load and stack the gains, and plan (steps 1-3), for the length of the block."""
+    with opened_base(base, hub, skip_files=OUTPUT_FILES) as opened:
+        gain, sources = load_gains(gains, allow_negative=allow_negative, hub=hub)
+        yield opened, make_plan(opened.checkpoint, gain, sources, allow_negative=allow_negative)
 
 
 def _verify(plan: Plan, folder: Path, chunk_bytes: int) -> VerifyReport:
@@ -244,9 +252,7 @@ def verify_merged(
     Returns:
         A :class:`VerifyReport`; ``report.ok`` only if everything matches.
     """
-    with opened_base(base, hub, skip_files=OUTPUT_FILES) as opened:
-        gain, sources = load_gains(gains, allow_negative=allow_negative, hub=hub)
-        plan = make_plan(opened.checkpoint, gain, sources, allow_negative=allow_negative)
+    with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
         out_ckpt = open_checkpoint(out)
         for shard in opened.checkpoint.shards.values():
             opened.fetch_shard(shard)
