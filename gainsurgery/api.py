@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from gainsurgery.training import TrainConfig, TrainResult
     from gainsurgery.training.hooks import GainHooks
 
-__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "invert_gain", "load_gain", "push",
-           "save_gain", "stack_gains", "targets", "train", "verify"]
+__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "invert_gain", "load_gain",
+           "push", "save_gain", "stack_gains", "targets", "train", "verify"]
 
 
 
@@ -155,6 +155,33 @@ def invert_gain(gain: GainFile | str | os.PathLike[str]) -> GainFile:
     if path is not None:
         inv.metadata["parents"] = [{"name": name, "sha256": sha256_file(path), "op": "invert"}]
     return inv
+
+
+def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.PathLike[str] | None = None
+                 ) -> dict[str, Any]:
+    """Statistics of a gain: parameter count, min/max/mean/std and the share above 1, overall,
+    per target tensor and per layer, plus its metadata.
+
+    Args:
+        gain: a gain file (path) or a :class:`GainFile`.
+        plot: also draw per-layer distributions into this PNG (needs the ``plots`` extra).
+
+    Returns:
+        ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata"}``.
+
+    Example:
+        >>> inspect_gain("legal.safetensors")["overall"]["mean"]  # doctest: +SKIP
+        1.0031
+    """
+    (g, name, _), = _load_each([gain], allow_negative=True)
+    if plot is not None:
+        from gainsurgery.extras import require_extra
+
+        require_extra("plots", "plotting")
+        from gainsurgery.plots import plot_gain_distributions
+
+        plot_gain_distributions(g, plot, title=name)
+    return gf.stats(g)
 
 
 # --------------------------------------------------------------------------- checkpoints

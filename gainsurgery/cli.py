@@ -313,28 +313,25 @@ def inspect(gain, plot, as_json):
     Example:
       gainsurgery inspect gain.safetensors --plot gains.png
     """
-    from gainsurgery import gainfile as gf
-
     if plot:
         require_extra("plots", "gainsurgery inspect --plot")
-    g = gf.load(gain, allow_negative=True)
-    st = gf.stats(g)
-    if plot:
-        from gainsurgery.plots import plot_gain_distributions
+    from gainsurgery import api
+    from gainsurgery.gainfile import format_count
 
-        plot_gain_distributions(g, plot, title=Path(gain).name)
+    st = api.inspect_gain(gain, plot=plot)
+    meta = st["metadata"]
     if as_json:
         _emit_json(st)
         return
     o = st["overall"]
-    click.echo(f"{gain}: {st['parameters']:,} gains ({gf.format_count(st['parameters'])}) in {st['tensors']} tensors")
+    click.echo(f"{gain}: {st['parameters']:,} gains ({format_count(st['parameters'])}) in {st['tensors']} tensors")
     for key in ("method", "side", "base_model", "base_fingerprint", "description"):
-        if key in g.metadata:
-            click.echo(f"  {key}: {g.metadata[key]}")
-    if "training" in g.metadata:
-        click.echo(f"  training: {json.dumps(g.metadata['training'], sort_keys=True)}")
-    if "parents" in g.metadata:
-        click.echo(f"  parents: {', '.join(str(p.get('name')) for p in g.metadata['parents'])}")
+        if key in meta:
+            click.echo(f"  {key}: {meta[key]}")
+    if "training" in meta:
+        click.echo(f"  training: {json.dumps(meta['training'], sort_keys=True)}")
+    if "parents" in meta:
+        click.echo(f"  parents: {', '.join(str(p.get('name')) for p in meta['parents'])}")
     click.echo(f"  overall: min {o['min']:.4f}  max {o['max']:.4f}  mean {o['mean']:.4f}  "
                f"std {o['std']:.4f}  >1: {o['frac_gt_1']:.1%}")
     click.echo(f"  {'target':<60} {'dim':>3} {'len':>6} {'min':>8} {'max':>8} {'mean':>8} {'std':>8} {'>1':>6}")

@@ -152,7 +152,7 @@ def load(path: str | os.PathLike[str], *, allow_negative: bool = False) -> GainF
     if not isinstance(dims, dict):
         raise GainFileError(f"{p}: metadata 'dims' must be a JSON object")
     metadata: dict[str, Any] = {}
-    for key, value in raw_meta.items():
+    for key, value in sorted(raw_meta.items()):  # safetensors hands metadata over in no fixed order
         if key in ("format", "dims"):
             continue
         if key in JSON_METADATA:
