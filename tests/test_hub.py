@@ -373,3 +373,35 @@ def test_local_paths_still_win(hub, base, gain_file, cli, tmp_path, monkeypatch)
     res = cli("apply", "org/model", gain_file, "out")
     assert res.exit_code == 0, res.stderr
     assert hub.requests == []
+
+
+# --------------------------------------------------------------------------- the explicit client
+
+
+def test_config_is_read_from_the_environment_when_built(monkeypatch, tmp_path):
+    from gainsurgery.hub.client import DEFAULT_ENDPOINT, HubConfig
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    assert HubConfig.from_env() == HubConfig(DEFAULT_ENDPOINT, None, None)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1234/")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert HubConfig.from_env() == HubConfig("http://127.0.0.1:1234", None, str(tmp_path / "home" / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert HubConfig.from_env().cache_dir == str(tmp_path / "cache")
+    assert "hf_secret" not in repr(HubConfig(token="hf_secret"))
+
+
+def test_an_explicit_client_needs_no_environment(hub, gain_file, monkeypatch):
+    """A client built from its own config reaches that Hub whatever the environment says."""
+    from gainsurgery import api
+    from gainsurgery.hub.client import HubClient, HubConfig
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    client = HubClient(HubConfig(endpoint=hub.endpoint, token=hub.token, cache_dir=str(hub.cache_dir)))
+    result = api.push(gain_file, "testuser/explicit", hub=client).result
+    assert result.repo_id == "testuser/explicit"
+    assert remote_files(hub, "testuser/explicit")["legal.safetensors"] == gain_file.read_bytes()
