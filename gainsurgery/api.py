@@ -50,7 +50,6 @@ __all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect
            "push", "save_gain", "stack_gains", "targets", "train", "verify"]
 
 
-
 # --------------------------------------------------------------------------- gain files
 
 
@@ -177,7 +176,7 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
     if plot is not None:
         from gainsurgery.extras import require_extra
 
-        require_extra("plots", "plotting")
+        require_extra("plots", "inspect_gain(plot=...)")
         from gainsurgery.plots import plot_gain_distributions
 
         plot_gain_distributions(g, plot, title=name)
@@ -408,15 +407,14 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     from gainsurgery.hub import publish as pub
     from gainsurgery.hub.cards import CARD_NAME, merged_model_card
     from gainsurgery.hub.refs import check_repo_id
+    from gainsurgery.io.checkpoint import open_checkpoint
     from gainsurgery.merge.provenance import PROVENANCE_NAME, check_recorded_shards
     from gainsurgery.sources import base_facts
 
     check_repo_id(repo_id)
     path = Path(source)
     if path.is_dir():
-        items = pub.folder_upload(path)
-        from gainsurgery.io.checkpoint import open_checkpoint
-
+        items = pub.folder_upload(path)  # a complete checkpoint: index, shards, config
         provenance = check_recorded_shards(path, list(open_checkpoint(path).shards))
         if provenance is not None and not (path / CARD_NAME).is_file():
             items.append(pub.text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME)))

@@ -128,7 +128,7 @@ def evaluate(
     """
     from gainsurgery.extras import require_extra
 
-    require_extra("train", "evaluation")
+    require_extra("train", "evaluate()")
     from gainsurgery.gainfile import load_many
     from gainsurgery.training.data import pack, read_documents
     from gainsurgery.training.hooks import attach

@@ -76,7 +76,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         >>> train(TrainConfig(base="embedded:gemma-3-270m", data=["legal.txt"],
         ...                   output="legal.safetensors", steps=30))  # doctest: +SKIP
     """
-    require_extra("train", "training")
+    require_extra("train", "train()")
     cfg.validate()
     import torch
     from accelerate import Accelerator
