@@ -28,3 +28,11 @@ class PlanError(GainSurgeryError):
 
 class HubError(GainSurgeryError):
     """A Hugging Face Hub request failed (auth, not found, network, rate limit)."""
+
+
+class UnsafeInputError(GainSurgeryError):
+    """An input file resolves outside its folder, is not a regular file, or lies under /proc, /sys or /dev."""
+
+
+class OutputError(GainSurgeryError):
+    """An output location is unusable: it is, holds or lies inside an input, is protected, or is taken."""

@@ -1,0 +1,1 @@
+"""Trust-boundary I/O: hostile JSON, safe reading of input folders, claimed outputs, secrets."""
