@@ -321,7 +321,10 @@ def _walk(top: Path, prefix: str, roots: tuple[Path, ...], recursive: bool,
         name = f"{prefix}{entry.name}"
         if entry.name.startswith(".") or (exclude is not None and exclude(name)):
             continue
-        lst = entry.stat(follow_symlinks=False)
+        try:
+            lst = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            raise error(f"{show_path(top / name)}: changed while the folder was read ({e.strerror})") from None
         if stat.S_ISDIR(lst.st_mode):
             if recursive:
                 yield from _walk(top, name + "/", roots, recursive, exclude, error)

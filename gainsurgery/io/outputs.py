@@ -26,6 +26,11 @@ Folders (apply's OUT, export-peft's adapter folder) are claimed and published wi
 ``P/.N.gainsurgery-HEX.old``
     Only in the fallback below: the old OUT moved aside.
 
+The marker sits beside the temp rather than inside it so that the published folder
+holds nothing of ours, and so that it outlives the temp while an old OUT (swapped to
+the temp name) is being deleted: a run killed at any point leaves a marker for
+everything it left.
+
 (When N is long, a hash of it stands in for N in these names; the claim records N.)
 
 Publishing without overwrite is a no-replace rename (``renameat2(RENAME_NOREPLACE)``):
@@ -386,7 +391,12 @@ def atomic_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLi
     target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
     what = what or "output file"
     tmp = target.parent / f".{_stem(target.name)}.{_TAG}-{secrets.token_hex(16)}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        # 0o666: open() applies the umask, so the file gets the permissions a plain open gives.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        raise error(f"{what} {show_path(out)}: cannot create a file in {show_path(target.parent)} "
+                    f"({e.strerror})") from None
     f = os.fdopen(fd, "wb")
     try:
         yield f
@@ -418,11 +428,16 @@ def write_file(out: str | os.PathLike[str], data: bytes | str, *,
     payload = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_file(out, inputs=inputs, what=what, error=error) as f:
         f.write(payload)
-    return check_target_path(out)
+    return output_path(out)
 
 
-def check_target_path(out: str | os.PathLike[str]) -> Path:
-    """``out`` with its parent resolved (where :func:`check_output` says it lives)."""
+def output_path(out: str | os.PathLike[str]) -> Path:
+    """``out`` with its parent folder resolved and its own name kept: what :func:`check_output` returns.
+
+    Example:
+        >>> output_path("/tmp/../tmp/merged")
+        PosixPath('/tmp/merged')
+    """
     p = Path(out)
     return _real(p.parent) / p.name
 
@@ -513,7 +528,7 @@ def clean_leftovers(out: str | os.PathLike[str]) -> list[str]:
         >>> clean_leftovers("merged")  # doctest: +SKIP
         ['.merged.gainsurgery-3f...a1.tmp', '.merged.gainsurgery-3f...a1.claim']
     """
-    target = check_target_path(out)
+    target = output_path(out)
     parent, name = target.parent, target.name
     stem = _stem(name)
     pattern = re.compile(rf"\.{re.escape(stem)}\.{_TAG}-([0-9a-f]{{32}})\.claim")
