@@ -42,3 +42,11 @@ class DataError(GainSurgeryError):
 
 class MissingExtraError(GainSurgeryError):
     """A command needs an optional extra (``pip install "gainsurgery[train]"``...) that is not installed."""
+
+
+class UnsafeInputError(GainSurgeryError):
+    """An input file resolves outside its folder, is not a regular file, or lies under /proc, /sys or /dev."""
+
+
+class OutputError(GainSurgeryError):
+    """An output location is unusable: it is, holds or lies inside an input, is protected, or is taken."""

@@ -1,0 +1,416 @@
+"""Reading input folders that someone else made.
+
+A file is read from an input folder (BASE, an adapter folder, the folder beside a
+gain file) only if, symlinks resolved, it is a regular file inside that folder. When
+the folder is a Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/REV/``,
+whose files are relative symlinks into ``../../blobs/``) the repo's own ``blobs/``
+folder counts as inside too. Everything else is refused with one line naming the
+file: a link out of the folder, a FIFO, a socket, a device, a folder where a file
+is expected, anything under ``/proc``, ``/sys`` or ``/dev``.
+
+Checking never blocks: types are judged with ``stat`` (which never opens the file)
+before anything is opened, files are opened with ``O_NONBLOCK`` (a FIFO swapped in
+after the check cannot hang the open) and ``O_NOFOLLOW``, and the opened descriptor
+is checked again with ``fstat`` against the inode that was validated, so a swap
+between check and use is caught.
+
+This module also decides what a BASE argument names (:func:`classify_base_spec`):
+a local folder, an embedded model or a Hub repo. Anything that looks like a local
+path is never sent to the Hub.
+
+Example:
+    >>> with open_input(base, "config.json") as f:   # doctest: +SKIP
+    ...     raw = f.read(1 << 20)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Literal
+
+from gainsurgery.errors import CheckpointError, GainSurgeryError, UnsafeInputError
+
+#: Pseudo-filesystems: their "files" are kernel state (``/proc/self/environ`` holds
+#: the token), never checkpoint data.
+FORBIDDEN_ROOTS: tuple[Path, ...] = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+# huggingface_hub names a repo's cache folder "<type>s--<org>--<name>".
+_REPO_CACHE_RE = re.compile(r"(?:models|datasets|spaces)--.+", re.ASCII | re.DOTALL)
+
+#: Prefix of an embedded-model BASE (``embedded:NAME``).
+EMBEDDED_PREFIX = "embedded:"
+
+# One part of a Hub repo id, as huggingface_hub validates it: 1-96 of [A-Za-z0-9_.-],
+# starting and ending with a word character. "--" and ".." are refused separately.
+_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
+_REV = r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*"
+#: ``ORG/NAME[@REV]``; always used with fullmatch so a trailing newline never passes.
+HUB_BASE_RE = re.compile(rf"(?P<repo>{_ID_PART}/{_ID_PART})(?:@(?P<rev>{_REV}))?", re.ASCII)
+_EMBEDDED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", re.ASCII)
+
+_KIND_NAMES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def show_path(path: str | os.PathLike[str]) -> str:
+    """How a path someone else chose is shown in a one-line message.
+
+    Printable paths are shown as they are; a path holding a newline or another
+    control character is shown as a Python string literal, so it can neither
+    break the one-line rule nor fake a second line.
+
+    Example:
+        >>> show_path("base/config.json"), show_path("a\\nb")
+        ('base/config.json', "'a\\\\nb'")
+    """
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _kind(mode: int) -> str:
+    return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    """True when the resolved ``path`` is ``root`` or lies below it (both resolved)."""
+    return path == root or root in path.parents
+
+
+def _forbidden_root(resolved: Path) -> Path | None:
+    for root in FORBIDDEN_ROOTS:
+        if _is_within(resolved, root):
+            return root
+    return None
+
+
+def allowed_roots(folder: str | os.PathLike[str], *,
+                  error: type[GainSurgeryError] = UnsafeInputError) -> tuple[Path, ...]:
+    """Resolved folders that files of the input folder ``folder`` may resolve into.
+
+    That is ``folder`` itself (resolved) and, when ``folder`` is (or lies inside) a
+    Hugging Face cache snapshot ``.../models--ORG--NAME/snapshots/REV/``, that repo's
+    ``blobs/`` folder, provided ``blobs`` is a real folder and not itself a link
+    (a ``blobs -> /`` link would otherwise let every file through).
+
+    Raises ``error`` when ``folder`` does not exist, is not a folder, or lies under
+    ``/proc``, ``/sys`` or ``/dev``.
+
+    Example:
+        >>> allowed_roots("~/.cache/huggingface/hub/models--gpt2--x/snapshots/abc")  # doctest: +SKIP
+        (PosixPath('/home/me/.cache/huggingface/hub/models--gpt2--x/snapshots/abc'),
+         PosixPath('/home/me/.cache/huggingface/hub/models--gpt2--x/blobs'))
+    """
+    shown = show_path(folder)
+    root = Path(os.path.realpath(folder))
+    bad = _forbidden_root(root)
+    if bad is not None:
+        raise error(f"{shown}: lies under {bad}, which holds kernel state, not files; refusing to read from it")
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise error(f"no such folder: {shown}") from None
+    except OSError as e:
+        raise error(f"{shown}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"{shown}: is {_kind(st.st_mode)}, not a folder")
+    roots = [root]
+    for snapshot in (root, *root.parents):
+        repo = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and _REPO_CACHE_RE.fullmatch(repo.name):
+            blobs = repo / "blobs"
+            # lstat: a blobs folder that is itself a link would widen the allowed area.
+            try:
+                if stat.S_ISDIR(os.lstat(blobs).st_mode):
+                    roots.append(blobs)
+            except OSError:
+                pass
+            break
+    return tuple(roots)
+
+
+def _check_name(name: str, shown_folder: str, error: type[GainSurgeryError]) -> None:
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise error(f"{shown_folder}: file name {name!r} is not a usable name")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise error(f"{shown_folder}: file name {show_path(name)} is not a plain relative name inside the folder")
+
+
+def _resolve_in(roots: tuple[Path, ...], folder: Path, name: str, *, missing_ok: bool,
+                error: type[GainSurgeryError]) -> tuple[Path, os.stat_result] | None:
+    """Resolve ``folder/name``; check it lands inside ``roots``; return it with its stat.
+
+    The stat follows symlinks but never opens the file, so a FIFO cannot block here.
+    """
+    candidate = folder / name
+    shown = show_path(candidate)
+    resolved = Path(os.path.realpath(candidate))
+    bad = _forbidden_root(resolved)
+    if bad is not None:
+        raise error(f"{shown}: resolves to {show_path(resolved)} under {bad}; refusing to read it")
+    if not any(_is_within(resolved, r) for r in roots):
+        where = " or ".join(show_path(r) for r in roots)
+        raise error(f"{shown}: resolves to {show_path(resolved)}, outside {where}; refusing to read it")
+    try:
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        link = " (a broken symbolic link)" if os.path.islink(candidate) else ""
+        raise error(f"{shown}: no such file{link}") from None
+    except OSError as e:  # ELOOP, EACCES, ...
+        raise error(f"{shown}: cannot be read ({e.strerror})") from None
+    return resolved, st
+
+
+def resolve_input(folder: str | os.PathLike[str], name: str, *, missing_ok: bool = False,
+                  error: type[GainSurgeryError] = UnsafeInputError) -> Path | None:
+    """Validate the file ``name`` inside the input folder ``folder``; return its resolved path.
+
+    ``name`` is a relative name (``config.json``, ``sub/tokenizer.model``); it may
+    be a symlink, but what it resolves to must be a regular file inside ``folder``
+    (or inside the repo's ``blobs/`` for a cache snapshot, see :func:`allowed_roots`).
+    Never opens the file. With ``missing_ok`` a missing file gives None instead
+    of an error (for optional files such as ``generation_config.json``).
+
+    Raises ``error`` with one line naming the file otherwise.
+
+    Example:
+        >>> resolve_input(base, "config.json")  # doctest: +SKIP
+        PosixPath('/data/base/config.json')
+    """
+    roots = allowed_roots(folder, error=error)
+    _check_name(name, show_path(folder), error)
+    found = _resolve_in(roots, Path(folder), name, missing_ok=missing_ok, error=error)
+    if found is None:
+        return None
+    resolved, st = found
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{show_path(Path(folder) / name)}: is {_kind(st.st_mode)}, not a regular file; "
+                    "refusing to read it")
+    return resolved
+
+
+def _open_checked(resolved: Path, expected: os.stat_result, shown: str,
+                  error: type[GainSurgeryError]) -> BinaryIO:
+    """Open a validated path without blocking and check the descriptor is the validated inode."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as e:
+        # ELOOP: the last component became a symlink after the check.
+        raise error(f"{shown}: cannot be opened ({e.strerror}); refusing to read it") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{shown}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+        if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+            raise error(f"{shown}: changed while it was being opened; refusing to read it")
+        # Regular files ignore O_NONBLOCK, but clear it so the file object behaves plainly.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_input(folder: str | os.PathLike[str], name: str, *,
+               error: type[GainSurgeryError] = UnsafeInputError) -> BinaryIO:
+    """Open the file ``name`` of the input folder ``folder`` for binary reading, safely.
+
+    Validates as :func:`resolve_input`, then opens the resolved path with
+    ``O_NONBLOCK | O_NOFOLLOW`` and checks, on the opened descriptor, that it is
+    a regular file and the very inode that was validated. The caller closes it.
+
+    Example:
+        >>> with open_input(base, "model.safetensors") as f:  # doctest: +SKIP
+        ...     n = int.from_bytes(f.read(8), "little")
+    """
+    roots = allowed_roots(folder, error=error)
+    _check_name(name, show_path(folder), error)
+    shown = show_path(Path(folder) / name)
+    resolved, st = _resolve_in(roots, Path(folder), name, missing_ok=False, error=error)  # type: ignore[misc]
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{shown}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+    return _open_checked(resolved, st, shown, error)
+
+
+def open_regular(path: str | os.PathLike[str], *,
+                 error: type[GainSurgeryError] = UnsafeInputError) -> BinaryIO:
+    """Open a file the user named directly (a gain file, a data file) for binary reading.
+
+    The user chose this path, so a symlink is followed, but what it resolves to
+    must be a regular file outside ``/proc``, ``/sys`` and ``/dev``; the check never
+    blocks and is repeated on the opened descriptor.
+
+    Example:
+        >>> with open_regular("gains.safetensors") as f:  # doctest: +SKIP
+        ...     header_len = int.from_bytes(f.read(8), "little")
+    """
+    shown = show_path(path)
+    resolved = Path(os.path.realpath(path))
+    bad = _forbidden_root(resolved)
+    if bad is not None:
+        raise error(f"{shown}: resolves to {show_path(resolved)} under {bad}; refusing to read it")
+    try:
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        raise error(f"{shown}: no such file") from None
+    except OSError as e:
+        raise error(f"{shown}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{shown}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+    return _open_checked(resolved, st, shown, error)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file found in an input folder by :func:`iter_input_files`.
+
+    Attributes:
+        name: its name relative to the folder, ``/``-separated (``tokenizer.json``).
+        path: the resolved path to read (already validated).
+        size: its size in bytes when it was checked.
+    """
+
+    name: str
+    path: Path
+    size: int
+
+
+def iter_input_files(folder: str | os.PathLike[str], *, recursive: bool = False,
+                     exclude: Callable[[str], bool] | None = None,
+                     error: type[GainSurgeryError] = UnsafeInputError) -> Iterator[InputFile]:
+    """Yield the non-hidden files of an input folder, in name order; raise on the first unsafe one.
+
+    For copying a base's "extra files" (config, tokenizer, license) and for
+    staging uploads. Names starting with ``.`` are skipped (``.git``, ``.cache``,
+    our own temp folders), as are names for which ``exclude(name)`` is true.
+    Real sub-folders are skipped unless ``recursive``; a symlink to a folder is
+    never followed (it must still resolve inside the folder). Every other entry must
+    pass :func:`resolve_input`: a link out of the folder, a FIFO, a socket or a
+    device raises ``error`` with one line naming it, before anything is copied
+    from it.
+
+    Example:
+        >>> [f.name for f in iter_input_files(base, exclude=lambda n: n.endswith(".safetensors"))]  # doctest: +SKIP
+        ['config.json', 'tokenizer.json']
+    """
+    top = Path(folder)
+    roots = allowed_roots(top, error=error)
+    yield from _walk(top, "", roots, recursive, exclude, error)
+
+
+def _walk(top: Path, prefix: str, roots: tuple[Path, ...], recursive: bool,
+          exclude: Callable[[str], bool] | None, error: type[GainSurgeryError]) -> Iterator[InputFile]:
+    here = top / prefix if prefix else top
+    with os.scandir(here) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = f"{prefix}{entry.name}"
+        if entry.name.startswith(".") or (exclude is not None and exclude(name)):
+            continue
+        try:
+            lst = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            raise error(f"{show_path(top / name)}: changed while the folder was read ({e.strerror})") from None
+        if stat.S_ISDIR(lst.st_mode):
+            if recursive:
+                yield from _walk(top, name + "/", roots, recursive, exclude, error)
+            continue
+        resolved, st = _resolve_in(roots, top, name, missing_ok=False, error=error)  # type: ignore[misc]
+        if stat.S_ISDIR(st.st_mode) and stat.S_ISLNK(lst.st_mode):
+            continue  # a link to a folder inside: its files are reachable by their own names
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{show_path(top / name)}: is {_kind(st.st_mode)}, not a regular file; "
+                        "refusing to read or copy it")
+        yield InputFile(name=name, path=resolved, size=st.st_size)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What a BASE argument names.
+
+    Attributes:
+        kind: ``"local"`` (a folder), ``"embedded"`` (``embedded:NAME``) or ``"hub"``.
+        spec: the argument as given.
+        path: local only: the path, ``~`` expanded, not resolved.
+        name: embedded only: NAME.
+        repo_id: hub only: ``ORG/NAME``.
+        revision: hub only: the revision after ``@``, or None.
+    """
+
+    kind: Literal["local", "embedded", "hub"]
+    spec: str
+    path: Path | None = None
+    name: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+def _looks_local(spec: str) -> bool:
+    """True for a spelling a Hub repo id never has."""
+    if spec in (".", "..") or spec.startswith(("./", "../", "/", "~", ".\\", "..\\")):
+        return True
+    if "\\" in spec or (os.altsep and os.altsep in spec) or os.sep != "/" and os.sep in spec:
+        return True
+    repo = spec.split("@", 1)[0]
+    # A repo id is exactly ORG/NAME: one slash, both sides non-empty.
+    return repo.count("/") != 1 or repo.startswith("/") or repo.endswith("/")
+
+
+def classify_base_spec(spec: str, *, error: type[GainSurgeryError] = CheckpointError) -> BaseSpec:
+    """Decide whether a BASE argument is a local folder, an embedded model or a Hub repo.
+
+    - ``embedded:NAME`` is an embedded model.
+    - An existing path, or anything spelled like a path (starting with ``./``,
+      ``../``, ``/`` or ``~``, holding a backslash, or not exactly one ``/``), is
+      local and never sent to the Hub; a missing one is "no such folder".
+    - ``ORG/NAME[@REV]`` (matched in full: ``"org/name\\n"`` does not match) with
+      nothing local of that name is a Hub repo, unless a folder ``ORG`` exists here:
+      then it is far likelier a mistyped local path, and is refused as one.
+
+    Raises ``error`` (one line) for an empty spec, a missing local path and
+    anything that is neither.
+
+    Example:
+        >>> classify_base_spec("openai-community/gpt2@main")  # doctest: +SKIP
+        BaseSpec(kind='hub', spec='openai-community/gpt2@main', repo_id='openai-community/gpt2', revision='main')
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise error("BASE is empty (an unset variable?); name a folder, embedded:NAME or ORG/NAME")
+    shown = show_path(spec)
+    if spec.startswith(EMBEDDED_PREFIX):
+        name = spec[len(EMBEDDED_PREFIX):]
+        if not _EMBEDDED_NAME_RE.fullmatch(name):
+            raise error(f"{shown}: not a valid embedded model name; write embedded:NAME")
+        return BaseSpec(kind="embedded", spec=spec, name=name)
+    if "\x00" in spec:
+        raise error(f"{shown}: not a folder or a Hub repo id")
+    local = Path(os.path.expanduser(spec))
+    if os.path.lexists(local):
+        if not os.path.exists(local):
+            raise error(f"no such folder: {shown} (a broken symbolic link)")
+        return BaseSpec(kind="local", spec=spec, path=local)
+    if _looks_local(spec):
+        raise error(f"no such folder: {shown}")
+    m = HUB_BASE_RE.fullmatch(spec)
+    if m is None or ".." in m["repo"] or "--" in m["repo"] or m["repo"].endswith(".git") \
+            or (m["rev"] is not None and (".." in m["rev"] or m["rev"].endswith("/"))):
+        raise error(f"no such folder: {shown} (for a Hub repo write ORG/NAME or ORG/NAME@REVISION)")
+    org = m["repo"].split("/", 1)[0]
+    if os.path.isdir(org):
+        raise error(f"no such folder: {shown} (a local folder {show_path(org)} exists, so this is read "
+                    f"as a local path and not sent to the Hub; to use the Hub repo, run from another folder)")
+    return BaseSpec(kind="hub", spec=spec, repo_id=m["repo"], revision=m["rev"])
