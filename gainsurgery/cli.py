@@ -350,7 +350,7 @@ def inspect(gain, plot, as_json):
 @click.option("--side", type=click.Choice(SIDES), default="in", show_default=True,
               help="GAIN only: in = W·diag(s) (paper); out = diag(s)·W (experiment).")
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="Gain file (.safetensors) for gain methods; adapter folder for lora/ia3.")
+              help="Gain file (.safetensors) for gain methods; adapter folder for lora/ia3; checkpoint folder for full.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 5e-3 gains/ia3, 5e-4 lora].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Global batch (windows).")

@@ -1,19 +1,18 @@
 #!/usr/bin/env python
-"""Sequential adaptation over K domains: how much does each method forget?
+"""The forgetting–adaptation front: sequential adaptation, GAIN vs LoRA (and more), fair across lrs.
 
-Thin command line over :mod:`gainsurgery_lab.forgetting` (methods, staging,
-metrics, resume: see its docstring and docs/results/forgetting.md). Examples::
+Thin command line over :mod:`gainsurgery_lab.forgetting` (see its modules and
+docs/results/forgetting.md). Examples::
 
-    # the CPU run (~65 min on 2 cores): 3 domains, gain-ffn/gain/lora/ia3, lr sweep, all 8 domains scored
-    python scripts/forgetting.py --preset cpu-small --sweep --out runs/forgetting-cpu
+    # the CPU run of docs/results (about 4 hours on 2 cores; resumable: rerun the same line)
+    python scripts/forgetting.py run --preset cpu --out runs/front-cpu
 
-    # on a GPU: 8 domains, 512-token windows, 500 steps per stage
-    python scripts/forgetting.py --preset paper --sweep --out runs/forgetting-paper
+    # your own domains, in this order; two methods; quick
+    python scripts/forgetting.py run --out runs/mine --domain a=a_train.jsonl,a_valid.jsonl \\
+        --domain b=corpus_b/ --methods gain-ffn,lora --steps 20 --seeds 1 --yesno 0
 
-    # any order, any subset; flags override the preset
-    python scripts/forgetting.py --domains math,legal --methods gain-ffn,lora --steps 10 --out /tmp/f
-
-Rerunning with the same --out skips every finished (method, stage).
+    # tables, front plot and heatmaps from whatever has finished so far
+    python scripts/forgetting.py report --out runs/front-cpu
 """
 
 from __future__ import annotations
@@ -25,86 +24,91 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gainsurgery_lab import corpora as dom  # noqa: E402
-from gainsurgery_lab import forgetting as fg  # noqa: E402
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
+from gainsurgery_lab.forgetting import presets  # noqa: E402
 
 
-def _names(value, what: str) -> list[str]:
-    if value in (None, ""):
-        return []
-    if isinstance(value, list):
-        return value
-    if value.strip().lower() == "all":
-        return list(dom.DOMAINS if what == "domain" else fg.TRAINABLE_METHODS)
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _domain(name: str, data_dir: Path | None) -> fg.Domain:
-    return fg.Domain(name, str(dom.split_path(name, "train", data_dir)), str(dom.split_path(name, "validation", data_dir)))
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Sequential adaptation over several domains: how much does each method forget, at matched gain?"""
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
-@click.option("--base", default="embedded:gemma-3-270m", show_default=True, help="Base checkpoint.")
-@click.option("--preset", type=click.Choice(sorted(fg.PRESETS)), default=None, help="cpu-small or paper.")
-@click.option("--domains", "domain_list", default=None,
-              help=f"Training sequence, comma-separated, in order (default: all eight: {','.join(dom.DOMAINS)}).")
-@click.option("--eval-domains", default=None, help="Domains scored after every stage ('all'; default: --domains).")
-@click.option("--methods", default=",".join(fg.TRAINABLE_METHODS), show_default=True,
-              help=f"Comma-separated: {', '.join(fg.METHODS)} ('full' is not implemented).")
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
+@click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default=None,
+              help="A ready configuration (flags below override it).")
+@click.option("--base", default=None, help="Base checkpoint [default: embedded:gemma-3-270m].")
+@click.option("--domain", "domains", multiple=True, metavar="NAME[=TRAIN[,VALID]|=FOLDER]",
+              help="A training domain, in sequence order (repeat). A bare NAME is a built-in corpus.")
+@click.option("--eval-domain", "eval_domains", multiple=True, metavar="NAME[=...]",
+              help="An extra domain scored after every stage but never trained on (repeat).")
+@click.option("--methods", default=None, help="Methods whose lr front is run first (comma-separated).")
+@click.option("--seed-methods", default=None, help="Methods that get extra seeds at their dev-optimal lr.")
+@click.option("--extra-methods", default=None, help="Methods run after the main comparison, if time allows.")
+@click.option("--variants", default=None, help="Staging variants at the dev-optimal lr, e.g. gain-ffn:continue.")
+@click.option("--grid", "grids", multiple=True, metavar="METHOD=E1,E2,...",
+              help="Override a method's lr grid: half-decade exponents (lr = 10^(E/2)).")
+@click.option("--seeds", type=int, default=None, help="Seeds at the chosen lr (data order and adapter init).")
 @click.option("--steps", type=int, default=None, help="Training steps per stage.")
-@click.option("--seq-len", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
-@click.option("--eval-windows", type=int, default=None, help="Validation windows per domain.")
-@click.option("--lr-gain", type=float, default=None)
-@click.option("--lr-gain-ffn", type=float, default=None)
-@click.option("--lr-lora", type=float, default=None)
-@click.option("--lr-ia3", type=float, default=None)
-@click.option("--sweep/--no-sweep", default=False, help="Pick each method's lr by a short run on the first domain.")
-@click.option("--sweep-steps", type=int, default=None)
-@click.option("--yesno", type=int, default=None, help="Yes/no accuracy on the first N CoQA items, before and after.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seq-len", type=int, default=None)
+@click.option("--test-windows", type=int, default=None, help="Reported windows per domain (<= 2 per document).")
+@click.option("--dev-windows", type=int, default=None, help="Selection windows per domain (other documents).")
+@click.option("--yesno", type=int, default=None, help="Yes/no items (CoQA) for the chosen runs; 0 to skip.")
+@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,extras.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Domain cache (default ~/.cache/gainsurgery/domains).")
-@click.option("--estimate-only", is_flag=True, help="Print the time estimate and exit.")
+              help="Built-in corpora cache (default ~/.cache/gainsurgery/domains).")
+@click.option("--worker", default=None, metavar="I/N",
+              help="Run only the I-th of N shares of the initial lr grids (parallel processes on one GPU); "
+                   "score the base first with --phases none, finish with a plain run.")
+@click.option("--max-extensions", type=int, default=None, help="Lrs added beyond a grid to reach an interior optimum.")
+@click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
-def main(out, base, preset, domain_list, eval_domains, methods, steps, seq_len, batch_size, eval_windows, lr_gain,
-         lr_gain_ffn, lr_lora, lr_ia3, sweep, sweep_steps, yesno, dtype, seed, data_dir, estimate_only, progress):
-    """Adapt BASE to each domain in turn with each method; score every domain after every stage."""
-    p = dict(fg.PRESETS.get(preset, {}))
-    seq = _names(domain_list, "domain") or _names(p.get("domains", "all"), "domain")
-    ev = _names(eval_domains, "domain") or _names(p.get("eval_domains"), "domain")
-    lrs = {m: v for m, v in (("gain", lr_gain), ("gain-ffn", lr_gain_ffn), ("lora", lr_lora), ("ia3", lr_ia3))
-           if v is not None}
-    n_yesno = yesno if yesno is not None else p.get("yesno", 0)
+def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
+        steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, worker, max_extensions,
+        dry_run, progress):
+    """Run (or resume) the experiment into OUT."""
+    from gainsurgery_lab.forgetting.runner import Experiment
+
     try:
-        cfg = fg.ForgettingConfig(
-            base=base, out=out, domains=[_domain(d, data_dir) for d in seq],
-            eval_domains=[_domain(d, data_dir) for d in ev] or None,
-            methods=_names(methods, "method"),
-            steps=steps or p.get("steps", 20), seq_len=seq_len or p.get("seq_len", 128),
-            batch_size=batch_size or p.get("batch_size", 4), eval_windows=eval_windows or p.get("eval_windows", 12),
-            lrs=lrs, sweep=sweep, sweep_steps=sweep_steps or p.get("sweep_steps", 8), yesno=n_yesno,
-            yesno_file=str(dom.default_yesno_out() / dom.YESNO_FILE) if n_yesno else None,
-            dtype=dtype or p.get("dtype", "float32"), seed=seed, progress=progress)
-        cfg.validate()
-        est = fg.estimate_seconds(cfg)
-        click.echo(f"estimate on a 2-core CPU (Gemma 3 270M, float32): {est['total'] / 60:.0f} min "
-                   f"(sweep {est['sweep'] / 60:.0f}, sequence {est['sequence'] / 60:.0f}, "
-                   f"yes/no {est['yesno'] / 60:.0f}, base row {est['base_row'] / 60:.1f}); "
-                   "a GPU is far faster")
-        if estimate_only:
+        cfg = presets.make_config(
+            out=out, preset=preset, base=base, domains=list(domains), eval_domains=list(eval_domains),
+            front_methods=_csv(methods), seed_methods=_csv(seed_methods), extra_methods=_csv(extra_methods),
+            variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds, steps=steps,
+            batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
+            yesno=yesno, phases=[] if phases == "none" else _csv(phases), data_dir=data_dir, progress=progress,
+            max_extensions=max_extensions)
+        share = presets.parse_worker(worker)
+        exp = Experiment(cfg, echo=click.echo)
+        exp.prepare()
+        if dry_run:
+            click.echo(presets.describe_plan(cfg))
             return
-        if "full" in cfg.methods:
-            click.echo("note: method 'full' (full fine-tuning) is not implemented; it will be skipped")
-        results = fg.Experiment(cfg, echo=click.echo).run()
+        exp.execute(worker=share)
     except GainSurgeryError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(1)
-    click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
-    click.echo(f"plots: {', '.join(results['plots'])}")
+    click.echo(f"done; tables and plots: python scripts/forgetting.py report --out {out}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True), help="Experiment folder.")
+def report(out):
+    """Write results.json, results.md and the plots from what has finished so far."""
+    from gainsurgery_lab.forgetting.analysis import write_report
+
+    try:
+        paths = write_report(Path(out))
+    except GainSurgeryError as exc:
+        click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(1)
+    click.echo("report: " + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -1,134 +1,298 @@
-"""Sequential-adaptation experiment on a tiny model: matrix, metrics, resume, outputs."""
+"""The forgetting–adaptation front experiment (gainsurgery_lab.forgetting).
+
+Statistics are checked against hand-computed values; the data split and the
+runner run for real on a tiny random llama with a tiny tokenizer (tests/models.py).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from gainsurgery_lab import forgetting as fg
-from models import TEXT_A, TEXT_B, save_tiny_lm, write_domain
+from gainsurgery_lab.forgetting import stats
+from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain
+from gainsurgery_lab.forgetting.methods import METHODS, lr_label, lr_of
+from models import TEXT_A, TEXT_B, save_tiny_lm, tiny_tokenizer
 
-TEXT_C = ("the patient was given a dose of the drug and the fever went down within two days. ") * 40
+# ---------------------------------------------------------------------------------------------- stats
+
+
+def test_bootstrap_point_is_the_pooled_perplexity_and_pairing_cancels():
+    dw = stats.DomainWindows(units=(0, 0, 1, 2), tokens=(10, 10, 10, 5))
+    bs = stats.Bootstrap({"d": dw}, resamples=500, seed=1)
+    nll = np.array([20.0, 22.0, 31.0, 9.0])
+    est = bs.ppl("d", nll)
+    assert est.point == pytest.approx(math.exp(82.0 / 35.0))
+    lo, hi = est.interval()
+    assert lo <= est.point <= hi
+    same = est.change_vs(bs.ppl("d", nll))
+    assert same.point == 0.0 and np.all(same.boot == 0.0)  # paired: identical models never differ
+    # windows of one unit move together: a resample counts both windows of unit 0 equally often
+    w = bs.weights["d"]
+    assert np.array_equal(w[:, 0], w[:, 1])
+    assert w.shape == (500, 4) and np.all(w[:, 1:].sum(axis=1) == 3)  # 3 units drawn per resample
+
+
+def test_paired_change_interval_is_narrower_than_unpaired_noise():
+    rng = np.random.default_rng(0)
+    units = tuple(range(40))
+    bs = stats.Bootstrap({"d": stats.DomainWindows(units, (100,) * 40)}, resamples=1000, seed=0)
+    doc_difficulty = rng.normal(300, 60, 40)  # documents differ a lot ...
+    base = bs.ppl("d", doc_difficulty)
+    better = bs.ppl("d", doc_difficulty * 0.97)  # ... but the model is uniformly 3% better in NLL
+    change = better.change_vs(base)
+    expected = 100 * (math.exp(0.97 * doc_difficulty.sum() / 4000) / math.exp(doc_difficulty.sum() / 4000) - 1)
+    assert change.point == pytest.approx(expected)
+    lo, hi = change.interval()
+    assert hi < 0  # significant although per-document PPLs overlap widely
+    assert hi - lo < 0.3 * abs(change.point)
+
+
+def test_interpolation_along_a_front():
+    xs = [0.0, -10.0, -20.0]
+    ys = [0.0, 5.0, 25.0]
+    assert stats.interpolate_at(xs, ys, -5.0) == pytest.approx(2.5)
+    assert stats.interpolate_at(xs, ys, -15.0) == pytest.approx(15.0)
+    assert math.isnan(stats.interpolate_at(xs, ys, -30.0))  # never extrapolated
+    # a front that turns back (too high an lr adapts worse): the low-lr branch is used
+    assert stats.interpolate_at([0.0, -10.0, -4.0], [0.0, 10.0, 40.0], -5.0) == pytest.approx(5.0)
+    e = [stats.Estimate(x, np.array([x, x + 1.0])) for x in xs]
+    f = [stats.Estimate(y, np.array([y, y])) for y in ys]
+    got = stats.interpolate_estimate(e, f, -5.0)
+    assert got.point == pytest.approx(2.5)
+    assert got.boot.tolist() == pytest.approx([2.5, 3.0])
+
+
+def test_mcnemar_and_wilson_against_hand_computed_values():
+    a = [True] * 6 + [True] * 10
+    b = [False] * 6 + [True] * 10
+    t = stats.mcnemar_exact(a, b)
+    assert (t["a_only"], t["b_only"]) == (6, 0)
+    assert t["p_value"] == pytest.approx(2 / 64)
+    assert stats.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    lo, hi = stats.wilson_interval(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+def test_lr_grid_is_half_decades():
+    assert lr_of(-4) == pytest.approx(1e-2)
+    assert lr_of(-5) == pytest.approx(10 ** -2.5)
+    assert lr_label(-5) == "3.2e-03" and lr_label(-4) == "1e-02"
+    for m in METHODS.values():
+        if m.extend:
+            assert len(m.grid) >= 4 and list(m.grid) == list(range(m.grid[0], m.grid[0] + len(m.grid)))
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _docs(text: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` documents of varied length, each opening with a unique marker ``[doc i]``."""
+    rng = random.Random(seed)
+    return [f"(doc {i:b}) " + text[(i * 53) % len(text):][: rng.randint(60, 700)] for i in range(n)]
+
+
+def _write(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+def test_domain_split_is_by_document_disjoint_and_stable(tmp_path):
+    tok = tiny_tokenizer()
+    train = _write(tmp_path / "a.txt", _docs(TEXT_A, 60))
+    spec = parse_domain(f"a={train}")
+    dom = prepare_domain(spec, tok, 32, 10, 6, tmp_path / "w", min_train_windows=2)
+    assert len(dom.test.ids) == 10 and len(dom.dev.ids) == 6
+    assert all(len(w) == 32 and w[0] == tok.bos_token_id for w in dom.test.ids + dom.dev.ids)
+    for split in (dom.test, dom.dev):
+        counts = {u: split.units.count(u) for u in split.units}
+        assert max(counts.values()) <= 2
+    assert not set(dom.test.units) & set(dom.dev.units)
+    # no test or dev document is trained on
+    import re
+
+    train_text = (tmp_path / "w" / "train.txt").read_text(encoding="utf-8")
+    held_out = {m for w in dom.test.ids + dom.dev.ids for m in re.findall(r"\(doc [01]+\)", tok.decode(w))}
+    assert held_out and not any(m in train_text for m in held_out)
+    assert len(re.findall(r"\(doc [01]+\)", train_text)) == dom.train_documents
+    again = prepare_domain(spec, tok, 32, 10, 6, tmp_path / "w2", min_train_windows=2)
+    assert again.test.ids == dom.test.ids and again.dev.ids == dom.dev.ids
+
+
+def test_domain_forms_and_one_line_errors(tmp_path):
+    tok = tiny_tokenizer()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _write(folder / "train.txt", _docs(TEXT_B, 40))
+    (folder / "validation.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in _docs(TEXT_B, 30, 1)))
+    spec = parse_domain(f"code={folder}")
+    assert spec.train.name == "train.txt" and spec.valid.name == "validation.jsonl"
+    dom = prepare_domain(spec, tok, 32, 8, 4, tmp_path / "w", min_train_windows=2)
+    assert dom.info["split"] == "validation file" and dom.train_documents == 40
+    with pytest.raises(ForgettingError, match="no such file"):
+        parse_domain(f"x={tmp_path / 'missing.txt'}")
+    with pytest.raises(ForgettingError, match="unknown built-in domain"):
+        parse_domain("not-a-domain")
+    small = _write(tmp_path / "small.txt", _docs(TEXT_A, 3))
+    with pytest.raises(ForgettingError, match="test windows") as err:
+        prepare_domain(parse_domain(f"s={small}"), tok, 32, 32, 8, tmp_path / "w3", min_train_windows=2)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- runner
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_experiment(tmp_path_factory):
+    """A real (tiny) experiment: 2 stages, gain-ffn and parameter-matched LoRA, extras and yes/no."""
+    from gainsurgery_lab.forgetting.runner import Experiment, ExperimentConfig
+
     root = tmp_path_factory.mktemp("forgetting")
-    base = save_tiny_lm(root / "base", "llama")
-    doms = []
-    for name, text in (("legal", TEXT_A), ("code", TEXT_B), ("medical", TEXT_C)):
-        d = root / name
-        d.mkdir()
-        doms.append(fg.Domain(name, str(write_domain(d, "train", text, docs=12)),
-                              str(write_domain(d, "validation", text[300:] + text[:300], docs=6))))
-    return root, base, doms
+    base = save_tiny_lm(root / "base", "llama", torch.bfloat16)
+    files = {n: _write(root / f"{n}.txt", _docs(t, 60, i)) for i, (n, t) in
+             enumerate([("a", TEXT_A), ("b", TEXT_B), ("c", TEXT_A[::-1])])}
+    yn = root / "yesno.jsonl"
+    yn.write_text("\n".join(json.dumps({"passage": "the court held", "question": f"is it {i}",
+                                        "answer": "yes" if i % 3 else "no"}) for i in range(12)))
+    cfg = ExperimentConfig(
+        base=str(base), out=str(root / "out"), sequence=[parse_domain(f"a={files['a']}"),
+                                                         parse_domain(f"b={files['b']}")],
+        extra_eval=[parse_domain(f"c={files['c']}")], front_methods=["gain-ffn", "lora-matched"],
+        seed_methods=["gain-ffn"], extra_methods=["full"], variants=["gain-ffn:continue", "gain-ffn:swap"],
+        grids={"gain-ffn": [-4, -3], "lora-matched": [-4, -3], "full": [-8]}, max_extensions=1, seeds=2,
+        steps=3, batch_size=2, seq_len=32, test_windows=8, dev_windows=4, yesno=10, yesno_file=str(yn))
+    exp = Experiment(cfg, echo=None)
+    exp.execute()
+    return exp
 
 
-def _cfg(root, base, doms, out="run", **kw):
-    return fg.ForgettingConfig(base=str(base), out=str(root / out), domains=doms[:2], eval_domains=doms,
-                               methods=["gain-ffn", "lora"], steps=2, seq_len=16, batch_size=2, eval_windows=3,
-                               lrs={"gain-ffn": 1e-2, "lora": 1e-3}, **kw)
+def _runs(exp) -> dict[str, list[dict]]:
+    return {p.name: exp.stages_done(_key(exp, p.name)) for p in (exp.out / "runs").iterdir()}
 
 
-def test_sequence_matrix_metrics_resume_outputs(setup):
-    from gainsurgery.training.data import pack, read_documents
-    from gainsurgery.training.evaluation import perplexity
-    from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
+def _key(exp, name):
+    from gainsurgery_lab.forgetting.runner import RunKey
 
-    root, base, doms = setup
-    exp = fg.Experiment(_cfg(root, base, doms), echo=None)
-    r = exp.run()
-    assert exp.trained_now == 4  # 2 methods × 2 stages
-    assert r["sequence"] == ["legal", "code"] and r["columns"] == ["legal", "code", "medical"]
-
-    # base row == a direct perplexity() of the base on the same windows
-    tok, model = load_tokenizer(base), load_causal_lm(base)
-    direct = [perplexity(model, pack(tok, read_documents(d.validation), 16, 3))["ppl"] for d in doms]
-    assert r["base_ppl"] == pytest.approx(direct, rel=1e-9)
-
-    for m in ("gain-ffn", "lora"):
-        v = r["methods"][m]
-        assert len(v["ppl"]) == 2 and all(len(row) == 3 for row in v["ppl"])  # stages × eval domains
-        assert all(math.isfinite(x) for row in v["ppl"] for x in row)
-        assert v["trainable_parameters"] > 0 and v["seconds_per_step"] > 0
-        # recompute metrics by hand from the matrix
-        P, B = v["ppl"], r["base_ppl"]
-        st = v["metrics"]["stages"]
-        assert st[0]["in_domain_vs_base"] == pytest.approx(100 * (P[0][0] / B[0] - 1))
-        assert st[1]["in_domain_vs_base"] == pytest.approx(100 * (P[1][1] / B[1] - 1))
-        assert st[0]["earlier_vs_base"] is None and st[0]["earlier_vs_own_stage"] is None
-        assert st[1]["earlier_vs_base"] == pytest.approx(100 * (P[1][0] / B[0] - 1))
-        assert st[1]["earlier_vs_own_stage"] == pytest.approx(100 * (P[1][0] / P[0][0] - 1))
-        assert st[1]["untrained_vs_base"] == pytest.approx(100 * (P[1][2] / B[2] - 1))
-        fin = v["metrics"]["final"]
-        assert fin["vs_base"]["medical"] == pytest.approx(100 * (P[1][2] / B[2] - 1))
-        assert fin["mean_trained_vs_base"] == pytest.approx(50 * (P[1][0] / B[0] + P[1][1] / B[1] - 2))
-        # only the latest merged folder is kept; artifacts stay
-        mdir = root / "run" / m
-        assert not (mdir / "merged-1").exists() and (mdir / "merged-2" / "config.json").is_file()
-        assert (mdir / ("stage1-legal.safetensors" if m == "gain-ffn" else "stage1-legal")).exists()
-    # LoRA merged folders keep the tokenizer
-    load_tokenizer(root / "run" / "lora" / "merged-2")
-    # GAIN stage 2 = base with stack(g1, g2): the merged row matches hooks-free recomputation
-    row = exp.eval_row(root / "run" / "gain-ffn" / "merged-2")
-    assert row == pytest.approx(r["methods"]["gain-ffn"]["ppl"][1], rel=1e-9)
-
-    out = root / "run"
-    for name in ("results.json", "results.md", "heatmap-gain-ffn.png", "heatmap-lora.png", "earlier-domains.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert json.loads((out / "results.json").read_text())["methods"]["lora"]["ppl"] == r["methods"]["lora"]["ppl"]
-    assert "| gain-ffn |" in (out / "results.md").read_text()
-
-    # resume: nothing is trained again, same numbers
-    exp2 = fg.Experiment(_cfg(root, base, doms), echo=None)
-    r2 = exp2.run()
-    assert exp2.trained_now == 0 and r2["trained_this_run"] == 0
-    assert r2["methods"]["gain-ffn"]["ppl"] == r["methods"]["gain-ffn"]["ppl"]
-    assert "done, skipped" in (out / "log.txt").read_text()
-
-    # a longer sequence resumes after the finished stages: only stage 3 is trained (merged-2 rebuilt if missing)
-    import shutil
-
-    shutil.rmtree(out / "gain-ffn" / "merged-2")
-    cfg3 = _cfg(root, base, doms)
-    cfg3.domains = doms
-    cfg3.methods = ["gain-ffn"]
-    exp3 = fg.Experiment(cfg3, echo=None)
-    r3 = exp3.run()
-    assert exp3.trained_now == 1
-    assert len(r3["methods"]["gain-ffn"]["ppl"]) == 3
-    assert r3["methods"]["gain-ffn"]["ppl"][:2] == r["methods"]["gain-ffn"]["ppl"]
+    info = json.loads((exp.out / "runs" / name / "run.json").read_text())
+    return RunKey(info["method"], info["variant"], info["lr_exponent"], info["seed"])
 
 
-def test_sweep_and_changed_settings(setup):
-    root, base, doms = setup
-    cfg = _cfg(root, base, doms, out="sweep", sweep=True, sweep_steps=1,
-               sweep_lrs={"gain-ffn": [1e-3, 1e-2], "lora": [1e-4]})
-    cfg.lrs = {}
-    cfg.domains = doms[:1]
-    cfg.methods = ["gain-ffn"]
-    r = fg.Experiment(cfg, echo=None).run()
-    runs = r["sweep"]["gain-ffn"]["runs"]
-    assert len(runs) == 2
-    best = min(runs.values(), key=lambda x: x["ppl"])["lr"]
-    assert r["methods"]["gain-ffn"]["lr"] == best and r["methods"]["gain-ffn"]["lr_source"] == "sweep"
-    cfg.lrs = {"gain-ffn": 0.5}
-    with pytest.raises(fg.ForgettingError, match="other settings"):
-        fg.Experiment(cfg, echo=None).run()
+def test_runner_runs_the_schedule(tiny_experiment):
+    exp = tiny_experiment
+    runs = _runs(exp)
+    names = set(runs)
+    # fronts (+ one extension each, the tiny model wants the largest lr), seeds, variants, extras
+    assert {"gain-ffn__stack__lr-4__s0", "gain-ffn__stack__lr-3__s0", "lora-matched__merge__lr-4__s0",
+            "lora-matched__merge__lr-3__s0", "full__sequential__lr-8__s0"} <= names
+    chosen = exp.chosen("gain-ffn", exp.base_scores())
+    assert f"gain-ffn__stack__lr{chosen}__s1" in names
+    assert f"gain-ffn__continue__lr{chosen}__s0" in names and f"gain-ffn__swap__lr{chosen}__s0" in names
+    for name, stages in runs.items():
+        assert len(stages) == 2 and not stages[-1].get("failed"), name
+        for rec in stages:
+            assert len(rec["dev_nll"][rec["domain"]]) == 4
+            tests = rec["test_nll"]
+            expect = {rec["domain"]} if "__swap__" in name else ({"a"} if rec["stage"] == 1 else {"a", "b", "c"})
+            assert set(tests) == expect
+            assert all(len(v) == 8 and all(math.isfinite(x) and x > 0 for x in v) for v in tests.values())
+    # parameter-matched LoRA: rank 1 on o_proj (32 -> 32) and down_proj (64 -> 32), 2 layers
+    lm = runs["lora-matched__merge__lr-4__s0"][0]
+    assert lm["train"]["trainable_parameters"] == 2 * ((32 + 32) + (64 + 32))
+    assert lm["peft"]["target_modules"] == ["down_proj", "o_proj"] and lm["peft"]["r"] == 1
+    assert runs["gain-ffn__stack__lr-4__s0"][0]["train"]["trainable_parameters"] == 2 * (32 + 64)
+    # stacking: the effective gain after stage 2 moved further than either file alone
+    g = runs["gain-ffn__stack__lr-3__s0"][1]["gains"]
+    assert g["max_abs_s_minus_1_effective"] > 0
 
 
-def test_compute_metrics_by_hand():
-    base = [10.0, 20.0, 40.0]
-    rows = [[8.0, 22.0, 44.0], [9.0, 18.0, 40.0]]
-    m = fg.compute_metrics(base, rows, ["a", "b", "c"], ["a", "b"])
-    s = m["stages"]
-    assert s[0]["in_domain_vs_base"] == pytest.approx(-20.0)
-    assert s[0]["untrained_vs_base"] == pytest.approx((10.0 + 10.0) / 2)
-    assert s[1]["in_domain_vs_base"] == pytest.approx(-10.0)
-    assert s[1]["earlier_vs_base"] == pytest.approx(-10.0)
-    assert s[1]["earlier_vs_own_stage"] == pytest.approx(12.5)
-    assert m["final"]["vs_base"] == pytest.approx({"a": -10.0, "b": -10.0, "c": 0.0})
-    assert m["final"]["mean_untrained_vs_base"] == pytest.approx(0.0)
-    assert m["final"]["mean_in_domain_vs_base"] == pytest.approx(-15.0)
+def test_seed_changes_the_run_and_the_same_seed_reproduces(tiny_experiment, tmp_path):
+    exp = tiny_experiment
+    e = exp.chosen("gain-ffn", exp.base_scores())
+    s0 = exp.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s0"))
+    s1 = exp.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s1"))
+    assert s0[0]["test_nll"]["a"] != s1[0]["test_nll"]["a"]  # another data order
+
+
+def test_stack_merge_equals_the_product_of_the_stage_files(tiny_experiment):
+    import safetensors.torch as st
+
+    from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.gainfile import load, stack
+
+    exp = tiny_experiment
+    key = _key(exp, "gain-ffn__stack__lr-3__s0")
+    merged = exp.merged(key, 2)  # rebuilt from the artifacts: the run kept no merged model
+    g = stack([load(exp._artifact(key, 0)), load(exp._artifact(key, 1))])
+    base = open_checkpoint(exp.base_folder)
+    for k, vec in g.vectors.items():
+        shard = base.tensors[k].shard
+        w = st.load_file(str(exp.base_folder / shard))[k].float()
+        expect = (w * torch.from_numpy(vec)).to(torch.bfloat16)  # float32 product, rounded once
+        assert torch.equal(st.load_file(str(merged / shard))[k], expect), k
+
+
+def test_rerun_is_a_no_op_and_a_lost_stage_is_redone(tiny_experiment):
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    exp = tiny_experiment
+    before = {p: p.stat().st_mtime_ns for p in (exp.out / "runs").rglob("stage-*.json")}
+    again = Experiment(exp.cfg, echo=None)
+    again.execute()
+    after = {p: p.stat().st_mtime_ns for p in (exp.out / "runs").rglob("stage-*.json")}
+    assert before == after
+    # a run killed after stage 1: its stage-2 record and every merged model are gone
+    key = _key(exp, "lora-matched__merge__lr-3__s0")
+    d = exp.run_dir(key)
+    old = json.loads((d / "stage-2.json").read_text())
+    (d / "stage-2.json").unlink()
+    again.run(key)
+    new = json.loads((d / "stage-2.json").read_text())
+    assert set(new["test_nll"]) == set(old["test_nll"])
+    for d in old["test_nll"]:  # same seed, same data: the same result
+        assert new["test_nll"][d] == pytest.approx(old["test_nll"][d], rel=1e-5)
+
+
+def test_changed_settings_refuse_the_folder(tiny_experiment):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    cfg = dataclasses.replace(tiny_experiment.cfg, steps=4)
+    with pytest.raises(ForgettingError, match="other settings"):
+        Experiment(cfg, echo=None)
+
+
+def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
+    from gainsurgery_lab.forgetting.analysis import write_report
+
+    exp = tiny_experiment
+    paths = write_report(exp.out, resamples=200)
+    data = json.loads((exp.out / "results.json").read_text())
+    base = json.loads((exp.out / "base.json").read_text())
+    row = next(r for r in data["runs"] if r["name"] == "gain-ffn__stack__lr-4__s0")
+    stages = exp.stages_done(_key(exp, row["name"]))
+
+    def ppl(nll):
+        return math.exp(sum(nll) / (len(nll) * 31))
+
+    own = [100 * (ppl(s["test_nll"][d]) / ppl(base["test_nll"][d]) - 1) for s, d in zip(stages, ["a", "b"])]
+    assert row["in_domain"]["value"] == pytest.approx(np.mean(own))
+    earlier = 100 * (ppl(stages[1]["test_nll"]["a"]) / ppl(base["test_nll"]["a"]) - 1)
+    assert row["earlier_vs_base"]["value"] == pytest.approx(earlier)
+    bwt = 100 * (ppl(stages[1]["test_nll"]["a"]) / ppl(stages[0]["test_nll"]["a"]) - 1)
+    assert row["earlier_vs_own"]["value"] == pytest.approx(bwt)
+    assert row["earlier_vs_base"]["lo"] <= row["earlier_vs_base"]["value"] <= row["earlier_vs_base"]["hi"]
+    swap = next(r for r in data["runs"] if r["variant"] == "swap")
+    assert swap["earlier_vs_own"]["value"] == 0.0  # zero forgetting by construction
+    assert data["base_yesno"]["items"] == 10
+    yn = [r for r in data["runs"] if r.get("yesno")]
+    assert yn and all(0.0 <= r["yesno"]["mcnemar"]["p_value"] <= 1.0 for r in yn)
+    md = (exp.out / "results.md").read_text()
+    assert "## Fronts" in md and "lora-matched" in md and "McNemar" in md
+    assert any(p.name == "front.png" for p in paths) and any(p.name.startswith("heatmap-") for p in paths)

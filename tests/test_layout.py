@@ -113,14 +113,10 @@ def test_no_import_cycles():
 
 
 def test_shared_names_have_one_home():
-    """Literals that used to be copied between modules are defined once (in the core package).
-
-    The forgetting experiment was moved into the lab as it was (it is being rewritten
-    separately), so its own copies are not counted here.
-    """
-    sources = {m: p.read_text(encoding="utf-8") for m, p in modules().items() if m != "gainsurgery_lab.forgetting"}
+    """Literals that used to be copied between modules are defined once (in the core package)."""
+    sources = {m: p.read_text(encoding="utf-8") for m, p in modules().items()}
     for literal, home in [('"gainsurgery.json"', "gainsurgery.merge.provenance"),
-                          ('"embedded:"', "gainsurgery.sources.embedded"),
+                          ('"embedded:"', "gainsurgery.io.inputs"),
                           ('"gain-ffn": 5e-3', "gainsurgery.training.config")]:
         holders = sorted(m for m, text in sources.items() if literal in text)
         assert holders == [home], (literal, holders)

@@ -40,9 +40,7 @@ from pathlib import Path
 from gainsurgery.errors import CheckpointError
 from gainsurgery.extras import require_extra
 from gainsurgery.io.cache import cache_root, exclusive_lock
-
-#: BASE arguments that start with this name an embedded model (``embedded:gemma-3-270m``).
-EMBEDDED_PREFIX = "embedded:"
+from gainsurgery.io.inputs import EMBEDDED_PREFIX  # its one home: where BASE specs are classified
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"

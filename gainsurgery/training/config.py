@@ -1,7 +1,9 @@
 """What a training run is asked to do (:class:`TrainConfig`) and what it measured (:class:`TrainResult`).
 
-Methods: the GAIN methods of the registry (``gain``, ``gain-ffn``) and two PEFT
-baselines trained on the same loop and data (``lora``, ``ia3``).
+Methods: the GAIN methods of the registry (``gain``, ``gain-ffn``), two PEFT
+baselines trained on the same loop and data (``lora``, ``ia3``), and full
+fine-tuning (``full``: every weight trained, kept in ``dtype`` — fp32 master
+weights by default — and saved as a checkpoint in the base's dtype).
 
 Default learning rates (documented in docs/training.md): gains are O(1)
 multipliers trained with Adam, whose step is about ``lr`` in parameter units,
@@ -19,10 +21,12 @@ from pathlib import Path
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import TrainingError
 
-#: Everything ``gainsurgery train`` can train: GAIN methods, then the PEFT baselines.
-METHODS = (*GAIN_METHODS, "lora", "ia3")
+#: PEFT baselines: trained on the same loop, saved as adapter folders.
+PEFT_METHODS = ("lora", "ia3")
+#: Everything ``gainsurgery train`` can train: GAIN methods, the PEFT baselines, full fine-tuning.
+METHODS = (*GAIN_METHODS, *PEFT_METHODS, "full")
 #: Default peak learning rate per method (see the module docstring for why).
-DEFAULT_LR = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4}
+DEFAULT_LR = {"gain": 5e-3, "gain-ffn": 5e-3, "ia3": 5e-3, "lora": 5e-4, "full": 1e-5}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -33,7 +37,8 @@ class TrainConfig:
     Attributes:
         base: the base model (checkpoint folder or ``embedded:NAME``).
         data: training text files (.txt, .jsonl, .parquet).
-        output: the gain file (GAIN methods) or adapter folder (``lora``/``ia3``) to write.
+        output: the gain file (GAIN methods), adapter folder (``lora``/``ia3``) or
+            checkpoint folder (``full``) to write.
         method: one of :data:`METHODS`.
         side: ``in`` (W·diag(s)) or ``out`` (diag(s)·W); GAIN only.
         steps: optimizer steps.
@@ -52,6 +57,10 @@ class TrainConfig:
         resume: a gain file to start from (GAIN only).
         log: JSON-lines log path (default: beside ``output``).
         lora_rank: LoRA rank; lora_alpha: LoRA alpha.
+        lora_targets: LoRA target modules (PEFT names, e.g. ``["o_proj", "down_proj"]``);
+            None: every linear layer but the head.
+        init_adapter: a PEFT adapter folder to continue training (``lora``/``ia3``) instead
+            of a fresh adapter.
         progress: show a progress bar.
 
     Example:
@@ -81,6 +90,8 @@ class TrainConfig:
     log: str | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
+    lora_targets: list[str] | None = None
+    init_adapter: str | None = None
     progress: bool = True
 
     @property
@@ -104,6 +115,8 @@ class TrainConfig:
             raise TrainingError("--warmup is a fraction of the steps in [0, 1) or a whole number of steps")
         if self.resume and self.method not in GAIN_METHODS:
             raise TrainingError("--resume continues a GAIN gain file; it needs --method gain or gain-ffn")
+        if self.init_adapter and self.method not in PEFT_METHODS:
+            raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
         out = Path(self.output)

@@ -105,9 +105,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = load_causal_lm(folder, cfg.dtype)
     model.config.use_cache = False
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(cfg.method == "full")  # full fine-tuning: every weight, kept in cfg.dtype
     adapter = None
-    if cfg.method in GAIN_METHODS:
+    if cfg.method == "full":
+        pass
+    elif cfg.method in GAIN_METHODS:
         targets, ckpt = resolve_gain_targets(folder, cfg.method, cfg.side)
         init = None
         if cfg.resume:
@@ -196,6 +198,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                                       "base_fingerprint": fingerprint(ckpt), "training": training_meta,
                                       "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"})
             gain.save(cfg.output)
+        elif cfg.method == "full":
+            _save_full(accelerator.unwrap_model(model), folder, Path(cfg.output))
+            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
         else:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(cfg.output)
@@ -204,14 +209,33 @@ def train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _peft_model(model: Any, cfg: TrainConfig):
-    from peft import IA3Config, LoraConfig, get_peft_model
+def _save_full(model: Any, base_folder: Path, out: Path) -> None:
+    """A fully fine-tuned model as a checkpoint folder in the base's dtype, with the base's non-weight files."""
+    import shutil
 
+    from gainsurgery.merge.provenance import OUTPUT_FILES
+    from gainsurgery.training.modeling import checkpoint_dtype, torch_dtype
+
+    model.to(torch_dtype(checkpoint_dtype(base_folder))).save_pretrained(out)
+    for extra in open_checkpoint(base_folder).extra_files(skip=OUTPUT_FILES):
+        if not (out / extra.name).exists():  # tokenizer, generation config, license...
+            shutil.copyfile(extra, out / extra.name)
+
+
+def _peft_model(model: Any, cfg: TrainConfig):
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+    if cfg.init_adapter:
+        try:
+            return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        except (ValueError, OSError) as exc:
+            raise TrainingError(f"cannot continue adapter {cfg.init_adapter}: {str(exc).splitlines()[0]}") from None
     if cfg.method == "lora":
-        pcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+        pcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(cfg.lora_targets) if cfg.lora_targets else "all-linear",
                           task_type="CAUSAL_LM")
-    else:
-        pcfg = IA3Config(task_type="CAUSAL_LM")  # PEFT's per-architecture default targets (k, v, down)
+    else:  # PEFT's per-architecture default targets (for Gemma 3: q_proj, v_proj and the FFN down_proj)
+        pcfg = IA3Config(task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, pcfg)
     except ValueError as exc:

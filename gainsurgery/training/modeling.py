@@ -27,6 +27,15 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def checkpoint_dtype(folder: Path) -> str:
+    """The dtype a checkpoint folder's config.json declares (``float32`` when it says nothing usable)."""
+    from gainsurgery.io.checkpoint import read_config
+
+    cfg = read_config(Path(folder))
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return name if name in DTYPES else "float32"
+
+
 def is_peft_adapter(folder: Path) -> bool:
     """True when ``folder`` holds a PEFT adapter rather than a full checkpoint."""
     return (Path(folder) / "adapter_config.json").is_file()

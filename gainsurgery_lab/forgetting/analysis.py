@@ -1,0 +1,499 @@
+"""Tables, fronts and plots of the forgetting experiment, from the stored per-window NLLs.
+
+Definitions (every change is a relative PPL change in percent, on the **test** windows):
+
+- ``in_domain``: stage k's own domain after stage k vs the base, averaged over the
+  stages — how much a method adapts (negative is better);
+- ``earlier_vs_base``: after the last stage, the domains trained before it vs the
+  base, averaged — the paper's "earlier domains" metric;
+- ``earlier_vs_own``: after the last stage, the domains trained before it vs right
+  after their own stage, averaged — backward transfer (positive = forgotten);
+- ``untrained``: the never-trained domains after the last stage vs the base.
+
+A method's **front** is its (in_domain, earlier_*) points across learning rates.
+``matched`` compares methods at the same in-domain change by linear interpolation
+along each front (:func:`~gainsurgery_lab.forgetting.stats.interpolate_estimate`).
+All intervals are 95% paired bootstrap intervals over documents
+(:mod:`~gainsurgery_lab.forgetting.stats`). Learning rates are chosen on the dev
+windows only (:meth:`~gainsurgery_lab.forgetting.runner.Experiment.dev_score`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gainsurgery_lab.forgetting.data import ForgettingError
+from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
+from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, interpolate_estimate,
+                                              mcnemar_exact, mean_estimate, wilson_interval)
+
+#: In-domain changes (%) at which fronts are compared in the "matched" table.
+MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@dataclass
+class Run:
+    """A finished (or failed) sequence as stored on disk."""
+
+    name: str
+    method: str
+    variant: str
+    e: int
+    lr: float
+    seed: int
+    stages: list[dict]
+    yesno: dict | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> str | None:
+        return self.stages[-1].get("failed") if self.stages else None
+
+
+class Results:
+    """Everything under an experiment folder, with bootstrap estimates."""
+
+    def __init__(self, out: Path, resamples: int = 2000) -> None:
+        self.out = Path(out)
+        exp = _read(self.out / "experiment.json")
+        self.base = _read(self.out / "base.json")
+        if exp is None or self.base is None:
+            raise ForgettingError(f"{out}: no finished experiment data (experiment.json and base.json)")
+        self.config = exp["config"]
+        self.sequence = [d["name"] for d in exp["signature"]["sequence"]]
+        self.extra = [d["name"] for d in exp["signature"]["extra_eval"]]
+        self.columns = self.sequence + self.extra
+        self.seq_len = exp["signature"]["seq_len"]
+        windows = {}
+        self.domain_info = {}
+        for name in self.columns:
+            w = _read(self.out / "data" / name / "windows.json")
+            self.domain_info[name] = w["info"]
+            windows[name] = DomainWindows(tuple(w["test"]["units"]), tuple(len(x) - 1 for x in w["test"]["ids"]))
+        self.bs = Bootstrap(windows, resamples=resamples, seed=0)
+        self.base_ppl = {d: self.bs.ppl(d, self.base["test_nll"][d]) for d in self.columns}
+        self.base_yesno = _read(self.out / "base_yesno.json")
+        self.runs: list[Run] = []
+        runs_dir = self.out / "runs"
+        for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+            info = _read(d / "run.json")
+            if info is None:
+                continue
+            stages = []
+            for k in range(len(self.sequence)):
+                rec = _read(d / f"stage-{k + 1}.json")
+                if rec is None:
+                    break
+                stages.append(rec)
+                if rec.get("failed"):
+                    break
+            if not stages or (len(stages) < len(self.sequence) and not stages[-1].get("failed")):
+                continue  # unfinished: not reported
+            run = Run(d.name, info["method"], info["variant"], info["lr_exponent"], info["lr"], info["seed"],
+                      stages, _read(d / "yesno.json"))
+            if not run.failed:
+                run.metrics = self._metrics(run)
+            self.runs.append(run)
+
+    # ------------------------------------------------------------------------------ metrics
+    def _ppl(self, run: Run, k: int, domain: str) -> Estimate:
+        return self.bs.ppl(domain, run.stages[k]["test_nll"][domain])
+
+    def _metrics(self, run: Run) -> dict[str, Any]:
+        K = len(self.sequence)
+        own = [self._ppl(run, k, d).change_vs(self.base_ppl[d]) for k, d in enumerate(self.sequence)]
+        swap = run.variant == "swap"
+        m: dict[str, Any] = {"in_domain_stages": own, "in_domain": mean_estimate(own)}
+        if K > 1:
+            if swap:  # each domain is served by its own file: earlier domains stay at their own stage
+                earlier_base = [own[j] for j in range(K - 1)]
+                earlier_own = [Estimate(0.0, np.zeros(self.bs.resamples)) for _ in range(K - 1)]
+            else:
+                earlier_base = [self._ppl(run, K - 1, d).change_vs(self.base_ppl[d]) for d in self.sequence[:-1]]
+                earlier_own = [self._ppl(run, K - 1, d).change_vs(self._ppl(run, j, d))
+                               for j, d in enumerate(self.sequence[:-1])]
+            m["earlier_vs_base"] = mean_estimate(earlier_base)
+            m["earlier_vs_own"] = mean_estimate(earlier_own)
+            m["earlier_by_stage"] = [None] + [
+                None if swap else mean_estimate([self._ppl(run, k, d).change_vs(self.base_ppl[d])
+                                                 for d in self.sequence[:k]]) for k in range(1, K)]
+        if self.extra and not swap:
+            m["untrained"] = mean_estimate([self._ppl(run, K - 1, d).change_vs(self.base_ppl[d])
+                                            for d in self.extra])
+        if not swap:  # NaN where a domain was not scored after that stage (never-trained, before the end)
+            m["matrix"] = [[100 * (math.exp(sum(st["test_nll"][d]) / sum(self.bs.tokens[d])) /
+                                   self.base_ppl[d].point - 1) if d in st["test_nll"] else math.nan
+                            for d in self.columns] for st in run.stages]
+        m["dev_score"] = self._dev_score(run)
+        return m
+
+    def _dev_score(self, run: Run) -> float:
+        diffs = []
+        for rec in run.stages:
+            d = rec["domain"]
+            tok = len(rec["dev_nll"][d]) * (self.seq_len - 1)
+            diffs.append((sum(rec["dev_nll"][d]) - sum(self.base["dev_nll"][d])) / tok)
+        return float(np.mean(diffs))
+
+    # ------------------------------------------------------------------------------ selections
+    def front(self, method: str) -> list[Run]:
+        """Seed-0 runs of ``method``'s default variant, by lr (failed runs included)."""
+        variant = METHODS[method].default_variant
+        return sorted([r for r in self.runs if r.method == method and r.variant == variant and r.seed == 0],
+                      key=lambda r: r.e)
+
+    def chosen(self, method: str) -> Run | None:
+        ok = [r for r in self.front(method) if not r.failed]
+        return min(ok, key=lambda r: r.metrics["dev_score"]) if ok else None
+
+    def interior(self, method: str) -> bool:
+        front = [r for r in self.front(method)]
+        best = self.chosen(method)
+        return best is not None and 0 < front.index(best) < len(front) - 1
+
+    def seeds(self, method: str) -> list[Run]:
+        best = self.chosen(method)
+        if best is None:
+            return []
+        return sorted([r for r in self.runs if r.method == method and r.variant == best.variant and r.e == best.e
+                       and not r.failed], key=lambda r: r.seed)
+
+    def methods(self) -> list[str]:
+        present = {r.method for r in self.runs}
+        return [m for m in METHODS if m in present]
+
+    def matched(self, y_key: str) -> dict[str, Any]:
+        """Each method's ``y_key`` interpolated at fixed in-domain changes and at the others' chosen points."""
+        table: dict[str, Any] = {"targets": {}, "at_chosen": {}}
+        fronts = {m: [r for r in self.front(m) if not r.failed and y_key in r.metrics] for m in self.methods()}
+        fronts = {m: f for m, f in fronts.items() if len(f) >= 2}
+        for m, f in fronts.items():
+            xs = [r.metrics["in_domain"] for r in f]
+            ys = [r.metrics[y_key] for r in f]
+            table["targets"][m] = {str(t): interpolate_estimate(xs, ys, t).as_dict() for t in MATCH_TARGETS}
+        for ref in fronts:
+            best = self.chosen(ref)
+            if best is None:
+                continue
+            x_ref = best.metrics["in_domain"]
+            row = {}
+            for m, f in fronts.items():
+                xs = [r.metrics["in_domain"] for r in f]
+                ys = [r.metrics[y_key] for r in f]
+                y = interpolate_estimate(xs, ys, x_ref)
+                row[m] = {**y.as_dict(), "minus_ref": (y - best.metrics[y_key]).as_dict()}
+            table["at_chosen"][ref] = {"x": x_ref.as_dict(), "lr": best.lr, "values": row}
+        return table
+
+    def yesno_row(self, run: Run) -> dict[str, Any] | None:
+        if run.yesno is None or self.base_yesno is None:
+            return None
+        n = run.yesno["items"]
+        correct = int(np.sum(run.yesno["correct"]))
+        lo, hi = wilson_interval(correct, n)
+        test = mcnemar_exact(run.yesno["correct"], self.base_yesno["correct"])
+        return {"accuracy": correct / n, "lo": lo, "hi": hi, "yes_rate": run.yesno["yes_rate"], "items": n,
+                "vs_base_points": 100 * (correct / n - self.base_yesno["accuracy"]),
+                "mcnemar": test}
+
+    # ------------------------------------------------------------------------------ export
+    def to_json(self) -> dict[str, Any]:
+        def est(e):
+            return e.as_dict() if isinstance(e, Estimate) else e
+
+        runs = []
+        for r in self.runs:
+            row = {"name": r.name, "method": r.method, "variant": r.variant, "lr": r.lr, "lr_exponent": r.e,
+                   "seed": r.seed, "failed": r.failed}
+            if not r.failed:
+                met = r.metrics
+                row.update({k: est(met[k]) for k in ("in_domain", "earlier_vs_base", "earlier_vs_own", "untrained")
+                            if k in met})
+                row["in_domain_stages"] = [est(e) for e in met["in_domain_stages"]]
+                row["earlier_by_stage"] = [est(e) for e in met.get("earlier_by_stage", [])]
+                row["matrix_vs_base"] = met.get("matrix")
+                row["dev_score"] = met["dev_score"]
+                row["trainable_parameters"] = r.stages[0]["train"]["trainable_parameters"]
+                row["seconds_per_step"] = float(np.mean([s["train"]["seconds_per_step"] for s in r.stages]))
+                row["stage_seconds"] = [s["seconds"]["stage"] for s in r.stages]
+                row["peak_rss_mib"] = max(s.get("peak_rss_mib", 0) for s in r.stages)
+                if r.stages[0].get("gains"):
+                    row["max_abs_s_minus_1"] = [s["gains"]["max_abs_s_minus_1_effective"] for s in r.stages]
+                if r.stages[0].get("peft"):
+                    row["peft"] = r.stages[0]["peft"]
+                row["yesno"] = self.yesno_row(r)
+            runs.append(row)
+        base_yn = None
+        if self.base_yesno:
+            n = self.base_yesno["items"]
+            c = int(np.sum(self.base_yesno["correct"]))
+            lo, hi = wilson_interval(c, n)
+            base_yn = {"accuracy": c / n, "lo": lo, "hi": hi, "yes_rate": self.base_yesno["yes_rate"], "items": n,
+                       "answers_yes_rate": float(np.mean(self.base_yesno["answers_yes"]))}
+        return {
+            "sequence": self.sequence, "extra_eval": self.extra, "config": self.config,
+            "domains": self.domain_info,
+            "base_ppl": {d: self.base_ppl[d].as_dict() for d in self.columns}, "base_yesno": base_yn,
+            "chosen": {m: (self.chosen(m).name if self.chosen(m) else None) for m in self.methods()},
+            "interior": {m: self.interior(m) for m in self.methods()},
+            "matched_earlier_vs_base": self.matched("earlier_vs_base") if len(self.sequence) > 1 else None,
+            "matched_earlier_vs_own": self.matched("earlier_vs_own") if len(self.sequence) > 1 else None,
+            "runs": runs, "cost": self.cost(),
+        }
+
+    def cost(self) -> dict[str, Any]:
+        """Measured compute: seconds spent per part, from the stage and yes/no records."""
+        stage_s = sum(s["seconds"]["stage"] for r in self.runs for s in r.stages if "seconds" in s)
+        yesno_s = sum((r.yesno or {}).get("seconds", 0) for r in self.runs) + (self.base_yesno or {}).get("seconds", 0)
+        return {"stages": len([s for r in self.runs for s in r.stages]), "stage_seconds": round(stage_s),
+                "yesno_seconds": round(yesno_s), "base_seconds": self.base.get("seconds"),
+                "total_seconds": round(stage_s + yesno_s + (self.base.get("seconds") or 0))}
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def _f(e: Any, digits: int = 1, ci: bool = True) -> str:
+    if e is None:
+        return "—"
+    if isinstance(e, Estimate):
+        e = e.as_dict()
+    if isinstance(e, dict):
+        v = e["value"]
+        if v is None or not math.isfinite(v):
+            return "n/r"
+        s = f"{v:+.{digits}f}"
+        if ci and math.isfinite(e.get("lo", math.nan)):
+            s += f" [{e['lo']:+.{digits}f}, {e['hi']:+.{digits}f}]"
+        return s
+    return f"{e:+.{digits}f}"
+
+
+def render_markdown(res: Results) -> str:
+    c = res.config
+    K = len(res.sequence)
+    lines = [f"# Forgetting front: {' → '.join(res.sequence)}", "",
+             f"Base `{c['base']}`; per stage {c['steps']} steps × {c['batch_size']} windows × {c['seq_len']} "
+             f"tokens; {c['test_windows']} test windows per domain (≤ 2 per document), {c['dev_windows']} dev "
+             f"windows (other documents) for choosing learning rates; never-trained domains: "
+             f"{', '.join(res.extra) or 'none'}. Changes are relative PPL changes in %, with 95% paired "
+             f"bootstrap intervals over documents ({res.bs.resamples} resamples). Never-trained domains are "
+             "scored after the last stage only.", ""]
+    lines += ["## Domains", "", "| domain | test windows (documents) | dev windows (documents) | training documents | "
+              "split | base PPL [95% CI] |", "|---|---:|---:|---:|---|---:|"]
+    for d in res.columns:
+        i = res.domain_info[d]
+        b = res.base_ppl[d].as_dict()
+        lines.append(f"| {d} | {i['test_windows']} ({i['test_units']}) | {i['dev_windows']} ({i['dev_units']}) | "
+                     f"{i['documents_train']} | {i['split']} | {b['value']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}] |")
+    lines += ["", "## Fronts (seed 0, one row per learning rate)", "",
+              "`dev` is the selection score (mean in-domain dev NLL change, nats/token; lower is better); ✓ marks "
+              "the chosen lr. in-domain: own domain at its own stage vs base, mean over stages. earlier: domains "
+              "trained before the last stage, after it, vs base / vs right after their own stage.", "",
+              "| method | lr | dev | in-domain | earlier vs base | earlier vs own stage | never-trained | params |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in res.methods():
+        best = res.chosen(m)
+        for r in res.front(m):
+            if r.failed:
+                lines.append(f"| {m} | {lr_label(r.e)} | failed | {r.failed} | | | | |")
+                continue
+            mt = r.metrics
+            lines.append(f"| {m} | {lr_label(r.e)}{' ✓' if r is best else ''} | {mt['dev_score']:+.4f} | "
+                         f"{_f(mt['in_domain'])} | {_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
+                         f"{_f(mt.get('untrained'))} | {r.stages[0]['train']['trainable_parameters']:,} |")
+    lines += [""]
+    for m in res.methods():
+        if res.front(m) and METHODS[m].extend:
+            lines.append(f"- {m}: dev optimum {'interior' if res.interior(m) else 'AT AN EDGE'} of "
+                         f"{len(res.front(m))} lrs.")
+    if K > 1:
+        for key, title in (("earlier_vs_base", "earlier domains vs base"),
+                           ("earlier_vs_own", "earlier domains vs their own stage (backward transfer)")):
+            mt = res.matched(key)
+            if not mt["targets"]:
+                continue
+            lines += ["", f"## At matched in-domain change: {title}", "",
+                      "Interpolated linearly along each front (n/r: the front does not reach that in-domain change).",
+                      "", "| method | " + " | ".join(f"in-domain {t:+.0f}%" for t in MATCH_TARGETS) + " |",
+                      "|---|" + "---:|" * len(MATCH_TARGETS)]
+            for m, row in mt["targets"].items():
+                lines.append(f"| {m} | " + " | ".join(_f(row[str(t)]) for t in MATCH_TARGETS) + " |")
+            lines += ["", "At each method's chosen point (its in-domain change), every front interpolated there; "
+                          "in brackets the paired difference to the reference method:", "",
+                      "| reference (chosen lr, its in-domain) | " + " | ".join(mt["targets"]) + " |",
+                      "|---|" + "---:|" * len(mt["targets"])]
+            for ref, entry in mt["at_chosen"].items():
+                cells = []
+                for m in mt["targets"]:
+                    v = entry["values"].get(m)
+                    cells.append("—" if v is None else (_f(v, ci=False) + ("" if m == ref else
+                                                                           f" (Δ {_f(v['minus_ref'])})")))
+                lines.append(f"| {ref} ({entry['lr']:.2g}, {_f(entry['x'], ci=False)}) | " + " | ".join(cells) + " |")
+    seeded = {m: res.seeds(m) for m in res.methods() if len(res.seeds(m)) > 1}
+    if seeded:
+        lines += ["", "## Seeds at the chosen lr", "", "mean over seeds, and the range over seeds; each seed has its "
+                  "own bootstrap interval in results.json.", "",
+                  "| method | lr | seeds | in-domain | earlier vs base | earlier vs own stage | never-trained |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for m, runs in seeded.items():
+            def agg(key):
+                vals = [r.metrics[key].point for r in runs if key in r.metrics]
+                return f"{np.mean(vals):+.1f} ({min(vals):+.1f} … {max(vals):+.1f})" if vals else "—"
+            lines.append(f"| {m} | {lr_label(runs[0].e)} | {len(runs)} | {agg('in_domain')} | {agg('earlier_vs_base')} | "
+                         f"{agg('earlier_vs_own')} | {agg('untrained')} |")
+    if res.base_yesno:
+        n = res.base_yesno["items"]
+        c0 = int(np.sum(res.base_yesno["correct"]))
+        lo, hi = wilson_interval(c0, n)
+        lines += ["", "## Yes/no (CoQA, zero-shot)", "",
+                  f"{n} items (a fixed random sample); {100 * np.mean(res.base_yesno['answers_yes']):.0f}% of the "
+                  f"gold answers are yes. Base: {100 * c0 / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (Wilson 95%), "
+                  f"says yes {100 * res.base_yesno['yes_rate']:.0f}%. McNemar: exact two-sided test against the "
+                  "base on the same items.", "",
+                  "| run | accuracy [95% CI] | vs base (points) | says yes | only run right / only base right | "
+                  "McNemar p |", "|---|---:|---:|---:|---:|---:|"]
+        for r in res.runs:
+            row = res.yesno_row(r)
+            if row is None:
+                continue
+            t = row["mcnemar"]
+            lines.append(f"| {r.name} | {100 * row['accuracy']:.1f}% [{100 * row['lo']:.1f}, {100 * row['hi']:.1f}] | "
+                         f"{row['vs_base_points']:+.1f} | {100 * row['yes_rate']:.0f}% | {t['a_only']} / {t['b_only']} | "
+                         f"{t['p_value']:.3f} |")
+    variants = [r for r in res.runs if r.variant != METHODS[r.method].default_variant and not r.failed]
+    if variants:
+        lines += ["", "## Staging variants (at the default variant's chosen lr, seed 0)", ""]
+        for v, text in VARIANTS.items():
+            lines.append(f"- `{v}`: {text}")
+        lines += ["", "| method | variant | lr | in-domain | earlier vs base | earlier vs own stage | never-trained | "
+                      "max \\|s−1\\| after each stage |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for m in res.methods():
+            best = res.chosen(m)
+            rows = ([best] if best else []) + [r for r in variants if r.method == m]
+            if len(rows) < 2:
+                continue
+            for r in rows:
+                mt = r.metrics
+                gains = ", ".join(f"{s['gains']['max_abs_s_minus_1_effective']:.3f}" for s in r.stages
+                                  if s.get("gains")) or "—"
+                lines.append(f"| {m} | {r.variant} | {lr_label(r.e)} | {_f(mt['in_domain'])} | "
+                             f"{_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
+                             f"{_f(mt.get('untrained'))} | {gains} |")
+    lines += ["", "## Cost (measured)", "", "| method | trainable params | s/step | s/stage | peak RSS (MiB) |",
+              "|---|---:|---:|---:|---:|"]
+    for m in res.methods():
+        runs = [r for r in res.runs if r.method == m and not r.failed]
+        if runs:
+            sps = np.mean([s["train"]["seconds_per_step"] for r in runs for s in r.stages])
+            sst = np.mean([s["seconds"]["stage"] for r in runs for s in r.stages])
+            rss = max(s.get("peak_rss_mib", 0) for r in runs for s in r.stages)
+            lines.append(f"| {m} | {runs[0].stages[0]['train']['trainable_parameters']:,} | {sps:.2f} | {sst:.0f} | "
+                         f"{rss:,} |")
+    cost = res.cost()
+    lines += ["", f"Total measured compute: {cost['stages']} stages, {cost['stage_seconds'] / 3600:.2f} h of stages, "
+                  f"{cost['yesno_seconds'] / 60:.0f} min of yes/no, base scoring {cost['base_seconds']} s: "
+                  f"{cost['total_seconds'] / 3600:.2f} h in all.", ""]
+    lines += ["## Per-stage matrices (chosen lr, seed 0): PPL change vs base (%)", ""]
+    for m in res.methods():
+        best = res.chosen(m)
+        if best is None or "matrix" not in best.metrics:
+            continue
+        lines += [f"### {m} (lr {lr_label(best.e)})", "", "| after stage | " + " | ".join(res.columns) + " |",
+                  "|---|" + "---:|" * len(res.columns)]
+        for k, row in enumerate(best.metrics["matrix"]):
+            lines.append(f"| {k + 1}: {res.sequence[k]} | " + " | ".join(f"{x:+.1f}" if math.isfinite(x) else "·"
+                                                                         for x in row) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(res: Results, out: Path) -> list[Path]:
+    """front.png (both earlier metrics vs in-domain, per method, CIs) and one heatmap per chosen run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    if len(res.sequence) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, key, title in ((axes[0], "earlier_vs_base", "earlier domains vs base"),
+                               (axes[1], "earlier_vs_own", "earlier domains vs own stage (backward transfer)")):
+            for m in res.methods():
+                pts = [r for r in res.front(m) if not r.failed and key in r.metrics]
+                if not pts:
+                    continue
+                x = [r.metrics["in_domain"].as_dict() for r in pts]
+                y = [r.metrics[key].as_dict() for r in pts]
+                xv = np.array([p["value"] for p in x])
+                yv = np.array([p["value"] for p in y])
+                xerr = np.array([[p["value"] - p["lo"] for p in x], [p["hi"] - p["value"] for p in x]])
+                yerr = np.array([[p["value"] - p["lo"] for p in y], [p["hi"] - p["value"] for p in y]])
+                line = ax.errorbar(xv, yv, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1.2, label=m)
+                for r, xi, yi in zip(pts, xv, yv):
+                    ax.annotate(lr_label(r.e), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                best = res.chosen(m)
+                if best is not None and key in best.metrics:
+                    ax.plot([best.metrics["in_domain"].point], [best.metrics[key].point], marker="*", ms=14,
+                            color=line[0].get_color(), markeredgecolor="black")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.set_xlabel("in-domain PPL change at own stage, mean over stages (%)  ← better")
+            ax.set_ylabel("PPL change (%)  ↓ better")
+            ax.set_title(title, fontsize=10)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{' → '.join(res.sequence)}: one point per lr (label), ★ = lr chosen on dev; 95% bootstrap CIs",
+                     fontsize=10)
+        fig.tight_layout()
+        p = out / "front.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    for m in res.methods():
+        best = res.chosen(m)
+        if best is None or "matrix" not in best.metrics:
+            continue
+        data = np.array(best.metrics["matrix"])
+        lim = max(1.0, float(np.nanmax(np.abs(data))))  # each method its own symmetric scale
+        fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.9 * len(res.columns)), 2.2 + 0.5 * len(data)))
+        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(res.columns)), res.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(data)), [f"{k + 1}: {d}" for k, d in enumerate(res.sequence[:len(data)])])
+        for i, row in enumerate(data):
+            for j, x in enumerate(row):
+                if math.isfinite(x):
+                    ax.text(j, i, f"{x:+.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(x) > 0.6 * lim else "black")
+        ax.set_xlabel("evaluated domain")
+        ax.set_ylabel("after stage")
+        ax.set_title(f"{m} (lr {lr_label(best.e)}): PPL change vs base (%), scale ±{lim:.1f}", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.tight_layout()
+        p = out / f"heatmap-{m}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(out: Path, resamples: int = 2000) -> list[Path]:
+    """results.json, results.md and the plots, into ``out``; returns their paths."""
+    t0 = time.perf_counter()
+    res = Results(out, resamples=resamples)
+    data = res.to_json()
+    data["report_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(render_markdown(res), encoding="utf-8")
+    return [out / "results.json", out / "results.md", *make_plots(res, out)]

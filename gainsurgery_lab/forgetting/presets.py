@@ -1,0 +1,118 @@
+"""Ready configurations of the forgetting experiment, and building a config from flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain
+from gainsurgery_lab.forgetting.methods import METHODS, lr_label
+from gainsurgery_lab.forgetting.runner import ExperimentConfig
+
+DEFAULT_BASE = "embedded:gemma-3-270m"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, Gemma 3 270M: ~3.5 min per stage; fronts of the three main methods, 3 seeds at the
+    # chosen lrs and yes/no come first (~4 h); extras after that, if time allows.
+    "cpu": dict(domains=["legal", "code", "medical"], eval_domains=["science", "literature"],
+                front_methods=["gain-ffn", "lora", "lora-matched"],
+                seed_methods=["gain-ffn", "lora", "lora-matched"],
+                extra_methods=["gain", "ia3", "gain-ffn-out", "full"],
+                variants=["gain-ffn:continue", "gain-ffn:swap", "lora:continue"],
+                seeds=3, steps=30, batch_size=4, seq_len=128, test_windows=32, dev_windows=16, yesno=400),
+    # one GPU (run as parallel workers, see docs/results/forgetting.md): five sequential adaptations with
+    # 512-token windows and 100-step stages; fronts of the three main methods over five lrs, yes/no
+    "paper": dict(domains=["medical", "legal", "code", "math", "finance"],
+                  eval_domains=["science", "religion", "literature"],
+                  front_methods=["gain-ffn", "lora", "lora-matched"], seed_methods=["gain-ffn", "lora", "lora-matched"],
+                  extra_methods=["gain", "ia3"], variants=[],
+                  grids={"gain-ffn": [-6, -5, -4, -3, -2], "lora": [-8, -7, -6, -5, -4],
+                         "lora-matched": [-7, -6, -5, -4, -3], "gain": [-6, -5, -4, -3], "ia3": [-6, -5, -4, -3]},
+                  max_extensions=1, seeds=1, steps=100, batch_size=8, seq_len=512, test_windows=48, dev_windows=24,
+                  yesno=1000, phases=["fronts", "yesno"]),
+    # minutes: a smoke run of the whole pipeline
+    "smoke": dict(domains=["legal", "code"], eval_domains=["science"], front_methods=["gain-ffn", "lora"],
+                  seed_methods=["gain-ffn"], extra_methods=[], variants=[], grids={"gain-ffn": [-4, -3],
+                                                                                      "lora": [-6, -5]},
+                  seeds=2, steps=3, batch_size=2, seq_len=64, test_windows=8, dev_windows=4, yesno=8),
+}
+
+
+def parse_grids(items: tuple[str, ...] | list[str]) -> dict[str, list[int]]:
+    """``("lora=-7,-6,-5,-4",)`` -> ``{"lora": [-7, -6, -5, -4]}``."""
+    grids: dict[str, list[int]] = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        try:
+            exps = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            exps = []
+        if not sep or method not in METHODS or not exps:
+            raise ForgettingError(f"--grid {item!r}: expected METHOD=E1,E2,... with integer exponents "
+                                  f"(lr = 10^(E/2)); methods: {', '.join(METHODS)}")
+        grids[method] = exps
+    return grids
+
+
+def parse_worker(value: str | None) -> tuple[int, int] | None:
+    """``"2/6"`` -> ``(2, 6)``."""
+    if value is None:
+        return None
+    i, sep, n = value.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise ForgettingError(f"--worker {value!r}: expected I/N with 0 <= I < N")
+    return int(i), int(n)
+
+
+def make_config(*, out: str, preset: str | None = None, base: str | None = None, domains: list[str] = (),
+                eval_domains: list[str] = (), data_dir: Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a preset and flags (flags win; None means "not given")."""
+    p = dict(PRESETS.get(preset, {}) if preset else {})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    seq_names = list(domains) or p.pop("domains", None)
+    if not seq_names:
+        raise ForgettingError("give the training domains in order (--domain NAME[=FILES] ...) or a --preset")
+    extra_names = list(eval_domains) or p.pop("eval_domains", [])
+    p.pop("domains", None)
+    p.pop("eval_domains", None)
+    settings = {**p, **given}
+    if "yesno" not in settings:
+        settings["yesno"] = 0
+    if settings.get("yesno"):
+        from gainsurgery_lab import corpora
+
+        settings["yesno_file"] = str(corpora.default_yesno_out() / corpora.YESNO_FILE)
+    cfg = ExperimentConfig(base=base or DEFAULT_BASE, out=out,
+                           sequence=[parse_domain(d, data_dir) for d in seq_names],
+                           extra_eval=[parse_domain(d, data_dir) for d in extra_names], **settings)
+    cfg.validate()
+    return cfg
+
+
+def describe_plan(cfg: ExperimentConfig) -> str:
+    """A human summary of what :meth:`Experiment.execute` will run (before grid extensions)."""
+    k = len(cfg.sequence)
+    lines = [f"sequence: {' -> '.join(d.name for d in cfg.sequence)}; also scored: "
+             f"{', '.join(d.name for d in cfg.extra_eval) or 'none'}",
+             f"per stage: {cfg.steps} steps x {cfg.batch_size} windows x {cfg.seq_len} tokens; "
+             f"{cfg.test_windows} test + {cfg.dev_windows} dev windows per domain"]
+    runs = 0
+    for m in cfg.front_methods:
+        grid = cfg.grid(m)
+        runs += len(grid)
+        lines.append(f"front {m}: lrs {', '.join(lr_label(e) for e in grid)} (extended while the dev optimum "
+                     f"is at an edge, up to {cfg.max_extensions} more)")
+    if "seeds" in cfg.phases:
+        runs += (cfg.seeds - 1) * len(cfg.seed_methods)
+        lines.append(f"seeds: {cfg.seeds} at the dev-optimal lr of {', '.join(cfg.seed_methods)}")
+    if "yesno" in cfg.phases and cfg.yesno:
+        lines.append(f"yes/no: {cfg.yesno} items for the base and those runs")
+    if "extras" in cfg.phases:
+        for m in cfg.extra_methods:
+            runs += len(cfg.grid(m))
+            lines.append(f"extra front {m}: lrs {', '.join(lr_label(e) for e in cfg.grid(m))}")
+        runs += len(cfg.variants)
+        if cfg.variants:
+            lines.append(f"variants at the chosen lr: {', '.join(cfg.variants)}")
+    lines.append(f"at least {runs} sequences = {runs * k} stages")
+    return "\n".join(lines)

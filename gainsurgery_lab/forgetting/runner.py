@@ -1,0 +1,670 @@
+"""Running the forgetting experiment: runs, stages, the lr fronts, seeds, yes/no; resumable.
+
+A **run** is one whole sequence (domain 1 → … → domain K) for one method, staging
+variant, learning rate and seed. After every stage the merged model is scored on
+the fixed test windows of every evaluation domain and on the dev windows of the
+stage's own domain; only per-window NLL sums are stored, every statistic is
+computed afterwards (:mod:`gainsurgery_lab.forgetting.analysis`).
+
+The schedule, in order of importance (a run that is cut short keeps what matters):
+
+1. **fronts**: every method of ``front_methods`` at every lr of its grid (seed 0); a
+   grid whose dev-optimal lr is at an edge is extended by one half-decade on that
+   side, until the optimum is interior (or ``max_extensions`` is reached);
+2. **seeds**: ``seeds - 1`` more seeds at each ``seed_methods`` method's dev-optimal lr;
+3. **yes/no** for the base and those runs;
+4. **extras**: the staging ``variants`` at the dev-optimal lr, the fronts of
+   ``extra_methods``, and their yes/no.
+
+Resumable: a finished stage is written atomically to ``runs/<run>/stage-<k>.json``
+with its artifact (gain file or adapter folder); rerunning with the same ``--out``
+skips it. Only the latest merged model of a run is kept; it is rebuilt from the
+artifacts when needed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, load_windows, \
+    prepare_domain, save_windows
+from gainsurgery_lab.forgetting.methods import METHODS, Method, lr_label, lr_of
+
+FORMAT = "gainsurgery.forgetting/2"
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run of the experiment depends on (its signature is checked on resume)."""
+
+    base: str
+    out: str
+    sequence: list[DomainSpec]
+    extra_eval: list[DomainSpec] = field(default_factory=list)
+    front_methods: list[str] = field(default_factory=lambda: ["gain-ffn", "lora", "lora-matched"])
+    seed_methods: list[str] = field(default_factory=lambda: ["gain-ffn", "lora", "lora-matched"])
+    extra_methods: list[str] = field(default_factory=lambda: ["gain", "ia3", "full"])
+    variants: list[str] = field(default_factory=lambda: ["gain-ffn:continue", "gain-ffn:swap", "lora:continue"])
+    grids: dict[str, list[int]] = field(default_factory=dict)  # method -> half-decade exponents (override)
+    max_extensions: int = 3
+    seeds: int = 3
+    steps: int = 30
+    batch_size: int = 4
+    seq_len: int = 128
+    test_windows: int = 32
+    dev_windows: int = 16
+    eval_batch: int = 8
+    yesno: int = 400
+    yesno_file: str | None = None
+    yesno_max_tokens: int = 384
+    dtype: str = "float32"
+    phases: list[str] = field(default_factory=lambda: ["fronts", "seeds", "yesno", "extras"])
+    progress: bool = False
+
+    def validate(self) -> None:
+        if not self.sequence:
+            raise ForgettingError("give at least one training domain")
+        names = [d.name for d in self.sequence] + [d.name for d in self.extra_eval]
+        if len(set(names)) != len(names):
+            raise ForgettingError(f"a domain appears twice: {names}")
+        for m in self.front_methods + self.seed_methods + self.extra_methods:
+            if m not in METHODS:
+                raise ForgettingError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        for v in self.variants:
+            m, _, var = v.partition(":")
+            if m not in METHODS or var not in METHODS[m].variants:
+                raise ForgettingError(f"unknown variant {v!r}; e.g. gain-ffn:continue, gain-ffn:swap, lora:continue")
+        for m, grid in self.grids.items():
+            if m not in METHODS or not grid or not all(isinstance(e, int) for e in grid):
+                raise ForgettingError(f"grid for {m!r} must be a non-empty list of integer half-decade exponents")
+        if min(self.steps, self.batch_size, self.test_windows, self.dev_windows, self.seeds) < 1:
+            raise ForgettingError("--steps, --batch-size, --test-windows, --dev-windows and --seeds must be >= 1")
+        unknown = set(self.phases) - {"fronts", "seeds", "yesno", "extras"}
+        if unknown:
+            raise ForgettingError(f"unknown phase(s) {sorted(unknown)}; phases are fronts, seeds, yesno, extras")
+        if self.seq_len < 16:
+            raise ForgettingError("--seq-len must be at least 16")
+        if self.yesno and not self.yesno_file:
+            raise ForgettingError("--yesno needs a yes/no items file (python scripts/fetch_domains.py --yesno)")
+
+    def signature(self) -> dict[str, Any]:
+        """What makes stored results comparable: changing any of it needs a fresh --out."""
+        return {"format": FORMAT, "base": self.base, "sequence": [d.describe() for d in self.sequence],
+                "extra_eval": [d.describe() for d in self.extra_eval], "steps": self.steps,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "test_windows": self.test_windows,
+                "dev_windows": self.dev_windows, "dtype": self.dtype}
+
+    def grid(self, method: str) -> list[int]:
+        return sorted(self.grids.get(method) or METHODS[method].grid)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One sequence: method, staging variant, lr (half-decade exponent) and seed."""
+
+    method: str
+    variant: str
+    e: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}__{self.variant}__lr{self.e}__s{self.seed}"
+
+    @property
+    def lr(self) -> float:
+        return lr_of(self.e)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "variant": self.variant, "lr": self.lr, "lr_exponent": self.e,
+                "lr_label": lr_label(self.e), "seed": self.seed}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel workers never share a temp file
+    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Experiment:
+    """Prepares the data, runs the schedule and keeps every result on disk."""
+
+    def __init__(self, cfg: ExperimentConfig, echo: Callable[[str], None] | None = print) -> None:
+        from gainsurgery.sources import resolve_base
+
+        cfg.validate()
+        if not cfg.progress:  # the log says what runs; per-load bars would drown it
+            from huggingface_hub.utils import disable_progress_bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            disable_progress_bars()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.base_folder = resolve_base(cfg.base)
+        self.sequence = [d.name for d in cfg.sequence]
+        self.columns = self.sequence + [d.name for d in cfg.extra_eval]
+        self._check_signature()
+        self._tokenizer = None
+        self._device = None
+        self.domains: dict[str, PreparedDomain] = {}
+
+    # ------------------------------------------------------------------------------ bookkeeping
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        with open(self.out / "log.txt", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self.echo:
+            self.echo(line)
+
+    def _check_signature(self) -> None:
+        path = self.out / "experiment.json"
+        sig = self.cfg.signature()
+        saved = _read_json(path)
+        if saved is not None and saved.get("signature") != sig:
+            raise ForgettingError(f"{self.out} holds an experiment with other settings; use another --out "
+                                  "(or the same settings to resume)")
+        _write_json(path, {"signature": sig, "config": _jsonable(asdict(self.cfg))})
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from gainsurgery.training.modeling import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.base_folder)
+        return self._tokenizer
+
+    def prepare(self) -> None:
+        """Split every domain (once; frozen in ``data/<name>/windows.json``)."""
+        c = self.cfg
+        for spec in c.sequence + c.extra_eval:
+            work = self.out / "data" / spec.name
+            frozen = work / "windows.json"
+            if frozen.is_file() and (work / "train.txt").is_file():
+                self.domains[spec.name] = load_windows(frozen, work / "train.txt")
+                continue
+            dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows, work,
+                                 min_train_windows=c.batch_size)
+            save_windows(frozen, dom)
+            self.domains[spec.name] = dom
+            i = dom.info
+            self.log(f"domain {spec.name}: {i['test_windows']} test windows ({i['test_units']} documents), "
+                     f"{i['dev_windows']} dev windows ({i['dev_units']}), {i['documents_train']} training "
+                     f"documents ({i['train_windows']} windows); split: {i['split']}")
+
+    # ------------------------------------------------------------------------------ evaluation
+    @property
+    def device(self) -> str:
+        """Where models are scored: the GPU when there is one (training places itself, via accelerate)."""
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def _load(self, folder: Path) -> Any:
+        from gainsurgery.training.modeling import load_causal_lm
+
+        return load_causal_lm(folder, self.cfg.dtype).to(self.device)
+
+    def _nll(self, model: Any, ids: list[list[int]]) -> list[float]:
+        """NLL summed over each window's predicted tokens (nats), in window order."""
+        import torch
+
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(ids), self.cfg.eval_batch):
+                batch = torch.tensor(ids[i:i + self.cfg.eval_batch], dtype=torch.long, device=self.device)
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+                out.extend(loss.sum(dim=1).double().tolist())
+        return out
+
+    def score(self, folder: Path, test_domains: list[str], dev_domains: list[str]) -> dict[str, Any]:
+        """Per-window NLLs of the checkpoint in ``folder`` on the given test and dev windows."""
+        model = self._load(folder)
+        try:
+            return {"test_nll": {d: self._nll(model, self.domains[d].test.ids) for d in test_domains},
+                    "dev_nll": {d: self._nll(model, self.domains[d].dev.ids) for d in dev_domains}}
+        finally:
+            del model
+            gc.collect()
+
+    def yesno_items(self) -> list[dict[str, str]]:
+        from gainsurgery.training.evaluation import read_yesno
+
+        items = read_yesno(self.cfg.yesno_file)
+        if len(items) < self.cfg.yesno:
+            raise ForgettingError(f"{self.cfg.yesno_file}: {len(items)} yes/no items, asked for {self.cfg.yesno}")
+        pick = np.sort(np.random.default_rng(0).choice(len(items), self.cfg.yesno, replace=False))
+        return [items[int(i)] for i in pick]
+
+    def yesno(self, folder: Path) -> dict[str, Any]:
+        """Per-item yes/no predictions (" yes" vs " no" next-token log-likelihood)."""
+        import torch
+
+        from gainsurgery.training.data import adds_bos
+        from gainsurgery.training.evaluation import yesno_prompt
+
+        tok = self.tokenizer
+        yes = tok(" yes", add_special_tokens=False)["input_ids"][0]
+        no = tok(" no", add_special_tokens=False)["input_ids"][0]
+        bos = [tok.bos_token_id] if adds_bos(tok) else []
+        model = self._load(folder)
+        items = self.yesno_items()
+        said_yes, correct = [], []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for item in items:
+                ids = tok(yesno_prompt(item["passage"], item["question"]), add_special_tokens=False)["input_ids"]
+                ids = bos + ids[-(self.cfg.yesno_max_tokens - len(bos)):]
+                # only the last position's logits are needed: skip the LM head elsewhere
+                logits = model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1).logits[0, -1].float()
+                y = bool(logits[yes] > logits[no])
+                said_yes.append(y)
+                correct.append(y == (item["answer"] == "yes"))
+        del model
+        gc.collect()
+        return {"items": len(items), "said_yes": said_yes, "correct": correct,
+                "answers_yes": [it["answer"] == "yes" for it in items],
+                "accuracy": float(np.mean(correct)), "yes_rate": float(np.mean(said_yes)),
+                "seconds": round(time.perf_counter() - t0, 1)}
+
+    def base_scores(self) -> dict[str, Any]:
+        path = self.out / "base.json"
+        saved = _read_json(path)
+        if saved is not None:
+            return saved
+        self.log("scoring the base model on every domain (test and dev windows)")
+        t0 = time.perf_counter()
+        rec = self.score(self.base_folder, self.columns, self.columns)
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        _write_json(path, rec)
+        return rec
+
+    def base_yesno(self) -> dict[str, Any] | None:
+        if not self.cfg.yesno:
+            return None
+        path = self.out / "base_yesno.json"
+        saved = _read_json(path)
+        if saved is not None and saved.get("items") == self.cfg.yesno:
+            return saved
+        self.log(f"yes/no: base on {self.cfg.yesno} items")
+        rec = self.yesno(self.base_folder)
+        _write_json(path, rec)
+        self.log(f"yes/no: base accuracy {rec['accuracy']:.3f}, says yes {rec['yes_rate']:.0%} ({rec['seconds']} s)")
+        return rec
+
+    # ------------------------------------------------------------------------------ one run
+    def run_dir(self, key: RunKey) -> Path:
+        return self.out / "runs" / key.name
+
+    def stages_done(self, key: RunKey) -> list[dict]:
+        d = self.run_dir(key)
+        done = []
+        for k in range(len(self.sequence)):
+            rec = _read_json(d / f"stage-{k + 1}.json")
+            if rec is None:
+                break
+            done.append(rec)
+            if rec.get("failed"):
+                break
+        return done
+
+    def is_finished(self, key: RunKey) -> bool:
+        done = self.stages_done(key)
+        return bool(done) and (done[-1].get("failed") is not None or len(done) == len(self.sequence))
+
+    def run(self, key: RunKey) -> list[dict]:
+        """Run (or finish) the sequence ``key``; returns its stage records."""
+        method = METHODS[key.method]
+        d = self.run_dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        _write_json(d / "run.json", key.describe())
+        done = self.stages_done(key)
+        if done and (done[-1].get("failed") or len(done) == len(self.sequence)):
+            return done
+        for k in range(len(done), len(self.sequence)):
+            rec = self._stage(key, method, k, done)
+            _write_json(d / f"stage-{k + 1}.json", rec)
+            done.append(rec)
+            # only the latest merged model is kept (gains/adapters are the artifacts)
+            if k > 0:
+                shutil.rmtree(d / f"merged-{k}", ignore_errors=True)
+            if rec.get("failed"):
+                self.log(f"{key.name}: stage {k + 1} failed: {rec['failed']}")
+                break
+            own = self.sequence[k]
+            self.log(f"{key.name}: stage {k + 1}/{len(self.sequence)} ({own}) done in {rec['seconds']['stage']:.0f} s; "
+                     f"{own} test PPL {math.exp(sum(rec['test_nll'][own]) / (len(rec['test_nll'][own]) * (self.cfg.seq_len - 1))):.3f}")
+        if method.family != "full":  # rebuildable from the artifacts; full fine-tuning keeps its last model
+            shutil.rmtree(d / f"merged-{len(done)}", ignore_errors=True)
+        return done
+
+    def _artifact(self, key: RunKey, k: int) -> Path:
+        method = METHODS[key.method]
+        name = f"stage-{k + 1}"
+        return self.run_dir(key) / (name + ".safetensors" if method.family == "gain" else name)
+
+    def _stage(self, key: RunKey, method: Method, k: int, done: list[dict]) -> dict[str, Any]:
+        from gainsurgery.errors import TrainingError
+        from gainsurgery.training import TrainConfig, train
+
+        d = self.run_dir(key)
+        domain = self.domains[self.sequence[k]]
+        t0 = time.perf_counter()
+        from_base = key.variant in ("continue", "swap")
+        prev = self.base_folder if (k == 0 or from_base) else self.merged(key, k)
+        artifact = self._artifact(key, k)
+        if artifact.is_dir():
+            shutil.rmtree(artifact)
+        tc = TrainConfig(base=str(prev), data=[str(domain.train_file)], output=str(artifact),
+                         method=method.train_method, side=method.side, steps=self.cfg.steps, lr=key.lr,
+                         batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, dtype=self.cfg.dtype,
+                         seed=key.seed * 1000 + k, lora_rank=method.lora_rank, lora_alpha=2 * method.lora_rank,
+                         lora_targets=list(method.lora_targets) if method.lora_targets else None,
+                         log=str(d / f"stage-{k + 1}.train.jsonl"), progress=self.cfg.progress)
+        if key.variant == "continue" and k > 0:
+            if method.family == "gain":
+                tc.resume = str(self._artifact(key, k - 1))
+            else:
+                tc.init_adapter = str(self._artifact(key, k - 1))
+        self.log(f"{key.name}: stage {k + 1}/{len(self.sequence)}: train on {domain.name} "
+                 f"({self.cfg.steps} steps, lr {key.lr:.3g}, seed {key.seed}) from "
+                 f"{'the base' if prev == self.base_folder else prev.name}")
+        try:
+            res = train(tc)
+        except TrainingError as exc:
+            return {"stage": k + 1, "domain": domain.name, "failed": str(exc)}
+        t1 = time.perf_counter()
+        merged = d / f"merged-{k + 1}"
+        self._build_merged(key, k + 1, merged)
+        t2 = time.perf_counter()
+        own = domain.name
+        tests = self.test_domains(key, k)
+        rec: dict[str, Any] = {"stage": k + 1, "domain": own, **self.score(merged, tests, [own])}
+        t3 = time.perf_counter()
+        rec["train"] = {"trainable_parameters": res.trainable_parameters, "final_loss": res.final_loss,
+                        "steps": res.steps, "tokens": res.tokens, "seconds_per_step": res.seconds_per_step}
+        if method.family == "gain":
+            rec["gains"] = self._gain_stats(key, k)
+        if method.family == "peft":
+            rec["peft"] = _peft_summary(artifact)
+        rec["seconds"] = {"train": round(t1 - t0, 1), "merge": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
+                          "stage": round(t3 - t0, 1)}
+        rec["peak_rss_mib"] = round(peak_rss_mib())
+        return rec
+
+    def test_domains(self, key: RunKey, k: int) -> list[str]:
+        """Domains scored on their test windows after stage ``k`` (0-based).
+
+        Every metric needs only these: a stage's own domain and the earlier ones (for
+        in-domain and the per-stage earlier-domain change), and every domain after the
+        last stage. Never-trained domains are scored once, at the end; that saves
+        about 40% of the evaluation on a 3-stage run. ``swap`` serves each domain with
+        its own file, so only the stage's own domain is scored.
+        """
+        if key.variant == "swap":
+            return [self.sequence[k]]
+        return self.columns if k == len(self.sequence) - 1 else self.sequence[:k + 1]
+
+    def _gain_stats(self, key: RunKey, k: int) -> dict[str, float]:
+        from gainsurgery.gainfile import load, stack
+
+        this = load(self._artifact(key, k), allow_negative=True)
+        files = [load(self._artifact(key, i), allow_negative=True) for i in range(k + 1)]
+        effective = this if key.variant in ("continue", "swap") else stack(files)
+        mx = lambda g: float(max(np.max(np.abs(v - 1.0)) for v in g.vectors.values()))  # noqa: E731
+        return {"max_abs_s_minus_1_stage": mx(this), "max_abs_s_minus_1_effective": mx(effective)}
+
+    def merged(self, key: RunKey, k: int) -> Path:
+        """The merged model after stage ``k`` (1-based) of ``key``, rebuilt from the artifacts if gone."""
+        folder = self.run_dir(key) / f"merged-{k}"
+        if not (folder / "config.json").is_file():
+            self._build_merged(key, k, folder)
+        return folder
+
+    def _build_merged(self, key: RunKey, k: int, dst: Path) -> None:
+        method = METHODS[key.method]
+        shutil.rmtree(dst, ignore_errors=True)
+        if method.family == "gain":
+            if key.variant == "stack":
+                files = [self._artifact(key, i) for i in range(k)]
+            else:  # continue: the last vector holds everything; swap: only the current domain's file
+                files = [self._artifact(key, k - 1)]
+            self._apply_gains(files, dst)
+        elif method.family == "peft":
+            if key.variant == "continue":
+                _merge_adapter(self.base_folder, self._artifact(key, k - 1), dst)
+            else:
+                prev = self.base_folder if k == 1 else self.merged(key, k - 1)
+                _merge_adapter(prev, self._artifact(key, k - 1), dst)
+        else:
+            art = self._artifact(key, k - 1)
+            if not (art / "config.json").is_file():
+                raise ForgettingError(f"{key.name}: the stage-{k} model is gone; delete {self.run_dir(key)} "
+                                      "to rerun it")
+            os.replace(art, dst)  # the fine-tuned checkpoint is the merged model
+            art.mkdir()
+            (art / "MOVED").write_text(f"moved to {dst.name}\n", encoding="utf-8")
+
+    def _apply_gains(self, files: list[Path], dst: Path) -> None:
+        """Base + the product of ``files`` (float32), streamed and rounded once: gainsurgery's own apply."""
+        from gainsurgery.merge import apply
+
+        apply(str(self.base_folder), files, dst, overwrite=True, allow_negative=True)
+
+    def run_yesno(self, key: RunKey) -> dict[str, Any] | None:
+        path = self.run_dir(key) / "yesno.json"
+        saved = _read_json(path)
+        if saved is not None and saved.get("items") == self.cfg.yesno:
+            return saved
+        done = self.stages_done(key)
+        if not done or done[-1].get("failed") or len(done) < len(self.sequence):
+            return None
+        if key.variant == "swap":
+            return None  # no single final model: the domain's own file is applied at use time
+        self.log(f"yes/no: {key.name} on {self.cfg.yesno} items")
+        folder = self.merged(key, len(self.sequence))
+        rec = self.yesno(folder)
+        _write_json(path, rec)
+        if METHODS[key.method].family != "full":
+            shutil.rmtree(folder, ignore_errors=True)
+        self.log(f"yes/no: {key.name} accuracy {rec['accuracy']:.3f}, says yes {rec['yes_rate']:.0%}")
+        return rec
+
+    # ------------------------------------------------------------------------------ selection
+    def dev_score(self, key: RunKey, base: dict[str, Any]) -> float:
+        """Mean over stages of the in-domain dev NLL change at the stage's own step (nats/token).
+
+        Lower is better; a failed or unfinished run scores +inf. Only dev windows are
+        used: the test windows that are reported never choose anything.
+        """
+        done = self.stages_done(key)
+        if len(done) < len(self.sequence) or done[-1].get("failed"):
+            return math.inf
+        diffs = []
+        for rec in done:
+            dom = rec["domain"]
+            tok = len(rec["dev_nll"][dom]) * (self.cfg.seq_len - 1)
+            diffs.append((sum(rec["dev_nll"][dom]) - sum(base["dev_nll"][dom])) / tok)
+        return float(np.mean(diffs))
+
+    def front_keys(self, method: str, base: dict[str, Any]) -> Iterator[RunKey]:
+        """Seed-0 runs of ``method`` over its grid, extended until the dev optimum is interior.
+
+        At most ``max_extensions`` lrs are added beyond the initial grid, counted over
+        the whole life of the experiment folder (a resumed run does not extend again).
+        The caller runs each key before asking for the next: extensions depend on results.
+        """
+        variant = METHODS[method].default_variant
+        grid0 = self.cfg.grid(method)
+        for e in grid0:
+            yield RunKey(method, variant, e, 0)
+        if not METHODS[method].extend:
+            return
+        while True:
+            tried = sorted(set(grid0) | set(self.tried_exponents(method)))
+            for e in tried:  # an extension interrupted by a kill is finished first
+                if not self.is_finished(RunKey(method, variant, e, 0)):
+                    yield RunKey(method, variant, e, 0)
+            scores = {e: self.dev_score(RunKey(method, variant, e, 0), base) for e in tried}
+            best = min(tried, key=lambda e: scores[e])
+            if not math.isfinite(scores[best]) or 0 < tried.index(best) < len(tried) - 1:
+                return
+            nxt = tried[0] - 1 if best == tried[0] else tried[-1] + 1
+            if len(tried) - len(grid0) >= self.cfg.max_extensions or lr_of(nxt) > 1.0:
+                self.log(f"{method}: dev optimum at the edge of the grid (lr {lr_label(best)}); "
+                         "not extending further (limit reached)")
+                return
+            self.log(f"{method}: dev optimum at the {'lower' if nxt < best else 'upper'} edge of the grid "
+                     f"(lr {lr_label(best)}); extending to lr {lr_label(nxt)}")
+            yield RunKey(method, variant, nxt, 0)
+
+    def tried_exponents(self, method: str) -> list[int]:
+        variant = METHODS[method].default_variant
+        found = []
+        runs = self.out / "runs"
+        if runs.is_dir():
+            for p in runs.iterdir():
+                info = _read_json(p / "run.json")
+                if info and info["method"] == method and info["variant"] == variant and info["seed"] == 0:
+                    found.append(info["lr_exponent"])
+        return found
+
+    def chosen(self, method: str, base: dict[str, Any]) -> int | None:
+        """The dev-optimal lr exponent among the finished seed-0 runs of ``method``'s default variant."""
+        variant = METHODS[method].default_variant
+        scores = {e: self.dev_score(RunKey(method, variant, e, 0), base) for e in self.tried_exponents(method)}
+        scores = {e: s for e, s in scores.items() if math.isfinite(s)}
+        return min(scores, key=scores.get) if scores else None
+
+    # ------------------------------------------------------------------------------ the schedule
+    def static_keys(self) -> list[RunKey]:
+        """The runs known before any result: the initial grids of every front and extra method (seed 0)."""
+        keys = []
+        for m in self.cfg.front_methods + [m for m in self.cfg.extra_methods if m not in self.cfg.front_methods]:
+            keys.extend(RunKey(m, METHODS[m].default_variant, e, 0) for e in self.cfg.grid(m))
+        return keys
+
+    def execute(self, worker: tuple[int, int] | None = None) -> None:
+        """Run the whole schedule (resuming whatever is on disk).
+
+        ``worker=(i, n)``: run only every n-th of :meth:`static_keys`, starting at i, so
+        that n processes (on one GPU, say) share the fixed part of the schedule; a
+        plain ``execute()`` afterwards does the rest (extensions, seeds, yes/no).
+        Score the base (a plain call with ``phases=[]``) before starting workers.
+        """
+        c = self.cfg
+        t0 = time.perf_counter()
+        self.log(f"experiment: {' -> '.join(self.sequence)}; scored on {', '.join(self.columns)}; "
+                 f"{c.steps} steps x {c.batch_size} x {c.seq_len} tokens per stage; phases {', '.join(c.phases)}"
+                 + (f"; worker {worker[0]}/{worker[1]}" if worker else ""))
+        self.prepare()
+        base = self.base_scores()
+        if worker is not None:
+            i, n = worker
+            for key in self.static_keys()[i::n]:
+                self.run(key)
+            self.log(f"worker {i}/{n} done ({time.perf_counter() - t0:.0f} s)")
+            return
+        if "fronts" in c.phases:
+            for m in c.front_methods:
+                for key in self.front_keys(m, base):
+                    self.run(key)
+        if "seeds" in c.phases:
+            for m in c.seed_methods:
+                e = self.chosen(m, base)
+                if e is None:
+                    continue
+                for s in range(1, c.seeds):
+                    self.run(RunKey(m, METHODS[m].default_variant, e, s))
+        if "yesno" in c.phases and c.yesno:
+            self.base_yesno()
+            for m in c.seed_methods:
+                e = self.chosen(m, base)
+                if e is not None:
+                    for s in range(c.seeds):
+                        self.run_yesno(RunKey(m, METHODS[m].default_variant, e, s))
+        if "extras" in c.phases:
+            for v in c.variants:
+                m, _, var = v.partition(":")
+                e = self.chosen(m, base)
+                if e is not None:
+                    self.run(RunKey(m, var, e, 0))
+            for m in c.extra_methods:
+                for key in self.front_keys(m, base):
+                    self.run(key)
+            if c.yesno:
+                self.base_yesno()
+                for m in c.extra_methods:
+                    e = self.chosen(m, base)
+                    if e is not None:
+                        self.run_yesno(RunKey(m, METHODS[m].default_variant, e, 0))
+                for v in c.variants:
+                    m, _, var = v.partition(":")
+                    e = self.chosen(m, base)
+                    if e is not None:
+                        self.run_yesno(RunKey(m, var, e, 0))
+        self.log(f"schedule complete ({time.perf_counter() - t0:.0f} s in this process)")
+
+
+def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
+    """prev + adapter merged in float32, saved in prev's dtype, with prev's tokenizer files."""
+    import torch
+    from peft import PeftModel
+
+    from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.merge.provenance import OUTPUT_FILES
+    from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
+
+    model = PeftModel.from_pretrained(load_causal_lm(prev, "float32"), adapter)
+    merged = model.merge_and_unload().to(getattr(torch, checkpoint_dtype(prev)))
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    for extra in open_checkpoint(prev).extra_files(skip=OUTPUT_FILES):
+        if not (tmp / extra.name).exists():  # tokenizer, generation config, license...
+            shutil.copyfile(extra, tmp / extra.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    del model, merged
+    gc.collect()
+
+
+def _peft_summary(adapter: Path) -> dict[str, Any]:
+    cfg = _read_json(adapter / "adapter_config.json") or {}
+    keep = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules")
+    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in keep}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
