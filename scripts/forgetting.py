@@ -18,6 +18,7 @@ docs/results/forgetting.md). Examples::
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -68,11 +69,13 @@ def main() -> None:
               help="Run only the I-th of N shares of the initial lr grids (parallel processes on one GPU); "
                    "score the base first with --phases none, finish with a plain run.")
 @click.option("--max-extensions", type=int, default=None, help="Lrs added beyond a grid to reach an interior optimum.")
+@click.option("--stop-after", type=float, default=None, metavar="MINUTES",
+              help="Start no new run after this many minutes (finished runs are kept; rerun to continue).")
 @click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
 def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
         steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, worker, max_extensions,
-        dry_run, progress):
+        stop_after, dry_run, progress):
     """Run (or resume) the experiment into OUT."""
     from gainsurgery_lab.forgetting.runner import Experiment
 
@@ -83,7 +86,8 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds, steps=steps,
             batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
             yesno=yesno, phases=[] if phases == "none" else _csv(phases), data_dir=data_dir, progress=progress,
-            max_extensions=max_extensions)
+            max_extensions=max_extensions,
+            deadline=None if stop_after is None else time.time() + 60 * stop_after)
         share = presets.parse_worker(worker)
         exp = Experiment(cfg, echo=click.echo)
         exp.prepare()

@@ -296,3 +296,22 @@ def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
     md = (exp.out / "results.md").read_text()
     assert "## Fronts" in md and "lora-matched" in md and "McNemar" in md
     assert any(p.name == "front.png" for p in paths) and any(p.name.startswith("heatmap-") for p in paths)
+
+
+def test_deadline_starts_nothing_new_and_a_later_run_finishes(tiny_experiment, tmp_path):
+    import dataclasses
+    import time
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    exp = tiny_experiment
+    cfg = dataclasses.replace(exp.cfg, out=str(tmp_path / "out"), front_methods=["gain-ffn"], seed_methods=[],
+                              extra_methods=[], variants=[], yesno=0, max_extensions=0)
+    late = Experiment(dataclasses.replace(cfg, deadline=time.time() - 1), echo=None)
+    late.execute()
+    assert not (tmp_path / "out" / "runs").exists()  # past the deadline: no run even starts
+    Experiment(cfg, echo=None).execute(worker=(1, 2))  # a worker: every second run of the initial grid
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["gain-ffn__stack__lr-3__s0"]
+    Experiment(cfg, echo=None).execute()
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == [
+        "gain-ffn__stack__lr-3__s0", "gain-ffn__stack__lr-4__s0"]

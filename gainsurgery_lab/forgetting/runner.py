@@ -71,6 +71,9 @@ class ExperimentConfig:
     dtype: str = "float32"
     phases: list[str] = field(default_factory=lambda: ["fronts", "seeds", "yesno", "extras"])
     progress: bool = False
+    #: Wall-clock time (``time.time()``) after which no new run starts; None: no limit. Not part of
+    #: the signature: a later call without it resumes and finishes the schedule.
+    deadline: float | None = None
 
     def validate(self) -> None:
         if not self.sequence:
@@ -337,15 +340,24 @@ class Experiment:
         done = self.stages_done(key)
         return bool(done) and (done[-1].get("failed") is not None or len(done) == len(self.sequence))
 
+    def out_of_time(self) -> bool:
+        return self.cfg.deadline is not None and time.time() > self.cfg.deadline
+
     def run(self, key: RunKey) -> list[dict]:
-        """Run (or finish) the sequence ``key``; returns its stage records."""
+        """Run (or finish) the sequence ``key``; returns its stage records.
+
+        Past the config's deadline an unstarted or unfinished run is left alone (and the
+        records so far returned): resume later without a deadline to finish it.
+        """
         method = METHODS[key.method]
         d = self.run_dir(key)
-        d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / "run.json", key.describe())
         done = self.stages_done(key)
         if done and (done[-1].get("failed") or len(done) == len(self.sequence)):
             return done
+        if self.out_of_time():
+            return done
+        d.mkdir(parents=True, exist_ok=True)
+        _write_json(d / "run.json", key.describe())
         for k in range(len(done), len(self.sequence)):
             rec = self._stage(key, method, k, done)
             _write_json(d / f"stage-{k + 1}.json", rec)
@@ -481,6 +493,8 @@ class Experiment:
         saved = _read_json(path)
         if saved is not None and saved.get("items") == self.cfg.yesno:
             return saved
+        if self.out_of_time():
+            return None
         done = self.stages_done(key)
         if not done or done[-1].get("failed") or len(done) < len(self.sequence):
             return None
@@ -525,7 +539,7 @@ class Experiment:
             yield RunKey(method, variant, e, 0)
         if not METHODS[method].extend:
             return
-        while True:
+        while not self.out_of_time():
             tried = sorted(set(grid0) | set(self.tried_exponents(method)))
             for e in tried:  # an extension interrupted by a kill is finished first
                 if not self.is_finished(RunKey(method, variant, e, 0)):
