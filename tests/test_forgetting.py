@@ -315,3 +315,15 @@ def test_deadline_starts_nothing_new_and_a_later_run_finishes(tiny_experiment, t
     Experiment(cfg, echo=None).execute()
     assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == [
         "gain-ffn__stack__lr-3__s0", "gain-ffn__stack__lr-4__s0"]
+
+
+def test_static_keys_interleave_methods_middle_out(tiny_experiment):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    cfg = dataclasses.replace(tiny_experiment.cfg, front_methods=["gain-ffn", "lora-matched"], extra_methods=["full"],
+                              grids={"gain-ffn": [-6, -5, -4, -3, -2], "lora-matched": [-5, -4, -3], "full": [-8]})
+    keys = [(k.method, k.e) for k in Experiment(cfg, echo=None).static_keys()]
+    assert keys == [("gain-ffn", -4), ("lora-matched", -4), ("gain-ffn", -5), ("lora-matched", -5),
+                    ("gain-ffn", -3), ("lora-matched", -3), ("gain-ffn", -6), ("gain-ffn", -2), ("full", -8)]

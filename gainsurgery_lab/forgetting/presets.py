@@ -28,7 +28,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   extra_methods=["gain", "ia3"], variants=[],
                   grids={"gain-ffn": [-6, -5, -4, -3, -2], "lora": [-8, -7, -6, -5, -4],
                          "lora-matched": [-7, -6, -5, -4, -3], "gain": [-6, -5, -4, -3], "ia3": [-6, -5, -4, -3]},
-                  max_extensions=1, seeds=1, steps=100, batch_size=8, seq_len=512, test_windows=48, dev_windows=24,
+                  max_extensions=1, seeds=1, steps=100, batch_size=8, grad_accum=2, seq_len=512, test_windows=48,
+                  dev_windows=24,
                   yesno=1000, phases=["fronts", "yesno"]),
     # minutes: a smoke run of the whole pipeline
     "smoke": dict(domains=["legal", "code"], eval_domains=["science"], front_methods=["gain-ffn", "lora"],

@@ -61,6 +61,7 @@ class ExperimentConfig:
     seeds: int = 3
     steps: int = 30
     batch_size: int = 4
+    grad_accum: int = 1  # micro-batches per step (same global batch; bounds activation memory)
     seq_len: int = 128
     test_windows: int = 32
     dev_windows: int = 16
@@ -91,6 +92,8 @@ class ExperimentConfig:
         for m, grid in self.grids.items():
             if m not in METHODS or not grid or not all(isinstance(e, int) for e in grid):
                 raise ForgettingError(f"grid for {m!r} must be a non-empty list of integer half-decade exponents")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ForgettingError("--batch-size must be a multiple of the gradient accumulation steps")
         if min(self.steps, self.batch_size, self.test_windows, self.dev_windows, self.seeds) < 1:
             raise ForgettingError("--steps, --batch-size, --test-windows, --dev-windows and --seeds must be >= 1")
         unknown = set(self.phases) - {"fronts", "seeds", "yesno", "extras"}
@@ -394,7 +397,8 @@ class Experiment:
             shutil.rmtree(artifact)
         tc = TrainConfig(base=str(prev), data=[str(domain.train_file)], output=str(artifact),
                          method=method.train_method, side=method.side, steps=self.cfg.steps, lr=key.lr,
-                         batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, dtype=self.cfg.dtype,
+                         batch_size=self.cfg.batch_size // self.cfg.grad_accum, grad_accum=self.cfg.grad_accum,
+                         seq_len=self.cfg.seq_len, dtype=self.cfg.dtype,
                          seed=key.seed * 1000 + k, lora_rank=method.lora_rank, lora_alpha=2 * method.lora_rank,
                          lora_targets=list(method.lora_targets) if method.lora_targets else None,
                          log=str(d / f"stage-{k + 1}.train.jsonl"), progress=self.cfg.progress)
@@ -577,10 +581,23 @@ class Experiment:
 
     # ------------------------------------------------------------------------------ the schedule
     def static_keys(self) -> list[RunKey]:
-        """The runs known before any result: the initial grids of every front and extra method (seed 0)."""
+        """The runs known before any result: the initial grids of the front and extra methods (seed 0).
+
+        Ordered so that a schedule cut short by a deadline stays balanced: the front
+        methods before the extras, and within each group the methods interleaved, each
+        grid taken from its middle outwards (where the optimum usually is).
+        """
+        def middle_out(grid: list[int]) -> list[int]:
+            mid = (len(grid) - 1) // 2
+            order = sorted(range(len(grid)), key=lambda i: (abs(i - mid), i))
+            return [grid[i] for i in order]
+
         keys = []
-        for m in self.cfg.front_methods + [m for m in self.cfg.extra_methods if m not in self.cfg.front_methods]:
-            keys.extend(RunKey(m, METHODS[m].default_variant, e, 0) for e in self.cfg.grid(m))
+        extras = [m for m in self.cfg.extra_methods if m not in self.cfg.front_methods]
+        for group in (self.cfg.front_methods, extras):
+            grids = {m: middle_out(self.cfg.grid(m)) for m in group}
+            for i in range(max((len(g) for g in grids.values()), default=0)):
+                keys.extend(RunKey(m, METHODS[m].default_variant, g[i], 0) for m, g in grids.items() if i < len(g))
         return keys
 
     def execute(self, worker: tuple[int, int] | None = None) -> None:
