@@ -253,12 +253,22 @@ class Results:
         }
 
     def cost(self) -> dict[str, Any]:
-        """Measured compute: seconds spent per part, from the stage and yes/no records."""
-        stage_s = sum(s["seconds"]["stage"] for r in self.runs for s in r.stages if "seconds" in s)
-        yesno_s = sum((r.yesno or {}).get("seconds", 0) for r in self.runs) + (self.base_yesno or {}).get("seconds", 0)
-        return {"stages": len([s for r in self.runs for s in r.stages]), "stage_seconds": round(stage_s),
-                "yesno_seconds": round(yesno_s), "base_seconds": self.base.get("seconds"),
-                "total_seconds": round(stage_s + yesno_s + (self.base.get("seconds") or 0))}
+        """Measured compute, from the stage and yes/no records.
+
+        Wall seconds count everything (a shared or paused machine too); CPU seconds
+        (process time, all threads) are what the work itself took, where recorded.
+        """
+        stages = [s for r in self.runs for s in r.stages if "seconds" in s]
+        passes = [r.yesno for r in self.runs if r.yesno] + ([self.base_yesno] if self.base_yesno else [])
+        with_cpu = [s for s in stages if "cpu_seconds" in s]
+        return {"stages": len(stages), "stage_wall_seconds": round(sum(s["seconds"]["stage"] for s in stages)),
+                "stages_with_cpu_seconds": len(with_cpu),
+                "stage_cpu_seconds": round(sum(s["cpu_seconds"] for s in with_cpu)),
+                "mean_stage_cpu_seconds": round(float(np.mean([s["cpu_seconds"] for s in with_cpu])), 1)
+                if with_cpu else None,
+                "yesno_passes": len(passes), "yesno_wall_seconds": round(sum(p.get("seconds", 0) for p in passes)),
+                "yesno_cpu_seconds": round(sum(p.get("cpu_seconds", 0) for p in passes)),
+                "base_seconds": self.base.get("seconds")}
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -402,9 +412,12 @@ def render_markdown(res: Results) -> str:
             lines.append(f"| {m} | {runs[0].stages[0]['train']['trainable_parameters']:,} | {sps:.2f} | {sst:.0f} | "
                          f"{rss:,} |")
     cost = res.cost()
-    lines += ["", f"Total measured compute: {cost['stages']} stages, {cost['stage_seconds'] / 3600:.2f} h of stages, "
-                  f"{cost['yesno_seconds'] / 60:.0f} min of yes/no, base scoring {cost['base_seconds']} s: "
-                  f"{cost['total_seconds'] / 3600:.2f} h in all.", ""]
+    lines += ["", f"Measured: {cost['stages']} stages took {cost['stage_wall_seconds'] / 3600:.2f} h of wall time "
+                  f"(on a shared machine); {cost['stages_with_cpu_seconds']} of them recorded their CPU time: "
+                  + (f"{cost['mean_stage_cpu_seconds']:.0f} CPU-seconds per stage on average. "
+                     if cost["mean_stage_cpu_seconds"] else "")
+                  + f"Yes/no: {cost['yesno_passes']} passes, {cost['yesno_wall_seconds'] / 60:.0f} min wall, "
+                  f"{cost['yesno_cpu_seconds'] / 60:.0f} CPU-min.", ""]
     lines += ["## Per-stage matrices (chosen lr, seed 0): PPL change vs base (%)", ""]
     for m in res.methods():
         best = res.chosen(m)

@@ -282,6 +282,7 @@ class Experiment:
         items = self.yesno_items()
         said_yes, correct = [], []
         t0 = time.perf_counter()
+        c0 = time.process_time()
         with torch.no_grad():
             for item in items:
                 ids = tok(yesno_prompt(item["passage"], item["question"]), add_special_tokens=False)["input_ids"]
@@ -296,7 +297,7 @@ class Experiment:
         return {"items": len(items), "said_yes": said_yes, "correct": correct,
                 "answers_yes": [it["answer"] == "yes" for it in items],
                 "accuracy": float(np.mean(correct)), "yes_rate": float(np.mean(said_yes)),
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
     def base_scores(self) -> dict[str, Any]:
         path = self.out / "base.json"
@@ -390,6 +391,7 @@ class Experiment:
         d = self.run_dir(key)
         domain = self.domains[self.sequence[k]]
         t0 = time.perf_counter()
+        c0 = time.process_time()  # CPU seconds of this process (all threads): immune to a paused or shared machine
         from_base = key.variant in ("continue", "swap")
         prev = self.base_folder if (k == 0 or from_base) else self.merged(key, k)
         artifact = self._artifact(key, k)
@@ -428,6 +430,7 @@ class Experiment:
             rec["gains"] = self._gain_stats(key, k)
         if method.family == "peft":
             rec["peft"] = _peft_summary(artifact)
+        rec["cpu_seconds"] = round(time.process_time() - c0, 1)
         rec["seconds"] = {"train": round(t1 - t0, 1), "merge": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
                           "stage": round(t3 - t0, 1)}
         rec["peak_rss_mib"] = round(peak_rss_mib())
