@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from gainsurgery.training.data import read_documents
 from gainsurgery.training.streaming import StreamedBatches, block_documents, iter_documents, plan_blocks
 from models import TEXT_A, TEXT_B, save_tiny_lm, tiny_tokenizer, write_domain
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 COMMON = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "0.05", "--no-progress"]
 
 
@@ -33,10 +35,19 @@ def lm(tmp_path_factory):
     return base, write_domain(root, "legal", TEXT_A, docs=24)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (other test runs share this machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_cli(*args, processes: int = 1, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(29500 + random.randrange(2000))] if processes > 1 else [sys.executable]
+                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     res = subprocess.run([*launcher, "-m", "gainsurgery.cli", *map(str, args)], capture_output=True, text=True,
                          env=env, cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -79,10 +90,17 @@ def test_fsdp_two_processes_match_one_and_hold_half_the_parameters(lm, tmp_path)
 
 
 def test_fsdp_lora_with_gradient_checkpointing_matches_one_process(lm, tmp_path):
+    """LoRA under FSDP, launched by accelerate with the repo's CPU config file."""
     base, data = lm
     run_cli("train", base, "--data", data, *COMMON, "--method", "lora", "-o", tmp_path / "one")
-    run_cli("train", base, "--data", data, *COMMON, "--method", "lora", "--fsdp", "--gradient-checkpointing",
-            "-o", tmp_path / "two", processes=2)
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    res = subprocess.run([accelerate, "launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"), "--main_process_port",
+                          str(free_port()), "-m", "gainsurgery.cli", "train", str(base), "--data",
+                          str(data), *COMMON, "--method", "lora", "--fsdp", "--gradient-checkpointing", "-o",
+                          str(tmp_path / "two")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("trained lora") == 1  # one process reports
+    assert json.loads((tmp_path / "two" / "gainsurgery_training.json").read_text())["processes"] == 2
     from safetensors.numpy import load_file
 
     one = load_file(tmp_path / "one" / "adapter_model.safetensors")
@@ -91,6 +109,18 @@ def test_fsdp_lora_with_gradient_checkpointing_matches_one_process(lm, tmp_path)
     assert max(float(np.abs(one[k]).max()) for k in one if "lora_B" in k) > 1e-3  # B left zero
     for k in one:
         np.testing.assert_allclose(two[k], one[k], atol=1e-4, rtol=0)
+
+
+def test_shipped_accelerate_configs_say_what_the_docs_say():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml"))
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True and fsdp.num_processes == 8
+    ddp = load_config_from_file(str(CONFIGS / "ddp.yaml"))
+    assert ddp.distributed_type.value == "MULTI_GPU" and str(ddp.mixed_precision) == "bf16"
+    cpu = load_config_from_file(str(CONFIGS / "cpu-2proc.yaml"))
+    assert cpu.use_cpu is True and cpu.num_processes == 2
 
 
 def api_train(base, data, out, **kw):

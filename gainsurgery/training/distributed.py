@@ -12,8 +12,9 @@ One picture for every launcher (``torchrun``, ``accelerate launch``) and device:
 - without ``--fsdp`` each process holds the whole frozen base (DDP);
 - with ``--fsdp`` the frozen base is sharded with torch's FSDP2 ``fully_shard``
   (:func:`shard_frozen_base`): each decoder layer is one unit whose weights are
-  split across the processes and gathered only while that layer runs, the
-  embeddings, final norm and head are the root unit. The trainable parameters are
+  split across the processes and gathered only while that layer runs; untied
+  input embeddings and LM head are units too; the rest (final norm, a tied
+  embedding) is the root unit. The trainable parameters are
   ``ignored_params``: FSDP neither shards nor reduces them (the all-reduce above
   does), so the gain holder the hooks read is a plain, whole tensor.
 
@@ -76,8 +77,8 @@ def layer_classes(model: Any) -> set[str]:
 def shard_frozen_base(model: Any, device: Any, keep: Iterable[Any], *, reshard_after_forward: bool = True) -> int:
     """Shard ``model``'s parameters across processes with FSDP2, except ``keep`` (kept whole).
 
-    Each repeated block (decoder layer) becomes one FSDP unit, the rest of the model
-    the root unit. ``keep`` (the trainable parameters) are moved to ``device`` and
+    Each repeated block (decoder layer) becomes one FSDP unit, so do untied input
+    embeddings and LM head; the rest of the model is the root unit. ``keep`` (the trainable parameters) are moved to ``device`` and
     left to :func:`average_gradients`.
 
     Args:
@@ -89,7 +90,7 @@ def shard_frozen_base(model: Any, device: Any, keep: Iterable[Any], *, reshard_a
             parameters: faster, more memory).
 
     Returns:
-        The number of FSDP units made (layers + root).
+        The number of FSDP units made (layers, embeddings, head, root).
 
     Raises:
         TrainingError: no process group, or a model whose blocks cannot be found.
@@ -119,8 +120,23 @@ def shard_frozen_base(model: Any, device: Any, keep: Iterable[Any], *, reshard_a
             units += 1
     if units == 0:
         raise TrainingError(f"--fsdp: none of {sorted(classes)} found in the model")
+    # Untied embeddings and head are the largest single weights of a model (2 x 1.05B numbers
+    # for Llama 3 70B); as units of their own they are gathered only while they run, instead
+    # of for the whole step as part of the root unit. A tied pair stays in the root.
+    embed, head = _embeddings(model)
+    for module in (embed, head):
+        if module is not None and getattr(module, "weight", None) is not None and \
+                (embed is None or head is None or embed.weight is not head.weight):
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+            units += 1
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     return units + 1
+
+
+def _embeddings(model: Any) -> tuple[Any, Any]:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    return (get_in() if get_in else None), (get_out() if get_out else None)
 
 
 def parameter_bytes(model: Any) -> int:
