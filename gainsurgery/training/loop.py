@@ -226,7 +226,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if start_step == 0:
         run_eval(0)
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # CPU time: this process's work, on a shared machine too
     while step < cfg.steps:
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
@@ -257,7 +257,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if log:
             log.write(json.dumps({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                                   "tokens": step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1),
-                                  "seconds": round(elapsed + time.perf_counter() - t0, 3)}) + "\n")
+                                  "seconds": round(elapsed + time.perf_counter() - t0, 3),
+                                  "cpu_seconds": round(time.process_time() - c0, 3)}) + "\n")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
