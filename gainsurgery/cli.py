@@ -381,7 +381,7 @@ def inspect(gain, plot, as_json):
                    "--save-every to continue exactly (optimizer, schedule, data position).")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
               help="Write a training checkpoint every N steps (0: never).")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--checkpoint-dir", type=click.Path(), default=None,
               help="Where --save-every writes [default: OUTPUT.checkpoints beside -o].")
 @click.option("--log", type=click.Path(dir_okay=False), default=None, help="JSONL training log [default: beside -o].")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))

@@ -317,3 +317,69 @@ def test_each_process_reads_only_its_blocks_and_resumes_in_place(tmp_path):
     fresh.restore(saved)
     for i in range(10, 25):
         assert np.array_equal(fresh.next().numpy(), seen[i].numpy())
+
+
+def test_gpu_check_rehearses_end_to_end_on_cpu(tmp_path):
+    """scripts/gpu_check.py, the script for a borrowed GPU machine, runs here on a 2-layer Gemma 3."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "--device", "cpu", "--model",
+                          "synthetic-small", "--steps", "2", "--bench-steps", "1", "--batch-size", "4",
+                          "--seq-len", "32", "--bench-seq-len", "32", "--workdir", str(tmp_path / "work")],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["ok"] and report["device"] == "cpu" and report["hub_modules_imported"] == []
+    assert report["train"]["trainable"] == 2 * (64 + 128) and report["train"]["gradient_checkpointing"] is True
+    for dtype in ("bfloat16", "float32"):
+        check = report["logits"][dtype]
+        assert check["gain_effect_max_abs"] > 0 and check["max_abs_diff_merged_vs_hooked"] < 0.1
+    # float32 compute: only the merged weights' one rounding to bf16 separates the two
+    assert report["logits"]["float32"]["max_abs_diff_merged_vs_hooked"] < 0.01
+    rows = report["throughput"]["rows"]
+    assert [(r["method"], r["gradient_checkpointing"]) for r in rows] == [
+        (m, gc) for m in ("gain-ffn", "lora", "ia3") for gc in (False, True)]
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "GAIN-FFN / LoRA step time" in table and "merged vs hooked (bfloat16 compute)" in table
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # what comes back from the GPU machine: 8 files at most
+
+
+def test_hostile_and_careless_inputs_are_one_line(lm, tmp_path, cli, monkeypatch):
+    base, data = lm
+    # --fsdp without processes to shard across
+    res = cli("train", base, "--data", data, *COMMON, "--fsdp", "-o", tmp_path / "g.safetensors")
+    assert res.exit_code == 1 and "--fsdp shards the base across processes" in res.stderr
+    # a checkpoint folder that is a file, or inside the base
+    (tmp_path / "file").write_text("x")
+    res = cli("train", base, "--data", data, *COMMON, "--save-every", "2", "--checkpoint-dir", tmp_path / "file",
+              "-o", tmp_path / "g.safetensors")
+    assert res.exit_code == 1 and res.stderr.startswith("error: --checkpoint-dir")
+    res = cli("train", base, "--data", data, *COMMON, "--save-every", "2", "--checkpoint-dir", base / "ck",
+              "-o", tmp_path / "g.safetensors")
+    assert res.exit_code == 1 and "--checkpoint-dir" in res.stderr and not (base / "ck").exists()
+    # a damaged checkpoint: state.json without its optimizer record, or not JSON at all
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3)
+    step = tmp_path / "g.checkpoints" / "step-00000003"
+    record = json.loads((step / "state.json").read_text())
+    del record["optimizer"]
+    (step / "state.json").write_text(json.dumps(record))
+    res = cli("train", base, "--data", data, *COMMON, "-o", tmp_path / "h.safetensors", "--resume", step)
+    assert res.exit_code == 1 and "the checkpoint is damaged" in res.stderr and res.stderr.count("\n") == 1
+    (step / "state.json").write_text("[" * 100000)
+    res = cli("train", base, "--data", data, *COMMON, "-o", tmp_path / "h.safetensors", "--resume", step)
+    assert res.exit_code == 1 and "nested deeper" in res.stderr
+    assert not (tmp_path / "h.safetensors").exists()
+    # a block plan or a document too large to hold
+    import gainsurgery.training.streaming as streaming
+
+    monkeypatch.setattr(streaming, "MAX_BLOCKS", 10)
+    with pytest.raises(streaming.DataError, match="raise --stream-block-bytes"):
+        plan_blocks([data], 16)
+    monkeypatch.setattr(streaming, "MAX_DOCUMENT_BYTES", 300)
+    (tmp_path / "long.txt").write_text("short\n\n\n" + "a long line of text\n" * 30)
+    with pytest.raises(streaming.DataError, match="document at byte 8 is longer than 300 bytes"):
+        list(iter_documents(tmp_path / "long.txt"))
+    monkeypatch.setattr(streaming, "MAX_LINE_BYTES", 50)
+    (tmp_path / "wide.jsonl").write_text(json.dumps({"text": "x" * 100}) + "\n")
+    with pytest.raises(streaming.DataError, match="a line longer than 50 bytes"):
+        list(iter_documents(tmp_path / "wide.jsonl"))

@@ -104,6 +104,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if fsdp and cfg.method == "full":
         raise TrainingError("--fsdp shards the frozen base; full fine-tuning trains every weight "
                             "(use several processes without --fsdp)")
+    if fsdp and world == 1:
+        raise TrainingError("--fsdp shards the base across processes; launch several with torchrun or "
+                            "accelerate launch (see docs/training.md)")
     if cfg.batch_size % world:
         raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by the "
                             f"{world} processes (it is the global batch)")
@@ -113,6 +116,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         resume_record, resume_tensors = state.load(resume_folder)
     set_seed(cfg.seed)
     folder = resolve_base(cfg.base)
+    if cfg.save_every:  # a new output: the trust rules of every output hold for it too
+        from gainsurgery.io.outputs import check_output
+
+        check_output(cfg.checkpoint_folder(), inputs=[folder, *cfg.data], kind="folder", overwrite=True,
+                     what="--checkpoint-dir", error=TrainingError)
     tokenizer = load_tokenizer(folder)
     share = cfg.batch_size // world
     if cfg.streaming:
@@ -176,14 +184,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, evals, elapsed = 0, [], 0.0
     last_loss = float("nan")
     if resume_record is not None:
-        state.restore(resume_record, resume_tensors, named_trainable, optimizer, resume_folder)
-        scheduler.load_state_dict(resume_record["scheduler"])
-        if scaler is not None and resume_record.get("scaler"):
-            scaler.load_state_dict(resume_record["scaler"])
-        data_pos = resume_record["data"]
-        batches.restore(data_pos["processes"][rank] if cfg.streaming else data_pos)
-        step, evals = resume_record["step"], list(resume_record.get("evals", []))
-        last_loss, elapsed = resume_record.get("last_loss", last_loss), resume_record.get("seconds", 0.0)
+        try:
+            state.restore(resume_record, resume_tensors, named_trainable, optimizer, resume_folder)
+            scheduler.load_state_dict(resume_record["scheduler"])
+            if scaler is not None and resume_record.get("scaler"):
+                scaler.load_state_dict(resume_record["scaler"])
+            data_pos = resume_record["data"]
+            batches.restore(data_pos["processes"][rank] if cfg.streaming else data_pos)
+            step, evals = int(resume_record["step"]), list(resume_record.get("evals", []))
+            last_loss, elapsed = float(resume_record.get("last_loss", last_loss)), float(resume_record.get("seconds", 0))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise TrainingError(f"--resume {resume_folder}: the checkpoint is damaged ({type(exc).__name__}: "
+                                f"{str(exc)[:120]})") from None
     start_step = step
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
 

@@ -138,6 +138,13 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     record = jsonsafe.load(Path(folder) / "state.json", error=TrainingError, max_bytes=64 << 20)
     if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("step"), int):
         raise TrainingError(f"{folder}: not a {FORMAT} checkpoint")
+    shapes = {"settings": dict, "scheduler": dict, "data": dict, "optimizer": dict, "evals": list}
+    for key, kind in shapes.items():
+        if not isinstance(record.get(key), kind):
+            raise TrainingError(f"--resume {folder}: the checkpoint is damaged ({key} is missing or not a "
+                                f"{'JSON object' if kind is dict else 'list'})")
+    if not isinstance(record["optimizer"].get("param_groups"), list):
+        raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer.param_groups)")
     try:
         tensors = load_file(str(Path(folder) / "state.safetensors"))
     except (SafetensorError, OSError) as exc:

@@ -44,6 +44,10 @@ from gainsurgery.io import jsonsafe
 DEFAULT_BLOCK_BYTES = 8 << 20
 #: Longest line (one JSON document, or one line of text) read, in bytes.
 MAX_LINE_BYTES = 64 << 20
+#: Longest document of a .txt file, in bytes: one document is tokenized at once.
+MAX_DOCUMENT_BYTES = 64 << 20
+#: Most blocks a run may plan (the list is held in memory by every process).
+MAX_BLOCKS = 1 << 22
 _NEWLINES = b"\r\n"
 
 
@@ -89,6 +93,9 @@ def plan_blocks(paths: Sequence[str | os.PathLike[str]], block_bytes: int = DEFA
             blocks.extend(Block(str(p), kind, i, i + 1) for i in range(pf.metadata.num_row_groups))
         else:
             size = p.stat().st_size
+            if len(blocks) + size // block_bytes > MAX_BLOCKS:
+                raise DataError(f"{p}: {size} bytes in blocks of {block_bytes} makes more than {MAX_BLOCKS} blocks; "
+                                f"raise --stream-block-bytes")
             blocks.extend(Block(str(p), kind, s, min(s + block_bytes, size)) for s in range(0, size, block_bytes))
     if not blocks:
         raise DataError("the data files hold no text")
@@ -166,10 +173,13 @@ def _text_documents(f: BinaryIO, block: Block) -> Iterator[str]:
     seen_text, empties = _context_before(f, offset)
     f.seek(offset)
     lines: list[str] | None = None  # the document being read (None: not ours, or none yet)
+    size = doc_start = 0
     while True:
         raw = f.readline(MAX_LINE_BYTES + 2)
         if not raw:
             break
+        if len(raw) > MAX_LINE_BYTES + 1 and not raw.endswith(b"\n"):
+            raise DataError(f"{where} at byte {offset}: a line longer than {MAX_LINE_BYTES} bytes")
         try:
             content = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
@@ -187,9 +197,13 @@ def _text_documents(f: BinaryIO, block: Block) -> Iterator[str]:
                     yield text
             if line_start >= block.end:
                 return
-            lines = [content]
+            lines, size, doc_start = [content], len(raw), line_start
         elif lines is not None:
             lines.append(content)
+            size += len(raw)
+            if size > MAX_DOCUMENT_BYTES:
+                raise DataError(f"{where}: the document at byte {doc_start} is longer than {MAX_DOCUMENT_BYTES} "
+                                f"bytes; split it (two empty lines separate documents)")
         seen_text, empties = True, 0
     if lines is not None:
         text = "\n".join(lines).strip()
