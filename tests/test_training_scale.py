@@ -97,7 +97,8 @@ def test_fsdp_lora_with_gradient_checkpointing_matches_one_process(lm, tmp_path)
     res = subprocess.run([accelerate, "launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"), "--main_process_port",
                           str(free_port()), "-m", "gainsurgery.cli", "train", str(base), "--data",
                           str(data), *COMMON, "--method", "lora", "--fsdp", "--gradient-checkpointing", "-o",
-                          str(tmp_path / "two")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          str(tmp_path / "two")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("trained lora") == 1  # one process reports
     assert json.loads((tmp_path / "two" / "gainsurgery_training.json").read_text())["processes"] == 2
@@ -184,14 +185,15 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(method, lm, tmp_pa
     full = api_train(base, data, tmp_path / f"full-{out}", method=method,
                      save_every=3, checkpoint_dir=str(tmp_path / "ck"), eval_data=[str(data)], eval_windows=2,
                      eval_every=2, log=str(tmp_path / "full.jsonl"))
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".lock", "step-00000003"]
     resumed = api_train(base, data, tmp_path / f"resumed-{out}", method=method, resume=str(tmp_path / "ck"),
                         eval_data=[str(data)], eval_windows=2, eval_every=2, log=str(tmp_path / "resumed.jsonl"))
     assert resumed.resumed_from == 3 and resumed.steps == 6 and resumed.final_loss == full.final_loss
     assert resumed.eval == full.eval  # evaluations of steps 0 and 2 come from the checkpoint
     rows = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6]
-    full_losses = [r["loss"] for r in map(json.loads, (tmp_path / "full.jsonl").read_text().splitlines()) if "loss" in r]
+    full_rows = map(json.loads, (tmp_path / "full.jsonl").read_text().splitlines())
+    full_losses = [r["loss"] for r in full_rows if "loss" in r]
     assert [r["loss"] for r in rows if "loss" in r] == full_losses[3:]
     if method == "gain-ffn":
         a, b = load(tmp_path / f"full-{out}"), load(tmp_path / f"resumed-{out}")
@@ -383,3 +385,38 @@ def test_hostile_and_careless_inputs_are_one_line(lm, tmp_path, cli, monkeypatch
     (tmp_path / "wide.jsonl").write_text(json.dumps({"text": "x" * 100}) + "\n")
     with pytest.raises(streaming.DataError, match="a line longer than 50 bytes"):
         list(iter_documents(tmp_path / "wide.jsonl"))
+
+
+def test_resume_after_a_kill_trims_the_log_and_clears_temporaries(lm, tmp_path):
+    """A run killed after its step-3 checkpoint logged steps 4-5 (and half a line); the resumed
+    run logs each step once, and a checkpoint folder half-written by the kill is removed."""
+    base, data = lm
+    log = tmp_path / "run.jsonl"
+    api_train(base, data, tmp_path / "ref.safetensors", log=str(tmp_path / "ref.jsonl"))
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3, log=str(log))
+    rows = log.read_text().splitlines()
+    cut = [r for r in rows if json.loads(r).get("step", 0) <= 5]  # as if killed during step 6
+    log.write_text("\n".join(cut) + '\n{"step": 6, "lo')
+    (tmp_path / "g.checkpoints" / ".step-00000006.abc.tmp").mkdir()
+    api_train(base, data, tmp_path / "g.safetensors", resume=str(tmp_path / "g.checkpoints"), save_every=3,
+              log=str(log))
+    steps = [json.loads(r)["step"] for r in log.read_text().splitlines() if '"loss"' in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses = [json.loads(r)["loss"] for r in log.read_text().splitlines() if '"loss"' in r]
+    assert losses == [json.loads(r)["loss"] for r in (tmp_path / "ref.jsonl").read_text().splitlines() if '"loss"' in r]
+    assert not list((tmp_path / "g.checkpoints").glob(".step-*.tmp"))
+
+
+def test_one_run_at_a_time_per_checkpoint_folder(lm, tmp_path):
+    from gainsurgery.errors import TrainingError
+    from gainsurgery.training.state import CheckpointLock
+
+    base, data = lm
+    held = CheckpointLock(tmp_path / "ck")
+    try:
+        with pytest.raises(TrainingError, match="another training run is writing checkpoints"):
+            api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(tmp_path / "ck"))
+    finally:
+        held.release()
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(tmp_path / "ck"))
+    assert (tmp_path / "ck" / "step-00000003" / "state.json").is_file()

@@ -78,8 +78,8 @@ def shard_frozen_base(model: Any, device: Any, keep: Iterable[Any], *, reshard_a
     """Shard ``model``'s parameters across processes with FSDP2, except ``keep`` (kept whole).
 
     Each repeated block (decoder layer) becomes one FSDP unit, so do untied input
-    embeddings and LM head; the rest of the model is the root unit. ``keep`` (the trainable parameters) are moved to ``device`` and
-    left to :func:`average_gradients`.
+    embeddings and LM head; the rest of the model is the root unit. ``keep`` (the
+    trainable parameters) are moved to ``device`` and left to :func:`average_gradients`.
 
     Args:
         model: the model, after the gains or adapter are attached.

@@ -74,6 +74,39 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     return steps[-1]
 
 
+class CheckpointLock:
+    """One run at a time writes a checkpoint folder: an exclusive ``flock`` on ``.lock`` in it.
+
+    Held for the whole run by the process that writes checkpoints; the kernel drops it
+    when that process dies (kill -9 included), so a stale lock never blocks a resume.
+    With it held, temporary folders of killed runs can be removed safely.
+
+    Raises:
+        TrainingError: another live run holds the folder.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        import fcntl
+
+        self.folder = Path(checkpoint_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise TrainingError(f"another training run is writing checkpoints to {self.folder}; "
+                                f"wait for it or give --checkpoint-dir another folder") from None
+        for stale in self.folder.glob(".step-*.tmp"):  # a kill while a checkpoint was written
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def release(self) -> None:
+        """Let another run use the folder."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]], optimizer: Any,
          record: Mapping[str, Any]) -> Path:
     """Write the checkpoint of ``step`` (call on one process: the trainable numbers are whole everywhere).
