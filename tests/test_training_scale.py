@@ -420,3 +420,17 @@ def test_one_run_at_a_time_per_checkpoint_folder(lm, tmp_path):
         held.release()
     api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(tmp_path / "ck"))
     assert (tmp_path / "ck" / "step-00000003" / "state.json").is_file()
+
+
+def test_a_checkpoint_of_another_model_is_refused(lm, tmp_path, cli):
+    """LoRA's checkpoint offered to a gain-ffn run with the same settings: named parameters differ."""
+    base, data = lm
+    api_train(base, data, tmp_path / "adapter", method="lora", save_every=3)
+    step = tmp_path / "adapter.checkpoints" / "step-00000003"
+    record = json.loads((step / "state.json").read_text())
+    record["settings"]["method"] = "gain-ffn"  # a hand-edited record must still not load into the wrong model
+    (step / "state.json").write_text(json.dumps(record))
+    res = cli("train", base, "--data", data, *COMMON, "--method", "gain-ffn", "-o", tmp_path / "g.safetensors",
+              "--resume", step)
+    assert res.exit_code == 1 and "its trainable parameters are not this model's (28 saved, 4 here)" in res.stderr
+    assert not (tmp_path / "g.safetensors").exists()
