@@ -18,7 +18,9 @@ never imports gainsurgery.hub (huggingface_hub 1.x or 2.x both do). Steps:
    the merged checkpoint with the base + gains as hooks, in bf16 and in float32 compute:
    max |Δlogit| against the gain effect (max |logit(hooked) - logit(base)|).
 4. **Throughput**: GAIN-FFN, LoRA r8 (all linear layers), IA3, each with and without
-   gradient checkpointing: s/step, tokens/s, ``torch.cuda.max_memory_allocated``.
+   gradient checkpointing: s/step, tokens/s, ``torch.cuda.max_memory_allocated`` (reset
+   before each row). In a CPU rehearsal the rows share one process, so the memory column
+   is that process's running peak RSS, not a per-row figure (use bench_train.py on a CPU).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (the table) into OUT and prints the table.
 Large files (the model, the merged checkpoint) go to ``--workdir`` (a temporary folder).
