@@ -201,118 +201,116 @@ def train(cfg: TrainConfig) -> TrainResult:
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
 
     lock = state.CheckpointLock(cfg.checkpoint_folder()) if cfg.save_every and accelerator.is_main_process else None
-    try:
-        log_path = Path(cfg.log) if cfg.log else _default_log(cfg.output)
-        if start_step and accelerator.is_main_process:
-            _trim_log(log_path, start_step)
-        log = open(log_path, "a" if start_step else "w", encoding="utf-8") if accelerator.is_main_process else None
-        if log:
-            log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,
-                                  "gradient_checkpointing": checkpointing, "streaming": cfg.streaming,
-                                  "trainable_parameters": n_trainable, "parameter_bytes": sizes,
-                                  "resumed_from": start_step}) + "\n")
+    log_path = Path(cfg.log) if cfg.log else _default_log(cfg.output)
+    if start_step and accelerator.is_main_process:
+        _trim_log(log_path, start_step)
+    log = open(log_path, "a" if start_step else "w", encoding="utf-8") if accelerator.is_main_process else None
+    if log:
+        log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,
+                              "gradient_checkpointing": checkpointing, "streaming": cfg.streaming,
+                              "trainable_parameters": n_trainable, "parameter_bytes": sizes,
+                              "resumed_from": start_step}) + "\n")
 
-        def run_eval(at: int) -> None:
-            if not eval_sets:
-                return
-            model.eval()
-            with precision.autocast(device, mode):
-                row = {"step": at, **{f"eval_ppl/{name}": perplexity(model, w, device=device)["ppl"]
-                                      for name, w in eval_sets.items()}}
-            model.train()
-            evals.append(row)
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-
-        def save_checkpoint(at: int) -> None:
-            data_pos = ({"processes": gather_object([batches.position()]) if world > 1 else [batches.position()]}
-                        if cfg.streaming else batches.position())
-            if accelerator.is_main_process:
-                record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
-                          "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3),
-                          "evals": evals}
-                state.save(cfg.checkpoint_folder(), at, named_trainable, optimizer, record)
-            accelerator.wait_for_everyone()
-
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}",
-                   disable=not (cfg.progress and accelerator.is_main_process), leave=False)
-        if start_step == 0:
-            run_eval(0)
+    def run_eval(at: int) -> None:
+        if not eval_sets:
+            return
+        model.eval()
+        with precision.autocast(device, mode):
+            row = {"step": at, **{f"eval_ppl/{name}": perplexity(model, w, device=device)["ppl"]
+                                  for name, w in eval_sets.items()}}
         model.train()
-        t0, c0 = time.perf_counter(), time.process_time()  # CPU time: this process's work, on a shared machine too
-        while step < cfg.steps:
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = batches.next().to(device)
-                with precision.autocast(device, mode):
-                    loss = model(input_ids=batch, labels=batch).loss
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += accelerator.gather(loss.detach()).mean().item()
-            distributed.average_gradients(trainable)
-            if scaler is not None:
-                before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                stepped = scaler.get_scale() >= before  # a lowered scale means inf/nan: the step was skipped
-            else:
-                optimizer.step()
-                stepped = True
-            if stepped:
-                scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            last_loss = loss_sum / cfg.grad_accum
-            if not math.isfinite(last_loss):
-                raise TrainingError(f"loss became {last_loss} at step {step}; lower --lr")
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if log:
-                log.write(json.dumps({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                                      "tokens": step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1),
-                                      "seconds": round(elapsed + time.perf_counter() - t0, 3),
-                                      "cpu_seconds": round(time.process_time() - c0, 3)}) + "\n")
-                log.flush()  # a killed run's log ends at its last step, where --resume picks it up
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run_eval(step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(step)
-        seconds = time.perf_counter() - t0
-        bar.close()
-        run_eval(step)
+        evals.append(row)
         if log:
-            log.close()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
 
-        accelerator.wait_for_everyone()
-        done = step - start_step
-        result = TrainResult(cfg.output, cfg.method, n_trainable, step, last_loss, seconds, seconds / max(done, 1),
-                             step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals, param_bytes, start_step)
+    def save_checkpoint(at: int) -> None:
+        data_pos = ({"processes": gather_object([batches.position()]) if world > 1 else [batches.position()]}
+                    if cfg.streaming else batches.position())
         if accelerator.is_main_process:
-            training_meta = {k: v for k, v in asdict(cfg).items()
-                             if k not in ("progress", "output", "log", "checkpoint_dir", "save_every")}
-            training_meta.update(lr=cfg.learning_rate, data_fingerprint=data_fingerprint, mixed_precision=mode,
-                                 final_loss=last_loss, seconds=round(elapsed + seconds, 1), tokens=result.tokens,
-                                 processes=world, windows=n_windows, bos_first=bos_first)
-            if adapter is not None:
-                gain = adapter.gain_file({"method": cfg.method, "side": cfg.side, "base_model": cfg.base,
-                                          "base_fingerprint": fingerprint(ckpt), "training": training_meta,
-                                          "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"})
-                gain.save(cfg.output)
-            elif cfg.method == "full":
-                _save_full(model, folder, Path(cfg.output))
-                write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
-            else:
-                model.save_pretrained(cfg.output)
-                write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+            record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
+                      "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3),
+                      "evals": evals}
+            state.save(cfg.checkpoint_folder(), at, named_trainable, optimizer, record)
         accelerator.wait_for_everyone()
-        return result
-    finally:
-        if lock is not None:
-            lock.release()
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}",
+               disable=not (cfg.progress and accelerator.is_main_process), leave=False)
+    if start_step == 0:
+        run_eval(0)
+    model.train()
+    t0, c0 = time.perf_counter(), time.process_time()  # CPU time: this process's work, on a shared machine too
+    while step < cfg.steps:
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = batches.next().to(device)
+            with precision.autocast(device, mode):
+                loss = model(input_ids=batch, labels=batch).loss
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += accelerator.gather(loss.detach()).mean().item()
+        distributed.average_gradients(trainable)
+        if scaler is not None:
+            before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            stepped = scaler.get_scale() >= before  # a lowered scale means inf/nan: the step was skipped
+        else:
+            optimizer.step()
+            stepped = True
+        if stepped:
+            scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        last_loss = loss_sum / cfg.grad_accum
+        if not math.isfinite(last_loss):
+            raise TrainingError(f"loss became {last_loss} at step {step}; lower --lr")
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if log:
+            log.write(json.dumps({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                                  "tokens": step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1),
+                                  "seconds": round(elapsed + time.perf_counter() - t0, 3),
+                                  "cpu_seconds": round(time.process_time() - c0, 3)}) + "\n")
+            log.flush()  # a killed run's log ends at its last step, where --resume picks it up
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run_eval(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(step)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    run_eval(step)
+    if log:
+        log.close()
+
+    accelerator.wait_for_everyone()
+    done = step - start_step
+    result = TrainResult(cfg.output, cfg.method, n_trainable, step, last_loss, seconds, seconds / max(done, 1),
+                         step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals, param_bytes, start_step)
+    if accelerator.is_main_process:
+        training_meta = {k: v for k, v in asdict(cfg).items()
+                         if k not in ("progress", "output", "log", "checkpoint_dir", "save_every")}
+        training_meta.update(lr=cfg.learning_rate, data_fingerprint=data_fingerprint, mixed_precision=mode,
+                             final_loss=last_loss, seconds=round(elapsed + seconds, 1), tokens=result.tokens,
+                             processes=world, windows=n_windows, bos_first=bos_first)
+        if adapter is not None:
+            gain = adapter.gain_file({"method": cfg.method, "side": cfg.side, "base_model": cfg.base,
+                                      "base_fingerprint": fingerprint(ckpt), "training": training_meta,
+                                      "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"})
+            gain.save(cfg.output)
+        elif cfg.method == "full":
+            _save_full(model, folder, Path(cfg.output))
+            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+        else:
+            model.save_pretrained(cfg.output)
+            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+    accelerator.wait_for_everyone()
+    if lock is not None:  # on an error, the lock goes with the frame (CheckpointLock.__del__)
+        lock.release()
+    return result
 
 
 def _trim_log(path: Path, step: int) -> None:

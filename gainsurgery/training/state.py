@@ -88,6 +88,7 @@ class CheckpointLock:
     def __init__(self, checkpoint_dir: Path) -> None:
         import fcntl
 
+        self._fd = -1
         self.folder = Path(checkpoint_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -105,6 +106,9 @@ class CheckpointLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:  # a run that raised: released when its frame goes
+        self.release()
 
 
 def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]], optimizer: Any,
