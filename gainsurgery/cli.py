@@ -356,7 +356,18 @@ def inspect(gain, plot, as_json):
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Global batch (windows).")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per window.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype of the frozen base weights (gains and adapters stay float32).")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
+              help="Autocast the forward pass [default: accelerate launch's setting, else no]. fp16 uses loss scaling.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute layer activations in backward: less memory, ~30% more compute.")
+@click.option("--fsdp", is_flag=True, help="Shard the frozen base across processes (FSDP2); launch with torchrun "
+              "or accelerate launch.")
+@click.option("--streaming", is_flag=True, help="Stream --data in blocks (files larger than memory); each process "
+              "reads its own blocks.")
+@click.option("--stream-block-bytes", default=8 << 20, show_default=True, type=click.IntRange(1),
+              help="Block size of streamed .txt/.jsonl files, in bytes.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--warmup", default=0.1, show_default=True, type=float, help="Fraction of steps (<1) or steps (>=1).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
@@ -365,18 +376,25 @@ def inspect(gain, plot, as_json):
 @click.option("--eval-every", default=0, type=click.IntRange(0), help="Steps between evaluations (0: start and end).")
 @click.option("--eval-windows", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--text-field", default="text", show_default=True, help="Field/column holding text in .jsonl/.parquet.")
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Continue from a saved gain file (gains only; optimizer state starts fresh).")
+@click.option("--resume", type=click.Path(exists=True), default=None,
+              help="A gain file to start from (gains only; optimizer fresh), or a checkpoint folder from "
+                   "--save-every to continue exactly (optimizer, schedule, data position).")
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
+              help="Write a training checkpoint every N steps (0: never).")
+@click.option("--checkpoint-dir", type=click.Path(), default=None,
+              help="Where --save-every writes [default: OUTPUT.checkpoints beside -o].")
 @click.option("--log", type=click.Path(dir_okay=False), default=None, help="JSONL training log [default: beside -o].")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_json
-def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, seq_len, dtype, seed, warmup,
-          schedule, eval_data, eval_every, eval_windows, text_field, resume, log, lora_rank, no_progress, as_json):
+def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, seq_len, dtype, mixed_precision,
+          gradient_checkpointing, fsdp, streaming, stream_block_bytes, seed, warmup, schedule, eval_data, eval_every,
+          eval_windows, text_field, resume, save_every, checkpoint_dir, log, lora_rank, no_progress, as_json):
     """Train GAIN gains (or a LoRA / IA3 baseline) on domain text.
 
     The base stays frozen; only one gain per adapted weight is learned (init 1).
-    Runs on one CPU/GPU, or with `accelerate launch` across processes.
+    Runs on one CPU/GPU, or across processes with `torchrun` or `accelerate launch`
+    (add --fsdp to shard the base; configs/ has ready accelerate configs).
 
     \b
     Example:
@@ -388,11 +406,16 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
     from gainsurgery.training import TrainConfig
 
     cfg = TrainConfig(base=base, data=list(data), output=output, method=method, side=side, steps=steps, lr=lr,
-                      batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, dtype=dtype, seed=seed,
+                      batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, dtype=dtype,
+                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
+                      streaming=streaming, stream_block_bytes=stream_block_bytes, seed=seed,
                       warmup=warmup, schedule=schedule, eval_data=list(eval_data), eval_every=eval_every,
-                      eval_windows=eval_windows, text_field=text_field, resume=resume, log=log,
+                      eval_windows=eval_windows, text_field=text_field, resume=resume, save_every=save_every,
+                      checkpoint_dir=checkpoint_dir, log=log,
                       lora_rank=lora_rank, progress=not no_progress)
     result = api.train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
+        return
     if as_json:
         _emit_json(result.__dict__)
         return

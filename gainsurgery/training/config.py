@@ -46,7 +46,17 @@ class TrainConfig:
         batch_size: the *global* batch, in windows (split across processes).
         grad_accum: micro-batches per step.
         seq_len: tokens per window.
-        dtype: model dtype (``float32``, ``bfloat16``, ``float16``).
+        dtype: the frozen base weights' dtype (``float32``, ``bfloat16``, ``float16``); trainable
+            gains and adapters stay float32 whatever it is.
+        mixed_precision: autocast for the forward pass: ``no``, ``bf16`` or ``fp16`` (with loss
+            scaling); None: what ``accelerate launch`` was configured with, else ``no``.
+        gradient_checkpointing: recompute each layer's activations in backward instead of
+            keeping them (non-reentrant, so frozen weights and the gain hooks work).
+        fsdp: shard the frozen base across processes with FSDP2 (the trainable numbers stay
+            whole in every process); also on when ``accelerate launch`` is configured for FSDP.
+        streaming: stream the training data in blocks instead of reading it all into memory
+            (see :mod:`gainsurgery.training.streaming`).
+        stream_block_bytes: block size of streamed .txt/.jsonl files, in bytes.
         seed: seeds the data order and initialisation.
         warmup: a fraction of the steps (< 1) or a number of steps (>= 1).
         schedule: ``cosine``, ``linear`` or ``constant``.
@@ -54,7 +64,10 @@ class TrainConfig:
         eval_every: steps between evaluations (0: at start and end only).
         eval_windows: windows per validation file.
         text_field: the text field of .jsonl / column of .parquet.
-        resume: a gain file to start from (GAIN only).
+        resume: a gain file to start from (GAIN only; the optimizer starts fresh), or a training
+            checkpoint folder (any method) to continue exactly where it stopped.
+        save_every: write a training checkpoint every N optimizer steps (0: never).
+        checkpoint_dir: where checkpoints go (default: ``<output>.checkpoints`` beside the output).
         log: JSON-lines log path (default: beside ``output``).
         lora_rank: LoRA rank; lora_alpha: LoRA alpha.
         lora_targets: LoRA target modules (PEFT names, e.g. ``["o_proj", "down_proj"]``);
@@ -79,6 +92,11 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 256
     dtype: str = "float32"
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    streaming: bool = False
+    stream_block_bytes: int = 8 << 20
     seed: int = 0
     warmup: float = 0.1
     schedule: str = "cosine"
@@ -87,6 +105,8 @@ class TrainConfig:
     eval_windows: int = 32
     text_field: str = "text"
     resume: str | None = None
+    save_every: int = 0
+    checkpoint_dir: str | None = None
     log: str | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -113,8 +133,16 @@ class TrainConfig:
             raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup < 1 and not (self.warmup >= 1 and float(self.warmup).is_integer()):
             raise TrainingError("--warmup is a fraction of the steps in [0, 1) or a whole number of steps")
-        if self.resume and self.method not in GAIN_METHODS:
-            raise TrainingError("--resume continues a GAIN gain file; it needs --method gain or gain-ffn")
+        if self.resume and not self.resumes_checkpoint and self.method not in GAIN_METHODS:
+            raise TrainingError("--resume with a gain file continues GAIN gains; it needs --method gain or gain-ffn "
+                                "(or give a training checkpoint folder)")
+        if self.mixed_precision is not None and self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TrainingError(f"unknown mixed precision {self.mixed_precision!r}; choose one of no, bf16, fp16")
+        if self.save_every < 0 or self.stream_block_bytes < 1:
+            raise TrainingError("--save-every must be at least 0 and --stream-block-bytes at least 1")
+        if self.fsdp and self.method == "full":
+            raise TrainingError("--fsdp shards the frozen base; full fine-tuning trains every weight "
+                                "(use several processes without --fsdp)")
         if self.init_adapter and self.method not in PEFT_METHODS:
             raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
@@ -124,6 +152,18 @@ class TrainConfig:
             raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
         if self.method in GAIN_METHODS and out.is_dir():
             raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
+
+    @property
+    def resumes_checkpoint(self) -> bool:
+        """True when ``resume`` names a training checkpoint folder (exact resume), not a gain file."""
+        return bool(self.resume) and Path(self.resume).is_dir()
+
+    def checkpoint_folder(self) -> Path:
+        """Where checkpoints are written: ``checkpoint_dir``, or ``<output>.checkpoints`` beside the output."""
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        out = Path(self.output)
+        return out.with_name((out.stem if out.suffix else out.name) + ".checkpoints")
 
     def warmup_steps(self) -> int:
         """Warmup length in steps."""
@@ -143,6 +183,9 @@ class TrainResult:
         seconds: wall time of the loop; seconds_per_step: its average per step.
         tokens: tokens trained on (predicted positions).
         eval: one row per evaluation: ``step`` and ``eval_ppl/<name>`` per validation file.
+        parameter_bytes: bytes of model parameters this process held while training (with
+            ``fsdp``, its shard of the base plus the whole trainable numbers).
+        resumed_from: the step a checkpoint resumed at (0: from the start).
     """
 
     output: str
@@ -154,3 +197,5 @@ class TrainResult:
     seconds_per_step: float
     tokens: int
     eval: list[dict] = field(default_factory=list)
+    parameter_bytes: int = 0
+    resumed_from: int = 0

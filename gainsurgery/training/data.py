@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator
 
 from gainsurgery.errors import DataError
 from gainsurgery.io.atomic import iter_jsonl
@@ -83,28 +83,91 @@ class Windows:
         return len(self.ids) * (self.seq_len - 1)
 
 
-def pack(tokenizer: Any, documents: Sequence[str], seq_len: int, max_windows: int | None = None) -> Windows:
+def pack(tokenizer: Any, documents: Iterable[str], seq_len: int, max_windows: int | None = None) -> Windows:
     """Cut documents into windows of exactly ``seq_len`` tokens, BOS first where the
     model expects it. The tail that does not fill a window is dropped.
 
     Deterministic: the same documents give the same windows, in document order.
+    ``documents`` may be any iterable (a generator over a large file is read only
+    as far as ``max_windows`` needs).
     """
     if seq_len < 8:
         raise DataError("--seq-len must be at least 8 tokens")
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    windows: list[list[int]] = []
+    for window in iter_windows(tokenizer, documents, seq_len, bos):
+        windows.append(window)
+        if max_windows is not None and len(windows) >= max_windows:
+            break
+    if not windows:
+        raise DataError(f"not enough text for one window of {seq_len} tokens")
+    return Windows(windows, seq_len, bos)
+
+
+def iter_windows(tokenizer: Any, documents: Iterable[str], seq_len: int, bos: int | None) -> Iterator[list[int]]:
+    """Windows of ``seq_len`` tokens from documents joined with EOS, ``bos`` first when not None.
+
+    Tokens are consumed as they come (a pointer into a buffer that is compacted),
+    so a document of millions of tokens costs linear time.
+    """
     eos = tokenizer.eos_token_id
     body = seq_len - (1 if bos is not None else 0)
+    head = [bos] if bos is not None else []
     stream: list[int] = []
-    windows: list[list[int]] = []
+    at = 0
     for doc in documents:
         stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-        while len(stream) >= body:
-            chunk, stream = stream[:body], stream[body:]
-            windows.append(([bos] if bos is not None else []) + chunk)
-            if max_windows is not None and len(windows) >= max_windows:
-                return Windows(windows, seq_len, bos)
-    if not windows:
-        raise DataError(f"not enough text for one window of {seq_len} tokens")
-    return Windows(windows, seq_len, bos)
+        while len(stream) - at >= body:
+            yield head + stream[at:at + body]
+            at += body
+        if at:
+            del stream[:at]
+            at = 0
+
+
+class MemoryBatches:
+    """This process's micro-batches from windows held in memory (the default data path).
+
+    The global order is a fresh seeded permutation of all windows per epoch
+    (``torch.randperm`` with a generator seeded by ``seed``); global batches are
+    consecutive runs of ``global_batch`` windows of it, and process ``rank`` of
+    ``world`` takes its contiguous slice of each. The place in the order is one
+    number, the windows consumed, so resuming is exact and cheap.
+
+    Example:
+        >>> b = MemoryBatches(windows, global_batch=8, seed=0, rank=0, world=2)  # doctest: +SKIP
+        >>> b.next().shape  # doctest: +SKIP
+        torch.Size([4, 256])
+    """
+
+    def __init__(self, windows: Windows, global_batch: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
+        import torch
+
+        self.data = torch.tensor(windows.ids, dtype=torch.long)
+        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
+        self.consumed = 0
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+        self._epochs = 0
+
+    def position(self) -> dict[str, int]:
+        """Windows of the global order consumed so far."""
+        return {"consumed": self.consumed}
+
+    def restore(self, position: dict[str, int]) -> None:
+        """Continue after ``position["consumed"]`` windows."""
+        self.consumed = int(position["consumed"])
+
+    def next(self):
+        """The next micro-batch of this process: ``[global_batch / world, seq_len]`` int64."""
+        import torch
+
+        start, end = self.consumed, self.consumed + self.global_batch
+        while len(self._order) < end:  # one seeded permutation per epoch, as many as needed
+            self._order.extend(torch.randperm(len(self.data), generator=self._gen).tolist())
+        share = self.global_batch // self.world
+        mine = self._order[start + self.rank * share:start + (self.rank + 1) * share]
+        self.consumed = end
+        return self.data[mine]

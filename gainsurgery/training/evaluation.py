@@ -24,12 +24,15 @@ from gainsurgery.io.atomic import iter_jsonl
 from gainsurgery.training.data import Windows, adds_bos
 
 
-def perplexity(model: Any, windows: Windows, batch_size: int = 8) -> dict[str, float]:
-    """Mean NLL (nats/token), token count and perplexity of ``model`` on ``windows``."""
+def perplexity(model: Any, windows: Windows, batch_size: int = 8, device: Any = None) -> dict[str, float]:
+    """Mean NLL (nats/token), token count and perplexity of ``model`` on ``windows``.
+
+    The windows go to ``device`` (default: where the model's first parameter is).
+    """
     import torch
 
     nll, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(windows.ids), batch_size):
             batch = torch.tensor(windows.ids[i : i + batch_size], dtype=torch.long, device=device)

@@ -1,0 +1,153 @@
+"""Training across processes: data parallel, and FSDP2 sharding of the frozen base.
+
+One picture for every launcher (``torchrun``, ``accelerate launch``) and device:
+
+- every process reads its own slice of each global batch;
+- the *trainable* numbers (gain vectors, a PEFT adapter, or every weight for
+  ``full``) are whole in every process, and their gradients are averaged with one
+  all-reduce per optimizer step (:func:`average_gradients`). That is DDP's
+  arithmetic; for 55K gains, or a few million adapter numbers, there is nothing
+  to overlap, and keeping them whole means the hooks, the optimizer state, the
+  checkpoints and the saved file are exactly those of one process;
+- without ``--fsdp`` each process holds the whole frozen base (DDP);
+- with ``--fsdp`` the frozen base is sharded with torch's FSDP2 ``fully_shard``
+  (:func:`shard_frozen_base`): each decoder layer is one unit whose weights are
+  split across the processes and gathered only while that layer runs; untied
+  input embeddings and LM head are units too; the rest (final norm, a tied
+  embedding) is the root unit. The trainable parameters are
+  ``ignored_params``: FSDP neither shards nor reduces them (the all-reduce above
+  does), so the gain holder the hooks read is a plain, whole tensor.
+
+Per process, the base takes ``1/N`` of its bytes plus one gathered layer at a time;
+see docs/training.md for what that means for 1B/8B/70B models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from gainsurgery.errors import TrainingError
+
+
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_gradients(params: Sequence[Any]) -> None:
+    """Average the gradients of ``params`` over every process, in place (one all-reduce per dtype).
+
+    A parameter without a gradient on this process counts as a zero gradient, so
+    every process takes part in the same collective whatever its batch touched.
+    """
+    import torch
+    import torch.distributed as dist
+
+    n = world_size()
+    if n == 1:
+        return
+    by_dtype: dict[Any, list[Any]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every process
+        group = by_dtype[dtype]
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= n
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+def layer_classes(model: Any) -> set[str]:
+    """Class names of the model's repeated blocks (transformers' ``_no_split_modules``)."""
+    found: set[str] = set()
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            found.update(names)
+    return found
+
+
+def shard_frozen_base(model: Any, device: Any, keep: Iterable[Any], *, reshard_after_forward: bool = True) -> int:
+    """Shard ``model``'s parameters across processes with FSDP2, except ``keep`` (kept whole).
+
+    Each repeated block (decoder layer) becomes one FSDP unit, so do untied input
+    embeddings and LM head; the rest of the model is the root unit. ``keep`` (the
+    trainable parameters) are moved to ``device`` and left to :func:`average_gradients`.
+
+    Args:
+        model: the model, after the gains or adapter are attached.
+        device: this process's device (``accelerator.device``).
+        keep: parameters FSDP must not shard.
+        reshard_after_forward: free each layer's gathered weights after its forward
+            (ZeRO-3; gathered again in backward) — False keeps them until backward (ZeRO-2 for
+            parameters: faster, more memory).
+
+    Returns:
+        The number of FSDP units made (layers, embeddings, head, root).
+
+    Raises:
+        TrainingError: no process group, or a model whose blocks cannot be found.
+
+    Example:
+        >>> shard_frozen_base(model, accelerator.device, trainable)  # doctest: +SKIP
+        19
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TrainingError("--fsdp needs several processes: launch with torchrun or accelerate launch")
+    classes = layer_classes(model)
+    if not classes:
+        raise TrainingError(f"--fsdp: {type(model).__name__} names no repeated blocks (_no_split_modules) to shard")
+    keep = list(keep)
+    for p in keep:  # FSDP moves what it manages; what it ignores must be placed here
+        p.data = p.data.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    ignored = set(keep)
+    units = 0
+    for module in list(model.modules()):
+        if type(module).__name__ in classes:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+            units += 1
+    if units == 0:
+        raise TrainingError(f"--fsdp: none of {sorted(classes)} found in the model")
+    # Untied embeddings and head are the largest single weights of a model (2 x 1.05B numbers
+    # for Llama 3 70B); as units of their own they are gathered only while they run, instead
+    # of for the whole step as part of the root unit. A tied pair stays in the root.
+    embed, head = _embeddings(model)
+    for module in (embed, head):
+        if module is not None and getattr(module, "weight", None) is not None and \
+                (embed is None or head is None or embed.weight is not head.weight):
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+            units += 1
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    return units + 1
+
+
+def _embeddings(model: Any) -> tuple[Any, Any]:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    return (get_in() if get_in else None), (get_out() if get_out else None)
+
+
+def parameter_bytes(model: Any) -> int:
+    """Bytes of parameters this process holds: its local shard of sharded ones, all of the others.
+
+    Example:
+        >>> parameter_bytes(torch.nn.Linear(4, 4))  # doctest: +SKIP
+        80
+    """
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
