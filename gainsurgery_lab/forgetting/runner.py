@@ -350,8 +350,8 @@ class Experiment:
     def run(self, key: RunKey) -> list[dict]:
         """Run (or finish) the sequence ``key``; returns its stage records.
 
-        Past the config's deadline an unstarted or unfinished run is left alone (and the
-        records so far returned): resume later without a deadline to finish it.
+        Past the config's deadline no further stage is started (the records so far are
+        returned): resume later without a deadline to finish the run.
         """
         method = METHODS[key.method]
         d = self.run_dir(key)
@@ -363,6 +363,9 @@ class Experiment:
         d.mkdir(parents=True, exist_ok=True)
         _write_json(d / "run.json", key.describe())
         for k in range(len(done), len(self.sequence)):
+            if k > 0 and self.out_of_time():  # a run cut between stages resumes from its last stage
+                self.log(f"{key.name}: out of time after stage {k}; resume without a deadline to finish it")
+                return done
             rec = self._stage(key, method, k, done)
             _write_json(d / f"stage-{k + 1}.json", rec)
             done.append(rec)
