@@ -211,8 +211,9 @@ class Experiment:
             if frozen.is_file() and (work / "train.txt").is_file():
                 self.domains[spec.name] = load_windows(frozen, work / "train.txt")
                 continue
+            trained = spec.name in {d.name for d in c.sequence}  # a domain only scored needs no training text
             dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows, work,
-                                 min_train_windows=c.batch_size)
+                                 min_train_windows=c.batch_size if trained else 0)
             save_windows(frozen, dom)
             self.domains[spec.name] = dom
             i = dom.info
