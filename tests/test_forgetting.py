@@ -344,6 +344,25 @@ def test_a_deadline_between_stages_stops_the_run_and_a_later_call_resumes_it(tin
     assert done[0]["test_nll"] == first["test_nll"]  # stage 1 was kept, not retrained
 
 
+def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.data import ForgettingError
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    # twelve short documents: the 8 test + 4 dev windows fit, one batch of 64 training windows does not
+    small = parse_domain(f"d={_write(tmp_path / 'd.txt', _docs(TEXT_B, 12, 7))}")
+    cfg = dataclasses.replace(tiny_experiment.cfg, batch_size=64, grad_accum=1)
+    scored = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "scored"), extra_eval=[small]), echo=None)
+    scored.prepare()
+    assert (len(scored.domains["d"].test.ids), len(scored.domains["d"].dev.ids)) == (8, 4)
+    trained = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "trained"), sequence=[cfg.sequence[0], small]),
+                         echo=None)
+    with pytest.raises(ForgettingError, match=r"domain d: its training text gives \d+ windows of 32 tokens; "
+                                              r"need at least 64"):
+        trained.prepare()
+
+
 def test_static_keys_interleave_methods_middle_out(tiny_experiment):
     import dataclasses
 

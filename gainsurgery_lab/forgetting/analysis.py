@@ -79,6 +79,9 @@ class Results:
         self.domain_info = {}
         for name in self.columns:
             w = _read(self.out / "data" / name / "windows.json")
+            if not isinstance(w, dict) or not isinstance(w.get("info"), dict):  # the bootstrap needs its documents
+                raise ForgettingError(f"{out}: data/{name}/windows.json is missing or damaged (the test windows' "
+                                      f"documents, which the intervals resample)")
             self.domain_info[name] = w["info"]
             windows[name] = DomainWindows(tuple(w["test"]["units"]), tuple(len(x) - 1 for x in w["test"]["ids"]))
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
