@@ -62,6 +62,14 @@ def test_interpolation_along_a_front():
     assert math.isnan(stats.interpolate_at(xs, ys, -30.0))  # never extrapolated
     # a front that turns back (too high an lr adapts worse): the low-lr branch is used
     assert stats.interpolate_at([0.0, -10.0, -4.0], [0.0, 10.0, 40.0], -5.0) == pytest.approx(5.0)
+    # a front whose smallest lr already adapts more than the target: only the returning branch crosses
+    # it, so matching is cut at the best in-domain point and says "not reached" (the CPU run's gain-ffn)
+    cpu = [-14.7, -22.1, -20.1, 25.8]
+    assert stats.efficient_prefix(cpu) == 2 and stats.efficient_prefix([]) == 0
+    assert stats.interpolate_at(cpu, [-7.5, -7.3, 26.8, 576.8], -5.0) == pytest.approx(
+        26.8 + (576.8 - 26.8) * (-5.0 + 20.1) / (25.8 + 20.1))
+    assert math.isnan(stats.interpolate_at(cpu[:2], [-7.5, -7.3], -5.0))
+    assert stats.interpolate_at(cpu[:2], [-7.5, -7.3], -20.0) == pytest.approx(-7.5 + 0.2 * (5.3 / 7.4))
     e = [stats.Estimate(x, np.array([x, x + 1.0])) for x in xs]
     f = [stats.Estimate(y, np.array([y, y])) for y in ys]
     got = stats.interpolate_estimate(e, f, -5.0)

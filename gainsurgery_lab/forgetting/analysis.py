@@ -31,8 +31,8 @@ import numpy as np
 
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
-from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, interpolate_estimate,
-                                              mcnemar_exact, mean_estimate, wilson_interval)
+from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
+                                              interpolate_estimate, mcnemar_exact, mean_estimate, wilson_interval)
 
 #: In-domain changes (%) at which fronts are compared in the "matched" table.
 MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
@@ -180,6 +180,8 @@ class Results:
         """Each method's ``y_key`` interpolated at fixed in-domain changes and at the others' chosen points."""
         table: dict[str, Any] = {"targets": {}, "at_chosen": {}}
         fronts = {m: [r for r in self.front(m) if not r.failed and y_key in r.metrics] for m in self.methods()}
+        # up to each front's best in-domain lr: beyond it, the front only turns back (see efficient_prefix)
+        fronts = {m: f[:efficient_prefix([r.metrics["in_domain"].point for r in f])] for m, f in fronts.items()}
         fronts = {m: f for m, f in fronts.items() if len(f) >= 2}
         for m, f in fronts.items():
             xs = [r.metrics["in_domain"] for r in f]
@@ -338,7 +340,8 @@ def render_markdown(res: Results) -> str:
             if not mt["targets"]:
                 continue
             lines += ["", f"## At matched in-domain change: {title}", "",
-                      "Interpolated linearly along each front (n/r: the front does not reach that in-domain change).",
+                      "Interpolated linearly along each front, over its lrs up to its best in-domain one (past it a "
+                      "front only turns back); n/r: the front does not reach that in-domain change.",
                       "", "| method | " + " | ".join(f"in-domain {t:+.0f}%" for t in MATCH_TARGETS) + " |",
                       "|---|" + "---:|" * len(MATCH_TARGETS)]
             for m, row in mt["targets"].items():
