@@ -371,6 +371,25 @@ def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
         trained.prepare()
 
 
+def test_compare_two_runs_with_paired_intervals(tiny_experiment):
+    import re
+
+    from gainsurgery_lab.forgetting.analysis import Results, compare_runs
+    from gainsurgery_lab.forgetting.data import ForgettingError
+
+    exp = tiny_experiment
+    a, b = "gain-ffn__stack__lr-4__s0", "lora-matched__merge__lr-4__s0"
+    table = compare_runs(exp.out, a, b, resamples=200)
+    runs = {r.name: r for r in Results(exp.out, resamples=200).runs}
+    row = next(line for line in table.splitlines() if line.startswith("| earlier vs base |"))
+    va, vb, diff = (float(re.match(r"\s*([+-]?[\d.]+)", c).group(1)) for c in row.split("|")[2:5])
+    assert va == pytest.approx(runs[a].metrics["earlier_vs_base"].point, abs=0.051)
+    assert vb == pytest.approx(runs[b].metrics["earlier_vs_base"].point, abs=0.051)
+    assert diff == pytest.approx(va - vb, abs=0.11)
+    with pytest.raises(ForgettingError, match="'nope' is not a finished run"):
+        compare_runs(exp.out, a, "nope")
+
+
 def test_static_keys_interleave_methods_middle_out(tiny_experiment):
     import dataclasses
 

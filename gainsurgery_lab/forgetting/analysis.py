@@ -516,3 +516,31 @@ def write_report(out: Path, resamples: int = 2000) -> list[Path]:
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     (out / "results.md").write_text(render_markdown(res), encoding="utf-8")
     return [out / "results.json", out / "results.md", *make_plots(res, out)]
+
+
+def compare_runs(out: Path, name_a: str, name_b: str, resamples: int = 2000) -> str:
+    """A markdown table of two finished runs' metrics and A - B with paired 95% bootstrap intervals.
+
+    The intervals resample the same documents for both runs (they are scored on the same
+    windows), so the difference is far tighter than the two intervals side by side.
+
+    Raises:
+        ForgettingError: no such run, or it has not finished.
+    """
+    res = Results(out, resamples=resamples)
+    by_name = {r.name: r for r in res.runs}
+    picked = []
+    for name in (name_a, name_b):
+        run = by_name.get(name)
+        if run is None or run.failed or not run.metrics:
+            known = ", ".join(sorted(n for n, r in by_name.items() if r.metrics and not r.failed)) or "none"
+            raise ForgettingError(f"{name!r} is not a finished run under {out}/runs (finished: {known})")
+        picked.append(run)
+    a, b = picked
+    lines = [f"| metric (PPL change %, 95% CI) | A: {a.name} | B: {b.name} | A - B (paired) |", "|---|---:|---:|---:|"]
+    for key, label in (("in_domain", "in-domain"), ("earlier_vs_base", "earlier vs base"),
+                       ("earlier_vs_own", "earlier vs own stage"), ("untrained", "never-trained")):
+        if key in a.metrics and key in b.metrics:
+            lines.append(f"| {label} | {_f(a.metrics[key].as_dict())} | {_f(b.metrics[key].as_dict())} | "
+                         f"{_f((a.metrics[key] - b.metrics[key]).as_dict())} |")
+    return "\n".join(lines)
