@@ -360,10 +360,17 @@ def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
 
     # twelve short documents: the 8 test + 4 dev windows fit, one batch of 64 training windows does not
     small = parse_domain(f"d={_write(tmp_path / 'd.txt', _docs(TEXT_B, 12, 7))}")
-    cfg = dataclasses.replace(tiny_experiment.cfg, batch_size=64, grad_accum=1)
+    cfg = dataclasses.replace(tiny_experiment.cfg, batch_size=64, grad_accum=1, steps=100)
     scored = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "scored"), extra_eval=[small]), echo=None)
     scored.prepare()
     assert (len(scored.domains["d"].test.ids), len(scored.domains["d"].dev.ids)) == (8, 4)
+    log = (scored.out / "log.txt").read_text()
+    warned = []
+    for name in ("a", "b"):  # a stage draws 100 x 64 windows: warned where that is over 4 epochs
+        n = scored.domains[name].info["train_windows"]
+        assert (f"domain {name}: warning: a stage draws 6400 windows from {n} " in log) == (6400 > 4 * n)
+        warned.append(6400 > 4 * n)
+    assert any(warned) and "domain d: warning" not in log  # d is scored only
     trained = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "trained"), sequence=[cfg.sequence[0], small]),
                          echo=None)
     with pytest.raises(ForgettingError, match=r"domain d: its training text gives \d+ windows of 32 tokens; "

@@ -220,6 +220,11 @@ class Experiment:
             self.log(f"domain {spec.name}: {i['test_windows']} test windows ({i['test_units']} documents), "
                      f"{i['dev_windows']} dev windows ({i['dev_units']}), {i['documents_train']} training "
                      f"documents ({i['train_windows']} windows); split: {i['split']}")
+            drawn = c.steps * c.batch_size
+            if trained and i["train_windows"] and drawn > 4 * i["train_windows"]:
+                self.log(f"domain {spec.name}: warning: a stage draws {drawn} windows from {i['train_windows']} "
+                         f"({drawn / i['train_windows']:.0f} epochs); expect it to overfit (give more text, "
+                         f"or fewer steps or a smaller batch)")
 
     # ------------------------------------------------------------------------------ evaluation
     @property
