@@ -397,6 +397,36 @@ def test_compare_two_runs_with_paired_intervals(tiny_experiment):
         compare_runs(exp.out, a, "nope")
 
 
+def test_a_front_that_adapts_too_much_at_its_smallest_lr_gets_smaller_lrs(tiny_experiment, tmp_path):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    # lora-matched at lr 1e-6 barely moves the model; gain-ffn's smallest lr (1e-2) adapts far more,
+    # so gain-ffn's front cannot be read at lora-matched's chosen point until it gets a smaller lr
+    cfg = dataclasses.replace(tiny_experiment.cfg, out=str(tmp_path / "out"), seed_methods=[], extra_methods=[],
+                              variants=[], yesno=0, max_extensions=1, phases=["fronts"],
+                              grids={"gain-ffn": [-4, -3], "lora-matched": [-12, -11]})
+    exp = Experiment(cfg, echo=None)
+    exp.execute()
+    base = exp.base_scores()
+    tried = sorted(exp.tried_exponents("gain-ffn"))
+    assert tried[0] == -5  # one below the grid: the limit (max_extensions=1)
+    log = (exp.out / "log.txt").read_text()
+    assert "gain-ffn: its smallest lr (1e-02) adapts more than the chosen point of lora-matched; adding lr 3.2e-03" in log
+    chosen = exp.chosen("lora-matched", base)
+    target = exp.dev_score(exp_key(exp, "lora-matched", chosen), base)
+    assert exp.dev_score(exp_key(exp, "gain-ffn", -4), base) < target  # the reason, on dev scores
+    assert not [e for e in exp.tried_exponents("lora-matched") if e < -12]  # it already reaches gain-ffn's point
+
+
+def exp_key(exp, method, e):
+    from gainsurgery_lab.forgetting.methods import METHODS
+    from gainsurgery_lab.forgetting.runner import RunKey
+
+    return RunKey(method, METHODS[method].default_variant, e, 0)
+
+
 def test_static_keys_interleave_methods_middle_out(tiny_experiment):
     import dataclasses
 
