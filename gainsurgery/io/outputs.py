@@ -70,7 +70,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Literal
+from typing import BinaryIO, Iterable, Iterator, Literal, TextIO
 
 from gainsurgery.errors import GainSurgeryError, OutputError
 from gainsurgery.io.inputs import allowed_roots, show_path
@@ -429,6 +429,45 @@ def write_file(out: str | os.PathLike[str], data: bytes | str, *,
     with atomic_file(out, inputs=inputs, what=what, error=error) as f:
         f.write(payload)
     return output_path(out)
+
+
+def write_json(out: str | os.PathLike[str], value: object, *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+               what: str | None = None, error: type[GainSurgeryError] = OutputError, indent: int | None = 2) -> Path:
+    """Write ``value`` as JSON (plus a final newline) to ``out`` atomically (see :func:`write_file`).
+
+    Example:
+        >>> write_json("results.json", {"ppl": 12.5}, inputs=["model"])  # doctest: +SKIP
+        PosixPath('/work/results.json')
+    """
+    return write_file(out, json.dumps(value, indent=indent) + "\n", inputs=inputs, what=what, error=error)
+
+
+def open_log_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+                  what: str | None = None, error: type[GainSurgeryError] = OutputError) -> TextIO:
+    """Open a file written as it grows (a training log): checked like any output, never through a link.
+
+    :func:`check_output` first; then the file is created or truncated with
+    ``O_NOFOLLOW`` (a link planted at the name is refused, never followed). Unlike
+    :func:`atomic_file` the content is visible while it is written. The caller closes it.
+
+    Example:
+        >>> with open_log_file("run.train.jsonl", inputs=["base"]) as log:  # doctest: +SKIP
+        ...     log.write('{"step": 1}\\n')
+    """
+    target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        raise error(f"{what or 'output file'} {show_path(out)} cannot be written ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{what or 'output file'} {show_path(out)} is not a regular file; name another file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def output_path(out: str | os.PathLike[str]) -> Path:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
-from gainsurgery.errors import TrainingError
+from gainsurgery.errors import GainSurgeryError, TrainingError
 
 #: PEFT baselines: trained on the same loop, saved as adapter folders.
 PEFT_METHODS = ("lora", "ia3")
@@ -61,6 +61,8 @@ class TrainConfig:
             None: every linear layer but the head.
         init_adapter: a PEFT adapter folder to continue training (``lora``/``ia3``) instead
             of a fresh adapter.
+        overwrite: replace an existing output folder (``lora``/``ia3``/``full``); a gain
+            file (a plain ``-o`` file) is always replaced.
         progress: show a progress bar.
 
     Example:
@@ -92,6 +94,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_targets: list[str] | None = None
     init_adapter: str | None = None
+    overwrite: bool = False
     progress: bool = True
 
     @property
@@ -99,11 +102,49 @@ class TrainConfig:
         """The peak learning rate: ``lr``, or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
+    @property
+    def writes_folder(self) -> bool:
+        """True when the output is a folder (an adapter or a checkpoint), False for a gain file."""
+        return self.method not in GAIN_METHODS
+
+    def inputs(self) -> list[str]:
+        """Every path the run reads: the base folder, data, validation data, resume file, adapter.
+
+        An output (``-o``, the log) is never, never holds and never lies inside any
+        of them. An embedded base counts as its cache folder (not converted here).
+        """
+        from gainsurgery.io.inputs import classify_base_spec
+        from gainsurgery.sources.embedded import embedded_dir
+
+        found: list[str] = []
+        try:
+            kind = classify_base_spec(self.base)
+        except GainSurgeryError:
+            kind = None  # reported when the base is opened
+        if kind is not None and kind.kind == "local":
+            found.append(str(kind.path))
+        elif kind is not None and kind.kind == "embedded":
+            found.append(str(embedded_dir(kind.name)))  # type: ignore[arg-type]
+        found += [str(p) for p in (*self.data, *self.eval_data, self.resume, self.init_adapter) if p]
+        return found
+
+    def log_path(self) -> Path:
+        """Where the JSON-lines training log goes: ``log``, else beside the output."""
+        if self.log:
+            return Path(self.log)
+        out = Path(self.output)
+        return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")
+
     def validate(self) -> None:
         """Refuse options that cannot work, before any model is loaded.
 
+        The output and the log are checked with :func:`gainsurgery.io.outputs.check_output`:
+        never ``""``, ``.``, the current or home folder, never an input (the base,
+        data files...) nor inside or around one; a gain file's ``-o`` is never a folder.
+
         Raises:
-            TrainingError: unknown method or schedule, bad counts, no data, unusable output path.
+            TrainingError: unknown method or schedule, bad counts, no data.
+            OutputError: an unusable output or log path.
         """
         if self.method not in METHODS:
             raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -119,11 +160,12 @@ class TrainConfig:
             raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
-        out = Path(self.output)
-        if not out.resolve().parent.is_dir():
-            raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
-        if self.method in GAIN_METHODS and out.is_dir():
-            raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
+        from gainsurgery.io.outputs import check_output
+
+        inputs = self.inputs()
+        check_output(self.output, inputs=inputs, kind="folder" if self.writes_folder else "file",
+                     overwrite=self.overwrite, what="-o")
+        check_output(self.log_path(), inputs=[*inputs, self.output], kind="file", what="the training log")
 
     def warmup_steps(self) -> int:
         """Warmup length in steps."""

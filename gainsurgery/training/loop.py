@@ -18,6 +18,7 @@ Options and defaults: :mod:`gainsurgery.training.config`; the hooks:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,11 +28,15 @@ from typing import Any
 
 from gainsurgery.architectures import Target, model_type_of, num_layers, resolve_targets
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
-from gainsurgery.errors import TrainingError
+from gainsurgery.errors import CheckpointError, TrainingError
 from gainsurgery.extras import require_extra
-from gainsurgery.io.atomic import write_json
-from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
-from gainsurgery.sources import resolve_base
+from gainsurgery.gainfile import BASE_TENSORS_KEY
+from gainsurgery.io.checkpoint import copy_extra_files, fingerprint, open_checkpoint
+from gainsurgery.io.fingerprint import base_tensors_sha256
+from gainsurgery.io.hashing import file_records
+from gainsurgery.io.inputs import check_input_folder
+from gainsurgery.io.outputs import claim_folder, open_log_file, write_json
+from gainsurgery.sources import base_model_name, resolve_base
 from gainsurgery.training.config import TrainConfig, TrainResult
 from gainsurgery.training.data import fingerprint_files, pack, read_documents
 from gainsurgery.training.hooks import GainHooks
@@ -78,6 +83,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     require_extra("train", "train()")
     cfg.validate()
+    with contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
+        return _train(cfg, outputs)
+
+
+def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -91,8 +101,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.batch_size % accelerator.num_processes:
         raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by the "
                             f"{accelerator.num_processes} processes (it is the global batch)")
+    # A folder output (adapter, checkpoint) is claimed when the run starts (lock + marked temp
+    # folder, by the main process) and published at the end; a failed run leaves nothing.
+    claim = None
+    if cfg.writes_folder and accelerator.is_main_process:
+        claim = outputs.enter_context(claim_folder(cfg.output, inputs=cfg.inputs(), overwrite=cfg.overwrite,
+                                                   what="-o"))
     set_seed(cfg.seed)
     folder = resolve_base(cfg.base)
+    # transformers opens the folder's files by name: every one is checked first (no link out,
+    # no FIFO), and the index, headers and config.json are validated.
+    check_input_folder(folder, error=CheckpointError)
+    base_ckpt = open_checkpoint(folder)
     tokenizer = load_tokenizer(folder)
     docs = [d for path in cfg.data for d in read_documents(path, cfg.text_field)]
     windows = pack(tokenizer, docs, cfg.seq_len)
@@ -111,11 +131,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         pass
     elif cfg.method in GAIN_METHODS:
         targets, ckpt = resolve_gain_targets(folder, cfg.method, cfg.side)
+        # The gain knows its base: the target tensors' bytes, hashed now that the base is read.
+        base_sha = base_tensors_sha256(ckpt, [t.key for t in targets]) if accelerator.is_main_process else None
         init = None
         if cfg.resume:
             from gainsurgery.gainfile import load
 
             init = load(cfg.resume, allow_negative=True)
+            recorded = init.metadata.get(BASE_TENSORS_KEY)
+            if recorded and base_sha and recorded != base_sha:
+                raise TrainingError(f"--resume {Path(cfg.resume).name} was trained on other base weights than "
+                                    f"{Path(str(folder)).name} (base_tensors_sha256 differs); continue it on "
+                                    "the base it was trained on")
         adapter = GainHooks.trainable(model, targets, init)
     else:
         model = _peft_model(model, cfg)
@@ -129,8 +156,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = _scheduler(optimizer, cfg)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    log_path = Path(cfg.log) if cfg.log else _default_log(cfg.output)
-    log = open(log_path, "w", encoding="utf-8") if accelerator.is_main_process else None
+    log = open_log_file(cfg.log_path(), inputs=[*cfg.inputs(), cfg.output], what="the training log") \
+        if accelerator.is_main_process else None
     evals: list[dict] = []
 
     def run_eval(step: int) -> None:
@@ -188,38 +215,51 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(cfg.output, cfg.method, n_trainable, step, last_loss, seconds, seconds / max(step, 1),
                          step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals)
     if accelerator.is_main_process:
-        training_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "output", "log")}
+        training_meta = _shared_settings(cfg)
         training_meta.update(lr=cfg.learning_rate, data_fingerprint=fingerprint_files(cfg.data),
                              final_loss=last_loss, seconds=round(seconds, 1), tokens=result.tokens,
                              processes=accelerator.num_processes, windows=len(windows.ids),
                              bos_first=windows.bos is not None)
         if adapter is not None:
-            gain = adapter.gain_file({"method": cfg.method, "side": cfg.side, "base_model": cfg.base,
-                                      "base_fingerprint": fingerprint(ckpt), "training": training_meta,
-                                      "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"})
-            gain.save(cfg.output)
-        elif cfg.method == "full":
-            _save_full(accelerator.unwrap_model(model), folder, Path(cfg.output))
-            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+            meta = {"method": cfg.method, "side": cfg.side, "base_model": base_model_name(cfg.base),
+                    "base_fingerprint": fingerprint(ckpt), BASE_TENSORS_KEY: base_sha, "training": training_meta,
+                    "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"}
+            gain = adapter.gain_file({k: v for k, v in meta.items() if v is not None})
+            gain.save(cfg.output, inputs=cfg.inputs())
         else:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(cfg.output)
-            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+            if cfg.method == "full":
+                _save_full(accelerator.unwrap_model(model), base_ckpt, claim.tmp)
+            else:
+                accelerator.unwrap_model(model).save_pretrained(claim.tmp)
+            write_json(claim.tmp / "gainsurgery_training.json", training_meta)
+            claim.publish()
     accelerator.wait_for_everyone()
     return result
 
 
-def _save_full(model: Any, base_folder: Path, out: Path) -> None:
-    """A fully fine-tuned model as a checkpoint folder in the base's dtype, with the base's non-weight files."""
-    import shutil
+def _shared_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's settings as the output records them: files by name and sha256, never by local path."""
+    meta = {k: v for k, v in asdict(cfg).items()
+            if k not in ("progress", "output", "log", "base", "data", "eval_data", "resume", "init_adapter",
+                         "overwrite")}
+    meta["base"] = base_model_name(cfg.base)
+    meta["data"] = file_records(cfg.data)
+    meta["eval_data"] = file_records(cfg.eval_data)
+    if cfg.resume:
+        meta["resume"] = file_records([cfg.resume])[0]
+    if cfg.init_adapter:
+        meta["init_adapter"] = Path(cfg.init_adapter).name
+    return meta
 
+
+def _save_full(model: Any, base: Any, out: Path) -> None:
+    """A fully fine-tuned model as a checkpoint folder in the base's dtype, with the base's non-weight files."""
     from gainsurgery.merge.provenance import OUTPUT_FILES
     from gainsurgery.training.modeling import checkpoint_dtype, torch_dtype
 
-    model.to(torch_dtype(checkpoint_dtype(base_folder))).save_pretrained(out)
-    for extra in open_checkpoint(base_folder).extra_files(skip=OUTPUT_FILES):
-        if not (out / extra.name).exists():  # tokenizer, generation config, license...
-            shutil.copyfile(extra, out / extra.name)
+    model.to(torch_dtype(checkpoint_dtype(base.folder))).save_pretrained(out)
+    # tokenizer, generation config, license... (those save_pretrained wrote are kept), read safely
+    copy_extra_files(base, out, skip=OUTPUT_FILES, keep_existing=True)
 
 
 def _peft_model(model: Any, cfg: TrainConfig):
@@ -260,6 +300,3 @@ def _eval_name(path: str) -> str:
     return p.parent.name if p.stem in generic and p.parent.name else p.stem
 
 
-def _default_log(output: str) -> Path:
-    out = Path(output)
-    return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")
