@@ -306,7 +306,7 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
 
 @main.command()
 @click.argument("gains", nargs=-1, required=True, metavar="G1 G2 [...]")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @click.option("--description", default=None, help="Free text stored in the metadata.")
 @_allow_negative
 @_allow_base_mismatch
@@ -334,7 +334,7 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
 
 @main.command()
 @click.argument("gain")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @_json
 def invert(gain, output, as_json):
     """Write the inverse gain file (1/s), which undoes GAIN up to rounding.
@@ -353,7 +353,7 @@ def invert(gain, output, as_json):
 
 @main.command()
 @click.argument("gain")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw per-layer gain distributions (PNG).")
+@click.option("--plot", type=click.Path(), default=None, help="Draw per-layer gain distributions (PNG).")
 @_json
 def inspect(gain, plot, as_json):
     """Show a gain file: parameter count, statistics per target and per layer, metadata.
@@ -425,7 +425,7 @@ def inspect(gain, plot, as_json):
 @click.option("--text-field", default="text", show_default=True, help="Field/column holding text in .jsonl/.parquet.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Continue from a saved gain file (gains only; optimizer state starts fresh).")
-@click.option("--log", type=click.Path(dir_okay=False), default=None, help="JSONL training log [default: beside -o].")
+@click.option("--log", type=click.Path(), default=None, help="JSONL training log [default: beside -o].")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True, help="lora/ia3/full: replace the -o folder if it exists (on success).")
@@ -465,7 +465,7 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="gainsurgery-demo", show_default=True,
+@click.option("--workdir", type=click.Path(), default="gainsurgery-demo", show_default=True,
               help="Where the gain file, merged model and logs go.")
 @click.option("--model", default="embedded:gemma-3-270m", show_default=True, help="Base model.")
 @click.option("--domain", default="legal", show_default=True, help="Domain to adapt to (see scripts/fetch_domains.py).")
@@ -504,7 +504,7 @@ def demo(workdir, model, domain, other, method, steps, batch_size, seq_len, eval
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write results here.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write results here.")
 def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows, batch_size, dtype, text_field,
              json_out):
     """Perplexity per domain (and yes/no accuracy) of MODEL, optionally with gains.
@@ -527,6 +527,11 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         domains[name] = path
     require_extra("train", "gainsurgery eval")
     from gainsurgery import api
+    from gainsurgery.io.outputs import check_output
+
+    inputs = [model, base, *gains, *domains.values(), yesno]
+    if json_out:  # checked before the models are loaded, and again when written
+        check_output(json_out, inputs=inputs, kind="file", what="--json file")
 
     results = api.evaluate(model, gains=list(gains), base=base, data=domains, yesno=yesno, yesno_limit=yesno_limit,
                            seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=dtype,
@@ -540,7 +545,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
     if json_out:
         from gainsurgery.io.outputs import write_json
 
-        write_json(json_out, results, inputs=[model, base, *gains, *domains.values(), yesno], what="--json file")
+        write_json(json_out, results, inputs=inputs, what="--json file")
 
 
 @main.command()
@@ -549,7 +554,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
 @click.option("--side", type=click.Choice(SIDES), default="in", show_default=True,
               help="in: W·diag(s) (paper default); out: diag(s)·W, bias scaled too.")
 @click.option("--init", type=click.Choice(["ones"]), default=None, help="Write an identity gain file (needs -o).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where --init writes.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Where --init writes.")
 @_json
 def targets(base, method, side, init, output, as_json):
     """List the tensors GAIN adapts on BASE (reads headers and config.json only).
@@ -619,7 +624,7 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
 
 @main.command("import-peft")
 @click.argument("adapter_dir")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @click.option("--base", required=True, help="The base the adapter was trained on (folder or embedded:NAME).")
 @click.option("--description", default=None, help="Free text stored in the metadata.")
 @_allow_negative

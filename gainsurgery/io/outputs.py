@@ -298,6 +298,9 @@ def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | o
     shown = show_path(raw)
     if "\x00" in raw:
         raise error(f"{what} {shown} is not a usable path")
+    # "~" that reached us unexpanded (quoted, or from a variable) means the home folder, as it
+    # does for BASE; never a new folder literally named "~" beside the current one.
+    raw = _expand_home(raw)
     p = Path(raw)
     stripped = raw.rstrip("/")
     if p.name in (".", "..") or stripped in (".", "..") or stripped.endswith(("/.", "/..")):
@@ -470,6 +473,10 @@ def open_log_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.Path
         raise
 
 
+def _expand_home(raw: str) -> str:
+    return os.path.expanduser(raw) if raw == "~" or raw.startswith("~/") else raw
+
+
 def output_path(out: str | os.PathLike[str]) -> Path:
     """``out`` with its parent folder resolved and its own name kept: what :func:`check_output` returns.
 
@@ -477,7 +484,7 @@ def output_path(out: str | os.PathLike[str]) -> Path:
         >>> output_path("/tmp/../tmp/merged")
         PosixPath('/tmp/merged')
     """
-    p = Path(out)
+    p = Path(_expand_home(os.fspath(out)))
     return _real(p.parent) / p.name
 
 

@@ -342,6 +342,9 @@ def _planned(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str
              allow_negative: bool, hub: HubClient | None) -> Iterator[tuple[OpenedBase, Plan, LoadedGains]]:
     """Open the base, load and stack the gains, and plan (steps 1-3), for the length of the block."""
     with opened_base(base, hub, skip_files=OUTPUT_FILES) as opened:
+        # Every file that will be copied beside the output is checked now, before any work
+        # (a link to /proc/self/environ is one line here, never copied nor uploaded).
+        opened.checkpoint.extra_files(skip=OUTPUT_FILES)
         loaded = load_gains(gains, allow_negative=allow_negative, hub=hub)
         yield opened, make_plan(opened.checkpoint, loaded.gain, loaded.sources, allow_negative=allow_negative), loaded
 
