@@ -529,7 +529,9 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
     from gainsurgery import api
     from gainsurgery.io.outputs import check_output
 
-    inputs = [model, base, *gains, *domains.values(), yesno]
+    from gainsurgery.sources import local_folder_of
+
+    inputs = [local_folder_of(model), local_folder_of(base), *gains, *domains.values(), yesno]
     if json_out:  # checked before the models are loaded, and again when written
         check_output(json_out, inputs=inputs, kind="file", what="--json file")
 

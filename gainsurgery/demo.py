@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     from gainsurgery.training.data import pack, read_documents
     from gainsurgery.training.evaluation import perplexity
     from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
-    from gainsurgery.sources import resolve_base
+    from gainsurgery.sources import local_folder_of, resolve_base
     from gainsurgery.merge import apply, verify_merged
     from gainsurgery.training import TrainConfig, train
 
@@ -51,7 +51,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     work = Path(cfg.workdir)
     # The demo writes inside its workdir (reused between runs), never into "", ".", the home
     # folder, the model or the corpus cache; everything it writes there is checked again.
-    model_inputs = [p for p in (_local_model(cfg.model), domains.default_out()) if p is not None]
+    model_inputs = [p for p in (local_folder_of(cfg.model), domains.default_out()) if p is not None]
     check_output(work, inputs=model_inputs, kind="folder", overwrite=True, what="--workdir")
     work.mkdir(exist_ok=True)
     t_start = time.perf_counter()
@@ -133,13 +133,3 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         f"log: {work / 'train.jsonl'}; numbers: {work / 'demo.json'}")
     return summary
 
-
-def _local_model(spec: str) -> Path | None:
-    """The folder a local or embedded model is read from (without converting it), or None for a Hub id."""
-    from gainsurgery.io.inputs import classify_base_spec
-    from gainsurgery.sources.embedded import embedded_dir
-
-    kind = classify_base_spec(spec)
-    if kind.kind == "embedded":
-        return embedded_dir(kind.name)  # type: ignore[arg-type]
-    return kind.path if kind.kind == "local" else None

@@ -64,6 +64,31 @@ def open_base(spec: str | os.PathLike[str]) -> Checkpoint:
     return open_checkpoint(resolve_base(spec))
 
 
+def local_folder_of(spec: str | os.PathLike[str] | None) -> Path | None:
+    """The local folder a BASE/MODEL argument is read from, without converting or downloading anything.
+
+    A local path as given; ``embedded:NAME``'s cache folder (whether converted yet or
+    not); None for a Hub repo, an empty or unusable spec. For keeping outputs away
+    from inputs before any work starts.
+
+    Example:
+        >>> local_folder_of("org/name") is None  # doctest: +SKIP
+        True
+    """
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.sources.embedded import embedded_dir
+
+    if spec is None:
+        return None
+    try:
+        kind = classify_base_spec(os.fspath(spec))
+    except GainSurgeryError:
+        return None  # reported when the base is opened
+    if kind.kind == "embedded":
+        return embedded_dir(kind.name)  # type: ignore[arg-type]
+    return kind.path if kind.kind == "local" else None
+
+
 def base_model_name(spec: str | os.PathLike[str]) -> str | None:
     """What a gain file made from the base ``spec`` records as ``base_model``: never a local path.
 

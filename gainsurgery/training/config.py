@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
-from gainsurgery.errors import GainSurgeryError, TrainingError
+from gainsurgery.errors import TrainingError
 
 #: PEFT baselines: trained on the same loop, saved as adapter folders.
 PEFT_METHODS = ("lora", "ia3")
@@ -113,18 +113,10 @@ class TrainConfig:
         An output (``-o``, the log) is never, never holds and never lies inside any
         of them. An embedded base counts as its cache folder (not converted here).
         """
-        from gainsurgery.io.inputs import classify_base_spec
-        from gainsurgery.sources.embedded import embedded_dir
+        from gainsurgery.sources import local_folder_of
 
-        found: list[str] = []
-        try:
-            kind = classify_base_spec(self.base)
-        except GainSurgeryError:
-            kind = None  # reported when the base is opened
-        if kind is not None and kind.kind == "local":
-            found.append(str(kind.path))
-        elif kind is not None and kind.kind == "embedded":
-            found.append(str(embedded_dir(kind.name)))  # type: ignore[arg-type]
+        base = local_folder_of(self.base)
+        found = [str(base)] if base is not None else []
         found += [str(p) for p in (*self.data, *self.eval_data, self.resume, self.init_adapter) if p]
         return found
 
