@@ -296,7 +296,8 @@ def apply(
             try:
                 streamed = execute(plan, claim.tmp, chunk_bytes=chunk_bytes, threads=threads,
                                    progress=bar.update if bar is not None else None,
-                                   fetch_shard=opened.fetch_shard, allow_saturation=allow_saturation)
+                                   fetch_shard=opened.fetch_shard, allow_saturation=allow_saturation,
+                                   digest={k for check in loaded.checks for k in check.keys})
             finally:
                 if bar is not None:
                     bar.close()

@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Collection
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class _Streamer:
     """
 
     def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None,
-                 allow_saturation: bool = False) -> None:
+                 allow_saturation: bool = False, digest: Collection[str] = ()) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
         self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
@@ -74,6 +74,7 @@ class _Streamer:
         self.scratch = [Scratch() for _ in range(self.threads)]
         self.queued: list[Future] = []
         self.allow_saturation = allow_saturation
+        self.digest = frozenset(digest)
         #: tensor name -> sha256 of its input bytes, and -> (became inf, became zero)
         self.digests: dict[str, TensorDigest] = {}
         self.saturation: dict[str, tuple[int, int]] = {}
@@ -170,7 +171,8 @@ class _Streamer:
         itemsize = ITEMSIZE[info.dtype]
         vector = np.ascontiguousarray(op.vector, dtype=np.float32)
         chunk_elems = len(self.buffers[0]) // itemsize
-        hasher = hashlib.sha256()
+        # sha256 costs about as much CPU as the scaling itself: only for tensors a fingerprint covers.
+        hasher = hashlib.sha256() if info.name in self.digest else None
         counts = [0, 0]
         batch: list = []
         batch_start = batch_stop = 0
@@ -184,7 +186,8 @@ class _Streamer:
             batch_stop = seg.stop
         if batch:
             self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
-        self.digests[info.name] = TensorDigest(info.dtype, tuple(info.shape), hasher.hexdigest())
+        if hasher is not None:
+            self.digests[info.name] = TensorDigest(info.dtype, tuple(info.shape), hasher.hexdigest())
         if counts[0] or counts[1]:
             self.saturation[info.name] = (counts[0], counts[1])
             if not self.allow_saturation:
@@ -205,8 +208,8 @@ class _Streamer:
         got = os.preadv(fdi, [mv], offset)
         if got != nbytes:
             _read_fully(fdi, mv, offset, got)
-        # The base fingerprint hashes the input bytes, so before they are scaled in place.
-        hasher.update(mv)
+        if hasher is not None:  # the base fingerprint hashes the input bytes, before they are scaled in place
+            hasher.update(mv)
         arr = np.frombuffer(mv, dtype=dtype)
 
         def work(t: int, stride: int) -> tuple[int, int]:
@@ -311,8 +314,8 @@ class StreamResult:
 
     Attributes:
         shard_sha256: shard name -> sha256 of the written shard.
-        tensor_digests: target tensor name -> dtype, shape and sha256 of its *base* bytes
-            (for the gains' base fingerprints, :mod:`gainsurgery.io.fingerprint`).
+        tensor_digests: target tensor name -> dtype, shape and sha256 of its *base* bytes, for
+            the tensors asked for (the gains' base fingerprints, :mod:`gainsurgery.io.fingerprint`).
         saturation: target tensor name -> (finite weights that became ±inf, non-zero
             weights that became 0); only tensors with any, and only when allowed.
     """
@@ -331,6 +334,7 @@ def execute(
     progress: Progress | None = None,
     fetch_shard: Callable[[Shard], None] | None = None,
     allow_saturation: bool = False,
+    digest: Collection[str] = (),
 ) -> StreamResult:
     """Write the base's shards, with ``plan`` applied, and its index into the existing ``folder``.
 
@@ -344,6 +348,8 @@ def execute(
             ``shard.path`` readable (a Hub base downloads it); one at a time.
         allow_saturation: write weights that scaling turns into ±inf or 0 instead
             of failing (they are counted in the result either way).
+        digest: target tensors whose input bytes to hash (the tensors the gains'
+            base fingerprints cover); the others are not hashed.
 
     Returns:
         A :class:`StreamResult`: per-shard sha256, per-target base digests, saturation counts.
@@ -360,7 +366,7 @@ def execute(
     """
     base = plan.base
     threads = threads or min(4, os.cpu_count() or 1)
-    streamer = _Streamer(chunk_bytes, threads, progress, allow_saturation)
+    streamer = _Streamer(chunk_bytes, threads, progress, allow_saturation, digest)
     hashers: dict[str, _FollowingHasher] = {}
     try:
         for name, shard in base.shards.items():
