@@ -32,7 +32,10 @@ class _Group(click.Group):
     """Turns user errors into one-line messages and SIGTERM into a clean exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from gainsurgery.io.secrets import install_redaction
+
         signal.signal(signal.SIGTERM, _on_sigterm)
+        install_redaction()  # what libraries log or warn, and a bug's traceback, lose credentials too
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

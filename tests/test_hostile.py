@@ -711,6 +711,21 @@ def test_credentials_in_hf_endpoint_are_never_printed(world, cli, tmp_path, monk
     assert "http://127.0.0.1:9" in line
 
 
+def test_what_libraries_log_and_a_bugs_traceback_lose_credentials(tmp_path):
+    code = ("import logging, warnings, sys\n"
+            "from gainsurgery.io.secrets import install_redaction\n"
+            "install_redaction()\n"
+            "logging.getLogger('huggingface_hub.utils._http').warning('retrying GET %s', 'http://alice:pw1@h/api')\n"
+            "warnings.warn('see http://alice:pw2@h/x')\n"
+            "raise RuntimeError('failed: http://alice:pw3@h/y token ' + 'hf_' + 'z' * 34)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "HF_TOKEN": "hf_" + "z" * 34})
+    assert res.returncode == 1
+    assert "retrying GET http://h/api" in res.stderr and "http://h/x" in res.stderr and "http://h/y" in res.stderr
+    assert "RuntimeError" in res.stderr  # a bug still shows its traceback
+    assert not any(s in res.stderr for s in ("pw1", "pw2", "pw3", "alice", "z" * 34))
+
+
 def test_push_refuses_any_file_holding_the_token(world, cli, hub, tmp_path):
     import base64
 

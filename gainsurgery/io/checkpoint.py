@@ -177,7 +177,8 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 
 def _read_index(folder: Path) -> dict:
     with open_input(folder, INDEX_NAME, error=CheckpointError) as f:
-        raw = jsonsafe.load(f, where=INDEX_NAME, error=CheckpointError, max_bytes=MAX_INDEX_BYTES, max_depth=8)
+        raw = jsonsafe.load(f, where=INDEX_NAME, error=CheckpointError, max_bytes=MAX_INDEX_BYTES, max_depth=8,
+                            unique_keys=True)  # a tensor named twice would be mapped to two shards
     index = jsonsafe.Fields(raw, where=INDEX_NAME, error=CheckpointError)
     weight_map = index.str_map("weight_map")
     index.obj("metadata", None)  # optional, but an object when present
