@@ -36,26 +36,6 @@ class HubRef:
         return text + (f":{self.path}" if self.path else "")
 
 
-def parse_base_ref(spec: str) -> HubRef | None:
-    """``ORG/NAME[@REV]`` that names no local path -> HubRef, else None.
-
-    Decided by :func:`gainsurgery.io.inputs.classify_base_spec`: an existing path
-    or anything spelled like one is local, never a Hub id.
-
-    Example:
-        >>> parse_base_ref("Qwen/Qwen2.5-0.5B@main")  # doctest: +SKIP
-        HubRef(repo_id='Qwen/Qwen2.5-0.5B', revision='main', path=None)
-    """
-    from gainsurgery.errors import GainSurgeryError
-    from gainsurgery.io.inputs import classify_base_spec
-
-    try:
-        kind = classify_base_spec(spec)
-    except GainSurgeryError:
-        return None
-    return HubRef(kind.repo_id, kind.revision) if kind.kind == "hub" else None  # type: ignore[arg-type]
-
-
 def parse_file_ref(spec: str) -> HubRef | None:
     """``ORG/NAME[@REV]:path/in/repo`` -> HubRef with ``path``, else None.
 
