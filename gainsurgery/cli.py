@@ -68,6 +68,13 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _shown(path: Any) -> str:
+    """A path the user chose, as a success message shows it (a newline in it cannot fake a line)."""
+    from gainsurgery.io.inputs import show_path
+
+    return show_path(str(path))
+
+
 def _error(message: str) -> None:
     click.echo("error: " + _one_line(message), err=True)
 
@@ -212,7 +219,7 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
                     **{k: v for k, v in plan.summary().items() if k != "touched"}, "base": result.base,
                     "shards": result.shard_sha256, **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
     else:
-        click.echo(f"wrote {result.out} ({plan.tensors_touched} tensors rescaled, "
+        click.echo(f"wrote {_shown(result.out)} ({plan.tensors_touched} tensors rescaled, "
                    f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
                    f"{' - verified' if result.verified else ''}")
         if result.pushed:
@@ -293,7 +300,7 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
                         "kind": kind, "bytes": total,
                         "files": [{"path": i.path_in_repo, "bytes": i.size} for i in items]})
         else:
-            click.echo(f"would push {kind} {source} to {repo_id} ({revision or 'main'}"
+            click.echo(f"would push {kind} {_shown(source)} to {repo_id} ({revision or 'main'}"
                        f"{', as a pull request' if create_pr else ''}): {len(items)} files, {_human_bytes(total)}")
             for i in items:
                 click.echo(f"  {i.path_in_repo:<48} {_human_bytes(i.size):>10}")
@@ -332,7 +339,7 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
     _emit_json(info) if as_json else click.echo(
-        f"wrote {output}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
+        f"wrote {_shown(output)}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
 
 
 @main.command()
@@ -351,7 +358,7 @@ def invert(gain, output, as_json):
     inv = api.invert_gain(gain)
     inv.save(output, inputs=[gain])
     _emit_json({"output": output, "parameters": inv.num_parameters}) if as_json else click.echo(
-        f"wrote {output}: inverse of {inv.num_parameters:,} gains")
+        f"wrote {_shown(output)}: inverse of {inv.num_parameters:,} gains")
 
 
 @main.command()
@@ -464,7 +471,7 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
     for row in result.eval:
         click.echo("  eval step {}: ".format(row["step"]) + ", ".join(
             f"{k.split('/', 1)[1]} ppl {v:.3f}" for k, v in row.items() if k != "step"))
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {_shown(output)}")
 
 
 @main.command()
@@ -588,7 +595,7 @@ def targets(base, method, side, init, output, as_json):
     for t in found.targets:
         click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}")
     if init:
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {_shown(output)}")
 
 
 @main.command("export-peft")
@@ -622,7 +629,7 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
                     "modules": len(result.modules), "target_modules": cfg["target_modules"],
                     "feedforward_modules": cfg["feedforward_modules"], "fan_in_fan_out": cfg["fan_in_fan_out"]})
     else:
-        click.echo(f"wrote {result.adapter_dir}: IA3 adapter, {len(result.modules)} modules, "
+        click.echo(f"wrote {_shown(result.adapter_dir)}: IA3 adapter, {len(result.modules)} modules, "
                    f"{result.num_parameters:,} values (targets {', '.join(cfg['target_modules'])}; "
                    f"feedforward {', '.join(cfg['feedforward_modules']) or 'none'})")
 
@@ -652,7 +659,7 @@ def import_peft(adapter_dir, output, base, description, allow_negative, as_json)
         _emit_json({"output": output, "parameters": g.num_parameters, "tensors": len(g.vectors),
                     "method": g.metadata.get("method"), "side": g.metadata.get("side")})
     else:
-        click.echo(f"wrote {output}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
+        click.echo(f"wrote {_shown(output)}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
                    f"(method {g.metadata.get('method')}, side {g.metadata.get('side')})")
 
 
