@@ -246,12 +246,16 @@ def test_push_refuses_a_folder_with_a_link_out_or_a_fifo(world, cli, hub, tmp_pa
     out = tmp_path / "out"
     assert cli("apply", base, gain, out).exit_code == 0
     os.symlink("/proc/self/environ", out / "extra.txt")
+    guard = Untouched(tmp_path)
     refused(cli("push", out, "testuser/m"), "extra.txt", "/proc")
+    guard.check()
     os.unlink(out / "extra.txt")
     (out / "sub").mkdir()
     os.mkfifo(out / "sub" / "pipe")
+    guard = Untouched(tmp_path)
     res = run("push", out, "testuser/m", timeout=60, env={**os.environ})
     refused(res, "pipe", "FIFO")
+    guard.check()
     assert hub.requests == []
 
 
@@ -559,7 +563,9 @@ def test_deeply_nested_json_is_one_line_everywhere(world, cli, hub, tmp_path):
     shard = first_shard(base)
     original = shard.read_bytes()
     write_shard(shard, b'{"a": ' + deep().encode() + b"}", b"")
+    guard = Untouched(tmp_path)
     refused(cli("apply", base, gain, tmp_path / "out"), shard.name, "nested deeper")
+    guard.check()
     shard.write_bytes(original)
     # index, config.json
     for name in ("model.safetensors.index.json", "config.json"):
@@ -597,8 +603,10 @@ def test_config_fields_of_the_wrong_type_are_one_line(world, cli, edit, match):
     config = json.loads((base / "config.json").read_text())
     edit(config)
     (base / "config.json").write_text(json.dumps(config))
+    guard = Untouched(base.parent)
     refused(cli("targets", base), "config.json", match)
     refused(cli("apply", base, gain, "out"), "config.json", match)
+    guard.check()
 
 
 def test_zero_d_bias_with_side_out_is_one_line(tmp_path, cli):
@@ -614,9 +622,10 @@ def test_zero_d_bias_with_side_out_is_one_line(tmp_path, cli):
         tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.ones(8, 16)
     save_torch(tensors, base / "model.safetensors")
     (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    guard = Untouched(tmp_path)
     refused(cli("targets", base, "--side", "out"), "model.layers.0.self_attn.o_proj.bias", "1-D")
     refused(cli("targets", base, "--side", "out", "--init", "ones", "-o", tmp_path / "g.safetensors"), "1-D")
-    assert not (tmp_path / "g.safetensors").exists()
+    guard.check()
 
 
 def test_unclosed_regex_in_feedforward_modules_is_one_line(world, cli, tmp_path):
@@ -626,19 +635,25 @@ def test_unclosed_regex_in_feedforward_modules_is_one_line(world, cli, tmp_path)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["feedforward_modules"] = "(o_proj|down_proj"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    guard = Untouched(tmp_path)
     refused(cli("import-peft", adapter, "-o", tmp_path / "x.safetensors", "--base", base),
             "feedforward_modules is not a valid regular expression")
+    guard.check()
     config["feedforward_modules"] = [3]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    guard = Untouched(tmp_path)
     refused(cli("import-peft", adapter, "-o", tmp_path / "x.safetensors", "--base", base),
             "feedforward_modules[0]: expected string, got integer")
+    guard.check()
 
 
 def test_pushing_a_gain_file_named_readme_is_one_line(world, cli, hub, tmp_path):
     _, gain, _ = world
     shutil.copy(gain, tmp_path / "README.md")
+    guard = Untouched(tmp_path)
     refused(cli("push", tmp_path / "README.md", "testuser/g"), "README.md", "must end in .safetensors")
     refused(cli("push", gain, "org/name\n"), "is not a Hub repo id")
+    guard.check()
     assert hub.requests == []
 
 
@@ -706,7 +721,9 @@ def test_credentials_in_hf_endpoint_are_never_printed(world, cli, tmp_path, monk
     _, gain, _ = world
     monkeypatch.setenv("HF_ENDPOINT", "http://alice:s3cr3t-pw@127.0.0.1:9")
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    guard = Untouched(tmp_path)
     line = refused(cli("apply", "testuser/tiny-llama", gain, tmp_path / "out"), "could not reach the Hub")
+    guard.check()
     assert "s3cr3t-pw" not in line and "alice" not in line and "x" * 34 not in line
     assert "http://127.0.0.1:9" in line
 
@@ -735,7 +752,9 @@ def test_push_refuses_any_file_holding_the_token(world, cli, hub, tmp_path):
     for content in (f"token={hub.token}\n".encode(), base64.b64encode(b"x" + hub.token.encode() + b"yz"),
                     hub.token.encode("utf-16-le")):
         (out / "notes.txt").write_bytes(content)
+        guard = Untouched(tmp_path)
         line = refused(cli("push", out, "testuser/m"), "notes.txt", "contains the value of your Hub token")
+        guard.check()
         assert hub.token not in line
     (out / "notes.txt").unlink()
     # a safetensors header's metadata is text too
