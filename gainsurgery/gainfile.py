@@ -188,6 +188,10 @@ def decode_metadata(raw_meta: Mapping[str, str], where: str) -> dict[str, Any]:
 
     Raises:
         GainFileError: one line naming the file and the key.
+
+    Example:
+        >>> decode_metadata({"format": FORMAT, "dims": '{"w": 1}', "training": '{"steps": 3}'}, "g")
+        {'dims': {'w': 1}, 'training': {'steps': 3}}
     """
     if "dims" not in raw_meta:
         raise GainFileError(f"{where}: metadata 'dims' is missing")

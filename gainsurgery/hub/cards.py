@@ -193,6 +193,10 @@ def gain_base_model(meta: Mapping[str, Any]) -> str | None:
     Its ``base_model`` when that is exactly a repo id *and* the file records a
     ``base_tensors_sha256`` (gainsurgery writes ``base_model`` only for a Hub base
     in such files); older files may hold a local path that reads like a repo id.
+
+    Example:
+        >>> gain_base_model({"base_model": "checkpoints/final"}) is None
+        True
     """
     from gainsurgery.gainfile import BASE_TENSORS_KEY
 

@@ -132,6 +132,12 @@ def check_no_token(items: list[UploadItem], tokens: list[str]) -> None:
 
     Raises:
         HubError: naming the file (never the token).
+
+    Example:
+        >>> check_no_token([text_item("notes.txt", "hf_secret_value")], ["hf_secret_value"])
+        Traceback (most recent call last):
+        ...
+        gainsurgery.errors.HubError: notes.txt contains the value of your Hub token; refusing to upload it (nothing was pushed). Remove the token from that file; if it came from a link to /proc or your environment, that link is the problem
     """
     tokens = [t for t in dict.fromkeys(tokens) if t]
     if not tokens:

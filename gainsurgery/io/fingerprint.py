@@ -63,6 +63,11 @@ def combine(digests: Mapping[str, TensorDigest], keys: Iterable[str] | None = No
 
     Raises:
         KeyError: a key has no digest.
+
+    Example:
+        >>> d = {"b": TensorDigest("F32", (4,), "ab" * 32), "a": TensorDigest("F32", (), "cd" * 32)}
+        >>> combine(d) == combine(d, ["a", "b"]) != combine(d, ["a"])
+        True
     """
     names = sorted(digests if keys is None else set(keys))
     h = hashlib.sha256()

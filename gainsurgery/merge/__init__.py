@@ -189,6 +189,10 @@ def check_base_fingerprints(loaded: LoadedGains, stream: StreamResult, *, allow_
 
     Raises:
         PlanError: a mismatch, unless ``allow_base_mismatch``.
+
+    Example:
+        >>> check_base_fingerprints(loaded, streamed, allow_base_mismatch=False, warn=print)  # doctest: +SKIP
+        []
     """
     mismatched = []
     for check in loaded.checks:

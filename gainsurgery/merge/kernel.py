@@ -208,7 +208,13 @@ def scale_array(values: np.ndarray, dtype: str, shape: tuple[int, ...], dim: int
 
 def count_saturation(values: np.ndarray, dtype: str, shape: tuple[int, ...], dim: int,
                      vector: np.ndarray) -> tuple[int, int]:
-    """``(became_inf, became_zero)`` for scaling a whole tensor held in memory (see :func:`scale_block`)."""
+    """``(became_inf, became_zero)`` for scaling a whole tensor held in memory (see :func:`scale_block`).
+
+    Example:
+        >>> w = np.array([60000.0, 1.0, 0.0, 1e-7], np.float16)
+        >>> count_saturation(w, "F16", (4,), 0, np.array([2, 2, 2, 0.1], np.float32))
+        (1, 1)
+    """
     out = np.array(values, dtype=NUMPY_DTYPES[dtype], copy=True).reshape(-1)
     scratch = Scratch()
     inf = zero = 0
