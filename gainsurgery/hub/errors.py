@@ -14,6 +14,7 @@ from typing import Iterator
 
 from gainsurgery.errors import HubError
 from gainsurgery.hub.client import DEFAULT_ENDPOINT
+from gainsurgery.io.secrets import redact_url
 
 
 def _status(exc: BaseException) -> int | None:
@@ -81,7 +82,7 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
             return f"{code}: the Hub refused to {action} {what}" + (f" ({server[0]})" if server else "")
     for e in chain:
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
-            return (f"could not reach the Hub at {endpoint} to {action} {what} "
+            return (f"could not reach the Hub at {redact_url(endpoint)} to {action} {what} "
                     f"({type(e).__name__}); check your network, proxy or HF_ENDPOINT and try again")
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -1,38 +1,42 @@
-"""Streaming a plan into a folder in constant memory, and claiming the output folder.
+"""Streaming a plan into a folder in constant memory.
 
-:func:`execute` writes every shard of the base into a staging folder: bytes no
-gain touches are copied by the kernel (``copy_file_range``); target tensors are
-read, scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks
-while a writer thread keeps file order, and a hasher thread follows the writer
-to record each shard's sha256. Gains change neither shapes nor dtypes, so the
+:func:`execute` writes every shard of the base into a folder (the temp folder of
+a claimed OUT, see :func:`gainsurgery.io.outputs.claim_folder`): bytes no gain
+touches are copied by the kernel (``copy_file_range``); target tensors are read,
+scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks while
+a writer thread keeps file order, and a hasher thread follows the writer to
+record each shard's sha256. Gains change neither shapes nor dtypes, so the
 output mirrors the input: same shard names, same headers, same index.
 
-:func:`staged_output` claims OUT: it checks the location (never BASE, never
-inside or around it), removes temporary folders of dead runs, and yields a
-temporary sibling that is renamed into place only by :meth:`Staging.publish`;
-on any failure the temporary folder is deleted, so OUT is whole or absent.
+In the same pass over the target tensors it also takes what the trust rules
+need: the sha256 of each target's *input* bytes (the gain's base fingerprint is
+checked from them, :mod:`gainsurgery.io.fingerprint`) and the kernel's
+saturation counts (a weight that became ±inf or 0 is an error unless allowed).
+Base shards are opened through the safe open and checked on the descriptor
+(:func:`gainsurgery.io.safetensors.open_shard`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Collection
 
 import numpy as np
 
-from gainsurgery.errors import PlanError
-from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder
+from gainsurgery.errors import CheckpointError, PlanError
 from gainsurgery.io.checkpoint import INDEX_NAME
-from gainsurgery.io.safetensors import Shard
-from gainsurgery.merge.kernel import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
+from gainsurgery.io.fingerprint import TensorDigest
+from gainsurgery.io.inputs import open_input
+from gainsurgery.io.safetensors import Shard, open_shard
+from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
+                                      segments)
 from gainsurgery.merge.plan import Plan, TensorOp
 from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
@@ -40,57 +44,6 @@ _COPY_STEP = 64 << 20  # bytes per copy_file_range call; the hasher follows in s
 _MAX_PENDING_HASHES = 2  # shards whose hash may still be running while the next one streams
 
 Progress = Callable[[int], None]
-
-
-# --------------------------------------------------------------------------- output location
-
-
-def check_output(base_folder: Path, out: Path, *, overwrite: bool, protect: Iterable[Path] = ()) -> Path:
-    """Validate the output folder location; return it resolved.
-
-    Refuses OUT equal to or inside BASE, OUT containing BASE, an existing OUT
-    without ``overwrite``, and (with ``overwrite``) an OUT that holds any of
-    ``protect`` (e.g. the gain files being applied).
-    """
-    base_r = Path(base_folder).resolve()
-    out_r = Path(out).resolve()
-    if out_r == base_r:
-        raise PlanError("OUT is the base folder; gainsurgery never writes into BASE")
-    if base_r in out_r.parents:
-        raise PlanError(f"OUT ({out}) is inside the base folder; choose a folder outside BASE")
-    if out_r in base_r.parents:
-        raise PlanError(f"OUT ({out}) contains the base folder; choose another OUT")
-    return check_replaceable_folder(Path(out), overwrite=overwrite, protect=protect, what="OUT", error=PlanError)
-
-
-def temp_name(out: Path) -> Path:
-    """The temporary sibling this process builds ``out`` in (its pid marks it, for stale-temp cleanup)."""
-    return out.parent / f".{out.name}.gainsurgery-tmp-{os.getpid()}"
-
-
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete temp folders for ``out`` left by processes that no longer exist."""
-    removed = []
-    for p in out.parent.glob(f".{out.name}.gainsurgery-tmp-*"):
-        pid_text = p.name.rsplit("-", 1)[-1]
-        if not pid_text.isdigit():
-            continue
-        pid = int(pid_text)
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- streaming
@@ -106,7 +59,8 @@ class _Streamer:
     overlaps writing chunk k, and peak memory stays at ``chunk_bytes``.
     """
 
-    def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None) -> None:
+    def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None,
+                 allow_saturation: bool = False, digest: Collection[str] = ()) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
         self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
@@ -119,17 +73,26 @@ class _Streamer:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-writer")
         self.scratch = [Scratch() for _ in range(self.threads)]
         self.queued: list[Future] = []
+        self.allow_saturation = allow_saturation
+        self.digest = frozenset(digest)
+        #: tensor name -> sha256 of its input bytes, and -> (became inf, became zero)
+        self.digests: dict[str, TensorDigest] = {}
+        self.saturation: dict[str, tuple[int, int]] = {}
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.writer.shutdown(wait=True)
 
-    def stream_shard(self, src: Path, dst: Path, file_size: int, ops: list[TensorOp],
+    def stream_shard(self, fin: BinaryIO, dst: Path, shard: Shard, ops: list[TensorOp],
                      written: Callable[[int], None] = lambda end: None) -> None:
-        """Write ``dst`` in file order; ``written(end)`` reports that bytes [0, end) are final."""
+        """Write ``dst`` from the base shard open as ``fin``, in file order.
+
+        ``written(end)`` reports that bytes [0, end) are final.
+        """
         self.written = written
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
+        file_size = shard.file_size
+        with open(dst, "wb") as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
             try:
                 pos = 0
@@ -142,9 +105,12 @@ class _Streamer:
             finally:
                 self._drain(raise_errors=False)  # never close files under a running write
             # No fsync here: the kernel writes this shard back while the next one
-            # streams; execute() fsyncs every file once before OUT is renamed.
+            # streams; the claim fsyncs every file once before OUT is renamed.
         if dst.stat().st_size != file_size:
-            raise PlanError(f"{src.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
+            raise PlanError(f"{shard.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
+        with open(dst, "rb") as out:
+            if os.pread(fdi, shard.data_start, 0) != out.read(shard.data_start):
+                raise PlanError(f"{shard.name}: header of the written shard differs from the base (base changed?)")
 
     def _queue(self, fn: Callable, *args) -> Future:
         fut = self.writer.submit(fn, *args)
@@ -205,20 +171,30 @@ class _Streamer:
         itemsize = ITEMSIZE[info.dtype]
         vector = np.ascontiguousarray(op.vector, dtype=np.float32)
         chunk_elems = len(self.buffers[0]) // itemsize
+        # sha256 costs about as much CPU as the scaling itself: only for tensors a fingerprint covers.
+        hasher = hashlib.sha256() if info.name in self.digest else None
+        counts = [0, 0]
         batch: list = []
         batch_start = batch_stop = 0
         for seg in segments(info.shape, op.dim, BLOCK_ELEMS):
             if batch and seg.stop - batch_start > chunk_elems:
-                self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
+                self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
                 batch = []
             if not batch:
                 batch_start = seg.start
             batch.append(seg)
             batch_stop = seg.stop
         if batch:
-            self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
+            self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
+        if hasher is not None:
+            self.digests[info.name] = TensorDigest(info.dtype, tuple(info.shape), hasher.hexdigest())
+        if counts[0] or counts[1]:
+            self.saturation[info.name] = (counts[0], counts[1])
+            if not self.allow_saturation:
+                raise PlanError(saturation_message(info.name, info.dtype, counts[0], counts[1])
+                                + "; nothing was written; pass --allow-saturation to write it anyway")
 
-    def _scale_batch(self, fdi, fdo, info, dtype, vector, batch, start, stop) -> None:
+    def _scale_batch(self, fdi, fdo, info, dtype, vector, batch, start, stop, hasher, counts) -> None:
         itemsize = ITEMSIZE[info.dtype]
         nbytes = (stop - start) * itemsize
         offset = info.start + start * itemsize
@@ -232,18 +208,25 @@ class _Streamer:
         got = os.preadv(fdi, [mv], offset)
         if got != nbytes:
             _read_fully(fdi, mv, offset, got)
+        if hasher is not None:  # the base fingerprint hashes the input bytes, before they are scaled in place
+            hasher.update(mv)
         arr = np.frombuffer(mv, dtype=dtype)
 
-        def work(t: int, stride: int) -> None:
+        def work(t: int, stride: int) -> tuple[int, int]:
             scratch = self.scratch[t]
+            inf = zero = 0
             for seg in batch[t::stride]:
-                scale_block(arr[seg.start - start : seg.stop - start], info.dtype, seg, vector, scratch)
+                a, b = scale_block(arr[seg.start - start : seg.stop - start], info.dtype, seg, vector, scratch)
+                inf, zero = inf + a, zero + b
+            return inf, zero
 
         if self.pool is None or len(batch) == 1:
-            work(0, 1)
+            results = [work(0, 1)]
         else:
-            for fut in [self.pool.submit(work, t, self.threads) for t in range(self.threads)]:
-                fut.result()
+            results = [fut.result() for fut in [self.pool.submit(work, t, self.threads) for t in range(self.threads)]]
+        for a, b in results:
+            counts[0] += a
+            counts[1] += b
         self.pending[k] = self._queue(self._write, fdo, mv, offset)
 
 
@@ -326,52 +309,20 @@ class _FollowingHasher:
 
 
 @dataclass
-class Staging:
-    """A claimed output: the final location and the temporary sibling it is built in.
+class StreamResult:
+    """What :func:`execute` wrote and measured.
 
     Attributes:
-        out: where the output will appear (resolved).
-        folder: the temporary folder being written.
+        shard_sha256: shard name -> sha256 of the written shard.
+        tensor_digests: target tensor name -> dtype, shape and sha256 of its *base* bytes, for
+            the tensors asked for (the gains' base fingerprints, :mod:`gainsurgery.io.fingerprint`).
+        saturation: target tensor name -> (finite weights that became ±inf, non-zero
+            weights that became 0); only tensors with any, and only when allowed.
     """
 
-    out: Path
-    folder: Path
-
-    def sync(self) -> None:
-        """fsync every file of the staging folder (once, after all are written)."""
-        fsync_files(self.folder)
-
-    def publish(self) -> None:
-        """Rename the finished staging folder to OUT (replacing an old OUT atomically)."""
-        publish_folder(self.folder, self.out)
-
-
-@contextlib.contextmanager
-def staged_output(base_folder: Path, out: str | os.PathLike[str], *, overwrite: bool = False,
-                  protect: Iterable[Path] = ()) -> Iterator[Staging]:
-    """Claim OUT and yield a :class:`Staging` to build it in; OUT appears only through ``publish()``.
-
-    Checks the location first (:func:`check_output`), removes temporary folders of
-    dead runs, and on any failure inside the block deletes the staging folder: a
-    crash, a kill, a failed verification or push, or a full disk leave nothing.
-
-    Raises:
-        PlanError: OUT is unusable, or writing failed (disk full, permissions).
-    """
-    out_r = check_output(base_folder, Path(out), overwrite=overwrite, protect=protect)
-    remove_stale_temporaries(out_r)
-    tmp = temp_name(out_r)
-    try:
-        tmp.mkdir()
-        yield Staging(out_r, tmp)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise PlanError(f"disk full while writing {out}; nothing was left behind") from None
-        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    shard_sha256: dict[str, str] = field(default_factory=dict)
+    tensor_digests: dict[str, TensorDigest] = field(default_factory=dict)
+    saturation: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def execute(
@@ -382,27 +333,40 @@ def execute(
     threads: int | None = None,
     progress: Progress | None = None,
     fetch_shard: Callable[[Shard], None] | None = None,
-) -> dict[str, str]:
+    allow_saturation: bool = False,
+    digest: Collection[str] = (),
+) -> StreamResult:
     """Write the base's shards, with ``plan`` applied, and its index into the existing ``folder``.
 
     Args:
         plan: from :func:`~gainsurgery.merge.plan.make_plan`.
-        folder: an empty folder (a :class:`Staging` folder).
+        folder: an empty folder (the temp folder of a claimed OUT).
         chunk_bytes: bytes of tensor data scaled per read (bounds peak memory).
         threads: compute threads for scaling (default: CPU count, at most 4).
         progress: called with the number of bytes handled, as they are.
         fetch_shard: called with each shard just before it is streamed, to make
             ``shard.path`` readable (a Hub base downloads it); one at a time.
+        allow_saturation: write weights that scaling turns into ±inf or 0 instead
+            of failing (they are counted in the result either way).
+        digest: target tensors whose input bytes to hash (the tensors the gains'
+            base fingerprints cover); the others are not hashed.
 
     Returns:
-        shard file name -> sha256 of the written shard.
+        A :class:`StreamResult`: per-shard sha256, per-target base digests, saturation counts.
 
     Raises:
-        PlanError: the base changed under us (sizes or headers differ, a shard ended early).
+        PlanError: the base changed under us (sizes or headers differ, a shard ended
+            early), or a tensor saturates and ``allow_saturation`` is not set.
+        CheckpointError: a base shard is no longer the file whose header was read.
+
+    Example:
+        >>> result = execute(make_plan(ckpt, gain), claim.tmp)  # doctest: +SKIP
+        >>> sorted(result.shard_sha256)  # doctest: +SKIP
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
     base = plan.base
     threads = threads or min(4, os.cpu_count() or 1)
-    streamer = _Streamer(chunk_bytes, threads, progress)
+    streamer = _Streamer(chunk_bytes, threads, progress, allow_saturation, digest)
     hashers: dict[str, _FollowingHasher] = {}
     try:
         for name, shard in base.shards.items():
@@ -416,19 +380,16 @@ def execute(
             if fetch_shard is not None:
                 fetch_shard(shard)
             hashers[name] = _FollowingHasher(dst, shard.file_size)
-            streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name], hashers[name].advance)
-            _check_header(shard.path, dst, shard.data_start)
+            with open_shard(shard, error=CheckpointError) as fin:
+                streamer.stream_shard(fin, dst, shard, plan.ops[name], hashers[name].advance)
         if base.index is not None:
-            shutil.copyfile(base.folder / INDEX_NAME, folder / INDEX_NAME)
-        return {name: h.hexdigest() for name, h in hashers.items()}
+            with open_input(base.folder, INDEX_NAME, error=CheckpointError) as src, \
+                    open(folder / INDEX_NAME, "xb") as index_out:
+                shutil.copyfileobj(src, index_out)
+        return StreamResult({name: h.hexdigest() for name, h in hashers.items()}, streamer.digests,
+                            streamer.saturation)
     finally:
         for h in hashers.values():
             h.abort()
             h.thread.join()
         streamer.close()
-
-
-def _check_header(src: Path, dst: Path, header_end: int) -> None:
-    with open(src, "rb") as a, open(dst, "rb") as b:
-        if a.read(header_end) != b.read(header_end):
-            raise PlanError(f"{src.name}: header of the written shard differs from the base (base changed?)")

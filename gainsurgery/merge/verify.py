@@ -3,7 +3,10 @@
 :func:`verify` checks an output against its plan: headers, shard names and the
 index must be identical; every target tensor must equal the float32-compute,
 round-once reference bit for bit; every other tensor must be byte-identical to
-the base. Memory is bounded by ``chunk_bytes``.
+the base. Memory is bounded by ``chunk_bytes``. A target whose reference holds
+weights that scaling turned into ±inf or 0 (saturation) is a problem too, unless
+the caller allows it (as ``apply --allow-saturation`` did). Every file is opened
+through the safe open (:func:`gainsurgery.io.safetensors.open_shard`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from typing import Any, Callable
 import numpy as np
 
 from gainsurgery.io.checkpoint import INDEX_NAME, Checkpoint
-from gainsurgery.merge.kernel import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, scale_block, segments
+from gainsurgery.io.inputs import open_input
+from gainsurgery.io.safetensors import open_shard
+from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
+                                      segments)
 from gainsurgery.merge.plan import Plan, TensorOp
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -41,12 +47,17 @@ class VerifyReport:
 
 
 def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-           progress: Progress | None = None) -> VerifyReport:
+           progress: Progress | None = None, allow_saturation: bool = False) -> VerifyReport:
     """Check ``out`` against ``plan``: recompute targets, compare all other bytes.
 
     Headers, shard names and the index must be identical; every target tensor
     must equal the float32-compute, round-once reference bit for bit; every other
-    tensor must be byte-identical to the base.
+    tensor must be byte-identical to the base; and, unless ``allow_saturation``,
+    no target may hold weights that scaling turned into ±inf or 0.
+
+    Example:
+        >>> verify(make_plan(base, gain), open_checkpoint("merged")).ok  # doctest: +SKIP
+        True
     """
     progress = progress or (lambda n: None)
     report = VerifyReport()
@@ -55,7 +66,7 @@ def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
         report.problems.append(f"shard files differ: base {list(base.shards)} vs output {list(out.shards)}")
         return report
     if (base.index is None) != (out.index is None) or (
-        base.index is not None and (base.folder / INDEX_NAME).read_bytes() != (out.folder / INDEX_NAME).read_bytes()
+        base.index is not None and _read_index_bytes(base) != _read_index_bytes(out)
     ):
         report.problems.append("index file differs from the base")
     scratch = Scratch()
@@ -64,7 +75,7 @@ def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
         if out_shard.file_size != shard.file_size:
             report.problems.append(f"{name}: size {out_shard.file_size} bytes, base has {shard.file_size}")
             continue
-        with open(shard.path, "rb") as fa, open(out_shard.path, "rb") as fb:
+        with open_shard(shard) as fa, open_shard(out_shard) as fb:
             if fa.read(shard.data_start) != fb.read(shard.data_start):
                 report.problems.append(f"{name}: header differs from the base")
                 continue
@@ -78,8 +89,12 @@ def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
                         report.problems.append(f"{tname}: bytes differ from the base but no gain targets it")
                 else:
                     report.tensors_scaled += 1
-                    if not _check_scaled(fa, fb, op, chunk_bytes, scratch, progress):
+                    same, inf, zero = _check_scaled(fa, fb, op, chunk_bytes, scratch, progress)
+                    if not same:
                         report.problems.append(f"{tname}: differs from base x gain (float32, rounded once)")
+                    if (inf or zero) and not allow_saturation:
+                        report.problems.append(saturation_message(tname, info.dtype, inf, zero)
+                                               + "; pass --allow-saturation if that was intended")
                 report.bytes_compared += info.nbytes
     return report
 
@@ -97,19 +112,28 @@ def _compare_ranges(fa, fb, offset: int, count: int, chunk_bytes: int, progress:
     return True
 
 
-def _check_scaled(fa, fb, op: TensorOp, chunk_bytes: int, scratch: Scratch, progress: Progress) -> bool:
+def _read_index_bytes(ckpt: Checkpoint) -> bytes:
+    with open_input(ckpt.folder, INDEX_NAME) as f:
+        return f.read()
+
+
+def _check_scaled(fa, fb, op: TensorOp, chunk_bytes: int, scratch: Scratch,
+                  progress: Progress) -> tuple[bool, int, int]:
+    """(output equals the reference, weights that became ±inf, weights that became 0)."""
     info = op.info
     itemsize = ITEMSIZE[info.dtype]
     dtype = NUMPY_DTYPES[info.dtype]
     vector = np.ascontiguousarray(op.vector, dtype=np.float32)
+    same, inf, zero = True, 0, 0
     for seg in segments(info.shape, op.dim, max(BLOCK_ELEMS, chunk_bytes // itemsize // 4)):
         offset = info.start + seg.start * itemsize
         n = (seg.stop - seg.start) * itemsize
         fa.seek(offset)
         fb.seek(offset)
         ref = np.frombuffer(bytearray(fa.read(n)), dtype=dtype)
-        scale_block(ref, info.dtype, seg, vector, scratch)
+        a, b = scale_block(ref, info.dtype, seg, vector, scratch)
+        inf, zero = inf + a, zero + b
         if ref.tobytes() != fb.read(n):
-            return False
+            return False, inf, zero
         progress(n)
-    return True
+    return same, inf, zero

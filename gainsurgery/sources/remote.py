@@ -13,7 +13,7 @@ header before anything is downloaded or written. During the apply,
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +24,10 @@ from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
 from gainsurgery.hub.refs import HubRef
-from gainsurgery.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
+                                      open_checkpoint)
+from gainsurgery.io.inputs import open_input
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
 
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
@@ -68,13 +71,16 @@ class RemoteBase:
         what = f"{self.ref.repo_id}@{self.commit[:12]}:{shard.name}"
         with hub_errors(what, "download", self.client.endpoint):
             local = self.client.download(self.ref.repo_id, shard.name, revision=self.commit)
-        if local.stat().st_size != shard.file_size:
-            raise CheckpointError(f"{what}: downloaded {local.stat().st_size} bytes, its header said "
-                                  f"{shard.file_size}; try again (the file changed?)")
-        with open(shard.path, "rb") as a, open(local, "rb") as b:
+        # The download sits in the HF cache (a snapshot link into blobs/): read it as an input of that folder.
+        with open(shard.path, "rb") as a, open_input(local.parent, local.name, error=CheckpointError) as b:
+            st = os.fstat(b.fileno())
+            if st.st_size != shard.file_size:
+                raise CheckpointError(f"{what}: downloaded {st.st_size} bytes, its header said "
+                                      f"{shard.file_size}; try again (the file changed?)")
             if a.read(shard.data_start) != b.read(shard.data_start):
                 raise CheckpointError(f"{what}: downloaded header differs from the one planned from")
         shard.path = local
+        shard.identity = (st.st_dev, st.st_ino)
         self.downloaded.append(local)
 
     def provenance(self) -> dict[str, Any]:
@@ -126,8 +132,8 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
                 raise CheckpointError(f"{ref}: {INDEX_NAME} is absurdly large ({sizes[INDEX_NAME]} bytes)")
             with hub_errors(f"{ref}:{INDEX_NAME}", "download", client.endpoint):
                 index_path = client.download(ref.repo_id, INDEX_NAME, revision=commit)
-            shutil.copyfile(index_path, staging / INDEX_NAME)
-            shard_names = _index_shards(staging / INDEX_NAME, ref)
+            _copy_download(index_path, staging / INDEX_NAME)
+            shard_names = _index_shards(staging, ref)
         elif SINGLE_NAME in sizes:
             shard_names = [SINGLE_NAME]
         else:
@@ -141,14 +147,14 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
         skipped = {}
         for path, size in sorted(sizes.items()):
             if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
-                    or path in shard_names):
+                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")):
                 continue
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
                 continue
             with hub_errors(f"{ref}:{path}", "download", client.endpoint):
                 local = client.download(ref.repo_id, path, revision=commit)
-            shutil.copyfile(local, staging / path)
+            _copy_download(local, staging / path)
         remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped)
         return remote
     finally:
@@ -156,17 +162,24 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _index_shards(index_path: Path, ref: HubRef) -> list[str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        raise CheckpointError(f"{ref}: {INDEX_NAME} is not valid JSON") from None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{ref}: {INDEX_NAME} has no 'weight_map' object")
+def _copy_download(local: Path, dst: Path) -> None:
+    """Copy a file downloaded into the HF cache into our staging folder, reading it safely."""
+    with open_input(local.parent, local.name, error=CheckpointError) as src, open(dst, "xb") as out:
+        shutil.copyfileobj(src, out)
+
+
+def _index_shards(staging: Path, ref: HubRef) -> list[str]:
+    with open_input(staging, INDEX_NAME, error=CheckpointError) as f:
+        raw = jsonsafe.load(f, where=f"{ref}: {INDEX_NAME}", error=CheckpointError, max_bytes=MAX_INDEX_BYTES,
+                            max_depth=8)
+    weight_map = jsonsafe.Fields(raw, where=f"{ref}: {INDEX_NAME}", error=CheckpointError).str_map("weight_map")
+    if not weight_map:
+        raise CheckpointError(f"{ref}: {INDEX_NAME} has no tensors in its weight_map")
     names = list(dict.fromkeys(weight_map.values()))
     for name in names:  # before we create files named after them
         if not is_plain_file_name(name) or not str(name).endswith(".safetensors"):
-            raise CheckpointError(f"{ref}: {INDEX_NAME} names shard {name!r}, not a plain .safetensors file name")
+            raise CheckpointError(f"{ref}: {INDEX_NAME} names shard {name[:80]!r}, not a plain .safetensors "
+                                  "file name")
     return names
 
 
