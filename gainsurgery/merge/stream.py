@@ -3,9 +3,12 @@
 :func:`execute` writes every shard of the base into a staging folder: bytes no
 gain touches are copied by the kernel (``copy_file_range``); target tensors are
 read, scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks
-while a writer thread keeps file order, and a hasher thread follows the writer
-to record each shard's sha256. Gains change neither shapes nor dtypes, so the
-output mirrors the input: same shard names, same headers, same index.
+while a writer thread keeps file order, and a hasher thread records each
+shard's sha256 from the bytes being written (the scaled chunks in memory, the
+copied ranges from the source), without reading the output back. Gains change
+neither shapes nor dtypes, so the output mirrors the input: same shard names,
+same headers, same index. :class:`ShardStreamer` streams one shard at a time
+(the Hub pipeline uses it shard by shard, even while a shard is downloading).
 
 :func:`staged_output` claims OUT: it checks the location (never BASE, never
 inside or around it), removes temporary folders of dead runs, and yields a
@@ -20,7 +23,6 @@ import errno
 import hashlib
 import os
 import shutil
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,8 @@ from gainsurgery.merge.kernel import BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratc
 from gainsurgery.merge.plan import Plan, TensorOp
 from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
-_COPY_STEP = 64 << 20  # bytes per copy_file_range call; the hasher follows in steps this big
-_MAX_PENDING_HASHES = 2  # shards whose hash may still be running while the next one streams
+_COPY_STEP = 64 << 20  # bytes per copy_file_range call
+_HASH_STEP = 8 << 20  # bytes of a copied range read (from the page cache) per hash update
 
 Progress = Callable[[int], None]
 
@@ -96,6 +98,84 @@ def _pid_alive(pid: int) -> bool:
 # --------------------------------------------------------------------------- streaming
 
 
+#: Waits until the source file holds at least the given number of bytes (a shard still
+#: being downloaded); raises if it never will. None: the source is complete.
+SourceReady = Callable[[int], None]
+
+
+class _HashJob:
+    """The sha256 of one output shard, as the hasher thread builds it."""
+
+    def __init__(self, fd: int) -> None:
+        self.h = hashlib.sha256()
+        self.fd = fd  # the hasher's own descriptor of the source shard
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+
+class _ShardHasher:
+    """sha256 of each output shard, from bytes the streamer already holds, in file order.
+
+    One thread consumes, in the order the shard is written: scaled chunks (the
+    writer's own buffers, hashed before they are reused) and the byte ranges the
+    kernel copies. A copied range holds the same bytes in the source and in the
+    output, so it is hashed from the source (which the page cache holds: the
+    kernel copy reads it too), never by reading the output back. Memory: one
+    8 MiB buffer for the copied ranges. A shard's hash may still run while the
+    next shard streams.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-sha256")
+        self.buffer = bytearray(_HASH_STEP)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def source_range(self, job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> Future:
+        return self.pool.submit(self._guarded, job, self._hash_range, job, offset, count, ready)
+
+    def chunk(self, job: _HashJob, mv: memoryview) -> Future:
+        return self.pool.submit(self._guarded, job, job.h.update, mv)
+
+    def finish(self, job: _HashJob) -> Future:
+        """The hex digest once every queued update is done (or the first error); closes the job's fd."""
+
+        def done() -> str:
+            os.close(job.fd)
+            if job.error is not None:
+                raise job.error
+            if job.cancelled:
+                raise PlanError("hashing was cancelled")
+            return job.h.hexdigest()
+
+        return self.pool.submit(done)
+
+    @staticmethod
+    def _guarded(job: _HashJob, fn: Callable, *args) -> None:
+        if job.error is not None or job.cancelled:
+            return
+        try:
+            fn(*args)
+        except BaseException as exc:  # kept for finish(), which raises it in the caller's thread
+            job.error = exc
+
+    def _hash_range(self, job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> None:
+        mv = memoryview(self.buffer)
+        end = offset + count
+        while offset < end:
+            if job.cancelled:
+                return
+            n = min(len(mv), end - offset)
+            if ready is not None:
+                ready(offset + n)
+            got = os.preadv(job.fd, [mv[:n]], offset)
+            if got == 0:
+                raise PlanError("base shard ended early while hashing (was it modified during apply?)")
+            job.h.update(mv[:got])
+            offset += got
+
+
 class _Streamer:
     """Copies and scales one shard at a time with bounded buffers, in a pipeline.
 
@@ -103,48 +183,70 @@ class _Streamer:
     threads) while one writer thread performs every output operation in file
     order: kernel copies of untouched ranges and writes of scaled chunks. Two
     buffers of half the chunk size alternate, so reading and scaling chunk k+1
-    overlaps writing chunk k, and peak memory stays at ``chunk_bytes``.
+    overlaps writing chunk k, and peak memory stays at ``chunk_bytes``. A hasher
+    thread (:class:`_ShardHasher`) follows in the same order.
     """
 
     def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
         self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
-        self.pending: list[Future | None] = [None, None]
+        # A buffer is free again once its chunk is written and hashed.
+        self.pending: list[list[Future]] = [[], []]
         self.turn = 0
         self.copy_buffer: bytearray | None = None  # only for filesystems without copy_file_range
         self.progress = progress or (lambda n: None)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-writer")
+        self.hasher = _ShardHasher()
         self.scratch = [Scratch() for _ in range(self.threads)]
         self.queued: list[Future] = []
+        self.ready: SourceReady | None = None
+        self.written: Callable[[int], None] | None = None
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.writer.shutdown(wait=True)
+        self.hasher.close()
 
     def stream_shard(self, src: Path, dst: Path, file_size: int, ops: list[TensorOp],
-                     written: Callable[[int], None] = lambda end: None) -> None:
-        """Write ``dst`` in file order; ``written(end)`` reports that bytes [0, end) are final."""
-        self.written = written
+                     ready: SourceReady | None = None, written: Callable[[int], None] | None = None) -> Future:
+        """Write ``dst`` in file order; return a future of its sha256 (hex), which may still be running.
+
+        ``ready``: see :data:`SourceReady` (the source is being downloaded as we go).
+        ``written(end)``: told (on the writer thread) that bytes ``[0, end)`` of ``dst`` are final.
+        """
+        self.ready, self.written = ready, written
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
+            job = _HashJob(os.dup(fdi))  # the hasher may still read after ``fin`` is closed
+            digest = None
             try:
                 pos = 0
                 for op in ops:
-                    self._queue(self._copy, fdi, fdo, pos, op.info.start - pos)
-                    self._scale(fdi, fdo, op)
+                    self._copy_range(job, fdi, fdo, pos, op.info.start - pos)
+                    self._scale(job, fdi, fdo, op)
                     pos = op.info.end
-                self._queue(self._copy, fdi, fdo, pos, file_size - pos)
+                self._copy_range(job, fdi, fdo, pos, file_size - pos)
                 self._drain()
+                digest = self.hasher.finish(job)
             finally:
                 self._drain(raise_errors=False)  # never close files under a running write
+                if digest is None:
+                    job.cancelled = True
+                    self.hasher.finish(job)  # closes the hasher's fd once it gets there
             # No fsync here: the kernel writes this shard back while the next one
             # streams; execute() fsyncs every file once before OUT is renamed.
         if dst.stat().st_size != file_size:
             raise PlanError(f"{src.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
+        return digest
+
+    def _copy_range(self, job: _HashJob, fdi: int, fdo: int, offset: int, count: int) -> None:
+        if count > 0:
+            self._queue(self._copy, fdi, fdo, offset, count)
+            self.hasher.source_range(job, offset, count, self.ready)
 
     def _queue(self, fn: Callable, *args) -> Future:
         fut = self.writer.submit(fn, *args)
@@ -157,8 +259,8 @@ class _Streamer:
         return fut
 
     def _drain(self, raise_errors: bool = True) -> None:
+        """Wait for every queued write (not for hashing: a buffer waits for its own hash before reuse)."""
         queued, self.queued = self.queued, []
-        self.pending = [None, None]
         errors = []
         for f in queued:
             try:
@@ -173,6 +275,8 @@ class _Streamer:
         end = offset + count
         while offset < end:
             n = min(_COPY_STEP, end - offset)
+            if self.ready is not None:
+                self.ready(offset + n)
             try:
                 done = os.copy_file_range(fdi, fdo, n, offset, offset)
             except OSError as exc:
@@ -182,7 +286,8 @@ class _Streamer:
             if done == 0:
                 raise PlanError("base shard ended early while copying (was it modified during apply?)")
             offset += done
-            self.written(offset)
+            if self.written is not None:
+                self.written(offset)
             self.progress(done)
 
     def _copy_through_buffer(self, fdi: int, fdo: int, offset: int, count: int) -> int:
@@ -196,10 +301,11 @@ class _Streamer:
     def _write(self, fdo: int, mv: memoryview, offset: int) -> None:
         """(writer thread) Write a scaled chunk."""
         _pwrite_all(fdo, mv, offset)
-        self.written(offset + len(mv))
+        if self.written is not None:
+            self.written(offset + len(mv))
         self.progress(len(mv))
 
-    def _scale(self, fdi: int, fdo: int, op: TensorOp) -> None:
+    def _scale(self, job: _HashJob, fdi: int, fdo: int, op: TensorOp) -> None:
         info = op.info
         dtype = NUMPY_DTYPES[info.dtype]
         itemsize = ITEMSIZE[info.dtype]
@@ -209,26 +315,28 @@ class _Streamer:
         batch_start = batch_stop = 0
         for seg in segments(info.shape, op.dim, BLOCK_ELEMS):
             if batch and seg.stop - batch_start > chunk_elems:
-                self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
+                self._scale_batch(job, fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
                 batch = []
             if not batch:
                 batch_start = seg.start
             batch.append(seg)
             batch_stop = seg.stop
         if batch:
-            self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
+            self._scale_batch(job, fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop)
 
-    def _scale_batch(self, fdi, fdo, info, dtype, vector, batch, start, stop) -> None:
+    def _scale_batch(self, job, fdi, fdo, info, dtype, vector, batch, start, stop) -> None:
         itemsize = ITEMSIZE[info.dtype]
         nbytes = (stop - start) * itemsize
         offset = info.start + start * itemsize
         k = self.turn
         self.turn ^= 1
-        if self.pending[k] is not None:  # the buffer's previous chunk must be on its way to disk
-            self.pending[k].result()
+        for fut in self.pending[k]:  # the buffer's previous chunk must be written and hashed
+            fut.result()
         if nbytes > len(self.buffers[k]):  # one vector period longer than a chunk
             self.buffers[k] = bytearray(nbytes)
         mv = memoryview(self.buffers[k])[:nbytes]
+        if self.ready is not None:
+            self.ready(offset + nbytes)
         got = os.preadv(fdi, [mv], offset)
         if got != nbytes:
             _read_fully(fdi, mv, offset, got)
@@ -244,7 +352,7 @@ class _Streamer:
         else:
             for fut in [self.pool.submit(work, t, self.threads) for t in range(self.threads)]:
                 fut.result()
-        self.pending[k] = self._queue(self._write, fdo, mv, offset)
+        self.pending[k] = [self._queue(self._write, fdo, mv, offset), self.hasher.chunk(job, mv)]
 
 
 def _read_fully(fd: int, mv: memoryview, offset: int, got: int) -> None:
@@ -259,70 +367,6 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
     done = 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:], offset + done)
-
-
-class _FollowingHasher:
-    """sha256 of a file that is being written front to back, hashed as it grows.
-
-    The writer reports how far the file is final (:meth:`advance`); a thread
-    hashes up to there, so hashing overlaps streaming instead of following it.
-    Memory: one 8 MiB buffer.
-    """
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path, self.size = path, size
-        self.final = 0
-        self.cond = threading.Condition()
-        self.failed = False
-        self.result: str | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
-        self.thread.start()
-
-    def advance(self, end: int) -> None:
-        with self.cond:
-            self.final = end
-            self.cond.notify()
-
-    def abort(self) -> None:
-        with self.cond:
-            self.failed = True
-            self.cond.notify()
-
-    def hexdigest(self) -> str:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-    def _run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            mv = memoryview(bytearray(8 << 20))
-            pos = 0
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                while pos < self.size:
-                    with self.cond:
-                        while self.final <= pos and not self.failed:
-                            self.cond.wait()
-                        if self.failed:
-                            return
-                        limit = self.final
-                    while pos < limit:
-                        n = os.preadv(fd, [mv[: min(len(mv), limit - pos)]], pos)
-                        if n == 0:
-                            raise PlanError(f"{self.path.name}: shorter than expected while hashing")
-                        h.update(mv[:n])
-                        pos += n
-            finally:
-                os.close(fd)
-            self.result = h.hexdigest()
-        except BaseException as exc:  # re-raised in the main thread by hexdigest()
-            self.error = exc
-
-
 
 
 @dataclass
@@ -374,6 +418,55 @@ def staged_output(base_folder: Path, out: str | os.PathLike[str], *, overwrite: 
         raise
 
 
+class ShardStreamer:
+    """Streams the shards of one plan, one at a time: the per-shard entry point of :func:`execute`.
+
+    Use as a context manager; :meth:`start` writes one shard and returns the future
+    of its sha256 (computed from the bytes being written, see :class:`_ShardHasher`),
+    so a shard's hash may finish while the next one streams.
+
+    Example:
+        >>> with ShardStreamer(plan) as streamer:  # doctest: +SKIP
+        ...     sha = streamer.stream("model-00001-of-00002.safetensors", src, dst)
+    """
+
+    def __init__(self, plan: Plan, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
+                 progress: Progress | None = None) -> None:
+        self.plan = plan
+        self._streamer = _Streamer(chunk_bytes, threads or min(4, os.cpu_count() or 1), progress)
+
+    def __enter__(self) -> ShardStreamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer, compute and hasher threads (after their queued work)."""
+        self._streamer.close()
+
+    def start(self, name: str, src: Path, dst: Path, *, ready: SourceReady | None = None,
+              written: Callable[[int], None] | None = None) -> Future:
+        """Write shard ``name`` of the plan from ``src`` to ``dst``; return the future of its sha256 (hex).
+
+        ``ready``: waits until ``src`` holds a number of bytes (it is still being
+        downloaded); ``written(end)``: told that bytes ``[0, end)`` of ``dst`` are final
+        (a verifier may follow).
+
+        Raises:
+            PlanError: the source is shorter than its header says, or its header
+                differs from the planned one (the base changed).
+        """
+        shard = self.plan.base.shards[name]
+        digest = self._streamer.stream_shard(src, dst, shard.file_size, self.plan.ops[name], ready, written)
+        _check_header(src, dst, shard.data_start)
+        return digest
+
+    def stream(self, name: str, src: Path, dst: Path, **kwargs) -> str:
+        """:meth:`start`, then wait for the hash: the sha256 (hex) of the written shard."""
+        return self.start(name, src, dst, **kwargs).result()
+
+
 def execute(
     plan: Plan,
     folder: Path,
@@ -401,31 +494,15 @@ def execute(
         PlanError: the base changed under us (sizes or headers differ, a shard ended early).
     """
     base = plan.base
-    threads = threads or min(4, os.cpu_count() or 1)
-    streamer = _Streamer(chunk_bytes, threads, progress)
-    hashers: dict[str, _FollowingHasher] = {}
-    try:
+    digests: dict[str, Future] = {}
+    with ShardStreamer(plan, chunk_bytes=chunk_bytes, threads=threads, progress=progress) as streamer:
         for name, shard in base.shards.items():
-            dst = folder / name
-            dst.touch()
-            # Hash each shard while it is written; a slow hash may run on into the
-            # next shard, but no more than a couple at once (bounded memory).
-            pending = [h for h in hashers.values() if h.thread.is_alive()]
-            for h in pending[: max(0, len(pending) - _MAX_PENDING_HASHES + 1)]:
-                h.thread.join()
             if fetch_shard is not None:
                 fetch_shard(shard)
-            hashers[name] = _FollowingHasher(dst, shard.file_size)
-            streamer.stream_shard(shard.path, dst, shard.file_size, plan.ops[name], hashers[name].advance)
-            _check_header(shard.path, dst, shard.data_start)
+            digests[name] = streamer.start(name, shard.path, folder / name)
         if base.index is not None:
             shutil.copyfile(base.folder / INDEX_NAME, folder / INDEX_NAME)
-        return {name: h.hexdigest() for name, h in hashers.items()}
-    finally:
-        for h in hashers.values():
-            h.abort()
-            h.thread.join()
-        streamer.close()
+        return {name: d.result() for name, d in digests.items()}
 
 
 def _check_header(src: Path, dst: Path, header_end: int) -> None:
