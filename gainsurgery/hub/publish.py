@@ -140,21 +140,53 @@ def push(client: HubClient, items: list[UploadItem], repo_id: str, *, private: b
     return PushResult(repo_id, revision or "main", getattr(info, "commit_url", None), info.pr_url, items)
 
 
+def commit_operations(client: HubClient, repo_id: str, uploaded: list[Any], items: list[UploadItem], *,
+                      revision: str | None = None, create_pr: bool = False,
+                      commit_message: str | None = None) -> PushResult:
+    """One commit of files already uploaded as LFS objects (``uploaded``: the operations
+    :func:`~gainsurgery.hub.transfer.preupload_file` returned) plus small ``items``.
+
+    Nothing is sent again for ``uploaded``: the commit names their sha256 and size.
+
+    Raises:
+        HubError: auth, not found, rate limit, network; nothing is committed.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    ops = list(uploaded) + [
+        CommitOperationAdd(path_in_repo=i.path_in_repo,
+                           path_or_fileobj=str(i.local) if i.local is not None else i.data) for i in items]
+    message = commit_message or f"Upload {len(ops)} file(s) with gainsurgery"
+    with hub_errors(repo_id, "upload to", client.endpoint):
+        info = client.api.create_commit(repo_id, ops, commit_message=message, revision=revision,
+                                        create_pr=create_pr)
+    files = [UploadItem(op.path_in_repo, op.upload_info.size) for op in uploaded] + list(items)
+    return PushResult(repo_id, revision or "main", getattr(info, "commit_url", None), info.pr_url, files)
+
+
 @dataclass
 class HubPublisher:
-    """The push step of an apply: publish the finished output folder to ``repo_id`` in one commit.
+    """The push step of an apply: publish the output to ``repo_id`` in one commit.
+
+    With an output folder, :meth:`publish` uploads the finished folder. Without one
+    (the Hub-to-Hub pipeline), :meth:`upload_shard` uploads each shard as it is
+    made and :meth:`commit` makes the one commit at the end.
 
     Attributes:
         client: the Hub client.
         repo_id: where to publish.
         private: create the repo private (when it does not exist yet).
         commit_message: the commit title.
+        revision: the branch to commit to (created from main if missing); None: main.
+        create_pr: open a pull request (against ``revision``) instead of committing.
     """
 
     client: HubClient
     repo_id: str
     private: bool = False
     commit_message: str | None = None
+    revision: str | None = None
+    create_pr: bool = False
 
     @property
     def target(self) -> str:
@@ -162,10 +194,39 @@ class HubPublisher:
         return self.repo_id
 
     def prepare(self) -> None:
-        """Create the repo now, so a bad or read-only token fails before any work."""
-        prepare_repo(self.client, self.repo_id, private=self.private)
+        """Create the repo (and branch) now, so a bad or read-only token fails before any work."""
+        prepare_repo(self.client, self.repo_id, private=self.private, revision=self.revision)
 
     def publish(self, folder: Path) -> PushResult:
         """Upload the complete checkpoint in ``folder`` in one commit."""
-        return push(self.client, folder_upload(folder), self.repo_id, private=self.private,
-                    commit_message=self.commit_message)
+        return push(self.client, folder_upload(folder), self.repo_id, private=self.private, revision=self.revision,
+                    create_pr=self.create_pr, commit_message=self.commit_message)
+
+    def upload_shard(self, path: Path, path_in_repo: str, sha256: str, **kwargs: Any) -> Any:
+        """Upload one finished shard as an LFS object (no commit yet); return its operation.
+
+        ``sha256``: computed while the shard was written. Keyword arguments
+        (``progress``, ``stop``) go to :func:`~gainsurgery.hub.transfer.preupload_file`.
+        """
+        from gainsurgery.hub.transfer import preupload_file
+
+        return preupload_file(self.client, self.repo_id, path, path_in_repo, sha256, revision=self.revision,
+                              create_pr=self.create_pr, **kwargs)
+
+    def stored_shard(self, path_in_repo: str, sha256: str, size: int, sample: bytes) -> Any:
+        """The operation of a shard whose LFS object the Hub already stores (nothing is sent)."""
+        from gainsurgery.hub.transfer import stored_lfs_operation
+
+        return stored_lfs_operation(self.client, self.repo_id, path_in_repo, sha256, size, sample,
+                                    revision=self.revision, create_pr=self.create_pr)
+
+    def present(self, objects: dict[str, int]) -> set[str]:
+        """Which LFS objects (sha256 -> bytes) the Hub already stores for the repo."""
+        from gainsurgery.hub.transfer import lfs_objects_present
+
+        return lfs_objects_present(self.client, self.repo_id, objects, revision=self.revision)
+
+    def commit(self, uploaded: list[Any], items: list[UploadItem]) -> PushResult:
+        """The one commit: the uploaded shards and the small files."""
+        return commit_operations(self.client, self.repo_id, uploaded, items, revision=self.revision,
+                                 create_pr=self.create_pr, commit_message=self.commit_message)
