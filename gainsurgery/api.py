@@ -189,7 +189,7 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
 def apply(
     base: str | os.PathLike[str],
     gains: Sequence[GainFile | str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
     overwrite: bool = False,
     verify: bool = False,
@@ -200,27 +200,38 @@ def apply(
     progress: ProgressFactory | None = None,
     push_to: str | None = None,
     private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
     hub: HubClient | None = None,
 ) -> ApplyResult:
     """Stream gains into a merged copy of ``base``, in constant memory; OUT appears only when complete.
 
     The same orchestration as ``gainsurgery apply`` (see :func:`gainsurgery.merge.apply`).
+    With ``push_to`` and no ``out``, the result goes straight to the Hub, shard by
+    shard, never more than three shards on disk (see :mod:`gainsurgery.merge.hub_pipeline`).
 
     Args:
         base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
         gains: gain files (paths, ``ORG/REPO[@REV]:path`` on the Hub) or :class:`GainFile`
             objects; several are multiplied in float32 and applied in one pass.
-        out: the output folder; must not exist unless ``overwrite``.
+        out: the output folder; must not exist unless ``overwrite``. None: needs
+            ``push_to`` (Hub to Hub, no local copy).
         overwrite: replace an existing OUT, atomically, on success.
-        verify: check every byte before OUT appears.
-        dry_run: plan only; write nothing.
+        verify: check every byte before OUT appears (always done when pushing).
+        dry_run: plan only; write nothing (without OUT: also the bytes to move and the peak disk).
         allow_negative: accept negative gains.
         chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
         threads: compute threads (default: CPUs, at most 4).
         progress: a progress-bar factory, ``progress(description, total_bytes)``.
-        push_to: also publish OUT to this Hub repo (verified first; a failed push
-            discards OUT).
+        push_to: also publish the result to this Hub repo (verified first; a failed
+            push leaves no OUT and no commit).
         private: with ``push_to``, create the repo private.
+        revision: with ``push_to``, the branch to commit to (created if missing).
+        create_pr: with ``push_to``, open a pull request instead of committing.
+        commit_message: with ``push_to``, the commit title.
+        work_dir: without OUT, where the work folder goes (default: ``$TMPDIR``).
         hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
 
     Returns:
@@ -235,6 +246,7 @@ def apply(
         >>> result = apply("base/", ["legal.safetensors"], "merged/", verify=True)  # doctest: +SKIP
         >>> result.plan.tensors_touched, result.verified  # doctest: +SKIP
         (36, True)
+        >>> apply("org/base", ["legal.safetensors"], push_to="me/base-legal").pushed.commit_url  # doctest: +SKIP
     """
     from gainsurgery import merge
 
@@ -246,11 +258,16 @@ def apply(
 
         check_repo_id(push_to)
         hub = hub if hub is not None else HubClient.from_env()
-        publisher = HubPublisher(hub, push_to, private=private,
-                                 commit_message=f"Upload {Path(out).name} (gainsurgery apply)")
+        name = Path(out).name if out is not None else str(base)
+        publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {name} (gainsurgery apply)")
+    elif revision or create_pr or commit_message:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
     return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
                        allow_negative=allow_negative, chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-                       publish=publisher, hub=hub)
+                       publish=publisher, hub=hub, work_dir=work_dir)
 
 
 def verify(

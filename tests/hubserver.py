@@ -202,6 +202,11 @@ class Repo:
         return self.resolve(revision).files
 
     @property
+    def oids(self) -> dict[str, str]:
+        """Files on ``main``: path -> sha256 of the content (disk-backed files are not read again)."""
+        return self.head.oids
+
+    @property
     def lfs_paths(self) -> set[str]:
         return {p for p, f in self.head.snapshot.items() if f.lfs}
 
@@ -216,6 +221,7 @@ class Failure:
     drop: bool
     truncate_after: int | None
     cut_body_after: int | None = None
+    ranged: bool | None = None  # None: any request; True/False: only requests with/without a Range header
 
 
 @dataclass
@@ -350,7 +356,7 @@ class HubServer:
     def fail_next(self, status: int | None = 500, path_contains: str = "", method: str | None = None,
                   times: int | None = 1, headers: dict | None = None, error_code: str | None = None,
                   message: str | None = None, drop: bool = False, truncate_after: int | None = None,
-                  cut_body_after: int | None = None) -> None:
+                  cut_body_after: int | None = None, ranged: bool | None = None) -> None:
         """Make the next ``times`` matching requests fail (``times=None``: until ``clear_failures()``).
 
         Match: ``path_contains`` is a substring of the raw request path, ``method`` (e.g. "HEAD") if given.
@@ -358,7 +364,8 @@ class HubServer:
         extra ``headers``; or ``drop=True``: close the connection without answering; or ``truncate_after=N``:
         serve the request normally but cut the body after N bytes (exercises download resume);
         or ``cut_body_after=N``: read N bytes of the request body, then drop the connection
-        without answering (an upload that fails half way).
+        without answering (an upload that fails half way). ``ranged=False`` matches only
+        requests without a Range header (a whole-file download, not a header probe).
         Defaults: 401 says "Invalid credentials in Authorization header", 404 carries ``RepoNotFound``,
         429 and 503 say ``Retry-After: 0`` (as the Hub tells a client when to come back; the client
         then retries after about a second instead of its exponential back-off).
@@ -376,16 +383,16 @@ class HubServer:
             hdrs["X-Error-Message"] = message
         with self._lock:
             self._failures.append(Failure(status, path_contains, method and method.upper(), times, hdrs,
-                                          drop, truncate_after, cut_body_after))
+                                          drop, truncate_after, cut_body_after, ranged))
 
     def clear_failures(self) -> None:
         with self._lock:
             self._failures.clear()
 
-    def _take_failure(self, method: str, path: str) -> Failure | None:
+    def _take_failure(self, method: str, path: str, ranged: bool = False) -> Failure | None:
         with self._lock:
             for f in self._failures:
-                if f.path_contains in path and f.method in (None, method):
+                if f.path_contains in path and f.method in (None, method) and f.ranged in (None, ranged):
                     if f.times is not None:
                         f.times -= 1
                         if f.times <= 0:
@@ -555,7 +562,7 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append(self.record)
         self.truncate_after = None
-        failure = hub._take_failure(self.command, self.raw_path)
+        failure = hub._take_failure(self.command, self.raw_path, "Range" in self.headers)
         if failure is not None:
             if failure.cut_body_after is not None:
                 with contextlib.suppress(OSError, ValueError):
@@ -620,9 +627,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             stream = io.BytesIO(body) if stream is None else stream
             left = length if self.truncate_after is None else min(length, self.truncate_after)
+            step = _CHUNK if hub.down.rate is None else 64 * 1024  # throttled: small pieces, like a real link
             try:
                 while left:
-                    piece = stream.read(min(_CHUNK, left))
+                    piece = stream.read(min(step, left))
                     if not piece:
                         break
                     hub.down.take(len(piece))

@@ -27,12 +27,14 @@ whole file to hash it, and makes the Xet path fall back to LFS with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 from gainsurgery.errors import CheckpointError, HubError
@@ -63,12 +65,56 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (httpx2.TransportError,)
 
 
+#: HTTP statuses worth another try (rate limit, server busy), as huggingface_hub's own retries.
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: Tries of one request on a retryable status or a failed connection.
+REQUEST_ATTEMPTS = 5
+
+
+@contextlib.contextmanager
+def _streamed_get(client: HubClient, url: str, headers: dict[str, str]) -> Iterator[Any]:
+    """A streamed GET through huggingface_hub's shared HTTP client (its proxies, its user agent).
+
+    Retries a failed connection and the statuses of :data:`RETRY_STATUSES` (honouring
+    ``Retry-After``), then raises like huggingface_hub (``hf_raise_for_status``).
+    A failure while the caller reads the body is the caller's to handle: unlike
+    ``http_stream_backoff``, nothing here retries behind its back.
+    """
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    wait = 1.0
+    for attempt in range(REQUEST_ATTEMPTS):
+        last = attempt == REQUEST_ATTEMPTS - 1
+        try:
+            cm = get_session().stream("GET", url, headers=headers, timeout=_timeout(), follow_redirects=True)
+            response = cm.__enter__()
+        except _transport_errors():
+            if last:
+                raise
+            time.sleep(wait)
+            wait = min(8.0, wait * 2)
+            continue
+        try:
+            if response.status_code in RETRY_STATUSES and not last:
+                retry_after = response.headers.get("Retry-After", "")
+                time.sleep(float(retry_after) + 1 if retry_after.isdigit() else wait)
+                wait = min(8.0, wait * 2)
+                continue
+            if response.status_code >= 400:
+                response.read()  # the error's message is in the body
+                hf_raise_for_status(response)
+            yield response
+            return
+        finally:
+            cm.__exit__(None, None, None)
+
+
 def read_range(client: HubClient, url: str, first: int, last: int, *, what: str) -> bytes:
     """Bytes ``first..last`` (inclusive) of the file at ``url``, at most ``last - first + 1`` of them.
 
     Asks for them with ``Range``; if the server sends the whole file instead (200),
     reads it only until ``last`` and closes the connection. Memory: the range plus
-    one network chunk. A file shorter than ``last`` gives fewer bytes.
+    one network read. A file shorter than ``last`` gives fewer bytes.
 
     Raises:
         HubError: the request failed (one line, naming ``what``).
@@ -77,16 +123,13 @@ def read_range(client: HubClient, url: str, first: int, last: int, *, what: str)
         >>> read_range(client, client.file_url("org/m", "model.safetensors"), 0, 7, what="org/m")  # doctest: +SKIP
         b'\\x90\\x1f\\x00\\x00\\x00\\x00\\x00\\x00'
     """
-    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
-
     want = last - first + 1
     out = bytearray()
     with hub_errors(what, "read the header of", client.endpoint):
         headers = {**client.headers(), "Range": f"bytes={first}-{last}"}
-        with http_stream_backoff("GET", url, headers=headers, timeout=_timeout()) as response:
-            hf_raise_for_status(response)
+        with _streamed_get(client, url, headers) as response:
             skip = first if response.status_code == 200 else 0  # Range ignored: the body starts at byte 0
-            for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+            for chunk in response.iter_bytes():  # as it arrives: stop as soon as we have the range
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
@@ -165,8 +208,6 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         CheckpointError: the file's size or sha256 differs from what the Hub lists.
         TransferAborted: ``stop`` was set.
     """
-    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
-
     url = client.file_url(repo_id, filename, revision=revision)
     what = f"{repo_id}@{revision[:12]}:{filename}"
     h = hashlib.sha256() if sha256 else None
@@ -180,10 +221,9 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
                 if have:
                     headers["Range"] = f"bytes={have}-"
                 try:
-                    with http_stream_backoff("GET", url, headers=headers, timeout=_timeout()) as response:
-                        hf_raise_for_status(response)
+                    with _streamed_get(client, url, headers) as response:
                         skip = have if response.status_code == 200 else 0  # Range ignored: from byte 0 again
-                        for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                        for chunk in response.iter_bytes():  # as it arrives: a reader may follow closely
                             if stop is not None and stop.is_set():
                                 raise TransferAborted("download given up")
                             if skip:
@@ -207,6 +247,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
                 except _transport_errors():
                     if attempt == DOWNLOAD_ATTEMPTS - 1:
                         raise  # hub_errors says: could not reach the Hub
+                    time.sleep(min(8.0, 0.5 * 2 ** attempt))
         if have != size:
             raise CheckpointError(f"{what}: downloaded {have} bytes, the Hub lists {size}; try again "
                                   "(the file changed?)")

@@ -13,6 +13,10 @@ API, the demo, the lab experiments and ``apply --push``):
 6. optionally verify every byte (:mod:`~gainsurgery.merge.verify`);
 7. optionally publish the verified folder (a failed push discards it too);
 8. rename the staging folder into place.
+
+With a push target and no OUT, steps 4-8 are the Hub-to-Hub pipeline instead
+(:mod:`~gainsurgery.merge.hub_pipeline`): download, apply, verify and upload one
+shard at a time, overlapped, in a bounded work folder, then one commit.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from gainsurgery import gainfile as gf
-from gainsurgery.errors import GainFileError, GainSurgeryError
+from gainsurgery.errors import GainFileError, GainSurgeryError, PlanError
 from gainsurgery.gainfile import GainFile
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.merge.plan import Plan, TensorOp, make_plan
-from gainsurgery.merge.provenance import OUTPUT_FILES, PROVENANCE_NAME, build_provenance, write_provenance
+from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
+                                          write_provenance)
 from gainsurgery.merge.stream import DEFAULT_CHUNK_BYTES, check_output, execute, staged_output
 from gainsurgery.merge.verify import VerifyReport, verify
 from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
@@ -81,8 +86,11 @@ class ApplyResult:
         seconds: wall time from claiming OUT to publishing it.
         shard_sha256: shard name -> sha256 of the written shard.
         provenance: the record written to ``gainsurgery.json``.
-        verified: True when every byte was verified before OUT appeared.
+        verified: True when every byte was verified before OUT appeared (or, without OUT, before upload).
         pushed: what the publisher returned (a :class:`~gainsurgery.hub.publish.PushResult`), if any.
+        transfer: without OUT, what the pipeline moves and the disk it needs
+            (:meth:`~gainsurgery.merge.hub_pipeline.TransferPlan.as_dict`).
+        streamed: without OUT, what the pipeline did (:class:`~gainsurgery.merge.hub_pipeline.StreamResult`).
     """
 
     plan: Plan
@@ -94,6 +102,8 @@ class ApplyResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     verified: bool = False
     pushed: Any = None
+    transfer: dict[str, Any] | None = None
+    streamed: Any = None
 
 
 def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_negative: bool = False,
@@ -140,7 +150,7 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
 def apply(
     base: str | os.PathLike[str],
     gains: Sequence[str | os.PathLike[str] | GainFile],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
     *,
     overwrite: bool = False,
     verify: bool = False,
@@ -151,16 +161,20 @@ def apply(
     progress: ProgressFactory | None = None,
     publish: Publisher | None = None,
     hub: HubClient | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
 ) -> ApplyResult:
     """Apply (and stack) gain files onto ``base``, streaming into the folder ``out``.
 
     See the module docstring for the steps. OUT appears only when complete (and,
-    with ``verify`` or ``publish``, verified; with ``publish``, published).
+    with ``verify`` or ``publish``, verified; with ``publish``, published). With
+    ``publish`` and ``out=None``, nothing is written but a bounded work folder: the
+    Hub-to-Hub pipeline (:mod:`~gainsurgery.merge.hub_pipeline`).
 
     Args:
         base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
         gains: gain files (paths, ``ORG/REPO[@REV]:path``, or :class:`GainFile` objects).
-        out: the output folder; must not exist unless ``overwrite``.
+        out: the output folder; must not exist unless ``overwrite``. None (with
+            ``publish``): stream to the push target, shard by shard.
         overwrite: replace an existing OUT (atomically, on success).
         verify: recompute every rescaled tensor and compare every other byte before OUT appears.
         dry_run: plan only (checks OUT too); write nothing.
@@ -170,6 +184,7 @@ def apply(
         progress: makes a progress bar (``progress("apply", total_bytes)``).
         publish: the push step, run on the verified output before it is moved into place.
         hub: the Hub client for Hub bases and gain files (default: built from the environment).
+        work_dir: without OUT, where the work folder goes (default: the system temporary folder).
 
     Returns:
         An :class:`ApplyResult`.
@@ -178,6 +193,12 @@ def apply(
         GainSurgeryError: anything the user can fix (bad base, bad gain, unusable OUT,
             failed verification, Hub errors); OUT is then left untouched.
     """
+    if out is None:
+        if publish is None:
+            raise PlanError("give OUT (a folder to write), or a repo to push to (--push) to stream the result "
+                            "to the Hub without one")
+        return _apply_to_hub(base, gains, publish, dry_run=dry_run, allow_negative=allow_negative,
+                             chunk_bytes=chunk_bytes, threads=threads, progress=progress, hub=hub, work_dir=work_dir)
     with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
         ckpt = opened.checkpoint
         if dry_run:
@@ -211,6 +232,55 @@ def apply(
                     bar.close()
     return ApplyResult(plan, opened.label, staging.out, seconds=time.perf_counter() - t0, shard_sha256=shard_sha,
                        provenance=provenance, verified=checked, pushed=pushed)
+
+
+def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str] | GainFile],
+                  publish: Any, *, dry_run: bool, allow_negative: bool, chunk_bytes: int, threads: int | None,
+                  progress: ProgressFactory | None, hub: HubClient | None,
+                  work_dir: str | os.PathLike[str] | None) -> ApplyResult:
+    """Apply without OUT: the Hub-to-Hub pipeline into ``publish`` (see :mod:`~gainsurgery.merge.hub_pipeline`)."""
+    from gainsurgery.merge import hub_pipeline as hp
+
+    root = Path(work_dir) if work_dir is not None else hp.default_work_root()
+    if dry_run:
+        with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
+            return ApplyResult(plan, opened.label, dry_run=True,
+                               transfer=hp.transfer_plan(opened, plan, root).as_dict())
+    client = hub if hub is not None else getattr(publish, "client", None)
+    specs = [f"gain:{hp.gain_digest(g)}" if isinstance(g, GainFile) else str(g) for g in gains]
+    name = hp.work_folder_name(publish, getattr(client, "endpoint", ""), str(base), specs)
+    t0 = time.perf_counter()
+    with hp.claimed_work_folder(root, name, publish.target) as work:
+        with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
+            publish.prepare()
+            records: dict[str, Any] = {}
+
+            def provenance_of(shard_sha: dict[str, str]) -> dict[str, Any]:
+                records["provenance"] = build_provenance(plan, opened.provenance(), shard_sha)
+                return records["provenance"]
+
+            streamed = hp.run(opened, plan, publish, work, make_items=_commit_items, provenance_of=provenance_of,
+                              chunk_bytes=chunk_bytes, threads=threads, progress=progress)
+            work.finish()
+    return ApplyResult(plan, opened.label, None, seconds=time.perf_counter() - t0,
+                       shard_sha256=streamed.shard_sha256, provenance=records["provenance"], verified=True,
+                       pushed=streamed.pushed, streamed=streamed)
+
+
+def _commit_items(plan: Plan, provenance: dict[str, Any]) -> list:
+    """The small files of a Hub-to-Hub commit: what an apply writes next to the shards."""
+    from gainsurgery.hub.cards import CARD_NAME, merged_model_card
+    from gainsurgery.hub.publish import UploadItem, text_item
+    from gainsurgery.io.checkpoint import INDEX_NAME
+
+    items = []
+    if plan.base.index is not None:
+        index = plan.base.folder / INDEX_NAME
+        items.append(UploadItem(INDEX_NAME, index.stat().st_size, local=index))
+    items += [UploadItem(p.name, p.stat().st_size, local=p) for p in plan.base.extra_files(skip=OUTPUT_FILES)]
+    items.append(text_item(PROVENANCE_NAME, provenance_text(provenance)))
+    items.append(text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME)))
+    return items
 
 
 @contextlib.contextmanager

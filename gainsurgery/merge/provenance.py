@@ -50,10 +50,15 @@ def build_provenance(plan: Plan, base: Mapping[str, Any], shard_sha256: Mapping[
     }
 
 
+def provenance_text(provenance: Mapping[str, Any]) -> str:
+    """The text of ``gainsurgery.json`` for ``provenance`` (one format, whether written or uploaded)."""
+    return json.dumps(provenance, indent=2) + "\n"
+
+
 def write_provenance(folder: Path, provenance: Mapping[str, Any]) -> Path:
     """Write ``provenance`` into ``folder`` (a staging folder: it is fsynced with the rest)."""
     path = Path(folder) / PROVENANCE_NAME
-    path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    path.write_text(provenance_text(provenance), encoding="utf-8")
     return path
 
 

@@ -1,0 +1,421 @@
+"""`gainsurgery apply BASE G --push REPO` without OUT: the Hub-to-Hub pipeline, end to end.
+
+The real huggingface_hub client (classic LFS: conftest sets HF_HUB_DISABLE_XET, and the
+loopback Hub speaks no Xet) talks to the loopback Hub of tests/hubserver.py; nothing of
+ours is mocked. The result must be what `apply OUT` + `push` publish, nothing may be
+committed after a failure, a killed run must resume without uploading a shard twice,
+and the work folder must stay within its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import random_gain
+from test_hub import assert_clean_failure, local_files, our_commits, remote_files
+
+# huggingface_hub's own LFS PUT passes `data=<file>` to httpx2, which warns; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+GENERATED = ("gainsurgery.json", "README.md")  # hold times and paths: compared apart
+
+
+def without_generated(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k not in GENERATED}
+
+
+def shard_names(files) -> list[str]:
+    return sorted(p for p in files if p.endswith(".safetensors"))
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for here, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(here, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class DiskSampler:
+    """Samples the bytes allocated under a folder every few milliseconds, in a thread."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.peak, self.samples = folder, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, folder_bytes(self.folder))
+            self.samples += 1
+            self.stop.wait(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def base(tiny_ckpt):
+    return tiny_ckpt("llama", "bfloat16")
+
+
+@pytest.fixture
+def gain_file(base, tmp_path):
+    g = random_gain(base, "gain-ffn", seed=3)
+    g.metadata["base_model"] = "testuser/tiny-llama"
+    return g.save(tmp_path / "legal.safetensors")
+
+
+@pytest.fixture
+def hub_base(hub, base):
+    hub.add_repo("testuser/tiny-llama", local_files(base))
+    return "testuser/tiny-llama"
+
+
+@pytest.fixture
+def work(tmp_path):
+    w = tmp_path / "work"
+    w.mkdir()
+    return w
+
+
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory):
+    """Six shards of about 1 MB: big enough for a budget, a disk sampler and Range tests to mean something."""
+    from models import synthetic_llama
+
+    return synthetic_llama(tmp_path_factory.mktemp("big") / "base", layers=4, hidden=256, inter=512,
+                           shard_bytes=1_300_000)
+
+
+@pytest.fixture
+def big_gain(big_base, tmp_path):
+    return random_gain(big_base, "gain-ffn", seed=5).save(tmp_path / "big-gain.safetensors")
+
+
+def reference(hub, base_id, gain, tmp_path, cli) -> dict[str, bytes]:
+    """What `apply OUT` + `push` publish, for comparison."""
+    out = tmp_path / "reference"
+    res = cli("apply", base_id, gain, out, "--push", "testuser/reference")
+    assert res.exit_code == 0, res.stderr
+    return remote_files(hub, "testuser/reference")
+
+
+def lfs_puts(hub) -> list[str]:
+    return [r.path.rsplit("/", 1)[-1] for r in hub.requests if r.method == "PUT" and r.path.startswith("/_lfs/upload/")]
+
+
+# --------------------------------------------------------------------------- the result
+
+
+def test_streamed_repo_equals_apply_then_push(hub, hub_base, gain_file, cli, tmp_path, work):
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/streamed", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert list(work.iterdir()) == []  # the work folder is gone
+    assert not list(hub.cache_dir.rglob("model-*.safetensors"))  # no shard went through the HF cache
+    ref = reference(hub, hub_base, gain_file, tmp_path, cli)
+    streamed = remote_files(hub, "testuser/streamed")
+    assert set(streamed) == set(ref)  # same file list
+    assert without_generated(streamed) == without_generated(ref)  # same bytes, same index, same config
+    assert streamed["model.safetensors.index.json"] == ref["model.safetensors.index.json"]
+    prov = json.loads(streamed["gainsurgery.json"])
+    assert prov["base"]["hub"] == hub_base and prov["base"]["commit"] == hub.repos[hub_base].head.sha
+    assert {n: e["sha256"] for n, e in prov["shards"].items()} == {n: hub.repos["testuser/streamed"].oids[n]
+                                                                    for n in shard_names(streamed)}
+    assert json.loads(ref["gainsurgery.json"])["shards"] == prov["shards"]
+    card = streamed["README.md"].decode()
+    assert 'base_model: "testuser/tiny-llama"' in card and 'base_model_relation: "merge"' in card
+    assert info["out"] is None and info["verified"] is True and info["resumed"] == []
+    assert info["pushed"]["repo_id"] == "testuser/streamed"
+    assert [c.message for c in our_commits(hub) if c.repo_id == "testuser/streamed"] == [
+        "Upload testuser/tiny-llama (gainsurgery apply)"]
+    assert {p for p in hub.repos["testuser/streamed"].lfs_paths} == set(shard_names(streamed))
+
+
+def test_every_shard_uploaded_once_with_the_hash_computed_while_writing(hub, hub_base, gain_file, cli, work):
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/streamed", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    oids = hub.repos["testuser/streamed"].oids
+    shards = shard_names(oids)
+    assert sorted(lfs_puts(hub)) == sorted(oids[s] for s in shards)
+    assert json.loads(res.stdout)["shards"] == {s: oids[s] for s in shards}
+    # one batch request per shard (the upload), each naming the oid we computed while writing
+    batches = [r for r in hub.requests if r.path.endswith("/info/lfs/objects/batch")]
+    assert len(batches) == len(shards)
+
+
+def test_local_base_streams_without_download(hub, base, gain_file, cli, tmp_path, work):
+    res = cli("apply", base, gain_file, "--push", "testuser/from-local", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / "merged"
+    assert cli("apply", base, gain_file, out).exit_code == 0
+    streamed = remote_files(hub, "testuser/from-local")
+    assert without_generated(streamed) == without_generated(local_files(out))
+    assert not [r for r in hub.requests if r.method == "GET" and "/_lfs/" in r.path]
+    assert json.loads(res.stdout)["peak_disk_bytes"] <= 2 * max(p.stat().st_size for p in base.glob("*.safetensors"))
+
+
+def test_revision_pr_private_and_message(hub, hub_base, gain_file, cli, work):
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/s", "--work-dir", work, "--private",
+              "--revision", "dev", "--commit-message", "merged on dev")
+    assert res.exit_code == 0, res.stderr
+    repo = hub.repos["testuser/s"]
+    assert repo.private and "config.json" not in repo.files
+    assert "model.safetensors.index.json" in remote_files(hub, "testuser/s", "dev")
+    assert our_commits(hub)[-1].message == "merged on dev" and our_commits(hub)[-1].ref == "dev"
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/s", "--work-dir", work, "--create-pr", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["pushed"]["pr_url"] == f"{hub.endpoint}/testuser/s/discussions/1"
+    assert "config.json" in remote_files(hub, "testuser/s", "refs/pr/1")
+    assert "config.json" not in repo.files
+
+
+def test_dry_run_reads_headers_only_and_prints_bytes_and_disk(hub, hub_base, gain_file, base, cli, work):
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/x", "--work-dir", work, "--dry-run", "--json")
+    assert res.exit_code == 0, res.stderr
+    plan = json.loads(res.stdout)
+    sizes = [p.stat().st_size for p in sorted(base.glob("*.safetensors"))]
+    t = plan["transfer"]
+    assert t["shards"] == len(sizes) and t["download_bytes"] == sum(sizes) == t["upload_bytes"]
+    assert t["peak_disk_bytes"] == 3 * max(sizes) and t["upload_path"] == "lfs"
+    assert t["small_files_bytes"] == sum((base / n).stat().st_size for n in
+                                         ("config.json", "generation_config.json", "model.safetensors.index.json"))
+    assert "testuser/x" not in hub.repos and list(work.iterdir()) == []
+    shard_gets = [r for r in hub.requests if r.method == "GET" and r.path.startswith("/_lfs/")]
+    assert shard_gets and all(r.headers.get("range", "").startswith("bytes=0-") for r in shard_gets)
+    text = cli("apply", hub_base, gain_file, "--push", "testuser/x", "--work-dir", work, "--dry-run").output
+    assert "peak disk:" in text and "download:" in text and "through LFS" in text and "nothing written" in text
+
+
+def test_without_out_needs_push(hub, gain_file, base, cli):
+    res = cli("apply", base, gain_file)
+    assert res.exit_code == 2 and "OUT" in res.output
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failed_upload_commits_nothing(hub, hub_base, gain_file, cli, work):
+    hub.fail_next(status=403, path_contains="/_lfs/upload/", times=None)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, None, "403")
+    assert our_commits(hub) == [] and remote_files(hub, "testuser/out") == {}
+    leftovers = [p.name for d in work.iterdir() for p in d.iterdir()]
+    assert set(leftovers) <= {".lock", "state.json"}  # no shard left behind
+
+
+def test_failed_download_commits_nothing(hub, hub_base, gain_file, cli, work):
+    oid = hub.repos[hub_base].oids["model-00002-of-00003.safetensors"]
+    hub.fail_next(status=404, path_contains=f"/_lfs/{oid}", method="GET", times=None)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, None, "404")
+    assert our_commits(hub) == [] and remote_files(hub, "testuser/out") == {}
+    assert set(p.name for d in work.iterdir() for p in d.iterdir()) <= {".lock", "state.json"}
+
+
+def test_corrupt_download_is_refused(hub, hub_base, gain_file, cli, work):
+    """The Hub lists a sha256 for each LFS shard: a download that does not match it stops the run."""
+    name = "model-00002-of-00003.safetensors"
+    stored = hub.lfs_objects[hub.repos[hub_base].oids[name]]
+    data = bytearray(stored.data)
+    data[-1] ^= 1  # the bytes served change; the listed sha256 does not
+    stored.data_ = bytes(data)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, None, "sha256")
+    assert name in res.stderr and our_commits(hub) == []
+
+
+def test_upload_cut_half_way_is_retried(hub, hub_base, gain_file, cli, work):
+    hub.fail_next(path_contains="/_lfs/upload/", method="PUT", cut_body_after=4096, times=1)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert res.exit_code == 0, res.stderr
+    oids = hub.repos["testuser/out"].oids
+    assert all(hub.lfs_uploads[oids[s]] == 1 for s in shard_names(oids))
+    assert len(lfs_puts(hub)) == len(shard_names(oids)) + 1  # the cut one, then the retry
+
+
+def test_download_cut_half_way_resumes(hub, big_base, big_gain, cli, work):
+    hub.add_repo("testuser/big", local_files(big_base))
+    hub.fail_next(path_contains="/_lfs/", method="GET", truncate_after=200_000, times=1, ranged=False)
+    n = len(hub.requests)
+    res = cli("apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work)
+    assert res.exit_code == 0, res.stderr
+    ranges = [r.headers.get("range") for r in hub.requests[n:] if r.method == "GET" and "/_lfs/" in r.path]
+    assert "bytes=200000-" in ranges, str(ranges)  # resumed where the cut left it
+
+
+def test_second_run_of_the_same_push_waits_its_turn(hub, hub_base, gain_file, work):
+    from gainsurgery import api
+    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.io.workdir import WorkFolder
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.publish import HubPublisher
+    from gainsurgery.errors import OutputError
+
+    client = HubClient.from_env()
+    name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
+    held = WorkFolder.claim(work, name)
+    try:
+        with pytest.raises(OutputError, match="another gainsurgery run is doing the same push to testuser/out"):
+            api.apply(hub_base, [gain_file], push_to="testuser/out", work_dir=work, hub=client)
+    finally:
+        held.release()
+    assert "testuser/out" not in hub.repos
+
+
+def test_work_folder_that_is_a_link_is_refused(hub, hub_base, gain_file, cli, work, tmp_path):
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.publish import HubPublisher
+    from gainsurgery.merge import hub_pipeline as hp
+
+    client = HubClient.from_env()
+    name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    (work / name).symlink_to(victim)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, None, "is not a folder (a link?)")
+    assert (victim / "precious.txt").read_text() == "keep me" and "testuser/out" not in hub.repos
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def run_cli_process(args: list[str]) -> subprocess.Popen:
+    code = "import sys; from gainsurgery.cli import main; sys.argv[0] = 'gainsurgery'; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kill_at", ["first", "middle", "last"])
+def test_killed_run_resumes_without_uploading_a_shard_twice(hub, big_base, big_gain, cli, work, tmp_path, kill_at):
+    """SIGKILL right as the k-th shard reaches the Hub; the rerun skips what the Hub stores.
+
+    (A shard no gain touches is identical to the base's: the Hub has it already, so it
+    is never sent at all.)
+    """
+    hub.add_repo("testuser/big", local_files(big_base))
+    base_oids = hub.repos["testuser/big"].oids
+    changed = sum(1 for s in shard_names(base_oids) if any(
+        op for op in json.loads((big_base / "model.safetensors.index.json").read_text())["weight_map"].items()
+        if op[1] == s and (".o_proj." in op[0] or ".down_proj." in op[0])))
+    kill_after = {"first": 1, "middle": changed // 2 + 1, "last": changed}[kill_at]
+    args = ["apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work]
+    proc = run_cli_process(args)
+    stored = []
+
+    def kill(oid):
+        stored.append(oid)
+        if len(stored) == kill_after:
+            os.kill(proc.pid, signal.SIGKILL)
+
+    hub.on_lfs_stored = kill
+    proc.communicate(timeout=120)
+    hub.on_lfs_stored = None
+    assert proc.returncode == -signal.SIGKILL
+    assert our_commits(hub) == [] and len(stored) == kill_after
+    leftovers = {p.name for d in work.iterdir() for p in d.iterdir()}
+    assert ".lock" in leftovers  # the dead run's folder is there, with whatever it was doing
+
+    n = len(hub.requests)
+    res = cli(*args, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    oids = hub.repos["testuser/out"].oids
+    shards = shard_names(oids)
+    assert len(shards) == 6
+    assert all(hub.lfs_uploads[oids[s]] <= 1 for s in shards)  # no shard uploaded twice
+    assert sum(hub.lfs_uploads[oids[s]] for s in shards) == changed  # every changed shard once
+    assert not set(lfs_puts_since(hub, n)) & set(stored)  # nothing the Hub had was sent again
+    # the journal let the rerun skip the shards the killed run had finished: nothing downloaded for them
+    assert len(info["resumed"]) >= kill_after - 1
+    resumed_oids = {base_oids[s] for s in info["resumed"]}
+    assert not [r for r in hub.requests[n:] if r.method == "GET" and r.path.rsplit("/", 1)[-1] in resumed_oids
+                and "range" not in r.headers]
+    assert list(work.iterdir()) == []  # leftovers and journal gone
+    ref = reference(hub, "testuser/big", big_gain, tmp_path, cli)
+    assert without_generated(remote_files(hub, "testuser/out")) == without_generated(ref)
+
+
+def lfs_puts_since(hub, n: int) -> list[str]:
+    return [r.path.rsplit("/", 1)[-1] for r in hub.requests[n:] if r.method == "PUT"
+            and r.path.startswith("/_lfs/upload/")]
+
+
+def test_rerun_on_a_fresh_machine_sends_nothing_the_hub_has(hub, hub_base, gain_file, cli, tmp_path):
+    """No journal (another runner): every shard is made again, but the LFS batch answer stops the uploads."""
+    first, second = tmp_path / "w1", tmp_path / "w2"
+    first.mkdir(), second.mkdir()
+    hub.fail_next(status=403, path_contains="/commit/", method="POST", times=1)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", first)
+    assert_clean_failure(res, None, "403")  # every shard uploaded, the commit refused
+    uploaded = set(lfs_puts(hub))
+    n = len(hub.requests)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", second, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["resumed"] == [] and lfs_puts_since(hub, n) == []
+    assert set(shard_names(hub.repos["testuser/out"].oids)) and uploaded == {
+        hub.repos["testuser/out"].oids[s] for s in shard_names(hub.repos["testuser/out"].oids)}
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_peak_disk_stays_within_three_shards(hub, big_base, big_gain, cli, work):
+    hub.add_repo("testuser/big", local_files(big_base))
+    hub.down.rate = hub.up.rate = 20e6  # 20 MB/s each way: stages overlap for real
+    largest = max(p.stat().st_size for p in big_base.glob("*.safetensors"))
+    with DiskSampler(work) as sampler:
+        res = cli("apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert sampler.samples > 50
+    assert 2 * largest <= info["peak_disk_bytes"] <= 3 * largest  # the budget's own count
+    assert sampler.peak <= 3 * largest + 64 * 1024  # what the disk held (plus the journal, the lock)
+    assert sampler.peak >= largest  # the sampler did see shards
+
+
+def test_headers_behind_a_proxy_that_ignores_range(hub, big_base, big_gain, cli, work):
+    """A server that answers Range with the whole file: we read the header and hang up."""
+    hub.add_repo("testuser/big", local_files(big_base))
+    hub.ignore_range = True
+    hub.down.rate = 20e6  # slow enough that hanging up shows in the bytes sent
+    sizes = {hub.repos["testuser/big"].oids[p.name]: p.stat().st_size for p in big_base.glob("*.safetensors")}
+    res = cli("apply", "testuser/big", big_gain, "--work-dir", work, "--push", "testuser/x", "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    gets = [r for r in hub.requests if r.method == "GET" and r.path.rsplit("/", 1)[-1] in sizes]
+    assert len(gets) == len(sizes)
+    for r in gets:  # the server meant to send the whole shard; the client stopped it early
+        assert r.sent < sizes[r.path.rsplit("/", 1)[-1]]
+    # and the full pipeline works there too
+    res = cli("apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work)
+    assert res.exit_code == 0, res.stderr
+
+
+def test_resume_after_a_cut_when_range_is_ignored(hub, big_base, big_gain, cli, work, tmp_path):
+    hub.add_repo("testuser/big", local_files(big_base))
+    hub.ignore_range = True
+    hub.fail_next(path_contains="/_lfs/", method="GET", truncate_after=200_000, times=1, ranged=False)
+    res = cli("apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work)
+    assert res.exit_code == 0, res.stderr
+    hub.ignore_range = False
+    ref = reference(hub, "testuser/big", big_gain, tmp_path, cli)
+    assert without_generated(remote_files(hub, "testuser/out")) == without_generated(ref)
