@@ -195,7 +195,7 @@ def apply(
     verify: bool = False,
     dry_run: bool = False,
     allow_negative: bool = False,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int | None = None,
     threads: int | None = None,
     progress: ProgressFactory | None = None,
     push_to: str | None = None,
@@ -222,7 +222,8 @@ def apply(
         verify: check every byte before OUT appears (always done when pushing).
         dry_run: plan only; write nothing (without OUT: also the bytes to move and the peak disk).
         allow_negative: accept negative gains.
-        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory (default: 64 MiB;
+            16 MiB without OUT).
         threads: compute threads (default: CPUs, at most 4).
         progress: a progress-bar factory, ``progress(description, total_bytes)``.
         push_to: also publish the result to this Hub repo (verified first; a failed

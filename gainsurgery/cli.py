@@ -135,8 +135,9 @@ def _split_gains_and_out(args: tuple[str, ...], push_to: str | None) -> tuple[li
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, on success).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--verify", "verify_", is_flag=True, help="Fully verify the output before moving it into place.")
-@click.option("--chunk-size", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="MiB of tensor data scaled per read; bounds peak memory.")
+@click.option("--chunk-size", default=None, type=click.IntRange(1, 4096),
+              help="MiB of tensor data scaled per read; bounds peak memory. [default: 64; 16 with --push "
+                   "and no OUT]")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Compute threads (default: CPUs, max 4).")
 @click.option("--push", "push_to", default=None, metavar="REPO_ID",
               help="Publish to this Hub repo (one commit) once complete and fully verified. Without OUT: "
@@ -178,8 +179,8 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
 
     gain_specs, out = _split_gains_and_out(gains_and_out, push_to)
     result = api.apply(base, gain_specs, out, overwrite=overwrite, verify=verify_, dry_run=dry_run,
-                       allow_negative=allow_negative, chunk_bytes=chunk_size * MiB, threads=threads,
-                       progress=_progress, push_to=push_to, private=private, revision=revision,
+                       allow_negative=allow_negative, chunk_bytes=chunk_size * MiB if chunk_size else None,
+                       threads=threads, progress=_progress, push_to=push_to, private=private, revision=revision,
                        create_pr=create_pr, commit_message=commit_message, work_dir=work_dir, hub=_hub())
     plan = result.plan
     if result.dry_run:

@@ -419,3 +419,90 @@ def test_resume_after_a_cut_when_range_is_ignored(hub, big_base, big_gain, cli, 
     hub.ignore_range = False
     ref = reference(hub, "testuser/big", big_gain, tmp_path, cli)
     assert without_generated(remote_files(hub, "testuser/out")) == without_generated(ref)
+
+
+# --------------------------------------------------------------------------- what huggingface_hub lets us pass
+
+
+def test_lfs_path_uses_our_sha256_without_hashing_again(hub, tmp_path):
+    """The batch request names the sha256 we give, not one huggingface_hub computed: with a wrong
+    one, the object is announced under it and the upload is refused by the Hub's own check."""
+    from gainsurgery.errors import HubError
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.transfer import preupload_file
+
+    client = HubClient.from_env()
+    client.api.create_repo("testuser/x")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(300_000))
+    wrong = "ab" * 32
+    with pytest.raises(HubError, match="400"):
+        preupload_file(client, "testuser/x", f, "model.safetensors", wrong)
+    batch = [r for r in hub.requests if r.path.endswith("/info/lfs/objects/batch")]
+    assert len(batch) == 1 and lfs_puts(hub)[0] == wrong
+    import hashlib
+
+    right = hashlib.sha256(f.read_bytes()).hexdigest()
+    op = preupload_file(client, "testuser/x", f, "model.safetensors", right)
+    assert op.upload_info.sha256.hex() == right and op._is_uploaded and hub.lfs_uploads[right] == 1
+
+
+def test_xet_path_hands_hf_xet_our_sha256(hub, tmp_path, monkeypatch):
+    """Xet cannot be served here (no CAS server); this runs huggingface_hub's real Xet upload code with
+    a recording stand-in for the hf_xet session, to show what reaches hf_xet: the path and our sha256
+    (not hf_xet.COMPUTE_SHA256), so hf_xet does not hash the file a second time."""
+    import types
+
+    import huggingface_hub._commit_api as commit_api
+    import huggingface_hub.utils._runtime as runtime
+    import huggingface_hub.utils._xet as xet
+
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.transfer import preupload_file, xet_uploads
+
+    calls = []
+
+    class Commit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def start_upload_file(self, path, sha256):
+            calls.append((path, sha256))
+            return types.SimpleNamespace(result=lambda: types.SimpleNamespace(
+                xet_info=types.SimpleNamespace(sha256=sha256)))
+
+    class Session:
+        def new_upload_commit(self, **kwargs):
+            return Commit()
+
+    monkeypatch.setattr(runtime, "is_xet_available", lambda: True)
+    monkeypatch.setattr(commit_api, "is_xet_available", lambda: True)
+    monkeypatch.setattr(xet, "get_xet_session", lambda: Session())
+    assert xet_uploads()
+    client = HubClient.from_env()
+    client.api.create_repo("testuser/x")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(300_000))
+    ours = "cd" * 32  # not the file's hash: hf_xet gets it as given, nobody recomputes it
+    seen = []
+    op = preupload_file(client, "testuser/x", f, "model.safetensors", ours, progress=seen.append)
+    assert calls == [(str(f), ours)]
+    assert op.upload_info.sha256.hex() == ours and seen == [300_000]
+    assert not [r for r in hub.requests if r.path.endswith("/info/lfs/objects/batch")]  # Xet skips the LFS batch
+
+
+def test_xet_state_goes_into_the_work_folder(tmp_path, monkeypatch):
+    from gainsurgery.merge.hub_pipeline import xet_state_in
+
+    monkeypatch.delenv("HF_XET_CACHE", raising=False)
+    monkeypatch.delenv("HF_XET_CHUNK_CACHE_SIZE_BYTES", raising=False)
+    with xet_state_in(tmp_path):
+        assert os.environ["HF_XET_CACHE"] == str(tmp_path / "xet")
+        assert os.environ["HF_XET_CHUNK_CACHE_SIZE_BYTES"] == "0"
+    assert "HF_XET_CACHE" not in os.environ
+    monkeypatch.setenv("HF_XET_CACHE", "/somewhere/else")  # the user's choice wins
+    with xet_state_in(tmp_path):
+        assert os.environ["HF_XET_CACHE"] == "/somewhere/else"

@@ -43,6 +43,10 @@ from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
 if TYPE_CHECKING:
     from gainsurgery.hub.client import HubClient
 
+#: Bytes scaled per read by the Hub-to-Hub pipeline: the network sets its pace, so it
+#: keeps memory low (the streamer holds this much, the verifier a little more).
+STREAM_CHUNK_BYTES = 16 << 20
+
 __all__ = ["DEFAULT_CHUNK_BYTES", "ApplyResult", "Plan", "Publisher", "TensorOp", "VerifyReport", "apply",
            "load_gains", "make_plan", "verify", "verify_merged"]
 
@@ -156,7 +160,7 @@ def apply(
     verify: bool = False,
     dry_run: bool = False,
     allow_negative: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     threads: int | None = None,
     progress: ProgressFactory | None = None,
     publish: Publisher | None = None,
@@ -179,7 +183,8 @@ def apply(
         verify: recompute every rescaled tensor and compare every other byte before OUT appears.
         dry_run: plan only (checks OUT too); write nothing.
         allow_negative: accept negative gains.
-        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory (default:
+            64 MiB, or 16 MiB without OUT, where the network sets the pace).
         threads: compute threads (default: CPU count, at most 4).
         progress: makes a progress bar (``progress("apply", total_bytes)``).
         publish: the push step, run on the verified output before it is moved into place.
@@ -194,11 +199,13 @@ def apply(
             failed verification, Hub errors); OUT is then left untouched.
     """
     if out is None:
+        chunk_bytes = chunk_bytes or STREAM_CHUNK_BYTES
         if publish is None:
             raise PlanError("give OUT (a folder to write), or a repo to push to (--push) to stream the result "
                             "to the Hub without one")
         return _apply_to_hub(base, gains, publish, dry_run=dry_run, allow_negative=allow_negative,
                              chunk_bytes=chunk_bytes, threads=threads, progress=progress, hub=hub, work_dir=work_dir)
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
         ckpt = opened.checkpoint
         if dry_run:
