@@ -147,7 +147,7 @@ def _split_gains_and_out(args: tuple[str, ...], push_to: str | None) -> tuple[li
               help="With --push: the branch to commit to (created if missing).")
 @click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing.")
 @click.option("--commit-message", default=None, metavar="MSG", help="With --push: the commit title.")
-@click.option("--work-dir", default=None, metavar="DIR", type=click.Path(file_okay=False),
+@click.option("--work-dir", default=None, metavar="DIR",
               help="With --push and no OUT: where the shards in flight go (default: $TMPDIR).")
 @_allow_negative
 @_json

@@ -292,7 +292,7 @@ def test_work_folder_that_is_a_link_is_refused(hub, hub_base, gain_file, cli, wo
     (victim / "precious.txt").write_text("keep me")
     (work / name).symlink_to(victim)
     res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work)
-    assert_clean_failure(res, None, "is not a folder (a link?)")
+    assert_clean_failure(res, None, "is not a folder (a link?)")  # claimed before anything else
     assert (victim / "precious.txt").read_text() == "keep me" and "testuser/out" not in hub.repos
 
 
@@ -506,3 +506,42 @@ def test_xet_state_goes_into_the_work_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_XET_CACHE", "/somewhere/else")  # the user's choice wins
     with xet_state_in(tmp_path):
         assert os.environ["HF_XET_CACHE"] == "/somewhere/else"
+
+
+# --------------------------------------------------------------------------- careless and hostile use
+
+
+@pytest.mark.parametrize("work_dir, match", [("", "--work-dir is empty"), ("missing", "does not exist"),
+                                              ("afile", "is not a folder")])
+def test_bad_work_dir(hub, hub_base, gain_file, cli, tmp_path, work_dir, match):
+    (tmp_path / "afile").write_text("x")
+    arg = str(tmp_path / work_dir) if work_dir else ""
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", arg)
+    assert_clean_failure(res, None, match)
+    assert "testuser/out" not in hub.repos
+
+
+def test_work_dir_inside_a_local_base_is_refused(hub, base, gain_file, cli, tmp_path):
+    import shutil
+
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    res = cli("apply", mine, gain_file, "--push", "testuser/out", "--work-dir", mine)
+    assert_clean_failure(res, None, "lies inside the input")
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in base.iterdir())
+
+
+def test_a_small_file_holding_the_token_is_not_published(hub, base, gain_file, cli, tmp_path, work):
+    import shutil
+
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    (mine / "notes.txt").write_text(f"token: {hub.token}\n")
+    res = cli("apply", mine, gain_file, "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, None, "notes.txt contains your Hub token")
+    assert hub.token not in res.stderr and our_commits(hub) == []
+
+
+def test_revision_without_push_is_refused(base, gain_file, cli, tmp_path):
+    res = cli("apply", base, gain_file, tmp_path / "out", "--revision", "dev")
+    assert_clean_failure(res, tmp_path / "out", "go with --push")

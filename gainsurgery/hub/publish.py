@@ -153,6 +153,13 @@ def commit_operations(client: HubClient, repo_id: str, uploaded: list[Any], item
     """
     from huggingface_hub import CommitOperationAdd
 
+    from gainsurgery.io.secrets import contains_secret
+
+    token = client.token if isinstance(client.token, str) else None
+    for item in items:  # the small files (config, tokenizer, card...): never the token
+        if contains_secret(item.local if item.local is not None else item.data, token):
+            raise CheckpointError(f"{item.path_in_repo} contains your Hub token; refusing to upload it "
+                                  "(nothing was committed)")
     ops = list(uploaded) + [
         CommitOperationAdd(path_in_repo=i.path_in_repo,
                            path_or_fileobj=str(i.local) if i.local is not None else i.data) for i in items]

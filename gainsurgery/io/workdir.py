@@ -99,6 +99,8 @@ class WorkFolder:
         """
         root = Path(root)
         if not root.is_dir():
+            if root.exists():
+                raise error(f"the work folder {show_path(root)} is not a folder; choose another --work-dir")
             raise error(f"the work folder {show_path(root)} does not exist; create it or choose another --work-dir")
         path = root / name
         try:

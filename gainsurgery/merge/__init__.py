@@ -246,8 +246,11 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
                   progress: ProgressFactory | None, hub: HubClient | None,
                   work_dir: str | os.PathLike[str] | None) -> ApplyResult:
     """Apply without OUT: the Hub-to-Hub pipeline into ``publish`` (see :mod:`~gainsurgery.merge.hub_pipeline`)."""
+    from gainsurgery.hub.refs import parse_base_ref
     from gainsurgery.merge import hub_pipeline as hp
 
+    if work_dir is not None and not str(work_dir).strip():
+        raise PlanError("--work-dir is empty (an unset variable?); name a folder, e.g. /tmp")
     root = Path(work_dir) if work_dir is not None else hp.default_work_root()
     if dry_run:
         with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
@@ -256,6 +259,12 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
     client = hub if hub is not None else getattr(publish, "client", None)
     specs = [f"gain:{hp.gain_digest(g)}" if isinstance(g, GainFile) else str(g) for g in gains]
     name = hp.work_folder_name(publish, getattr(client, "endpoint", ""), str(base), specs)
+    if parse_base_ref(str(base)) is None:  # the work folder is an output: never inside a local base
+        from gainsurgery.io.outputs import check_output
+        from gainsurgery.sources import resolve_base
+
+        check_output(root / name, inputs=[resolve_base(base)], kind="folder", overwrite=True,
+                     what="the work folder")
     t0 = time.perf_counter()
     with hp.claimed_work_folder(root, name, publish.target) as work:
         with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan):
