@@ -258,6 +258,7 @@ def apply(
         from gainsurgery.hub.refs import check_repo_id
 
         check_repo_id(push_to)
+        _refuse_pushing_over_the_base(str(base), push_to, revision, create_pr)
         hub = hub if hub is not None else HubClient.from_env()
         name = Path(out).name if out is not None else str(base)
         publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
@@ -266,9 +267,27 @@ def apply(
         from gainsurgery.errors import GainSurgeryError
 
         raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
+    if out is None and overwrite:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--overwrite goes with OUT; without OUT nothing local is written")
     return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
                        allow_negative=allow_negative, chunk_bytes=chunk_bytes, threads=threads, progress=progress,
                        publish=publisher, hub=hub, work_dir=work_dir)
+
+
+def _refuse_pushing_over_the_base(base: str, push_to: str, revision: str | None, create_pr: bool) -> None:
+    """A merged model never replaces its own base: same repo and branch is refused (a PR or another branch is fine)."""
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.hub.refs import parse_base_ref
+
+    ref = parse_base_ref(base)
+    if ref is None or create_pr or ref.repo_id.lower() != push_to.lower():
+        return
+    if (revision or "main") == (ref.revision or "main"):
+        raise GainSurgeryError(f"--push {push_to} would commit the merged model over its own base "
+                               f"({base}); push to another repo, another branch (--revision) or a pull "
+                               "request (--create-pr)")
 
 
 def verify(

@@ -282,6 +282,7 @@ class HubServer:
         self.lfs_redirect = lfs_redirect  # resolve LFS files with a 302 to another origin, like the Hub's CDN
         self.down, self.up = Throttle(rate_down), Throttle(rate_up)
         self.ignore_range = ignore_range
+        self.piece_bytes: int | None = None  # bytes per write of a response body (None: 1 MiB, 256 KiB throttled)
         self.storage = Path(storage) if storage is not None else None
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, StoredFile] = {}  # sha256 -> content (memory, or a file in ``storage``)
@@ -664,7 +665,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             stream = io.BytesIO(body) if stream is None else stream
             left = length if self.truncate_after is None else min(length, self.truncate_after)
-            step = _CHUNK if hub.down.rate is None else 64 * 1024  # throttled: small pieces, like a real link
+            step = hub.piece_bytes or (_CHUNK if hub.down.rate is None else 256 * 1024)  # throttled: smaller pieces
             try:
                 while left:
                     piece = stream.read(min(step, left))

@@ -397,7 +397,8 @@ def test_headers_behind_a_proxy_that_ignores_range(hub, big_base, big_gain, cli,
     """A server that answers Range with the whole file: we read the header and hang up."""
     hub.add_repo("testuser/big", local_files(big_base))
     hub.ignore_range = True
-    hub.down.rate = 20e6  # slow enough that hanging up shows in the bytes sent
+    hub.down.rate = 20e6  # slow enough that hanging up shows in the bytes sent,
+    hub.piece_bytes = 64 * 1024  # in pieces small enough that socket buffers do not swallow a shard
     sizes = {hub.repos["testuser/big"].oids[p.name]: p.stat().st_size for p in big_base.glob("*.safetensors")}
     res = cli("apply", "testuser/big", big_gain, "--work-dir", work, "--push", "testuser/x", "--dry-run")
     assert res.exit_code == 0, res.stderr
@@ -545,3 +546,60 @@ def test_a_small_file_holding_the_token_is_not_published(hub, base, gain_file, c
 def test_revision_without_push_is_refused(base, gain_file, cli, tmp_path):
     res = cli("apply", base, gain_file, tmp_path / "out", "--revision", "dev")
     assert_clean_failure(res, tmp_path / "out", "go with --push")
+
+
+def test_pushing_over_the_base_is_refused(hub, hub_base, gain_file, cli, work):
+    res = cli("apply", hub_base, gain_file, "--push", hub_base, "--work-dir", work)
+    assert_clean_failure(res, None, "over its own base")
+    assert our_commits(hub) == []
+    res = cli("apply", hub_base, gain_file, "--push", hub_base, "--work-dir", work, "--revision", "merged")
+    assert res.exit_code == 0, res.stderr  # another branch of the same repo is fine
+    assert "config.json" in remote_files(hub, hub_base, "merged")
+
+
+def test_single_file_base(hub, tmp_path, work, cli):
+    from models import synthetic_llama
+
+    folder = synthetic_llama(tmp_path / "one", layers=2, hidden=128, inter=256, shard_bytes=1 << 30)
+    (folder / "model-00001-of-00001.safetensors").rename(folder / "model.safetensors")
+    (folder / "model.safetensors.index.json").unlink()
+    gain = random_gain(folder, "gain", seed=1).save(tmp_path / "g.safetensors")
+    hub.add_repo("testuser/one", local_files(folder))
+    res = cli("apply", "testuser/one", gain, "--push", "testuser/out", "--work-dir", work)
+    assert res.exit_code == 0, res.stderr
+    ref = reference(hub, "testuser/one", gain, tmp_path, cli)
+    assert set(remote_files(hub, "testuser/out")) == set(ref) == {"model.safetensors", "config.json",
+                                                                  "gainsurgery.json", "README.md"}
+    assert without_generated(remote_files(hub, "testuser/out")) == without_generated(ref)
+
+
+def test_sigterm_mid_run_leaves_nothing(hub, big_base, big_gain, work):
+    hub.add_repo("testuser/big", local_files(big_base))
+    proc = run_cli_process(["apply", "testuser/big", big_gain, "--push", "testuser/out", "--work-dir", work])
+    hub.on_lfs_stored = lambda oid: proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    hub.on_lfs_stored = None
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and our_commits(hub) == []
+    assert {p.name for d in work.iterdir() for p in d.iterdir()} <= {".lock", "state.json"}
+
+
+def test_no_room_in_the_work_folder(hub, big_base, big_gain, work):
+    """A file size limit stands in for a full disk (on a local base: the Hub base's sparse header
+    stand-ins would hit the limit first): one line, nothing committed, nothing left."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    code = "import sys; from gainsurgery.cli import main; sys.argv[0] = 'gainsurgery'; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "apply", str(big_base), str(big_gain), "--push",
+                           "testuser/out", "--work-dir", str(work)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no room left in the work folder"), proc.stderr
+    assert "choose another --work-dir; nothing was committed" in lines[0]
+    assert our_commits(hub) == []
+    assert {p.name for d in work.iterdir() for p in d.iterdir()} <= {".lock", "state.json"}

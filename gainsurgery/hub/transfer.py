@@ -45,6 +45,8 @@ from gainsurgery.hub.errors import hub_errors
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 #: Attempts at a download (the first try plus resumes after a dropped connection).
 DOWNLOAD_ATTEMPTS = 5
+#: Objects asked about per LFS batch request (huggingface_hub sends at most 256).
+LFS_BATCH_OBJECTS = 100
 #: Seconds a connection may stay silent before it counts as dropped.
 READ_TIMEOUT_S = 60.0
 
@@ -408,11 +410,13 @@ def lfs_objects_present(client: HubClient, repo_id: str, objects: dict[str, int]
     if not objects:
         return set()
     infos = [UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(oid)) for oid, size in objects.items()]
-    with hub_errors(repo_id, "upload to", client.endpoint):
-        actions, errors, _ = post_lfs_batch_info(
-            upload_infos=infos, token=None, repo_type="model", repo_id=repo_id,
-            revision=quote(revision, safe="") if revision else None, endpoint=client.endpoint,
-            headers=client.headers())
-    if errors:
-        return set()
-    return {a["oid"] for a in actions if a.get("oid") in objects and not a.get("actions")}
+    present: set[str] = set()
+    for start in range(0, len(infos), LFS_BATCH_OBJECTS):
+        with hub_errors(repo_id, "upload to", client.endpoint):
+            actions, errors, _ = post_lfs_batch_info(
+                upload_infos=infos[start:start + LFS_BATCH_OBJECTS], token=None, repo_type="model",
+                repo_id=repo_id, revision=quote(revision, safe="") if revision else None,
+                endpoint=client.endpoint, headers=client.headers())
+        present |= {a["oid"] for a in actions if a.get("oid") in objects and not a.get("actions")}
+        # An object listed with an error (or not at all) counts as absent: it is simply made again.
+    return present

@@ -44,6 +44,7 @@ removed with, the work folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 import numpy as np
 
 from gainsurgery import __version__
-from gainsurgery.errors import CheckpointError, GainSurgeryError
+from gainsurgery.errors import CheckpointError, GainSurgeryError, PlanError
 from gainsurgery.io.checkpoint import INDEX_NAME
 from gainsurgery.io.workdir import WorkFolder, clean_stale
 from gainsurgery.merge.plan import Plan
@@ -285,7 +286,8 @@ class _Item:
 class _Pipeline:
     def __init__(self, opened: OpenedBase, plan: Plan, publisher: ShardPublisher, work: WorkFolder, *,
                  chunk_bytes: int, threads: int | None, progress: ProgressFactory | None,
-                 make_items: Callable[[Plan, Path], list[UploadItem]], provenance_of: Callable[..., Any]) -> None:
+                 make_items: Callable[[Plan, dict[str, Any]], list[UploadItem]],
+                 provenance_of: Callable[[dict[str, str]], dict[str, Any]]) -> None:
         self.opened, self.plan, self.publisher, self.work = opened, plan, publisher, work
         self.chunk_bytes, self.threads = chunk_bytes, threads
         self.make_items, self.provenance_of = make_items, provenance_of
@@ -472,6 +474,17 @@ class _Pipeline:
     # -- the run -------------------------------------------------------------------
 
     def run(self) -> StreamResult:
+        try:
+            return self._run()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise PlanError(f"no room left in the work folder {self.work.path.parent} "
+                                f"({exc.strerror}); it needs up to {self.budget.limit:,} bytes "
+                                f"({DISK_SHARDS if self.remote is not None else DISK_SHARDS - 1} shards): free "
+                                "some or choose another --work-dir; nothing was committed") from None
+            raise
+
+    def _run(self) -> StreamResult:
         t0 = time.perf_counter()
         resumed = self.resume()
         todo = [_Item(name, i, shard.file_size)
@@ -505,6 +518,7 @@ class _Pipeline:
                 bar.close()
             self.bars.clear()
             uploaded = [self.uploaded[name] for name in self.plan.base.shards]
+            self.sha = {name: self.sha[name] for name in self.plan.base.shards}  # resumed or not: one order
             provenance = self.provenance_of(self.sha)
             pushed = self.publisher.commit(uploaded, self.make_items(self.plan, provenance))
         except _Stopped:

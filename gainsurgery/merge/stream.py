@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,12 @@ from gainsurgery.merge.plan import Plan, TensorOp
 from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
 _COPY_STEP = 64 << 20  # bytes per copy_file_range call
-_HASH_STEP = 8 << 20  # bytes of a copied range read (from the page cache) per hash update
+#: Buffers the chunk is split into: scaling runs ahead of writing and hashing by up to this many.
+_BUFFERS = 2
+#: Shards whose sha256 may be computed at once (on as many threads): a shard's hash may
+#: run on while the next shard streams, without holding up that shard's own hash.
+_HASH_THREADS = 2
+_HASH_STEP = 64 << 20  # bytes of a copied range mapped (from the page cache) per hash update
 
 Progress = Callable[[int], None]
 
@@ -106,9 +112,10 @@ SourceReady = Callable[[int], None]
 class _HashJob:
     """The sha256 of one output shard, as the hasher thread builds it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, pool: ThreadPoolExecutor) -> None:
         self.h = hashlib.sha256()
         self.fd = fd  # the hasher's own descriptor of the source shard
+        self.pool = pool  # the thread that hashes this shard, in order
         self.error: BaseException | None = None
         self.cancelled = False
 
@@ -119,24 +126,33 @@ class _ShardHasher:
     One thread consumes, in the order the shard is written: scaled chunks (the
     writer's own buffers, hashed before they are reused) and the byte ranges the
     kernel copies. A copied range holds the same bytes in the source and in the
-    output, so it is hashed from the source (which the page cache holds: the
-    kernel copy reads it too), never by reading the output back. Memory: one
-    8 MiB buffer for the copied ranges. A shard's hash may still run while the
-    next shard streams.
+    output, so it is hashed from the source, mapped (``mmap``) a window at a time:
+    sha256 reads the page cache directly (the kernel copy reads the same pages),
+    with no copy into a buffer of ours and no read of the output. A shard's hash
+    may still run while the next shard streams: consecutive shards are hashed on
+    different threads (:data:`_HASH_THREADS`), each in its own file order.
     """
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-sha256")
-        self.buffer = bytearray(_HASH_STEP)
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-sha256")
+                      for _ in range(_HASH_THREADS)]
+        self.shards = 0
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+    def job(self, fd: int) -> _HashJob:
+        """A new shard's hash, on the next thread."""
+        job = _HashJob(fd, self.pools[self.shards % len(self.pools)])
+        self.shards += 1
+        return job
 
     def source_range(self, job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> Future:
-        return self.pool.submit(self._guarded, job, self._hash_range, job, offset, count, ready)
+        return job.pool.submit(self._guarded, job, self._hash_range, job, offset, count, ready)
 
     def chunk(self, job: _HashJob, mv: memoryview) -> Future:
-        return self.pool.submit(self._guarded, job, job.h.update, mv)
+        return job.pool.submit(self._guarded, job, job.h.update, mv)
 
     def finish(self, job: _HashJob) -> Future:
         """The hex digest once every queued update is done (or the first error); closes the job's fd."""
@@ -149,7 +165,7 @@ class _ShardHasher:
                 raise PlanError("hashing was cancelled")
             return job.h.hexdigest()
 
-        return self.pool.submit(done)
+        return job.pool.submit(done)
 
     @staticmethod
     def _guarded(job: _HashJob, fn: Callable, *args) -> None:
@@ -160,20 +176,26 @@ class _ShardHasher:
         except BaseException as exc:  # kept for finish(), which raises it in the caller's thread
             job.error = exc
 
-    def _hash_range(self, job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> None:
-        mv = memoryview(self.buffer)
+    @staticmethod
+    def _hash_range(job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> None:
         end = offset + count
         while offset < end:
             if job.cancelled:
                 return
-            n = min(len(mv), end - offset)
+            n = min(_HASH_STEP, end - offset)
             if ready is not None:
                 ready(offset + n)
-            got = os.preadv(job.fd, [mv[:n]], offset)
-            if got == 0:
+            # Checked just before mapping: touching a mapped page past the end of a file
+            # (truncated meanwhile) would be a SIGBUS, not an exception.
+            if os.fstat(job.fd).st_size < offset + n:
                 raise PlanError("base shard ended early while hashing (was it modified during apply?)")
-            job.h.update(mv[:got])
-            offset += got
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(job.fd, offset + n - start, access=mmap.ACCESS_READ, offset=start) as m:
+                if hasattr(m, "madvise"):
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                with memoryview(m) as view:
+                    job.h.update(view[offset - start:])
+            offset += n
 
 
 class _Streamer:
@@ -190,9 +212,9 @@ class _Streamer:
     def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
-        self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
+        self.buffers = [bytearray(chunk_bytes // _BUFFERS) for _ in range(_BUFFERS)]
         # A buffer is free again once its chunk is written and hashed.
-        self.pending: list[list[Future]] = [[], []]
+        self.pending: list[list[Future]] = [[] for _ in range(_BUFFERS)]
         self.turn = 0
         self.copy_buffer: bytearray | None = None  # only for filesystems without copy_file_range
         self.progress = progress or (lambda n: None)
@@ -221,7 +243,7 @@ class _Streamer:
         self.ready, self.written = ready, written
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
-            job = _HashJob(os.dup(fdi))  # the hasher may still read after ``fin`` is closed
+            job = self.hasher.job(os.dup(fdi))  # the hasher may still read after ``fin`` is closed
             digest = None
             try:
                 pos = 0
@@ -329,7 +351,7 @@ class _Streamer:
         nbytes = (stop - start) * itemsize
         offset = info.start + start * itemsize
         k = self.turn
-        self.turn ^= 1
+        self.turn = (k + 1) % len(self.buffers)
         for fut in self.pending[k]:  # the buffer's previous chunk must be written and hashed
             fut.result()
         if nbytes > len(self.buffers[k]):  # one vector period longer than a chunk
@@ -495,14 +517,29 @@ def execute(
     """
     base = plan.base
     digests: dict[str, Future] = {}
-    with ShardStreamer(plan, chunk_bytes=chunk_bytes, threads=threads, progress=progress) as streamer:
+    synced: list[Future] = []
+    with ShardStreamer(plan, chunk_bytes=chunk_bytes, threads=threads, progress=progress) as streamer, \
+            ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-fsync") as syncer:
         for name, shard in base.shards.items():
             if fetch_shard is not None:
                 fetch_shard(shard)
             digests[name] = streamer.start(name, shard.path, folder / name)
+            # Written: make it durable while the next shard streams, so that the fsync
+            # before OUT is renamed finds little left to do.
+            synced.append(syncer.submit(_fsync_path, folder / name))
         if base.index is not None:
             shutil.copyfile(base.folder / INDEX_NAME, folder / INDEX_NAME)
+        for f in synced:
+            f.result()
         return {name: d.result() for name, d in digests.items()}
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_header(src: Path, dst: Path, header_end: int) -> None:
