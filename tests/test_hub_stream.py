@@ -603,3 +603,62 @@ def test_no_room_in_the_work_folder(hub, big_base, big_gain, work):
     assert "choose another --work-dir; nothing was committed" in lines[0]
     assert our_commits(hub) == []
     assert {p.name for d in work.iterdir() for p in d.iterdir()} <= {".lock", "state.json"}
+
+
+@pytest.mark.parametrize("journal", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeply nested
+    b'{"format": "gainsurgery.push-journal/1", "fingerprint": "x", "shards": 1}',
+    None,  # filled in below: the right fingerprint, hostile entries
+    b"\xff\xfe not json",
+    b"{" + b" " * (2 << 20) + b"}",  # bigger than a journal may be
+])
+def test_a_hostile_journal_is_ignored(hub, hub_base, gain_file, cli, work, journal):
+    """A killed run's journal is read as hostile JSON: anything odd is ignored and the run starts over."""
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.publish import HubPublisher
+    from gainsurgery.merge import hub_pipeline as hp
+
+    client = HubClient.from_env()
+    name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
+    folder = work / name
+    folder.mkdir(mode=0o700)
+    if journal is None:
+        journal = json.dumps({"format": "gainsurgery.push-journal/1", "fingerprint": "whatever", "shards": {
+            "model-00001-of-00003.safetensors": {"sha256": "zz" * 32, "bytes": 10 ** 30},
+            "model-00002-of-00003.safetensors": {"sha256": ["x"], "bytes": -1},
+            "../../etc/passwd": {"sha256": "ab" * 32, "bytes": 1}}}).encode()
+    (folder / "state.json").write_bytes(journal)
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["resumed"] == []
+    assert list(work.iterdir()) == []
+
+
+def test_journal_with_the_right_fingerprint_but_odd_entries(hub, hub_base, gain_file, cli, work):
+    """Entries are checked one by one: a bad hash, a wrong size, an unknown shard are not resumed."""
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/first", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    good = json.loads(res.stdout)["shards"]
+    from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.publish import HubPublisher
+    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.sources import opened_base
+    from gainsurgery.merge import load_gains, make_plan
+
+    client = HubClient.from_env()
+    name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
+    with opened_base(hub_base, client) as opened:
+        plan = make_plan(opened.checkpoint, *load_gains([gain_file]))
+        fingerprint = hp.output_fingerprint(opened, plan)
+    names = sorted(good)
+    folder = work / name
+    folder.mkdir(mode=0o700)
+    (folder / "state.json").write_text(json.dumps({"format": "gainsurgery.push-journal/1", "fingerprint": fingerprint,
+                                                   "shards": {names[0]: {"sha256": good[names[0]], "bytes": 1},
+                                                              names[1]: {"sha256": "0" * 64, "bytes": 1},
+                                                              names[2]: {"sha256": good[names[2]],
+                                                                         "bytes": len(b"")}}}))
+    res = cli("apply", hub_base, gain_file, "--push", "testuser/out", "--work-dir", work, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["resumed"] == []
+    assert json.loads(res.stdout)["shards"] == good

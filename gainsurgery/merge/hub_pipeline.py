@@ -200,6 +200,10 @@ class _Stopped(Exception):
 # --------------------------------------------------------------------------- work folder and journal
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def work_folder_name(publisher: ShardPublisher, endpoint: str, base_spec: str, gain_specs: list[str]) -> str:
     """The work folder of a push: the same arguments give the same folder (that is how a rerun resumes)."""
     key = json.dumps([endpoint, publisher.target, publisher.revision, publisher.create_pr, base_spec, gain_specs])
@@ -350,8 +354,8 @@ class _Pipeline:
         wanted = {}
         for name, entry in shards.items():
             shard = self.plan.base.shards.get(name)
-            if (shard is not None and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                    and len(entry["sha256"]) == 64 and entry.get("bytes") == shard.file_size):
+            if (shard is not None and isinstance(entry, dict) and _is_sha256(entry.get("sha256"))
+                    and entry.get("bytes") == shard.file_size):
                 wanted[name] = entry
         present = self.publisher.present({e["sha256"]: e["bytes"] for e in wanted.values()})
         done = [name for name in self.plan.base.shards if name in wanted and wanted[name]["sha256"] in present]
