@@ -95,14 +95,16 @@ def allocated(paths: list[Path]) -> int:
 
 
 class DiskSampler:
-    def __init__(self, paths: list[Path], every: float = 0.02) -> None:
+    """Peak allocated bytes under ``paths()`` (a function: folders appear while a run goes)."""
+
+    def __init__(self, paths, every: float = 0.02) -> None:
         self.paths, self.every, self.peak = paths, every, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, allocated(self.paths))
+            self.peak = max(self.peak, allocated(self.paths()))
             self.stop.wait(self.every)
 
     def __enter__(self):
@@ -114,7 +116,7 @@ class DiskSampler:
         self.thread.join()
 
 
-def timed(cmd: list[str], env: dict, disk: list[Path]) -> dict:
+def timed(cmd: list[str], env: dict, disk) -> dict:
     """Run ``cmd`` under /usr/bin/time: wall s, peak RSS MiB, peak allocated bytes under ``disk``."""
     with DiskSampler(disk) as sampler:
         t0 = time.perf_counter()
@@ -195,7 +197,7 @@ def main() -> None:
             subprocess.run(["sync"])
             http(endpoint, "POST", "/_test/forget")
             results["floor"].append(timed([sys.executable, "-c", FLOOR, endpoint, token, f"bench/floor-{r}",
-                                           "bench/base", str(up), *[p.name for p in shards]], env, []))
+                                           "bench/base", str(up), *[p.name for p in shards]], env, lambda: []))
             print(f"run {r + 1}: floor {results['floor'][-1]['wall_s']:.1f} s", file=sys.stderr)
 
             gain = work / f"gain-{r}.safetensors"
@@ -207,7 +209,7 @@ def main() -> None:
             shutil.rmtree(hf_home, ignore_errors=True)
             subprocess.run(["sync"])
             res = timed([exe, "apply", "bench/base", str(gain), "--push", f"bench/stream-{r}", "--work-dir",
-                         str(wdir), "--json"], env, [wdir, hf_home])
+                         str(wdir), "--json"], env, lambda: [wdir, hf_home])
             res["report"] = json.loads(res.pop("stdout"))
             results["streaming"].append(res)
             print(f"run {r + 1}: streaming {res['wall_s']:.1f} s, disk {res['disk_bytes'] / 1e9:.2f} GB, "
@@ -220,7 +222,7 @@ def main() -> None:
                 shutil.rmtree(hf_home, ignore_errors=True)
                 subprocess.run(["sync"])
                 res = timed([exe, "apply", "bench/base", str(gain), str(out), "--push", f"bench/today-{r}"], env,
-                            [hf_home, work / "out", *work.glob(".out.*")])
+                            lambda: [hf_home, out, *work.glob(".out.*")])  # the cache, OUT and its staging
                 res.pop("stdout")
                 results["today"].append(res)
                 print(f"run {r + 1}: today {res['wall_s']:.1f} s, disk {res['disk_bytes'] / 1e9:.2f} GB, "
