@@ -197,7 +197,7 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
 def apply(
     base: str | os.PathLike[str],
     gains: Sequence[GainFile | str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
     overwrite: bool = False,
     verify: bool = False,
@@ -206,26 +206,33 @@ def apply(
     allow_saturation: bool = False,
     allow_base_mismatch: bool = False,
     base_model: str | None = None,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int | None = None,
     threads: int | None = None,
     progress: ProgressFactory | None = None,
     push_to: str | None = None,
     private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
     hub: HubClient | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Stream gains into a merged copy of ``base``, in constant memory; OUT appears only when complete.
 
     The same orchestration as ``gainsurgery apply`` (see :func:`gainsurgery.merge.apply`).
+    With ``push_to`` and no ``out``, the result goes straight to the Hub, shard by
+    shard, never more than three shards on disk (see :mod:`gainsurgery.merge.hub_pipeline`).
 
     Args:
         base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
         gains: gain files (paths, ``ORG/REPO[@REV]:path`` on the Hub) or :class:`GainFile`
             objects; several are multiplied in float32 and applied in one pass.
-        out: the output folder; must not exist unless ``overwrite``.
+        out: the output folder; must not exist unless ``overwrite``. None: needs
+            ``push_to`` (Hub to Hub, no local copy).
         overwrite: replace an existing OUT, atomically, on success.
-        verify: check every byte before OUT appears.
-        dry_run: plan only; write nothing.
+        verify: check every byte before OUT appears (always done when pushing).
+        dry_run: plan only; write nothing (without OUT: also the bytes to move and the peak disk).
         allow_negative: accept negative gains.
         allow_saturation: write weights that scaling turns into ±inf or 0 (recorded)
             instead of failing with the tensor's name and counts.
@@ -233,12 +240,17 @@ def apply(
             ``base``'s target tensors (warned, recorded) instead of failing.
         base_model: the Hub repo id the model card names as ``base_model`` (default:
             a Hub base; never a local folder).
-        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory (default: 64 MiB;
+            16 MiB without OUT).
         threads: compute threads (default: CPUs, at most 4).
         progress: a progress-bar factory, ``progress(description, total_bytes)``.
-        push_to: also publish OUT to this Hub repo (verified first; a failed push
-            discards OUT).
+        push_to: also publish the result to this Hub repo (verified first; a failed
+            push leaves no OUT and no commit).
         private: with ``push_to``, create the repo private.
+        revision: with ``push_to``, the branch to commit to (created if missing).
+        create_pr: with ``push_to``, open a pull request instead of committing.
+        commit_message: with ``push_to``, the commit title.
+        work_dir: without OUT, where the work folder goes (default: ``$TMPDIR``).
         hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
         warn: receives one-line warnings (default: :func:`warnings.warn`).
 
@@ -254,6 +266,7 @@ def apply(
         >>> result = apply("base/", ["legal.safetensors"], "merged/", verify=True)  # doctest: +SKIP
         >>> result.plan.tensors_touched, result.verified  # doctest: +SKIP
         (36, True)
+        >>> apply("org/base", ["legal.safetensors"], push_to="me/base-legal").pushed.commit_url  # doctest: +SKIP
     """
     from gainsurgery import merge
 
@@ -264,13 +277,44 @@ def apply(
         from gainsurgery.hub.refs import check_repo_id
 
         check_repo_id(push_to)
+        _refuse_pushing_over_the_base(str(base), push_to, revision, create_pr)
         hub = hub if hub is not None else HubClient.from_env()
-        publisher = HubPublisher(hub, push_to, private=private,
-                                 commit_message=f"Upload {Path(out).name} (gainsurgery apply)")
+        # The commit title names folders by their name only (a local path says who and where the user is).
+        from gainsurgery.sources import base_model_name
+
+        name = Path(out).name if out is not None else (base_model_name(str(base)) or Path(str(base)).name)
+        publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {name} (gainsurgery apply)")
+    elif revision or create_pr or commit_message:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
+    if out is None and overwrite:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--overwrite goes with OUT; without OUT nothing local is written")
     return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
                        allow_negative=allow_negative, allow_saturation=allow_saturation,
                        allow_base_mismatch=allow_base_mismatch, base_model=base_model, chunk_bytes=chunk_bytes,
-                       threads=threads, progress=progress, publish=publisher, hub=hub, warn=warn)
+                       threads=threads, progress=progress, publish=publisher, hub=hub, warn=warn,
+                       work_dir=work_dir)
+
+
+def _refuse_pushing_over_the_base(base: str, push_to: str, revision: str | None, create_pr: bool) -> None:
+    """A merged model never replaces its own base: same repo and branch is refused (a PR or another branch is fine)."""
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.io.inputs import classify_base_spec
+
+    try:
+        ref = classify_base_spec(base)
+    except GainSurgeryError:
+        return  # reported when the base is opened
+    if ref.kind != "hub" or create_pr or str(ref.repo_id).lower() != push_to.lower():
+        return
+    if (revision or "main") == (ref.revision or "main"):
+        raise GainSurgeryError(f"--push {push_to} would commit the merged model over its own base "
+                               f"({base}); push to another repo, another branch (--revision) or a pull "
+                               "request (--create-pr)")
 
 
 def verify(

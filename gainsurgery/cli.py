@@ -113,12 +113,16 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+#: Lines of the progress bars shown at once (the Hub-to-Hub pipeline shows one per stage).
+_BAR_LINES = {"download": 0, "apply": 1, "upload": 2}
+
+
 def _progress(desc: str, total: int):
-    """A byte progress bar on stderr, shown on a terminal only."""
+    """A byte progress bar (bytes and rate) on stderr, shown on a terminal only; one line per stage."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
-                file=sys.stderr, leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{desc:<8}", disable=None,
+                file=sys.stderr, leave=False, position=_BAR_LINES.get(desc, 0), dynamic_ncols=True)
 
 
 def _hub():
@@ -149,25 +153,50 @@ _base_model = click.option(
 _json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
+def _names_a_gain(spec: str) -> bool:
+    """True when a positional argument of ``apply`` can only be a gain, never OUT (a folder)."""
+    from gainsurgery.hub.refs import parse_file_ref
+
+    return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
+
+
+def _split_gains_and_out(args: tuple[str, ...], push_to: str | None) -> tuple[list[str], str | None]:
+    """GAIN [GAIN ...] [OUT]: OUT may be left out only with --push, when the last argument names a gain."""
+    if push_to and (len(args) == 1 or _names_a_gain(args[-1])):
+        return list(args), None
+    if len(args) < 2:
+        raise click.UsageError("give at least one GAIN file and the OUT folder (or --push REPO without OUT)")
+    return list(args[:-1]), args[-1]
+
+
 @main.command()
 @click.argument("base")
-@click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] OUT")
+@click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] [OUT]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, on success).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--verify", "verify_", is_flag=True, help="Fully verify the output before moving it into place.")
-@click.option("--chunk-size", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="MiB of tensor data scaled per read; bounds peak memory.")
+@click.option("--chunk-size", default=None, type=click.IntRange(1, 4096),
+              help="MiB of tensor data scaled per read; bounds peak memory. [default: 64; 16 with --push "
+                   "and no OUT]")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Compute threads (default: CPUs, max 4).")
 @click.option("--push", "push_to", default=None, metavar="REPO_ID",
-              help="Publish OUT to this Hub repo (one commit) once complete and fully verified.")
+              help="Publish to this Hub repo (one commit) once complete and fully verified. Without OUT: "
+                   "stream shard by shard, never more than three shards on disk.")
 @click.option("--private", is_flag=True, help="With --push: create the repo private (if it does not exist yet).")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="With --push: the branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing.")
+@click.option("--commit-message", default=None, metavar="MSG", help="With --push: the commit title.")
+@click.option("--work-dir", default=None, metavar="DIR",
+              help="With --push and no OUT: where the shards in flight go (default: $TMPDIR).")
 @_allow_negative
 @_allow_saturation
 @_allow_base_mismatch
 @_base_model
 @_json
-def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, allow_negative,
-          allow_saturation, allow_base_mismatch, base_model, as_json):
+def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, revision,
+          create_pr, commit_message, work_dir, allow_negative, allow_saturation, allow_base_mismatch, base_model,
+          as_json):
     """Apply (and stack) gain files onto BASE, streaming into OUT.
 
     BASE is a checkpoint folder (sharded safetensors + index, or one
@@ -183,47 +212,73 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
     tensor (--allow-saturation); so is a gain trained on other weights than
     BASE's (its base_tensors_sha256, checked while streaming; --allow-base-mismatch).
 
+    With --push and no OUT, nothing is kept: each shard is downloaded into a
+    private work folder (not the HF cache), applied, verified and uploaded while
+    the next one downloads, then everything is committed at once (after the same
+    checks). A rerun after a kill resumes (shards the Hub already stores are not
+    sent again).
+
     \b
     Example:
       gainsurgery apply base/ gain.safetensors merged/
       gainsurgery apply base/ legal.safetensors medical.safetensors merged/
       gainsurgery apply Qwen/Qwen2.5-0.5B me/qwen-legal-gain:gain.safetensors merged/ --push me/qwen-legal
+      gainsurgery apply Qwen/Qwen2.5-0.5B legal.safetensors --push me/qwen-legal --dry-run
     """
     from gainsurgery import api
 
-    if len(gains_and_out) < 2:
-        raise click.UsageError("give at least one GAIN file and the OUT folder")
-    *gain_specs, out = gains_and_out
+    gain_specs, out = _split_gains_and_out(gains_and_out, push_to)
     result = api.apply(base, gain_specs, out, overwrite=overwrite, verify=verify_, dry_run=dry_run,
                        allow_negative=allow_negative, allow_saturation=allow_saturation,
                        allow_base_mismatch=allow_base_mismatch, base_model=base_model,
-                       chunk_bytes=chunk_size * MiB, threads=threads, progress=_progress, push_to=push_to,
-                       private=private, hub=_hub(), warn=_warn)
+                       chunk_bytes=chunk_size * MiB if chunk_size else None, threads=threads, progress=_progress,
+                       push_to=push_to, private=private, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message, work_dir=work_dir, hub=_hub(), warn=_warn)
     plan = result.plan
     if result.dry_run:
         summary = {**plan.summary(), "base": result.base}
         if as_json:
-            _emit_json({"dry_run": True, "out": out, "push": push_to, **summary})
+            _emit_json({"dry_run": True, "out": out, "push": push_to, **summary,
+                        **({"transfer": result.transfer} if result.transfer else {})})
         else:
             click.echo(f"plan: {plan.tensors_touched} of {len(plan.base.tensors)} tensors in "
                        f"{len(plan.base.shards)} shard(s)")
             click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
             click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
             click.echo(f"  gain parameters: {plan.gain.num_parameters:,}")
+            if result.transfer:
+                t = result.transfer
+                click.echo(f"  download:  {_human_bytes(t['download_bytes'])} ({t['shards']} shard(s), one at a time)")
+                click.echo(f"  upload:    {_human_bytes(t['upload_bytes'])} + {_human_bytes(t['small_files_bytes'])} "
+                           f"of small files, through {t['upload_path'].upper()}, then one commit")
+                click.echo(f"  peak disk: {_human_bytes(t['peak_disk_bytes'])} in {_shown(t['work_root'])} (no OUT, no cache)")
             if push_to:
                 click.echo(f"  then push to: {push_to}")
             click.echo("dry run: nothing written")
         return
     if as_json:
-        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": result.verified,
-                    **{k: v for k, v in plan.summary().items() if k != "touched"}, "base": result.base,
-                    "shards": result.shard_sha256, **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
+        extra = {}
+        if result.streamed is not None:
+            extra = {"resumed": result.streamed.resumed, "peak_disk_bytes": result.streamed.peak_disk_bytes}
+        _emit_json({"out": str(result.out) if result.out is not None else None, "seconds": round(result.seconds, 3),
+                    "verified": result.verified, **{k: v for k, v in plan.summary().items() if k != "touched"},
+                    "base": result.base, "shards": result.shard_sha256, **extra,
+                    **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
     else:
-        click.echo(f"wrote {_shown(result.out)} ({plan.tensors_touched} tensors rescaled, "
-                   f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
-                   f"{' - verified' if result.verified else ''}")
+        if result.out is not None:
+            click.echo(f"wrote {_shown(result.out)} ({plan.tensors_touched} tensors rescaled, "
+                       f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
+                       f"{' - verified' if result.verified else ''}")
+        else:
+            resumed = result.streamed.resumed
+            click.echo(f"streamed {len(plan.base.shards)} shard(s) to the Hub ({plan.tensors_touched} tensors "
+                       f"rescaled, {_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s, peak disk "
+                       f"{_human_bytes(result.streamed.peak_disk_bytes)}) - verified"
+                       + (f"; {len(resumed)} already uploaded by an earlier run" if resumed else ""))
         if result.pushed:
-            click.echo(f"pushed to {result.pushed.repo_id}: {result.pushed.commit_url or result.pushed.revision}")
+            where = (f"pull request {result.pushed.pr_url}" if result.pushed.pr_url
+                     else result.pushed.commit_url or result.pushed.revision)
+            click.echo(f"pushed to {result.pushed.repo_id}: {where}")
 
 
 @main.command()

@@ -395,6 +395,28 @@ def _wait_for_temp_shard(parent: Path, name: str, proc: subprocess.Popen) -> Pat
     raise AssertionError(f"the run never got to write a shard (exit {proc.poll()}): {proc.stderr.read()}")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGSTOP ``proc`` and wait until every one of its threads is stopped.
+
+    The signal takes effect when each thread next leaves the kernel: a thread in the
+    middle of a large ``copy_file_range`` or ``pwrite`` finishes it first. Comparing the
+    temp folder before and after is only meaningful once nothing of the first run moves.
+    """
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        states = []
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                continue  # a thread that just ended
+        if states and all(s in "tT" for s in states):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"process {proc.pid} did not stop")
+
+
 def _verify_ok(base: Path, gain: Path, out: Path) -> None:
     res = run("verify", base, gain, out)
     assert res.returncode == 0, res.stderr
@@ -420,7 +442,7 @@ def test_a_live_run_is_never_disturbed_by_a_second_one(slow_base, tmp_path):
     out = tmp_path / "merged"
     first = _start(base, gain, out)
     temp = _wait_for_temp_shard(tmp_path, "merged", first)
-    first.send_signal(signal.SIGSTOP)
+    _stop(first)
     try:
         before = tree(temp)
         res = run("apply", base, gain, out)
@@ -447,7 +469,7 @@ def test_another_pid_namespace_never_deletes_a_live_temp(slow_base, tmp_path):
     out = tmp_path / "merged"
     first = _start(base, gain, out)
     temp = _wait_for_temp_shard(tmp_path, "merged", first)
-    first.send_signal(signal.SIGSTOP)
+    _stop(first)
     try:
         before = tree(temp)
         res = run("apply", base, gain, out, prefix=prefix)
@@ -483,7 +505,7 @@ def test_a_folder_made_at_out_meanwhile_is_kept_and_the_run_fails(slow_base, tmp
     out = tmp_path / "merged"
     proc = _start(base, gain, out)
     _wait_for_temp_shard(tmp_path, "merged", proc)
-    proc.send_signal(signal.SIGSTOP)
+    _stop(proc)
     out.mkdir()
     (out / "theirs.txt").write_text("someone else's")
     proc.send_signal(signal.SIGCONT)

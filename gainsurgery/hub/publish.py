@@ -6,7 +6,10 @@ card; :func:`push` creates the repo (and branch) and uploads everything in **one
 commit**, so a failed upload publishes nothing. :class:`HubPublisher` is the
 push step of ``apply --push``: :meth:`~HubPublisher.prepare` runs before any work
 (a bad token fails first), :meth:`~HubPublisher.publish` on the finished,
-verified output before it is moved into place.
+verified output before it is moved into place; without OUT (the Hub-to-Hub
+pipeline) :meth:`~HubPublisher.upload_shard` sends each shard as an LFS object and
+:meth:`~HubPublisher.commit` makes the one commit (:func:`commit_operations`).
+Every path checks for the token the same way (:func:`check_no_token`).
 """
 
 from __future__ import annotations
@@ -224,21 +227,63 @@ def push(client: HubClient, items: list[UploadItem], repo_id: str, *, private: b
     return PushResult(repo_id, revision or "main", getattr(info, "commit_url", None), info.pr_url, items)
 
 
+def commit_operations(client: HubClient, repo_id: str, uploaded: list[Any], items: list[UploadItem], *,
+                      revision: str | None = None, create_pr: bool = False,
+                      commit_message: str | None = None) -> PushResult:
+    """One commit of files already uploaded as LFS objects (``uploaded``: the operations
+    :func:`~gainsurgery.hub.transfer.preupload_file` returned) plus small ``items``.
+
+    Nothing is sent again for ``uploaded``: the commit names their sha256 and size
+    (their headers were checked for the token before they were uploaded, see
+    :meth:`HubPublisher.upload_shard`). The small files are checked like any push
+    (:func:`check_no_token`) and uploaded from descriptors opened safely.
+
+    Raises:
+        HubError: a file carries the token; auth, not found, rate limit, network; nothing is committed.
+
+    Example:
+        >>> commit_operations(client, "me/model", ops, [text_item("README.md", card)])  # doctest: +SKIP
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    own = client.token if isinstance(client.token, str) else None
+    check_no_token(items, [t for t in (own, current_token()) if t])
+    message = commit_message or f"Upload {len(uploaded) + len(items)} file(s) with gainsurgery"
+    with contextlib.ExitStack() as stack:
+        ops = list(uploaded) + [
+            CommitOperationAdd(path_in_repo=i.path_in_repo,
+                               path_or_fileobj=i.data if i.data is not None else stack.enter_context(i.open()))
+            for i in items]
+        with hub_errors(repo_id, "upload to", client.endpoint):
+            info = client.api.create_commit(repo_id, ops, commit_message=message, revision=revision,
+                                            create_pr=create_pr)
+    files = [UploadItem(op.path_in_repo, op.upload_info.size) for op in uploaded] + list(items)
+    return PushResult(repo_id, revision or "main", getattr(info, "commit_url", None), info.pr_url, files)
+
+
 @dataclass
 class HubPublisher:
-    """The push step of an apply: publish the finished output folder to ``repo_id`` in one commit.
+    """The push step of an apply: publish the output to ``repo_id`` in one commit.
+
+    With an output folder, :meth:`publish` uploads the finished folder. Without one
+    (the Hub-to-Hub pipeline), :meth:`upload_shard` uploads each shard as it is
+    made and :meth:`commit` makes the one commit at the end.
 
     Attributes:
         client: the Hub client.
         repo_id: where to publish.
         private: create the repo private (when it does not exist yet).
         commit_message: the commit title.
+        revision: the branch to commit to (created from main if missing); None: main.
+        create_pr: open a pull request (against ``revision``) instead of committing.
     """
 
     client: HubClient
     repo_id: str
     private: bool = False
     commit_message: str | None = None
+    revision: str | None = None
+    create_pr: bool = False
 
     @property
     def target(self) -> str:
@@ -246,10 +291,45 @@ class HubPublisher:
         return self.repo_id
 
     def prepare(self) -> None:
-        """Create the repo now, so a bad or read-only token fails before any work."""
-        prepare_repo(self.client, self.repo_id, private=self.private)
+        """Create the repo (and branch) now, so a bad or read-only token fails before any work."""
+        prepare_repo(self.client, self.repo_id, private=self.private, revision=self.revision)
 
     def publish(self, folder: Path) -> PushResult:
         """Upload the complete checkpoint in ``folder`` in one commit."""
-        return push(self.client, folder_upload(folder), self.repo_id, private=self.private,
-                    commit_message=self.commit_message)
+        return push(self.client, folder_upload(folder), self.repo_id, private=self.private, revision=self.revision,
+                    create_pr=self.create_pr, commit_message=self.commit_message)
+
+    def check(self, items: list[UploadItem]) -> None:
+        """Refuse, before any work, files that would carry the token (:func:`check_no_token`)."""
+        own = self.client.token if isinstance(self.client.token, str) else None
+        check_no_token(items, [t for t in (own, current_token()) if t])
+
+    def upload_shard(self, path: Path, path_in_repo: str, sha256: str, **kwargs: Any) -> Any:
+        """Upload one finished shard as an LFS object (no commit yet); return its operation.
+
+        ``sha256``: computed while the shard was written. Keyword arguments
+        (``progress``, ``stop``) go to :func:`~gainsurgery.hub.transfer.preupload_file`.
+        """
+        from gainsurgery.hub.transfer import preupload_file
+
+        self.check([UploadItem(path_in_repo, 0, local=Path(path))])  # a header holds text (__metadata__) too
+        return preupload_file(self.client, self.repo_id, path, path_in_repo, sha256, revision=self.revision,
+                              create_pr=self.create_pr, **kwargs)
+
+    def stored_shard(self, path_in_repo: str, sha256: str, size: int, sample: bytes) -> Any:
+        """The operation of a shard whose LFS object the Hub already stores (nothing is sent)."""
+        from gainsurgery.hub.transfer import stored_lfs_operation
+
+        return stored_lfs_operation(self.client, self.repo_id, path_in_repo, sha256, size, sample,
+                                    revision=self.revision, create_pr=self.create_pr)
+
+    def present(self, objects: dict[str, int]) -> set[str]:
+        """Which LFS objects (sha256 -> bytes) the Hub already stores for the repo."""
+        from gainsurgery.hub.transfer import lfs_objects_present
+
+        return lfs_objects_present(self.client, self.repo_id, objects, revision=self.revision)
+
+    def commit(self, uploaded: list[Any], items: list[UploadItem]) -> PushResult:
+        """The one commit: the uploaded shards and the small files."""
+        return commit_operations(self.client, self.repo_id, uploaded, items, revision=self.revision,
+                                 create_pr=self.create_pr, commit_message=self.commit_message)

@@ -16,6 +16,11 @@ API, the demo, the lab experiments and ``apply --push``):
 7. optionally publish the verified folder (a failed push discards it too);
 8. publish the temp folder at OUT (fsync, then a no-replace rename, or an atomic
    exchange with ``overwrite``).
+
+With a push target and no OUT, steps 4-8 are the Hub-to-Hub pipeline instead
+(:mod:`~gainsurgery.merge.hub_pipeline`): download, apply, verify and upload one
+shard at a time, overlapped, in a claimed, bounded work folder, then one commit
+(the same checks: saturation, base fingerprints, the token, the card's ``base_model``).
 """
 
 from __future__ import annotations
@@ -37,13 +42,18 @@ from gainsurgery.io.fingerprint import combine
 from gainsurgery.io.inputs import show_path
 from gainsurgery.io.outputs import check_output, claim_folder
 from gainsurgery.merge.plan import Plan, TensorOp, make_plan
-from gainsurgery.merge.provenance import OUTPUT_FILES, PROVENANCE_NAME, build_provenance, write_provenance
+from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
+                                          write_provenance)
 from gainsurgery.merge.stream import DEFAULT_CHUNK_BYTES, StreamResult, execute
 from gainsurgery.merge.verify import VerifyReport, verify
 from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
 
 if TYPE_CHECKING:
     from gainsurgery.hub.client import HubClient
+
+#: Bytes scaled per read by the Hub-to-Hub pipeline: the network sets its pace, so it
+#: keeps memory low (the streamer holds this much, the verifier a little more).
+STREAM_CHUNK_BYTES = 16 << 20
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "ApplyResult", "LoadedGains", "Plan", "Publisher", "TensorOp", "VerifyReport",
            "apply", "check_base_fingerprints", "load_gains", "make_plan", "verify", "verify_merged"]
@@ -89,9 +99,12 @@ class ApplyResult:
         seconds: wall time from claiming OUT to publishing it.
         shard_sha256: shard name -> sha256 of the written shard.
         provenance: the record written to ``gainsurgery.json``.
-        verified: True when every byte was verified before OUT appeared.
+        verified: True when every byte was verified before OUT appeared (or, without OUT, before upload).
         pushed: what the publisher returned (a :class:`~gainsurgery.hub.publish.PushResult`), if any.
         warnings: the one-line warnings given (gains without a base fingerprint, allowed mismatches).
+        transfer: without OUT, what the pipeline moves and the disk it needs
+            (:meth:`~gainsurgery.merge.hub_pipeline.TransferPlan.as_dict`).
+        streamed: without OUT, what the pipeline did (:class:`~gainsurgery.merge.hub_pipeline.StreamResult`).
     """
 
     plan: Plan
@@ -104,6 +117,8 @@ class ApplyResult:
     verified: bool = False
     pushed: Any = None
     warnings: list[str] = field(default_factory=list)
+    transfer: dict[str, Any] | None = None
+    streamed: Any = None
 
 
 @dataclass
@@ -182,7 +197,7 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
 
 
 def check_base_fingerprints(loaded: LoadedGains, stream: StreamResult, *, allow_base_mismatch: bool,
-                            warn: Warn) -> list[str]:
+                            warn: Warn, written: str = "nothing was written") -> list[str]:
     """Compare each gain's recorded base fingerprint with the base tensors just streamed.
 
     Returns the labels of the gains that did not match (only when allowed).
@@ -203,7 +218,7 @@ def check_base_fingerprints(loaded: LoadedGains, stream: StreamResult, *, allow_
                 f"{check.expected[:19]}..., the base's {len(check.keys)} target tensors give {found[:19]}... "
                 "(same names and shapes, different weights: another fine-tune, e.g. an instruct sibling)")
         if not allow_base_mismatch:
-            raise PlanError(text + "; nothing was written; pass --allow-base-mismatch to apply it anyway")
+            raise PlanError(f"{text}; {written}; pass --allow-base-mismatch to apply it anyway")
         warn(text + "; applied anyway (--allow-base-mismatch), recorded in " + PROVENANCE_NAME)
         mismatched.append(check.label)
     return mismatched
@@ -216,7 +231,7 @@ def _default_warn(message: str) -> None:
 def apply(
     base: str | os.PathLike[str],
     gains: Sequence[str | os.PathLike[str] | GainFile],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
     *,
     overwrite: bool = False,
     verify: bool = False,
@@ -225,12 +240,13 @@ def apply(
     allow_saturation: bool = False,
     allow_base_mismatch: bool = False,
     base_model: str | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     threads: int | None = None,
     progress: ProgressFactory | None = None,
     publish: Publisher | None = None,
     hub: HubClient | None = None,
     warn: Warn | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
 ) -> ApplyResult:
     """Apply (and stack) gain files onto ``base``, streaming into the folder ``out``.
 
@@ -239,12 +255,15 @@ def apply(
     claimed with :func:`gainsurgery.io.outputs.claim_folder`: it is never, never
     holds and never lies inside BASE or a gain file; a second run on the same OUT
     fails at once; without ``overwrite`` a folder that appears at OUT meanwhile is
-    left alone and this run fails.
+    left alone and this run fails. With ``publish`` and ``out=None``, nothing is
+    written but a claimed, bounded work folder: the Hub-to-Hub pipeline
+    (:mod:`~gainsurgery.merge.hub_pipeline`).
 
     Args:
         base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
         gains: gain files (paths, ``ORG/REPO[@REV]:path``, or :class:`GainFile` objects).
-        out: the output folder; must not exist unless ``overwrite``.
+        out: the output folder; must not exist unless ``overwrite``. None (with
+            ``publish``): stream to the push target, shard by shard.
         overwrite: replace an existing OUT (atomically, on success).
         verify: recompute every rescaled tensor and compare every other byte before OUT appears.
         dry_run: plan only (checks OUT too); write nothing.
@@ -255,12 +274,14 @@ def apply(
             from this base's target tensors (warned, recorded) instead of failing.
         base_model: the Hub repo id the model card names as ``base_model`` (default:
             the Hub base, or the repo of a Hugging Face cache snapshot; none for a local folder).
-        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory (default:
+            64 MiB, or 16 MiB without OUT, where the network sets the pace).
         threads: compute threads (default: CPU count, at most 4).
         progress: makes a progress bar (``progress("apply", total_bytes)``).
         publish: the push step, run on the verified output before it is moved into place.
         hub: the Hub client for Hub bases and gain files (default: built from the environment).
         warn: receives one-line warnings (default: :func:`warnings.warn`).
+        work_dir: without OUT, where the work folder goes (default: the system temporary folder).
 
     Returns:
         An :class:`ApplyResult`.
@@ -283,6 +304,15 @@ def apply(
         from gainsurgery.hub.refs import check_repo_id
 
         check_repo_id(base_model, what="--base-model")
+    if out is None:
+        if publish is None:
+            raise PlanError("give OUT (a folder to write), or a repo to push to (--push) to stream the result "
+                            "to the Hub without one")
+        return _apply_to_hub(base, gains, publish, dry_run=dry_run, allow_negative=allow_negative,
+                             allow_saturation=allow_saturation, allow_base_mismatch=allow_base_mismatch,
+                             base_model=base_model, chunk_bytes=chunk_bytes or STREAM_CHUNK_BYTES, threads=threads,
+                             progress=progress, hub=hub, warn=warn or _default_warn, work_dir=work_dir)
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan, loaded):
         ckpt = opened.checkpoint
         inputs = [*opened.local_inputs(), *loaded.paths]
@@ -327,6 +357,100 @@ def apply(
     return ApplyResult(plan, opened.label, published, seconds=time.perf_counter() - t0,
                        shard_sha256=streamed.shard_sha256, provenance=provenance, verified=checked, pushed=pushed,
                        warnings=said)
+
+
+def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str] | GainFile],
+                  publish: Any, *, dry_run: bool, allow_negative: bool, allow_saturation: bool,
+                  allow_base_mismatch: bool, base_model: str | None, chunk_bytes: int, threads: int | None,
+                  progress: ProgressFactory | None, hub: HubClient | None, warn: Warn,
+                  work_dir: str | os.PathLike[str] | None) -> ApplyResult:
+    """Apply without OUT: the Hub-to-Hub pipeline into ``publish`` (see :mod:`~gainsurgery.merge.hub_pipeline`).
+
+    The work folder is an output like OUT (:func:`~gainsurgery.io.outputs.check_output`:
+    never ``""``, ``/``, home, never a link, never in or around the base or a gain
+    file) and is claimed for the run (:class:`~gainsurgery.io.workdir.WorkFolder`).
+    """
+    from gainsurgery.merge import hub_pipeline as hp
+
+    root = hp.work_root(work_dir)
+    said: list[str] = []
+    with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan, loaded):
+        if dry_run:
+            return ApplyResult(plan, opened.label, dry_run=True,
+                               transfer=hp.transfer_plan(opened, plan, root).as_dict())
+        client = hub if hub is not None else getattr(publish, "client", None)
+        specs = [f"gain:{hp.gain_digest(g)}" if isinstance(g, GainFile) else str(g) for g in gains]
+        name = hp.work_folder_name(publish, getattr(client, "endpoint", ""), str(base), specs)
+        check_output(root / name, inputs=[*opened.local_inputs(), *loaded.paths], kind="folder", overwrite=True,
+                     what="the work folder")
+        # The base's files go up with the commit: one carrying the token is refused now, before any work.
+        publish.check(_base_items(plan))
+        for gname in loaded.unchecked:
+            said.append(f"{gname} records no base_tensors_sha256 (made before gainsurgery checked it); "
+                        "it cannot be checked against this base's weights")
+        t0 = time.perf_counter()
+        with hp.claimed_work_folder(root, name, publish.target) as work:
+            publish.prepare()
+            records: dict[str, Any] = {}
+
+            def provenance_of(streamed: StreamResult) -> dict[str, Any]:
+                # Every shard is uploaded and verified; nothing is committed before this passes.
+                mismatched = check_base_fingerprints(loaded, streamed, allow_base_mismatch=allow_base_mismatch,
+                                                     warn=said.append, written="nothing was committed")
+                for tname, (inf, zero) in streamed.saturation.items():
+                    said.append(f"{tname}: {inf} weights became ±inf and {zero} became 0 (--allow-saturation), "
+                                f"recorded in {PROVENANCE_NAME}")
+                records["provenance"] = build_provenance(plan, opened.provenance(), streamed.shard_sha256,
+                                                         saturation=streamed.saturation, base_mismatch=mismatched,
+                                                         unchecked=loaded.unchecked)
+                return records["provenance"]
+
+            def commit_items(provenance: dict[str, Any]) -> list:
+                return _commit_items(plan, provenance, base_model or opened.hub_id)
+
+            streamed = hp.run(opened, plan, publish, work, make_items=commit_items, provenance_of=provenance_of,
+                              chunk_bytes=chunk_bytes, threads=threads, progress=progress,
+                              allow_saturation=allow_saturation,
+                              digest={k for check in loaded.checks for k in check.keys})
+            work.finish()
+    for message in said:
+        warn(message)
+    return ApplyResult(plan, opened.label, None, seconds=time.perf_counter() - t0,
+                       shard_sha256=streamed.shard_sha256, provenance=records["provenance"], verified=True,
+                       pushed=streamed.pushed, warnings=said, streamed=streamed)
+
+
+def _base_items(plan: Plan) -> list:
+    """The base's files a Hub-to-Hub commit carries (the index, config, tokenizer...), from their checked folder.
+
+    Each is opened again safely at upload time (:meth:`~gainsurgery.hub.publish.UploadItem.open`).
+    """
+    from gainsurgery.hub.publish import UploadItem
+    from gainsurgery.io.checkpoint import INDEX_NAME
+    from gainsurgery.io.inputs import resolve_input
+
+    folder = plan.base.folder
+    items = []
+    if plan.base.index is not None:
+        index = resolve_input(folder, INDEX_NAME)
+        items.append(UploadItem(INDEX_NAME, index.stat().st_size, local=index, folder=folder, name=INDEX_NAME))
+    items += [UploadItem(f.name, f.size, local=f.path, folder=folder, name=f.name)
+              for f in plan.base.extra_files(skip=OUTPUT_FILES)]
+    return items
+
+
+def _commit_items(plan: Plan, provenance: dict[str, Any], base_model: str | None) -> list:
+    """The small files of a Hub-to-Hub commit: what an apply writes next to the shards.
+
+    The base's files (:func:`_base_items`), the provenance record and the card (which
+    names ``base_model`` only for a Hub base).
+    """
+    from gainsurgery.hub.cards import CARD_NAME, merged_model_card
+    from gainsurgery.hub.publish import text_item
+
+    return [*_base_items(plan), text_item(PROVENANCE_NAME, provenance_text(provenance)),
+            text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME,
+                                                   base_model=base_model))]
 
 
 @contextlib.contextmanager

@@ -70,11 +70,16 @@ def build_provenance(plan: Plan, base: Mapping[str, Any], shard_sha256: Mapping[
     return record
 
 
+def provenance_text(provenance: Mapping[str, Any]) -> str:
+    """The text of ``gainsurgery.json`` for ``provenance`` (one format, whether written or uploaded)."""
+    return json.dumps(provenance, indent=2) + "\n"
+
+
 def write_provenance(folder: Path, provenance: Mapping[str, Any]) -> Path:
     """Write ``provenance`` into ``folder`` (a claimed temp folder: it is fsynced with the rest)."""
     path = Path(folder) / PROVENANCE_NAME
     with open(path, "x", encoding="utf-8") as f:
-        f.write(json.dumps(provenance, indent=2) + "\n")
+        f.write(provenance_text(provenance))
     return path
 
 

@@ -4,25 +4,29 @@
 a claimed OUT, see :func:`gainsurgery.io.outputs.claim_folder`): bytes no gain
 touches are copied by the kernel (``copy_file_range``); target tensors are read,
 scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks while
-a writer thread keeps file order, and a hasher thread follows the writer to
-record each shard's sha256. Gains change neither shapes nor dtypes, so the
-output mirrors the input: same shard names, same headers, same index.
+a writer thread keeps file order, and a hasher thread records each shard's
+sha256 from the bytes being written (the scaled chunks in memory, the copied
+ranges from the source), without reading the output back. Gains change neither
+shapes nor dtypes, so the output mirrors the input: same shard names, same
+headers, same index. :class:`ShardStreamer` streams one shard at a time (the Hub
+pipeline uses it shard by shard, even while a shard is downloading).
 
 In the same pass over the target tensors it also takes what the trust rules
 need: the sha256 of each target's *input* bytes (the gain's base fingerprint is
 checked from them, :mod:`gainsurgery.io.fingerprint`) and the kernel's
 saturation counts (a weight that became ±inf or 0 is an error unless allowed).
-Base shards are opened through the safe open and checked on the descriptor
-(:func:`gainsurgery.io.safetensors.open_shard`).
+Base shards are read from descriptors the caller opened safely
+(:func:`gainsurgery.io.safetensors.open_shard` for a checkpoint's shards); output
+shards are created inside the caller's claimed folder, never through a link.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import shutil
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +44,112 @@ from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scrat
 from gainsurgery.merge.plan import Plan, TensorOp
 from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
-_COPY_STEP = 64 << 20  # bytes per copy_file_range call; the hasher follows in steps this big
-_MAX_PENDING_HASHES = 2  # shards whose hash may still be running while the next one streams
+_COPY_STEP = 64 << 20  # bytes per copy_file_range call
+#: Buffers the chunk is split into: scaling runs ahead of writing and hashing by up to this many.
+_BUFFERS = 2
+#: Shards whose sha256 may be computed at once (on as many threads): a shard's hash may
+#: run on while the next shard streams, without holding up that shard's own hash.
+_HASH_THREADS = 2
+_HASH_STEP = 64 << 20  # bytes of a copied range mapped (from the page cache) per hash update
 
 Progress = Callable[[int], None]
 
 
 # --------------------------------------------------------------------------- streaming
+
+
+#: Waits until the source file holds at least the given number of bytes (a shard still
+#: being downloaded); raises if it never will. None: the source is complete.
+SourceReady = Callable[[int], None]
+
+
+class _HashJob:
+    """The sha256 of one output shard, as the hasher thread builds it."""
+
+    def __init__(self, fd: int, pool: ThreadPoolExecutor) -> None:
+        self.h = hashlib.sha256()
+        self.fd = fd  # the hasher's own descriptor of the source shard
+        self.pool = pool  # the thread that hashes this shard, in order
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+
+class _ShardHasher:
+    """sha256 of each output shard, from bytes the streamer already holds, in file order.
+
+    One thread consumes, in the order the shard is written: scaled chunks (the
+    writer's own buffers, hashed before they are reused) and the byte ranges the
+    kernel copies. A copied range holds the same bytes in the source and in the
+    output, so it is hashed from the source, mapped (``mmap``) a window at a time:
+    sha256 reads the page cache directly (the kernel copy reads the same pages),
+    with no copy into a buffer of ours and no read of the output. A shard's hash
+    may still run while the next shard streams: consecutive shards are hashed on
+    different threads (:data:`_HASH_THREADS`), each in its own file order.
+    """
+
+    def __init__(self) -> None:
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-sha256")
+                      for _ in range(_HASH_THREADS)]
+        self.shards = 0
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+    def job(self, fd: int) -> _HashJob:
+        """A new shard's hash, on the next thread."""
+        job = _HashJob(fd, self.pools[self.shards % len(self.pools)])
+        self.shards += 1
+        return job
+
+    def source_range(self, job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> Future:
+        return job.pool.submit(self._guarded, job, self._hash_range, job, offset, count, ready)
+
+    def chunk(self, job: _HashJob, mv: memoryview) -> Future:
+        return job.pool.submit(self._guarded, job, job.h.update, mv)
+
+    def finish(self, job: _HashJob) -> Future:
+        """The hex digest once every queued update is done (or the first error); closes the job's fd."""
+
+        def done() -> str:
+            os.close(job.fd)
+            if job.error is not None:
+                raise job.error
+            if job.cancelled:
+                raise PlanError("hashing was cancelled")
+            return job.h.hexdigest()
+
+        return job.pool.submit(done)
+
+    @staticmethod
+    def _guarded(job: _HashJob, fn: Callable, *args) -> None:
+        if job.error is not None or job.cancelled:
+            return
+        try:
+            fn(*args)
+        except BaseException as exc:  # kept for finish(), which raises it in the caller's thread
+            job.error = exc
+
+    @staticmethod
+    def _hash_range(job: _HashJob, offset: int, count: int, ready: SourceReady | None) -> None:
+        end = offset + count
+        while offset < end:
+            if job.cancelled:
+                return
+            n = min(_HASH_STEP, end - offset)
+            if ready is not None:
+                ready(offset + n)
+            # Checked just before mapping: touching a mapped page past the end of a file
+            # (truncated meanwhile) would be a SIGBUS, not an exception.
+            if os.fstat(job.fd).st_size < offset + n:
+                raise PlanError("base shard ended early while hashing (was it modified during apply?)")
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(job.fd, offset + n - start, access=mmap.ACCESS_READ, offset=start) as m:
+                if hasattr(m, "madvise"):
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                with memoryview(m) as view:
+                    job.h.update(view[offset - start:])
+            offset += n
 
 
 class _Streamer:
@@ -56,23 +159,28 @@ class _Streamer:
     threads) while one writer thread performs every output operation in file
     order: kernel copies of untouched ranges and writes of scaled chunks. Two
     buffers of half the chunk size alternate, so reading and scaling chunk k+1
-    overlaps writing chunk k, and peak memory stays at ``chunk_bytes``.
+    overlaps writing chunk k, and peak memory stays at ``chunk_bytes``. A hasher
+    thread (:class:`_ShardHasher`) follows in the same order.
     """
 
     def __init__(self, chunk_bytes: int, threads: int, progress: Progress | None,
                  allow_saturation: bool = False, digest: Collection[str] = ()) -> None:
         if chunk_bytes < (1 << 20):
             raise PlanError("chunk size must be at least 1 MiB")
-        self.buffers = [bytearray(chunk_bytes // 2), bytearray(chunk_bytes // 2)]
-        self.pending: list[Future | None] = [None, None]
+        self.buffers = [bytearray(chunk_bytes // _BUFFERS) for _ in range(_BUFFERS)]
+        # A buffer is free again once its chunk is written and hashed.
+        self.pending: list[list[Future]] = [[] for _ in range(_BUFFERS)]
         self.turn = 0
         self.copy_buffer: bytearray | None = None  # only for filesystems without copy_file_range
         self.progress = progress or (lambda n: None)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-writer")
+        self.hasher = _ShardHasher()
         self.scratch = [Scratch() for _ in range(self.threads)]
         self.queued: list[Future] = []
+        self.ready: SourceReady | None = None
+        self.written: Callable[[int], None] | None = None
         self.allow_saturation = allow_saturation
         self.digest = frozenset(digest)
         #: tensor name -> sha256 of its input bytes, and -> (became inf, became zero)
@@ -83,34 +191,49 @@ class _Streamer:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.writer.shutdown(wait=True)
+        self.hasher.close()
 
     def stream_shard(self, fin: BinaryIO, dst: Path, shard: Shard, ops: list[TensorOp],
-                     written: Callable[[int], None] = lambda end: None) -> None:
-        """Write ``dst`` from the base shard open as ``fin``, in file order.
+                     ready: SourceReady | None = None, written: Callable[[int], None] | None = None) -> Future:
+        """Write ``dst`` from the base shard open as ``fin``, in file order; return a future of its sha256 (hex).
 
-        ``written(end)`` reports that bytes [0, end) are final.
+        The hash may still be running when this returns. ``ready``: see
+        :data:`SourceReady` (the source is being downloaded as we go). ``written(end)``:
+        told (on the writer thread) that bytes ``[0, end)`` of ``dst`` are final.
         """
-        self.written = written
+        self.ready, self.written = ready, written
         file_size = shard.file_size
-        with open(dst, "wb") as fout:
+        with _create_output(dst) as fout:
             fdi, fdo = fin.fileno(), fout.fileno()
+            job = self.hasher.job(os.dup(fdi))  # the hasher may still read after ``fin`` is closed
+            digest = None
             try:
                 pos = 0
                 for op in ops:
-                    self._queue(self._copy, fdi, fdo, pos, op.info.start - pos)
-                    self._scale(fdi, fdo, op)
+                    self._copy_range(job, fdi, fdo, pos, op.info.start - pos)
+                    self._scale(job, fdi, fdo, op)
                     pos = op.info.end
-                self._queue(self._copy, fdi, fdo, pos, file_size - pos)
+                self._copy_range(job, fdi, fdo, pos, file_size - pos)
                 self._drain()
+                digest = self.hasher.finish(job)
             finally:
                 self._drain(raise_errors=False)  # never close files under a running write
+                if digest is None:
+                    job.cancelled = True
+                    self.hasher.finish(job)  # closes the hasher's fd once it gets there
             # No fsync here: the kernel writes this shard back while the next one
-            # streams; the claim fsyncs every file once before OUT is renamed.
-        if dst.stat().st_size != file_size:
-            raise PlanError(f"{shard.name}: wrote {dst.stat().st_size} bytes, expected {file_size} (base changed?)")
-        with open(dst, "rb") as out:
-            if os.pread(fdi, shard.data_start, 0) != out.read(shard.data_start):
+            # streams; execute() fsyncs it then, and the claim every file before OUT is renamed.
+            if os.fstat(fdo).st_size != file_size:
+                raise PlanError(f"{shard.name}: wrote {os.fstat(fdo).st_size} bytes, expected {file_size} "
+                                "(base changed?)")
+            if os.pread(fdi, shard.data_start, 0) != os.pread(fdo, shard.data_start, 0):
                 raise PlanError(f"{shard.name}: header of the written shard differs from the base (base changed?)")
+        return digest
+
+    def _copy_range(self, job: _HashJob, fdi: int, fdo: int, offset: int, count: int) -> None:
+        if count > 0:
+            self._queue(self._copy, fdi, fdo, offset, count)
+            self.hasher.source_range(job, offset, count, self.ready)
 
     def _queue(self, fn: Callable, *args) -> Future:
         fut = self.writer.submit(fn, *args)
@@ -123,8 +246,8 @@ class _Streamer:
         return fut
 
     def _drain(self, raise_errors: bool = True) -> None:
+        """Wait for every queued write (not for hashing: a buffer waits for its own hash before reuse)."""
         queued, self.queued = self.queued, []
-        self.pending = [None, None]
         errors = []
         for f in queued:
             try:
@@ -139,6 +262,8 @@ class _Streamer:
         end = offset + count
         while offset < end:
             n = min(_COPY_STEP, end - offset)
+            if self.ready is not None:
+                self.ready(offset + n)
             try:
                 done = os.copy_file_range(fdi, fdo, n, offset, offset)
             except OSError as exc:
@@ -148,7 +273,8 @@ class _Streamer:
             if done == 0:
                 raise PlanError("base shard ended early while copying (was it modified during apply?)")
             offset += done
-            self.written(offset)
+            if self.written is not None:
+                self.written(offset)
             self.progress(done)
 
     def _copy_through_buffer(self, fdi: int, fdo: int, offset: int, count: int) -> int:
@@ -162,10 +288,11 @@ class _Streamer:
     def _write(self, fdo: int, mv: memoryview, offset: int) -> None:
         """(writer thread) Write a scaled chunk."""
         _pwrite_all(fdo, mv, offset)
-        self.written(offset + len(mv))
+        if self.written is not None:
+            self.written(offset + len(mv))
         self.progress(len(mv))
 
-    def _scale(self, fdi: int, fdo: int, op: TensorOp) -> None:
+    def _scale(self, job: _HashJob, fdi: int, fdo: int, op: TensorOp) -> None:
         info = op.info
         dtype = NUMPY_DTYPES[info.dtype]
         itemsize = ITEMSIZE[info.dtype]
@@ -178,14 +305,14 @@ class _Streamer:
         batch_start = batch_stop = 0
         for seg in segments(info.shape, op.dim, BLOCK_ELEMS):
             if batch and seg.stop - batch_start > chunk_elems:
-                self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
+                self._scale_batch(job, fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
                 batch = []
             if not batch:
                 batch_start = seg.start
             batch.append(seg)
             batch_stop = seg.stop
         if batch:
-            self._scale_batch(fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
+            self._scale_batch(job, fdi, fdo, info, dtype, vector, batch, batch_start, batch_stop, hasher, counts)
         if hasher is not None:
             self.digests[info.name] = TensorDigest(info.dtype, tuple(info.shape), hasher.hexdigest())
         if counts[0] or counts[1]:
@@ -194,17 +321,19 @@ class _Streamer:
                 raise PlanError(saturation_message(info.name, info.dtype, counts[0], counts[1])
                                 + "; nothing was written; pass --allow-saturation to write it anyway")
 
-    def _scale_batch(self, fdi, fdo, info, dtype, vector, batch, start, stop, hasher, counts) -> None:
+    def _scale_batch(self, job, fdi, fdo, info, dtype, vector, batch, start, stop, hasher, counts) -> None:
         itemsize = ITEMSIZE[info.dtype]
         nbytes = (stop - start) * itemsize
         offset = info.start + start * itemsize
         k = self.turn
-        self.turn ^= 1
-        if self.pending[k] is not None:  # the buffer's previous chunk must be on its way to disk
-            self.pending[k].result()
+        self.turn = (k + 1) % len(self.buffers)
+        for fut in self.pending[k]:  # the buffer's previous chunk must be written and hashed
+            fut.result()
         if nbytes > len(self.buffers[k]):  # one vector period longer than a chunk
             self.buffers[k] = bytearray(nbytes)
         mv = memoryview(self.buffers[k])[:nbytes]
+        if self.ready is not None:
+            self.ready(offset + nbytes)
         got = os.preadv(fdi, [mv], offset)
         if got != nbytes:
             _read_fully(fdi, mv, offset, got)
@@ -227,7 +356,7 @@ class _Streamer:
         for a, b in results:
             counts[0] += a
             counts[1] += b
-        self.pending[k] = self._queue(self._write, fdo, mv, offset)
+        self.pending[k] = [self._queue(self._write, fdo, mv, offset), self.hasher.chunk(job, mv)]
 
 
 def _read_fully(fd: int, mv: memoryview, offset: int, got: int) -> None:
@@ -244,68 +373,15 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
-class _FollowingHasher:
-    """sha256 of a file that is being written front to back, hashed as it grows.
+def _create_output(dst: Path) -> BinaryIO:
+    """Open an output shard for writing inside the caller's claimed folder: created or emptied, never through a link.
 
-    The writer reports how far the file is final (:meth:`advance`); a thread
-    hashes up to there, so hashing overlaps streaming instead of following it.
-    Memory: one 8 MiB buffer.
+    Permissions are what a plain ``open`` gives (0666 & ~umask); a file the caller
+    created beforehand keeps its own.
     """
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path, self.size = path, size
-        self.final = 0
-        self.cond = threading.Condition()
-        self.failed = False
-        self.result: str | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
-        self.thread.start()
-
-    def advance(self, end: int) -> None:
-        with self.cond:
-            self.final = end
-            self.cond.notify()
-
-    def abort(self) -> None:
-        with self.cond:
-            self.failed = True
-            self.cond.notify()
-
-    def hexdigest(self) -> str:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-    def _run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            mv = memoryview(bytearray(8 << 20))
-            pos = 0
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                while pos < self.size:
-                    with self.cond:
-                        while self.final <= pos and not self.failed:
-                            self.cond.wait()
-                        if self.failed:
-                            return
-                        limit = self.final
-                    while pos < limit:
-                        n = os.preadv(fd, [mv[: min(len(mv), limit - pos)]], pos)
-                        if n == 0:
-                            raise PlanError(f"{self.path.name}: shorter than expected while hashing")
-                        h.update(mv[:n])
-                        pos += n
-            finally:
-                os.close(fd)
-            self.result = h.hexdigest()
-        except BaseException as exc:  # re-raised in the main thread by hexdigest()
-            self.error = exc
-
-
+    # Read-write: its header is read back through the same descriptor once written.
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    return os.fdopen(fd, "wb")
 
 
 @dataclass
@@ -323,6 +399,70 @@ class StreamResult:
     shard_sha256: dict[str, str] = field(default_factory=dict)
     tensor_digests: dict[str, TensorDigest] = field(default_factory=dict)
     saturation: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class ShardStreamer:
+    """Streams the shards of one plan, one at a time: the per-shard entry point of :func:`execute`.
+
+    Use as a context manager; :meth:`start` writes one shard and returns the future
+    of its sha256 (computed from the bytes being written, see :class:`_ShardHasher`),
+    so a shard's hash may finish while the next one streams. The base digests of the
+    targets in ``digest`` and the saturation counts accumulate in :attr:`tensor_digests`
+    and :attr:`saturation` (see :class:`StreamResult`).
+
+    Example:
+        >>> with ShardStreamer(plan) as streamer, open_shard(shard) as src:  # doctest: +SKIP
+        ...     sha = streamer.stream("model-00001-of-00002.safetensors", src, dst)
+    """
+
+    def __init__(self, plan: Plan, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
+                 progress: Progress | None = None, allow_saturation: bool = False,
+                 digest: Collection[str] = ()) -> None:
+        self.plan = plan
+        self._streamer = _Streamer(chunk_bytes, threads or min(4, os.cpu_count() or 1), progress,
+                                   allow_saturation, digest)
+
+    @property
+    def tensor_digests(self) -> dict[str, TensorDigest]:
+        """Target tensor name -> digest of its base bytes, for the tensors streamed so far that ``digest`` names."""
+        return self._streamer.digests
+
+    @property
+    def saturation(self) -> dict[str, tuple[int, int]]:
+        """Target tensor name -> (became ±inf, became 0), for the tensors streamed so far that had any."""
+        return self._streamer.saturation
+
+    def __enter__(self) -> ShardStreamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer, compute and hasher threads (after their queued work)."""
+        self._streamer.close()
+
+    def start(self, name: str, src: BinaryIO, dst: Path, *, ready: SourceReady | None = None,
+              written: Callable[[int], None] | None = None) -> Future:
+        """Write shard ``name`` of the plan from the open base shard ``src`` to ``dst``; return the future of its sha256.
+
+        ``src`` is opened by the caller, safely (:func:`~gainsurgery.io.safetensors.open_shard`,
+        or the pipeline's own download); ``dst`` is created inside the caller's claimed
+        folder (never through a link). ``ready``: waits until ``src`` holds a number of
+        bytes (it is still being downloaded); ``written(end)``: told that bytes
+        ``[0, end)`` of ``dst`` are final (a verifier may follow).
+
+        Raises:
+            PlanError: the source is shorter than its header says, its header differs
+                from the planned one (the base changed), or a target saturates and
+                saturation is not allowed.
+        """
+        shard = self.plan.base.shards[name]
+        return self._streamer.stream_shard(src, dst, shard, self.plan.ops[name], ready, written)
+
+    def stream(self, name: str, src: BinaryIO, dst: Path, **kwargs) -> str:
+        """:meth:`start`, then wait for the hash: the sha256 (hex) of the written shard."""
+        return self.start(name, src, dst, **kwargs).result()
 
 
 def execute(
@@ -365,31 +505,32 @@ def execute(
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
     base = plan.base
-    threads = threads or min(4, os.cpu_count() or 1)
-    streamer = _Streamer(chunk_bytes, threads, progress, allow_saturation, digest)
-    hashers: dict[str, _FollowingHasher] = {}
-    try:
+    digests: dict[str, Future] = {}
+    synced: list[Future] = []
+    with ShardStreamer(plan, chunk_bytes=chunk_bytes, threads=threads, progress=progress,
+                       allow_saturation=allow_saturation, digest=digest) as streamer, \
+            ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-fsync") as syncer:
         for name, shard in base.shards.items():
-            dst = folder / name
-            dst.touch()
-            # Hash each shard while it is written; a slow hash may run on into the
-            # next shard, but no more than a couple at once (bounded memory).
-            pending = [h for h in hashers.values() if h.thread.is_alive()]
-            for h in pending[: max(0, len(pending) - _MAX_PENDING_HASHES + 1)]:
-                h.thread.join()
             if fetch_shard is not None:
                 fetch_shard(shard)
-            hashers[name] = _FollowingHasher(dst, shard.file_size)
-            with open_shard(shard, error=CheckpointError) as fin:
-                streamer.stream_shard(fin, dst, shard, plan.ops[name], hashers[name].advance)
+            with open_shard(shard, error=CheckpointError) as src:
+                digests[name] = streamer.start(name, src, folder / name)
+            # Written: make it durable while the next shard streams, so that the fsync
+            # before OUT is renamed finds little left to do.
+            synced.append(syncer.submit(_fsync_path, folder / name))
         if base.index is not None:
             with open_input(base.folder, INDEX_NAME, error=CheckpointError) as src, \
                     open(folder / INDEX_NAME, "xb") as index_out:
                 shutil.copyfileobj(src, index_out)
-        return StreamResult({name: h.hexdigest() for name, h in hashers.items()}, streamer.digests,
-                            streamer.saturation)
+        for f in synced:
+            f.result()
+        return StreamResult({name: d.result() for name, d in digests.items()}, dict(streamer.tensor_digests),
+                            dict(streamer.saturation))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
     finally:
-        for h in hashers.values():
-            h.abort()
-            h.thread.join()
-        streamer.close()
+        os.close(fd)
