@@ -115,5 +115,24 @@ def report(out):
     click.echo("report: " + ", ".join(str(p) for p in paths))
 
 
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True), help="Experiment folder.")
+@click.argument("run_a")
+@click.argument("run_b")
+def compare(out, run_a, run_b):
+    """Two finished runs side by side, with paired bootstrap intervals of A - B.
+
+    RUN_A and RUN_B are run folder names under OUT/runs (e.g. gain-ffn__stack__lr-5__s0):
+    any two, also off the chosen lrs, e.g. to compare at nearly equal in-domain change.
+    """
+    from gainsurgery_lab.forgetting.analysis import compare_runs
+
+    try:
+        click.echo(compare_runs(Path(out), run_a, run_b))
+    except GainSurgeryError as exc:
+        click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

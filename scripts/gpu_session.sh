@@ -73,7 +73,7 @@ timeout $(( $(left) - 40 )) $PY scripts/forgetting.py run --preset "$PRESET" --o
 timeout 35 $PY scripts/forgetting.py report --out "$FRONT" > "$FRONT.report.log" 2>&1
 tail -3 "$FRONT.report.log"
 stamp "pack"
-tar -czf "$OUT_DIR/front-$PRESET.tar.gz" -C /tmp --exclude='*.safetensors' --exclude='merged-*' \
-  --exclude='stage-[0-9]' --exclude='train.txt' "front-$PRESET" "front-$PRESET".*.log 2>/dev/null
+(cd /tmp && tar -czf "$OUT_DIR/front-$PRESET.tar.gz" --exclude='*.safetensors' --exclude='merged-*' \
+  --exclude='stage-[0-9]' --exclude='train.txt' "front-$PRESET" "front-$PRESET".*.log)
 ls -la "$OUT_DIR"
 stamp "done"

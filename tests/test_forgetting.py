@@ -63,6 +63,14 @@ def test_interpolation_along_a_front():
     assert math.isnan(stats.interpolate_at(xs, ys, -30.0))  # never extrapolated
     # a front that turns back (too high an lr adapts worse): the low-lr branch is used
     assert stats.interpolate_at([0.0, -10.0, -4.0], [0.0, 10.0, 40.0], -5.0) == pytest.approx(5.0)
+    # a front whose smallest lr already adapts more than the target: only the returning branch crosses
+    # it, so matching is cut at the best in-domain point and says "not reached" (the CPU run's gain-ffn)
+    cpu = [-14.7, -22.1, -20.1, 25.8]
+    assert stats.efficient_prefix(cpu) == 2 and stats.efficient_prefix([]) == 0
+    assert stats.interpolate_at(cpu, [-7.5, -7.3, 26.8, 576.8], -5.0) == pytest.approx(
+        26.8 + (576.8 - 26.8) * (-5.0 + 20.1) / (25.8 + 20.1))
+    assert math.isnan(stats.interpolate_at(cpu[:2], [-7.5, -7.3], -5.0))
+    assert stats.interpolate_at(cpu[:2], [-7.5, -7.3], -20.0) == pytest.approx(-7.5 + 0.2 * (5.3 / 7.4))
     e = [stats.Estimate(x, np.array([x, x + 1.0])) for x in xs]
     f = [stats.Estimate(y, np.array([y, y])) for y in ys]
     got = stats.interpolate_estimate(e, f, -5.0)
@@ -348,6 +356,81 @@ def test_a_deadline_between_stages_stops_the_run_and_a_later_call_resumes_it(tin
     done = later.run(key)
     assert [r["stage"] for r in done] == [1, 2]
     assert done[0]["test_nll"] == first["test_nll"]  # stage 1 was kept, not retrained
+
+
+def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.data import ForgettingError
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    # twelve short documents: the 8 test + 4 dev windows fit, one batch of 64 training windows does not
+    small = parse_domain(f"d={_write(tmp_path / 'd.txt', _docs(TEXT_B, 12, 7))}")
+    cfg = dataclasses.replace(tiny_experiment.cfg, batch_size=64, grad_accum=1, steps=100)
+    scored = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "scored"), extra_eval=[small]), echo=None)
+    scored.prepare()
+    assert (len(scored.domains["d"].test.ids), len(scored.domains["d"].dev.ids)) == (8, 4)
+    log = (scored.out / "log.txt").read_text()
+    warned = []
+    for name in ("a", "b"):  # a stage draws 100 x 64 windows: warned where that is over 4 epochs
+        n = scored.domains[name].info["train_windows"]
+        assert (f"domain {name}: warning: a stage draws 6400 windows from {n} " in log) == (6400 > 4 * n)
+        warned.append(6400 > 4 * n)
+    assert any(warned) and "domain d: warning" not in log  # d is scored only
+    trained = Experiment(dataclasses.replace(cfg, out=str(tmp_path / "trained"), sequence=[cfg.sequence[0], small]),
+                         echo=None)
+    with pytest.raises(ForgettingError, match=r"domain d: its training text gives \d+ windows of 32 tokens; "
+                                              r"need at least 64"):
+        trained.prepare()
+
+
+def test_compare_two_runs_with_paired_intervals(tiny_experiment):
+    import re
+
+    from gainsurgery_lab.forgetting.analysis import Results, compare_runs
+    from gainsurgery_lab.forgetting.data import ForgettingError
+
+    exp = tiny_experiment
+    a, b = "gain-ffn__stack__lr-4__s0", "lora-matched__merge__lr-4__s0"
+    table = compare_runs(exp.out, a, b, resamples=200)
+    runs = {r.name: r for r in Results(exp.out, resamples=200).runs}
+    row = next(line for line in table.splitlines() if line.startswith("| earlier vs base |"))
+    va, vb, diff = (float(re.match(r"\s*([+-]?[\d.]+)", c).group(1)) for c in row.split("|")[2:5])
+    assert va == pytest.approx(runs[a].metrics["earlier_vs_base"].point, abs=0.051)
+    assert vb == pytest.approx(runs[b].metrics["earlier_vs_base"].point, abs=0.051)
+    assert diff == pytest.approx(va - vb, abs=0.11)
+    with pytest.raises(ForgettingError, match="'nope' is not a finished run"):
+        compare_runs(exp.out, a, "nope")
+
+
+def test_a_front_that_adapts_too_much_at_its_smallest_lr_gets_smaller_lrs(tiny_experiment, tmp_path):
+    import dataclasses
+
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    # lora-matched at lr 1e-6 barely moves the model; gain-ffn's smallest lr (1e-2) adapts far more,
+    # so gain-ffn's front cannot be read at lora-matched's chosen point until it gets a smaller lr
+    cfg = dataclasses.replace(tiny_experiment.cfg, out=str(tmp_path / "out"), seed_methods=[], extra_methods=[],
+                              variants=[], yesno=0, max_extensions=1, phases=["fronts"],
+                              grids={"gain-ffn": [-4, -3], "lora-matched": [-12, -11]})
+    exp = Experiment(cfg, echo=None)
+    exp.execute()
+    base = exp.base_scores()
+    tried = sorted(exp.tried_exponents("gain-ffn"))
+    assert tried[0] == -5  # one below the grid: the limit (max_extensions=1)
+    log = (exp.out / "log.txt").read_text()
+    assert "gain-ffn: its smallest lr (1e-02) adapts more than the chosen point of lora-matched; adding lr 3.2e-03" in log
+    chosen = exp.chosen("lora-matched", base)
+    target = exp.dev_score(exp_key(exp, "lora-matched", chosen), base)
+    assert exp.dev_score(exp_key(exp, "gain-ffn", -4), base) < target  # the reason, on dev scores
+    assert not [e for e in exp.tried_exponents("lora-matched") if e < -12]  # it already reaches gain-ffn's point
+
+
+def exp_key(exp, method, e):
+    from gainsurgery_lab.forgetting.methods import METHODS
+    from gainsurgery_lab.forgetting.runner import RunKey
+
+    return RunKey(method, METHODS[method].default_variant, e, 0)
 
 
 def test_static_keys_interleave_methods_middle_out(tiny_experiment):

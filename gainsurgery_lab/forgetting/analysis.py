@@ -31,8 +31,8 @@ import numpy as np
 
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
-from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, interpolate_estimate,
-                                              mcnemar_exact, mean_estimate, wilson_interval)
+from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
+                                              interpolate_estimate, mcnemar_exact, mean_estimate, wilson_interval)
 
 #: In-domain changes (%) at which fronts are compared in the "matched" table.
 MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
@@ -82,6 +82,9 @@ class Results:
         self.domain_info = {}
         for name in self.columns:
             w = _read(self.out / "data" / name / "windows.json")
+            if not isinstance(w, dict) or not isinstance(w.get("info"), dict):  # the bootstrap needs its documents
+                raise ForgettingError(f"{out}: data/{name}/windows.json is missing or damaged (the test windows' "
+                                      f"documents, which the intervals resample)")
             self.domain_info[name] = w["info"]
             windows[name] = DomainWindows(tuple(w["test"]["units"]), tuple(len(x) - 1 for x in w["test"]["ids"]))
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
@@ -180,6 +183,8 @@ class Results:
         """Each method's ``y_key`` interpolated at fixed in-domain changes and at the others' chosen points."""
         table: dict[str, Any] = {"targets": {}, "at_chosen": {}}
         fronts = {m: [r for r in self.front(m) if not r.failed and y_key in r.metrics] for m in self.methods()}
+        # up to each front's best in-domain lr: beyond it, the front only turns back (see efficient_prefix)
+        fronts = {m: f[:efficient_prefix([r.metrics["in_domain"].point for r in f])] for m, f in fronts.items()}
         fronts = {m: f for m, f in fronts.items() if len(f) >= 2}
         for m, f in fronts.items():
             xs = [r.metrics["in_domain"] for r in f]
@@ -338,7 +343,8 @@ def render_markdown(res: Results) -> str:
             if not mt["targets"]:
                 continue
             lines += ["", f"## At matched in-domain change: {title}", "",
-                      "Interpolated linearly along each front (n/r: the front does not reach that in-domain change).",
+                      "Interpolated linearly along each front, over its lrs up to its best in-domain one (past it a "
+                      "front only turns back); n/r: the front does not reach that in-domain change.",
                       "", "| method | " + " | ".join(f"in-domain {t:+.0f}%" for t in MATCH_TARGETS) + " |",
                       "|---|" + "---:|" * len(MATCH_TARGETS)]
             for m, row in mt["targets"].items():
@@ -523,3 +529,31 @@ def _save_figure(fig: Any, path: Path) -> None:
 
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=120)
+
+
+def compare_runs(out: Path, name_a: str, name_b: str, resamples: int = 2000) -> str:
+    """A markdown table of two finished runs' metrics and A - B with paired 95% bootstrap intervals.
+
+    The intervals resample the same documents for both runs (they are scored on the same
+    windows), so the difference is far tighter than the two intervals side by side.
+
+    Raises:
+        ForgettingError: no such run, or it has not finished.
+    """
+    res = Results(out, resamples=resamples)
+    by_name = {r.name: r for r in res.runs}
+    picked = []
+    for name in (name_a, name_b):
+        run = by_name.get(name)
+        if run is None or run.failed or not run.metrics:
+            known = ", ".join(sorted(n for n, r in by_name.items() if r.metrics and not r.failed)) or "none"
+            raise ForgettingError(f"{name!r} is not a finished run under {out}/runs (finished: {known})")
+        picked.append(run)
+    a, b = picked
+    lines = [f"| metric (PPL change %, 95% CI) | A: {a.name} | B: {b.name} | A - B (paired) |", "|---|---:|---:|---:|"]
+    for key, label in (("in_domain", "in-domain"), ("earlier_vs_base", "earlier vs base"),
+                       ("earlier_vs_own", "earlier vs own stage"), ("untrained", "never-trained")):
+        if key in a.metrics and key in b.metrics:
+            lines.append(f"| {label} | {_f(a.metrics[key].as_dict())} | {_f(b.metrics[key].as_dict())} | "
+                         f"{_f((a.metrics[key] - b.metrics[key]).as_dict())} |")
+    return "\n".join(lines)

@@ -220,7 +220,7 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
             f"(need {dev_windows}); give more text or lower --dev-windows")
     held_out = set(used_test) | set(used_dev)
     remaining = train_docs if valid_docs else [d for i, d in enumerate(train_docs) if i not in held_out]
-    if not remaining:
+    if not remaining and min_train_windows:
         raise ForgettingError(f"domain {spec.name}: no training documents left after the test/dev split")
     work.mkdir(parents=True, exist_ok=True)
     train_file = work / "train.txt"

@@ -10,7 +10,9 @@ The schedule, in order of importance (a run that is cut short keeps what matters
 
 1. **fronts**: every method of ``front_methods`` at every lr of its grid (seed 0); a
    grid whose dev-optimal lr is at an edge is extended by one half-decade on that
-   side, until the optimum is interior (or ``max_extensions`` is reached);
+   side, until the optimum is interior (or ``max_extensions`` is reached); then a
+   front whose smallest lr adapts more than another method's chosen point gets
+   smaller lrs, so that every chosen point can be compared at matched in-domain change;
 2. **seeds**: ``seeds - 1`` more seeds at each ``seed_methods`` method's dev-optimal lr;
 3. **yes/no** for the base and those runs;
 4. **extras**: the staging ``variants`` at the dev-optimal lr, the fronts of
@@ -225,14 +227,20 @@ class Experiment:
             if frozen.is_file() and (work / "train.txt").is_file():
                 self.domains[spec.name] = load_windows(frozen, work / "train.txt")
                 continue
+            trained = spec.name in {d.name for d in c.sequence}  # a domain only scored needs no training text
             dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows, work,
-                                 min_train_windows=c.batch_size)
+                                 min_train_windows=c.batch_size if trained else 0)
             save_windows(frozen, dom)
             self.domains[spec.name] = dom
             i = dom.info
             self.log(f"domain {spec.name}: {i['test_windows']} test windows ({i['test_units']} documents), "
                      f"{i['dev_windows']} dev windows ({i['dev_units']}), {i['documents_train']} training "
                      f"documents ({i['train_windows']} windows); split: {i['split']}")
+            drawn = c.steps * c.batch_size
+            if trained and i["train_windows"] and drawn > 4 * i["train_windows"]:
+                self.log(f"domain {spec.name}: warning: a stage draws {drawn} windows from {i['train_windows']} "
+                         f"({drawn / i['train_windows']:.0f} epochs); expect it to overfit (give more text, "
+                         f"or fewer steps or a smaller batch)")
 
     # ------------------------------------------------------------------------------ evaluation
     @property
@@ -588,6 +596,40 @@ class Experiment:
                      f"(lr {lr_label(best)}); extending to lr {lr_label(nxt)}")
             yield RunKey(method, variant, nxt, 0)
 
+    def matching_keys(self, method: str, base: dict[str, Any]) -> Iterator[RunKey]:
+        """Smaller lrs for ``method`` until its front reaches down to the other methods' chosen points.
+
+        The matched comparison reads each front at another method's chosen in-domain
+        change. A front whose smallest lr already adapts more than that point cannot be
+        read there (nothing is extrapolated), so it gets one more lr below its smallest
+        while that is so. Judged on dev scores, never on the reported windows; at most
+        ``max_extensions`` lrs below the initial grid in all (the optimum's extensions
+        included). Run after every front method's front.
+        """
+        variant = METHODS[method].default_variant
+        floor = min(self.cfg.grid(method)) - self.cfg.max_extensions
+        while not self.out_of_time():
+            tried = sorted(e for e in self.tried_exponents(method) if self.is_finished(RunKey(method, variant, e, 0)))
+            if not tried:
+                return
+            lowest = self.dev_score(RunKey(method, variant, tried[0], 0), base)
+            others = {}
+            for other in self.cfg.front_methods:
+                e = self.chosen(other, base) if other != method else None
+                if e is not None:
+                    others[other] = self.dev_score(RunKey(other, METHODS[other].default_variant, e, 0), base)
+            short = sorted(o for o, score in others.items() if math.isfinite(lowest) and score > lowest)
+            if not short:
+                return
+            nxt = tried[0] - 1
+            if nxt < floor:
+                self.log(f"{method}: its smallest lr ({lr_label(tried[0])}) adapts more than the chosen point of "
+                         f"{', '.join(short)}; not extending further (limit reached)")
+                return
+            self.log(f"{method}: its smallest lr ({lr_label(tried[0])}) adapts more than the chosen point of "
+                     f"{', '.join(short)}; adding lr {lr_label(nxt)} to compare at matched in-domain change")
+            yield RunKey(method, variant, nxt, 0)
+
     def tried_exponents(self, method: str) -> list[int]:
         variant = METHODS[method].default_variant
         found = []
@@ -651,6 +693,9 @@ class Experiment:
         if "fronts" in c.phases:
             for m in c.front_methods:
                 for key in self.front_keys(m, base):
+                    self.run(key)
+            for m in c.front_methods:  # then down to the others' chosen points, for matched comparisons
+                for key in self.matching_keys(m, base):
                     self.run(key)
         if "seeds" in c.phases:
             for m in c.seed_methods:

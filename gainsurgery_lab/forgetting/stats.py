@@ -59,7 +59,7 @@ class Bootstrap:
         >>> bs = Bootstrap({"legal": DomainWindows((0, 0, 1), (127, 127, 127))}, resamples=100, seed=0)
         >>> ppl = bs.ppl("legal", np.array([300.0, 310.0, 250.0]))
         >>> round(float(ppl.point), 3)
-        9.908
+        9.556
     """
 
     def __init__(self, domains: Mapping[str, DomainWindows], resamples: int = DEFAULT_RESAMPLES,
@@ -159,6 +159,23 @@ def _interp(x: list[np.ndarray], y: list[np.ndarray], t: np.ndarray) -> np.ndarr
         out = np.where(inside, val, out)
         done |= inside
     return out if out.shape else float(out)
+
+
+def efficient_prefix(in_domain: Sequence[float]) -> int:
+    """How many points of a front (sorted by lr) lead up to its best in-domain change.
+
+    Past the lr with the lowest in-domain change a front turns back: a larger lr only
+    loses in-domain and forgets more. Interpolating at a matched in-domain change over
+    that returning branch would compare against a diverged run, so matching uses the
+    points up to (and including) the best one.
+
+    Example:
+        >>> efficient_prefix([-14.7, -22.1, -20.1, 25.8])
+        2
+    """
+    if not in_domain:
+        return 0
+    return int(np.argmin(np.asarray(in_domain, dtype=float))) + 1
 
 
 def interpolate_estimate(xs: Sequence[Estimate], ys: Sequence[Estimate], x_target: Estimate | float
