@@ -29,9 +29,9 @@ Functions that need torch (:func:`attach`, :func:`train`, :func:`evaluate`,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gainsurgery import gainfile as gf
 from gainsurgery.gainfile import GainFile
@@ -103,7 +103,7 @@ def _load_each(gains: Sequence[GainFile | str | os.PathLike[str]], allow_negativ
 
 
 def stack_gains(gains: Sequence[GainFile | str | os.PathLike[str]], *, allow_negative: bool = False,
-                description: str | None = None) -> GainFile:
+                description: str | None = None, allow_base_mismatch: bool = False) -> GainFile:
     """Compose gains into one: the float32 product on shared tensors, the union otherwise.
 
     Applying the result once equals applying the product of the vectors, rounded
@@ -113,19 +113,24 @@ def stack_gains(gains: Sequence[GainFile | str | os.PathLike[str]], *, allow_neg
         gains: gain files (paths) or :class:`GainFile` objects, in order.
         allow_negative: accept negative gains in the inputs.
         description: free text stored in the metadata.
+        allow_base_mismatch: stack gains whose base fingerprints say they were trained
+            on different bases (refused by default).
 
     Returns:
-        The stacked gain; ``metadata["parents"]`` names each input (with its sha256 for files).
+        The stacked gain; ``metadata["parents"]`` names each input (with its sha256 for
+        files) and keeps each parent's base fingerprint.
 
     Raises:
-        GainFileError: a tensor is scaled along different dims, or an input is invalid.
+        GainFileError: a tensor is scaled along different dims, an input is invalid, or
+            the inputs were trained on different bases.
 
     Example:
         >>> both = stack_gains(["legal.safetensors", "medical.safetensors"])  # doctest: +SKIP
         >>> save_gain(both, "both.safetensors")  # doctest: +SKIP
     """
     loaded = _load_each(gains, allow_negative)
-    stacked = gf.stack([g for g, _, _ in loaded], [name for _, name, _ in loaded])
+    stacked = gf.stack([g for g, _, _ in loaded], [name for _, name, _ in loaded],
+                       allow_base_mismatch=allow_base_mismatch)
     for parent, (_, _, path) in zip(stacked.metadata["parents"], loaded):
         if path is not None:
             parent["sha256"] = sha256_file(path)
@@ -163,7 +168,8 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
 
     Args:
         gain: a gain file (path) or a :class:`GainFile`.
-        plot: also draw per-layer distributions into this PNG (needs the ``plots`` extra).
+        plot: also draw per-layer distributions into this PNG (needs the ``plots`` extra);
+            written whole or not at all, never over the gain file.
 
     Returns:
         ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata"}``.
@@ -172,14 +178,16 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
         >>> inspect_gain("legal.safetensors")["overall"]["mean"]  # doctest: +SKIP
         1.0031
     """
-    (g, name, _), = _load_each([gain], allow_negative=True)
+    (g, name, path), = _load_each([gain], allow_negative=True)
     if plot is not None:
         from gainsurgery.extras import require_extra
+        from gainsurgery.io.outputs import atomic_file
 
         require_extra("plots", "inspect_gain(plot=...)")
         from gainsurgery.plots import plot_gain_distributions
 
-        plot_gain_distributions(g, plot, title=name)
+        with atomic_file(plot, inputs=[path], what="plot file") as f:
+            plot_gain_distributions(g, f, title=name)
     return gf.stats(g)
 
 
@@ -189,39 +197,62 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
 def apply(
     base: str | os.PathLike[str],
     gains: Sequence[GainFile | str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
     overwrite: bool = False,
     verify: bool = False,
     dry_run: bool = False,
     allow_negative: bool = False,
-    chunk_bytes: int = 64 << 20,
+    allow_saturation: bool = False,
+    allow_base_mismatch: bool = False,
+    base_model: str | None = None,
+    chunk_bytes: int | None = None,
     threads: int | None = None,
     progress: ProgressFactory | None = None,
     push_to: str | None = None,
     private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
     hub: HubClient | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Stream gains into a merged copy of ``base``, in constant memory; OUT appears only when complete.
 
     The same orchestration as ``gainsurgery apply`` (see :func:`gainsurgery.merge.apply`).
+    With ``push_to`` and no ``out``, the result goes straight to the Hub, shard by
+    shard, never more than three shards on disk (see :mod:`gainsurgery.merge.hub_pipeline`).
 
     Args:
         base: a checkpoint folder, ``embedded:NAME`` or a Hub repo ``ORG/NAME[@REV]``.
         gains: gain files (paths, ``ORG/REPO[@REV]:path`` on the Hub) or :class:`GainFile`
             objects; several are multiplied in float32 and applied in one pass.
-        out: the output folder; must not exist unless ``overwrite``.
+        out: the output folder; must not exist unless ``overwrite``. None: needs
+            ``push_to`` (Hub to Hub, no local copy).
         overwrite: replace an existing OUT, atomically, on success.
-        verify: check every byte before OUT appears.
-        dry_run: plan only; write nothing.
+        verify: check every byte before OUT appears (always done when pushing).
+        dry_run: plan only; write nothing (without OUT: also the bytes to move and the peak disk).
         allow_negative: accept negative gains.
-        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory.
+        allow_saturation: write weights that scaling turns into ±inf or 0 (recorded)
+            instead of failing with the tensor's name and counts.
+        allow_base_mismatch: apply a gain whose ``base_tensors_sha256`` differs from
+            ``base``'s target tensors (warned, recorded) instead of failing.
+        base_model: the Hub repo id the model card names as ``base_model`` (default:
+            a Hub base; never a local folder).
+        chunk_bytes: bytes of tensor data scaled per read; bounds peak memory (default: 64 MiB;
+            16 MiB without OUT).
         threads: compute threads (default: CPUs, at most 4).
         progress: a progress-bar factory, ``progress(description, total_bytes)``.
-        push_to: also publish OUT to this Hub repo (verified first; a failed push
-            discards OUT).
+        push_to: also publish the result to this Hub repo (verified first; a failed
+            push leaves no OUT and no commit).
         private: with ``push_to``, create the repo private.
+        revision: with ``push_to``, the branch to commit to (created if missing).
+        create_pr: with ``push_to``, open a pull request instead of committing.
+        commit_message: with ``push_to``, the commit title.
+        work_dir: without OUT, where the work folder goes (default: ``$TMPDIR``).
         hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
+        warn: receives one-line warnings (default: :func:`warnings.warn`).
 
     Returns:
         An :class:`~gainsurgery.merge.ApplyResult` (``out``, ``plan``, ``shard_sha256``,
@@ -235,6 +266,7 @@ def apply(
         >>> result = apply("base/", ["legal.safetensors"], "merged/", verify=True)  # doctest: +SKIP
         >>> result.plan.tensors_touched, result.verified  # doctest: +SKIP
         (36, True)
+        >>> apply("org/base", ["legal.safetensors"], push_to="me/base-legal").pushed.commit_url  # doctest: +SKIP
     """
     from gainsurgery import merge
 
@@ -245,12 +277,44 @@ def apply(
         from gainsurgery.hub.refs import check_repo_id
 
         check_repo_id(push_to)
+        _refuse_pushing_over_the_base(str(base), push_to, revision, create_pr)
         hub = hub if hub is not None else HubClient.from_env()
-        publisher = HubPublisher(hub, push_to, private=private,
-                                 commit_message=f"Upload {Path(out).name} (gainsurgery apply)")
+        # The commit title names folders by their name only (a local path says who and where the user is).
+        from gainsurgery.sources import base_model_name
+
+        name = Path(out).name if out is not None else (base_model_name(str(base)) or Path(str(base)).name)
+        publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {name} (gainsurgery apply)")
+    elif revision or create_pr or commit_message:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
+    if out is None and overwrite:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--overwrite goes with OUT; without OUT nothing local is written")
     return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
-                       allow_negative=allow_negative, chunk_bytes=chunk_bytes, threads=threads, progress=progress,
-                       publish=publisher, hub=hub)
+                       allow_negative=allow_negative, allow_saturation=allow_saturation,
+                       allow_base_mismatch=allow_base_mismatch, base_model=base_model, chunk_bytes=chunk_bytes,
+                       threads=threads, progress=progress, publish=publisher, hub=hub, warn=warn,
+                       work_dir=work_dir)
+
+
+def _refuse_pushing_over_the_base(base: str, push_to: str, revision: str | None, create_pr: bool) -> None:
+    """A merged model never replaces its own base: same repo and branch is refused (a PR or another branch is fine)."""
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.io.inputs import classify_base_spec
+
+    try:
+        ref = classify_base_spec(base)
+    except GainSurgeryError:
+        return  # reported when the base is opened
+    if ref.kind != "hub" or create_pr or str(ref.repo_id).lower() != push_to.lower():
+        return
+    if (revision or "main") == (ref.revision or "main"):
+        raise GainSurgeryError(f"--push {push_to} would commit the merged model over its own base "
+                               f"({base}); push to another repo, another branch (--revision) or a pull "
+                               "request (--create-pr)")
 
 
 def verify(
@@ -259,6 +323,7 @@ def verify(
     out: str | os.PathLike[str],
     *,
     allow_negative: bool = False,
+    allow_saturation: bool = False,
     chunk_bytes: int = 64 << 20,
     progress: ProgressFactory | None = None,
     hub: HubClient | None = None,
@@ -270,6 +335,8 @@ def verify(
         gains: the gain files that were applied, in order.
         out: the merged folder to check.
         allow_negative: accept negative gains.
+        allow_saturation: accept targets whose weights scaling turned into ±inf or 0
+            (as ``apply(..., allow_saturation=True)`` wrote them); a problem otherwise.
         chunk_bytes: bytes compared per read.
         progress: a progress-bar factory.
         hub: the Hub client for a Hub base (default: from the environment).
@@ -283,8 +350,8 @@ def verify(
     """
     from gainsurgery import merge
 
-    return merge.verify_merged(base, gains, out, allow_negative=allow_negative, chunk_bytes=chunk_bytes,
-                               progress=progress, hub=hub)
+    return merge.verify_merged(base, gains, out, allow_negative=allow_negative, allow_saturation=allow_saturation,
+                               chunk_bytes=chunk_bytes, progress=progress, hub=hub)
 
 
 @dataclass
@@ -298,6 +365,11 @@ class TargetList:
         side: ``in`` or ``out``.
         targets: the tensors, in layer order.
         fingerprint: the base's structure fingerprint (names, dtypes, shapes).
+        base_model: what a gain file records as ``base_model`` (a Hub id or
+            ``embedded:NAME``; None for a local folder, see :func:`gainsurgery.sources.base_model_name`).
+        base_tensors_sha256: the content fingerprint of the target tensors, when asked
+            for (``targets(..., fingerprint=True)`` on a local or embedded base).
+        inputs: the local folders the base was read from (an output must keep away from them).
     """
 
     base: str
@@ -306,6 +378,9 @@ class TargetList:
     side: str
     targets: list[Target]
     fingerprint: str
+    base_model: str | None = None
+    base_tensors_sha256: str | None = None
+    inputs: list[Path] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
@@ -314,13 +389,15 @@ class TargetList:
 
     def identity(self) -> GainFile:
         """A gain file of ones for these targets (applying it changes no byte)."""
-        meta = {"method": self.method, "side": self.side, "base_model": self.base,
-                "base_fingerprint": self.fingerprint, "description": "identity gain (all ones)"}
-        return gf.identity({t.key: (t.dim, t.length) for t in self.targets}, meta)
+        meta = {"method": self.method, "side": self.side, "base_model": self.base_model,
+                "base_fingerprint": self.fingerprint, gf.BASE_TENSORS_KEY: self.base_tensors_sha256,
+                "description": "identity gain (all ones)"}
+        return gf.identity({t.key: (t.dim, t.length) for t in self.targets},
+                           {k: v for k, v in meta.items() if v is not None})
 
 
 def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = "in", *,
-            hub: HubClient | None = None) -> TargetList:
+            hub: HubClient | None = None, fingerprint: bool = False) -> TargetList:
     """Which tensors a GAIN method scales on ``base``, from its headers and config.json only.
 
     Args:
@@ -328,6 +405,9 @@ def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = 
         method: ``gain`` (attention output projection) or ``gain-ffn`` (+ FFN down projection).
         side: ``in`` (W·diag(s), the paper's default) or ``out`` (diag(s)·W, bias too).
         hub: the Hub client for a Hub base.
+        fingerprint: also hash the target tensors' bytes (``base_tensors_sha256``, for
+            :meth:`TargetList.identity`); reads those tensors once. Not done for a Hub
+            base, whose weights this command never downloads.
 
     Returns:
         A :class:`TargetList`; ``.identity()`` makes a gain file of ones for them.
@@ -341,7 +421,8 @@ def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = 
         55296
     """
     from gainsurgery.architectures import model_type_of, num_layers, resolve_targets
-    from gainsurgery.io.checkpoint import fingerprint
+    from gainsurgery.io.checkpoint import fingerprint as structure
+    from gainsurgery.io.fingerprint import base_tensors_sha256
     from gainsurgery.sources import opened_base
 
     with opened_base(base, hub) as opened:  # headers only, also for a Hub base
@@ -349,7 +430,10 @@ def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = 
         model_type = model_type_of(ckpt.config)
         found = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, model_type, method, side,
                                 expected_layers=num_layers(ckpt.config))
-        return TargetList(str(base), model_type, method, side, found, fingerprint(ckpt))
+        content = base_tensors_sha256(ckpt, [t.key for t in found]) if fingerprint and opened.remote is None else None
+        recorded = opened.hub_id or (str(base) if opened.facts else None)
+        return TargetList(str(base), model_type, method, side, found, structure(ckpt), recorded, content,
+                          opened.local_inputs())
 
 
 @dataclass
@@ -376,7 +460,7 @@ class PushPlan:
 
 def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, dry_run: bool = False,
-         hub: HubClient | None = None) -> PushPlan:
+         base_model: str | None = None, hub: HubClient | None = None) -> PushPlan:
     """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
 
     A folder must be complete: index (or ``model.safetensors``), every shard with
@@ -391,14 +475,19 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
         create_pr: open a pull request instead of committing to the branch.
         commit_message: the commit title.
         dry_run: check and list the files; contact nothing.
+        base_model: the Hub repo id the model card names as ``base_model``; for a
+            folder, its card is regenerated from its ``gainsurgery.json`` with it.
         hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
+
+    Every file of a folder must be a regular file inside it (a link out, a FIFO or a
+    device is refused, naming it), and no file may hold the current token's value.
 
     Returns:
         A :class:`PushPlan` with the files and, unless ``dry_run``, the push result.
 
     Raises:
-        CheckpointError: the folder is incomplete or differs from its provenance.
-        HubError: auth, not found, rate limit, network; nothing is committed.
+        CheckpointError: the folder is incomplete, unsafe or differs from its provenance.
+        HubError: a file holds the token; auth, not found, rate limit, network; nothing is committed.
 
     Example:
         >>> push("merged/", "me/qwen-legal", private=True).result.commit_url  # doctest: +SKIP
@@ -408,23 +497,33 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     from gainsurgery.hub.cards import CARD_NAME, merged_model_card
     from gainsurgery.hub.refs import check_repo_id
     from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.io.inputs import show_path
     from gainsurgery.merge.provenance import PROVENANCE_NAME, check_recorded_shards
     from gainsurgery.sources import base_facts
 
     check_repo_id(repo_id)
+    if base_model is not None:
+        check_repo_id(base_model, what="--base-model")
     path = Path(source)
     if path.is_dir():
-        items = pub.folder_upload(path)  # a complete checkpoint: index, shards, config
+        items = pub.folder_upload(path)  # a complete checkpoint: index, shards, config; every file safe
         provenance = check_recorded_shards(path, list(open_checkpoint(path).shards))
-        if provenance is not None and not (path / CARD_NAME).is_file():
-            items.append(pub.text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME)))
+        has_card = any(i.path_in_repo == CARD_NAME for i in items)
+        if base_model is not None and provenance is None:
+            raise GainSurgeryError(f"--base-model rewrites the model card from {PROVENANCE_NAME}, which "
+                                   f"{show_path(source)} does not have; edit its {CARD_NAME} instead")
+        if provenance is not None and (not has_card or base_model is not None):
+            items = [i for i in items if i.path_in_repo != CARD_NAME]
+            items.append(pub.text_item(CARD_NAME, merged_model_card(provenance, provenance_file=PROVENANCE_NAME,
+                                                                    base_model=base_model)))
         kind = "merged checkpoint"
     elif path.is_file():
-        base = gf.load(path, allow_negative=True).metadata.get("base_model")
-        items = pub.gain_upload(path, repo_id, base_facts(base if isinstance(base, str) else None))
+        recorded = gf.load(path, allow_negative=True).metadata.get("base_model")
+        items = pub.gain_upload(path, repo_id, base_facts(recorded if isinstance(recorded, str) else None),
+                                base_model=base_model)
         kind = "gain file"
     else:
-        raise GainSurgeryError(f"nothing to push: {source} is neither a folder nor a gain file")
+        raise GainSurgeryError(f"nothing to push: {show_path(source)} is neither a folder nor a gain file")
     plan = PushPlan(kind, repo_id, items)
     if not dry_run:
         from gainsurgery.hub.client import HubClient
@@ -551,7 +650,7 @@ def export_peft(gain: str | os.PathLike[str], adapter_dir: str | os.PathLike[str
     g = gf.load(gain, allow_negative=allow_negative)
     ckpt = open_base(base)
     return peft.export_peft(g, ckpt, adapter_dir, base_name=peft.adapter_base_name(base, g, base_name),
-                            overwrite=overwrite, protect=[gain])
+                            overwrite=overwrite, inputs=[gain])
 
 
 def import_peft(adapter_dir: str | os.PathLike[str], *, base: str, description: str | None = None,

@@ -32,7 +32,10 @@ class _Group(click.Group):
     """Turns user errors into one-line messages and SIGTERM into a clean exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from gainsurgery.io.secrets import install_redaction
+
         signal.signal(signal.SIGTERM, _on_sigterm)
+        install_redaction()  # what libraries log or warn, and a bug's traceback, lose credentials too
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -41,15 +44,43 @@ class _Group(click.Group):
             _silence_stdout()
             ctx.exit(0)
         except GainSurgeryError as exc:
-            click.echo("error: " + " ".join(str(exc).split()), err=True)
+            _error(str(exc))
             ctx.exit(1)
         except OSError as exc:  # the environment refused (permissions, missing paths, ...)
             where = f": {exc.filename}" if exc.filename else ""
-            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            _error(f"{exc.strerror or exc}{where}")
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)
             ctx.exit(130)
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line, without credentials: every message the CLI prints passes here.
+
+    URL user-info (``http://user:pw@host``), the current token's value, Bearer
+    credentials and ``hf_...`` tokens are masked (:func:`gainsurgery.io.secrets.redact`);
+    line breaks and control characters cannot fake a second line.
+    """
+    from gainsurgery.io.secrets import current_token, redact
+
+    text = " ".join(redact(message, current_token()).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _shown(path: Any) -> str:
+    """A path the user chose, as a success message shows it (a newline in it cannot fake a line)."""
+    from gainsurgery.io.inputs import show_path
+
+    return show_path(str(path))
+
+
+def _error(message: str) -> None:
+    click.echo("error: " + _one_line(message), err=True)
+
+
+def _warn(message: str) -> None:
+    click.echo("warning: " + _one_line(message), err=True)
 
 
 def _silence_stdout() -> None:
@@ -82,12 +113,16 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+#: Lines of the progress bars shown at once (the Hub-to-Hub pipeline shows one per stage).
+_BAR_LINES = {"download": 0, "apply": 1, "upload": 2}
+
+
 def _progress(desc: str, total: int):
-    """A byte progress bar on stderr, shown on a terminal only."""
+    """A byte progress bar (bytes and rate) on stderr, shown on a terminal only; one line per stage."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
-                file=sys.stderr, leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{desc:<8}", disable=None,
+                file=sys.stderr, leave=False, position=_BAR_LINES.get(desc, 0), dynamic_ncols=True)
 
 
 def _hub():
@@ -106,24 +141,61 @@ def _human_bytes(n: int) -> str:
 
 
 _allow_negative = click.option("--allow-negative", is_flag=True, help="Accept negative gains (sign flips).")
+_allow_saturation = click.option(
+    "--allow-saturation", is_flag=True,
+    help="Accept weights that scaling turns into ±inf or 0 (the product leaves the dtype's range); recorded.")
+_allow_base_mismatch = click.option(
+    "--allow-base-mismatch", is_flag=True,
+    help="Apply a gain whose recorded base fingerprint differs from BASE's weights; warned and recorded.")
+_base_model = click.option(
+    "--base-model", default=None, metavar="ORG/NAME",
+    help="The Hub repo the model card names as base_model (default: a Hub BASE; never a local folder).")
 _json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+def _names_a_gain(spec: str) -> bool:
+    """True when a positional argument of ``apply`` can only be a gain, never OUT (a folder)."""
+    from gainsurgery.hub.refs import parse_file_ref
+
+    return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
+
+
+def _split_gains_and_out(args: tuple[str, ...], push_to: str | None) -> tuple[list[str], str | None]:
+    """GAIN [GAIN ...] [OUT]: OUT may be left out only with --push, when the last argument names a gain."""
+    if push_to and (len(args) == 1 or _names_a_gain(args[-1])):
+        return list(args), None
+    if len(args) < 2:
+        raise click.UsageError("give at least one GAIN file and the OUT folder (or --push REPO without OUT)")
+    return list(args[:-1]), args[-1]
 
 
 @main.command()
 @click.argument("base")
-@click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] OUT")
+@click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] [OUT]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, on success).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--verify", "verify_", is_flag=True, help="Fully verify the output before moving it into place.")
-@click.option("--chunk-size", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="MiB of tensor data scaled per read; bounds peak memory.")
+@click.option("--chunk-size", default=None, type=click.IntRange(1, 4096),
+              help="MiB of tensor data scaled per read; bounds peak memory. [default: 64; 16 with --push "
+                   "and no OUT]")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="Compute threads (default: CPUs, max 4).")
 @click.option("--push", "push_to", default=None, metavar="REPO_ID",
-              help="Publish OUT to this Hub repo (one commit) once complete and fully verified.")
+              help="Publish to this Hub repo (one commit) once complete and fully verified. Without OUT: "
+                   "stream shard by shard, never more than three shards on disk.")
 @click.option("--private", is_flag=True, help="With --push: create the repo private (if it does not exist yet).")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="With --push: the branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing.")
+@click.option("--commit-message", default=None, metavar="MSG", help="With --push: the commit title.")
+@click.option("--work-dir", default=None, metavar="DIR",
+              help="With --push and no OUT: where the shards in flight go (default: $TMPDIR).")
 @_allow_negative
+@_allow_saturation
+@_allow_base_mismatch
+@_base_model
 @_json
-def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, allow_negative,
+def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, revision,
+          create_pr, commit_message, work_dir, allow_negative, allow_saturation, allow_base_mismatch, base_model,
           as_json):
     """Apply (and stack) gain files onto BASE, streaming into OUT.
 
@@ -135,45 +207,78 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
     tensors are copied byte for byte; OUT appears only when complete (with
     --push: only once verified and published).
 
+    OUT is never BASE, inside it or around it; two runs on one OUT cannot both
+    win. A weight that scaling turns into ±inf or 0 is an error naming the
+    tensor (--allow-saturation); so is a gain trained on other weights than
+    BASE's (its base_tensors_sha256, checked while streaming; --allow-base-mismatch).
+
+    With --push and no OUT, nothing is kept: each shard is downloaded into a
+    private work folder (not the HF cache), applied, verified and uploaded while
+    the next one downloads, then everything is committed at once (after the same
+    checks). A rerun after a kill resumes (shards the Hub already stores are not
+    sent again).
+
     \b
     Example:
       gainsurgery apply base/ gain.safetensors merged/
       gainsurgery apply base/ legal.safetensors medical.safetensors merged/
       gainsurgery apply Qwen/Qwen2.5-0.5B me/qwen-legal-gain:gain.safetensors merged/ --push me/qwen-legal
+      gainsurgery apply Qwen/Qwen2.5-0.5B legal.safetensors --push me/qwen-legal --dry-run
     """
     from gainsurgery import api
 
-    if len(gains_and_out) < 2:
-        raise click.UsageError("give at least one GAIN file and the OUT folder")
-    *gain_specs, out = gains_and_out
+    gain_specs, out = _split_gains_and_out(gains_and_out, push_to)
     result = api.apply(base, gain_specs, out, overwrite=overwrite, verify=verify_, dry_run=dry_run,
-                       allow_negative=allow_negative, chunk_bytes=chunk_size * MiB, threads=threads,
-                       progress=_progress, push_to=push_to, private=private, hub=_hub())
+                       allow_negative=allow_negative, allow_saturation=allow_saturation,
+                       allow_base_mismatch=allow_base_mismatch, base_model=base_model,
+                       chunk_bytes=chunk_size * MiB if chunk_size else None, threads=threads, progress=_progress,
+                       push_to=push_to, private=private, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message, work_dir=work_dir, hub=_hub(), warn=_warn)
     plan = result.plan
     if result.dry_run:
         summary = {**plan.summary(), "base": result.base}
         if as_json:
-            _emit_json({"dry_run": True, "out": out, "push": push_to, **summary})
+            _emit_json({"dry_run": True, "out": out, "push": push_to, **summary,
+                        **({"transfer": result.transfer} if result.transfer else {})})
         else:
             click.echo(f"plan: {plan.tensors_touched} of {len(plan.base.tensors)} tensors in "
                        f"{len(plan.base.shards)} shard(s)")
             click.echo(f"  rewritten: {_human_bytes(plan.bytes_rewritten)} (scaled in float32, rounded once)")
             click.echo(f"  copied:    {_human_bytes(plan.bytes_copied)} (byte-identical)")
             click.echo(f"  gain parameters: {plan.gain.num_parameters:,}")
+            if result.transfer:
+                t = result.transfer
+                click.echo(f"  download:  {_human_bytes(t['download_bytes'])} ({t['shards']} shard(s), one at a time)")
+                click.echo(f"  upload:    {_human_bytes(t['upload_bytes'])} + {_human_bytes(t['small_files_bytes'])} "
+                           f"of small files, through {t['upload_path'].upper()}, then one commit")
+                click.echo(f"  peak disk: {_human_bytes(t['peak_disk_bytes'])} in {_shown(t['work_root'])} (no OUT, no cache)")
             if push_to:
                 click.echo(f"  then push to: {push_to}")
             click.echo("dry run: nothing written")
         return
     if as_json:
-        _emit_json({"out": str(result.out), "seconds": round(result.seconds, 3), "verified": result.verified,
-                    **{k: v for k, v in plan.summary().items() if k != "touched"}, "base": result.base,
-                    "shards": result.shard_sha256, **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
+        extra = {}
+        if result.streamed is not None:
+            extra = {"resumed": result.streamed.resumed, "peak_disk_bytes": result.streamed.peak_disk_bytes}
+        _emit_json({"out": str(result.out) if result.out is not None else None, "seconds": round(result.seconds, 3),
+                    "verified": result.verified, **{k: v for k, v in plan.summary().items() if k != "touched"},
+                    "base": result.base, "shards": result.shard_sha256, **extra,
+                    **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
     else:
-        click.echo(f"wrote {result.out} ({plan.tensors_touched} tensors rescaled, "
-                   f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
-                   f"{' - verified' if result.verified else ''}")
+        if result.out is not None:
+            click.echo(f"wrote {_shown(result.out)} ({plan.tensors_touched} tensors rescaled, "
+                       f"{_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s)"
+                       f"{' - verified' if result.verified else ''}")
+        else:
+            resumed = result.streamed.resumed
+            click.echo(f"streamed {len(plan.base.shards)} shard(s) to the Hub ({plan.tensors_touched} tensors "
+                       f"rescaled, {_human_bytes(plan.base.total_bytes)}, {result.seconds:.1f} s, peak disk "
+                       f"{_human_bytes(result.streamed.peak_disk_bytes)}) - verified"
+                       + (f"; {len(resumed)} already uploaded by an earlier run" if resumed else ""))
         if result.pushed:
-            click.echo(f"pushed to {result.pushed.repo_id}: {result.pushed.commit_url or result.pushed.revision}")
+            where = (f"pull request {result.pushed.pr_url}" if result.pushed.pr_url
+                     else result.pushed.commit_url or result.pushed.revision)
+            click.echo(f"pushed to {result.pushed.repo_id}: {where}")
 
 
 @main.command()
@@ -181,13 +286,15 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
 @click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] OUT")
 @click.option("--chunk-size", default=64, show_default=True, type=click.IntRange(1, 4096), help="MiB per read.")
 @_allow_negative
+@_allow_saturation
 @_json
-def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
+def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as_json):
     """Check that OUT is exactly BASE with the GAIN files applied.
 
     Recomputes every target tensor (float32 product, rounded once) and compares
-    every other tensor, header and the index byte for byte. Exit status 0 only
-    if everything matches.
+    every other tensor, header and the index byte for byte. A target whose
+    weights scaling turned into ±inf or 0 fails too, unless --allow-saturation
+    (as apply was given). Exit status 0 only if everything matches.
 
     \b
     Example:
@@ -198,8 +305,8 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
     if len(gains_and_out) < 2:
         raise click.UsageError("give at least one GAIN file and the OUT folder")
     *gain_specs, out = gains_and_out
-    report = api.verify(base, gain_specs, out, allow_negative=allow_negative, chunk_bytes=chunk_size * MiB,
-                        progress=_progress, hub=_hub())
+    report = api.verify(base, gain_specs, out, allow_negative=allow_negative, allow_saturation=allow_saturation,
+                        chunk_bytes=chunk_size * MiB, progress=_progress, hub=_hub())
     if as_json:
         _emit_json(report.as_dict())
     elif report.ok:
@@ -207,7 +314,7 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
                    f"{report.tensors_checked - report.tensors_scaled} others byte-identical")
     else:
         for problem in report.problems[:20]:
-            click.echo(f"mismatch: {problem}", err=True)
+            click.echo(f"mismatch: {_one_line(problem)}", err=True)
         click.echo(f"verification failed: {len(report.problems)} problem(s)", err=True)
     if not report.ok:
         sys.exit(1)
@@ -221,14 +328,16 @@ def verify(base, gains_and_out, chunk_size, allow_negative, as_json):
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--commit-message", default=None, metavar="MSG", help="Commit title.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; contact nothing.")
+@_base_model
 @_json
-def push(source, repo_id, private, revision, create_pr, commit_message, dry_run, as_json):
+def push(source, repo_id, private, revision, create_pr, commit_message, dry_run, base_model, as_json):
     """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
 
     A folder must be complete: index (or model.safetensors), every shard with
     the sha256 recorded in gainsurgery.json, config.json. A gain file goes up
     with a generated model card (README.md). The token comes from HF_TOKEN or
-    `hf auth login`.
+    `hf auth login`; no file that holds its value is uploaded, nor a link out of
+    the folder.
 
     \b
     Example:
@@ -238,7 +347,7 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
     from gainsurgery import api
 
     plan = api.push(source, repo_id, private=private, revision=revision, create_pr=create_pr,
-                    commit_message=commit_message, dry_run=dry_run, hub=_hub())
+                    commit_message=commit_message, dry_run=dry_run, base_model=base_model, hub=_hub())
     kind, items, total = plan.kind, plan.items, plan.bytes
     if dry_run:
         if as_json:
@@ -246,7 +355,7 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
                         "kind": kind, "bytes": total,
                         "files": [{"path": i.path_in_repo, "bytes": i.size} for i in items]})
         else:
-            click.echo(f"would push {kind} {source} to {repo_id} ({revision or 'main'}"
+            click.echo(f"would push {kind} {_shown(source)} to {repo_id} ({revision or 'main'}"
                        f"{', as a pull request' if create_pr else ''}): {len(items)} files, {_human_bytes(total)}")
             for i in items:
                 click.echo(f"  {i.path_in_repo:<48} {_human_bytes(i.size):>10}")
@@ -262,12 +371,16 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
 
 @main.command()
 @click.argument("gains", nargs=-1, required=True, metavar="G1 G2 [...]")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @click.option("--description", default=None, help="Free text stored in the metadata.")
 @_allow_negative
+@_allow_base_mismatch
 @_json
-def stack(gains, output, description, allow_negative, as_json):
+def stack(gains, output, description, allow_negative, allow_base_mismatch, as_json):
     """Compose gain files into one: product on shared tensors, union otherwise.
+
+    Each parent's base fingerprint is kept; parents trained on different bases
+    are refused unless --allow-base-mismatch. The output is never one of the inputs.
 
     \b
     Example:
@@ -275,17 +388,18 @@ def stack(gains, output, description, allow_negative, as_json):
     """
     from gainsurgery import api
 
-    stacked = api.stack_gains(gains, allow_negative=allow_negative, description=description)
-    stacked.save(output)
+    stacked = api.stack_gains(gains, allow_negative=allow_negative, description=description,
+                              allow_base_mismatch=allow_base_mismatch)
+    stacked.save(output, inputs=gains)
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
     _emit_json(info) if as_json else click.echo(
-        f"wrote {output}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
+        f"wrote {_shown(output)}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
 
 
 @main.command()
 @click.argument("gain")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @_json
 def invert(gain, output, as_json):
     """Write the inverse gain file (1/s), which undoes GAIN up to rounding.
@@ -297,14 +411,14 @@ def invert(gain, output, as_json):
     from gainsurgery import api
 
     inv = api.invert_gain(gain)
-    inv.save(output)
+    inv.save(output, inputs=[gain])
     _emit_json({"output": output, "parameters": inv.num_parameters}) if as_json else click.echo(
-        f"wrote {output}: inverse of {inv.num_parameters:,} gains")
+        f"wrote {_shown(output)}: inverse of {inv.num_parameters:,} gains")
 
 
 @main.command()
 @click.argument("gain")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw per-layer gain distributions (PNG).")
+@click.option("--plot", type=click.Path(), default=None, help="Draw per-layer gain distributions (PNG).")
 @_json
 def inspect(gain, plot, as_json):
     """Show a gain file: parameter count, statistics per target and per layer, metadata.
@@ -317,6 +431,7 @@ def inspect(gain, plot, as_json):
         require_extra("plots", "gainsurgery inspect --plot")
     from gainsurgery import api
     from gainsurgery.gainfile import format_count
+    from gainsurgery.io.inputs import show_path as show
 
     st = api.inspect_gain(gain, plot=plot)
     meta = st["metadata"]
@@ -324,22 +439,30 @@ def inspect(gain, plot, as_json):
         _emit_json(st)
         return
     o = st["overall"]
-    click.echo(f"{gain}: {st['parameters']:,} gains ({format_count(st['parameters'])}) in {st['tensors']} tensors")
-    for key in ("method", "side", "base_model", "base_fingerprint", "description"):
+    click.echo(f"{show(gain)}: {st['parameters']:,} gains ({format_count(st['parameters'])}) "
+               f"in {st['tensors']} tensors")
+    # Metadata is someone else's text: control characters (terminal escapes, fake lines) are shown escaped.
+    for key in ("method", "side", "base_model", "base_fingerprint", "base_tensors_sha256", "description"):
         if key in meta:
-            click.echo(f"  {key}: {meta[key]}")
+            click.echo(f"  {key}: {show(str(meta[key]))}")
+    if "base_tensors_sha256" not in meta and not any(
+            isinstance(p, dict) and p.get("base_tensors_sha256") for p in meta.get("parents") or []):
+        click.echo("  base_tensors_sha256: none recorded (apply cannot check this gain against its base)")
     if "training" in meta:
         click.echo(f"  training: {json.dumps(meta['training'], sort_keys=True)}")
     if "parents" in meta:
-        click.echo(f"  parents: {', '.join(str(p.get('name')) for p in meta['parents'])}")
+        click.echo("  parents: " + ", ".join(
+            show(str(p.get('name'))) + (f" (base {show(str(p['base_tensors_sha256']))[:23]}...)"
+                                        if p.get("base_tensors_sha256") else "")
+            for p in meta["parents"] if isinstance(p, dict)))
     click.echo(f"  overall: min {o['min']:.4f}  max {o['max']:.4f}  mean {o['mean']:.4f}  "
                f"std {o['std']:.4f}  >1: {o['frac_gt_1']:.1%}")
     click.echo(f"  {'target':<60} {'dim':>3} {'len':>6} {'min':>8} {'max':>8} {'mean':>8} {'std':>8} {'>1':>6}")
     for key, t in st["per_target"].items():
-        click.echo(f"  {key:<60} {t['dim']:>3} {t['count']:>6} {t['min']:>8.4f} {t['max']:>8.4f} "
+        click.echo(f"  {show(key):<60} {t['dim']:>3} {t['count']:>6} {t['min']:>8.4f} {t['max']:>8.4f} "
                    f"{t['mean']:>8.4f} {t['std']:>8.4f} {t['frac_gt_1']:>6.1%}")
     if plot:
-        click.echo(f"  plot: {plot}")
+        click.echo(f"  plot: {show(plot)}")
 
 
 @main.command()
@@ -386,10 +509,11 @@ def inspect(gain, plot, as_json):
 @click.option("--log", type=click.Path(dir_okay=False), default=None, help="JSONL training log [default: beside -o].")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--overwrite", is_flag=True, help="lora/ia3/full: replace the -o folder if it exists (on success).")
 @_json
 def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, seq_len, dtype, mixed_precision,
           gradient_checkpointing, fsdp, streaming, stream_block_bytes, seed, warmup, schedule, eval_data, eval_every,
-          eval_windows, text_field, resume, save_every, checkpoint_dir, log, lora_rank, no_progress, as_json):
+          eval_windows, text_field, resume, save_every, checkpoint_dir, log, lora_rank, no_progress, overwrite, as_json):
     """Train GAIN gains (or a LoRA / IA3 baseline) on domain text.
 
     The base stays frozen; only one gain per adapted weight is learned (init 1).
@@ -411,8 +535,8 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
                       streaming=streaming, stream_block_bytes=stream_block_bytes, seed=seed,
                       warmup=warmup, schedule=schedule, eval_data=list(eval_data), eval_every=eval_every,
                       eval_windows=eval_windows, text_field=text_field, resume=resume, save_every=save_every,
-                      checkpoint_dir=checkpoint_dir, log=log,
-                      lora_rank=lora_rank, progress=not no_progress)
+                      checkpoint_dir=checkpoint_dir, log=log, lora_rank=lora_rank, overwrite=overwrite,
+                      progress=not no_progress)
     result = api.train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
         return
@@ -424,11 +548,11 @@ def train(base, data, method, side, output, steps, lr, batch_size, grad_accum, s
     for row in result.eval:
         click.echo("  eval step {}: ".format(row["step"]) + ", ".join(
             f"{k.split('/', 1)[1]} ppl {v:.3f}" for k, v in row.items() if k != "step"))
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {_shown(output)}")
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="gainsurgery-demo", show_default=True,
+@click.option("--workdir", type=click.Path(), default="gainsurgery-demo", show_default=True,
               help="Where the gain file, merged model and logs go.")
 @click.option("--model", default="embedded:gemma-3-270m", show_default=True, help="Base model.")
 @click.option("--domain", default="legal", show_default=True, help="Domain to adapt to (see scripts/fetch_domains.py).")
@@ -467,7 +591,7 @@ def demo(workdir, model, domain, other, method, steps, batch_size, seq_len, eval
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write results here.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write results here.")
 def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows, batch_size, dtype, text_field,
              json_out):
     """Perplexity per domain (and yes/no accuracy) of MODEL, optionally with gains.
@@ -490,6 +614,13 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         domains[name] = path
     require_extra("train", "gainsurgery eval")
     from gainsurgery import api
+    from gainsurgery.io.outputs import check_output
+
+    from gainsurgery.sources import local_folder_of
+
+    inputs = [local_folder_of(model), local_folder_of(base), *gains, *domains.values(), yesno]
+    if json_out:  # checked before the models are loaded, and again when written
+        check_output(json_out, inputs=inputs, kind="file", what="--json file")
 
     results = api.evaluate(model, gains=list(gains), base=base, data=domains, yesno=yesno, yesno_limit=yesno_limit,
                            seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, dtype=dtype,
@@ -501,9 +632,9 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         y = results["yesno"]
         click.echo(f"yes/no accuracy: {y['accuracy']:.3f} on {y['items']} items (said yes {y['predicted_yes']:.0%})")
     if json_out:
-        from gainsurgery.io.atomic import write_json
+        from gainsurgery.io.outputs import write_json
 
-        write_json(Path(json_out), results)
+        write_json(json_out, results, inputs=inputs, what="--json file")
 
 
 @main.command()
@@ -512,7 +643,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
 @click.option("--side", type=click.Choice(SIDES), default="in", show_default=True,
               help="in: W·diag(s) (paper default); out: diag(s)·W, bias scaled too.")
 @click.option("--init", type=click.Choice(["ones"]), default=None, help="Write an identity gain file (needs -o).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where --init writes.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Where --init writes.")
 @_json
 def targets(base, method, side, init, output, as_json):
     """List the tensors GAIN adapts on BASE (reads headers and config.json only).
@@ -526,9 +657,12 @@ def targets(base, method, side, init, output, as_json):
 
     if (init is None) != (output is None):
         raise click.UsageError("--init and -o/--output go together")
-    found = api.targets(base, method, side, hub=_hub())
+    found = api.targets(base, method, side, hub=_hub(), fingerprint=bool(init))
     if init:
-        found.identity().save(output)
+        if found.base_tensors_sha256 is None:
+            _warn(f"{output}: a Hub base's weights are not downloaded here, so this identity gain records no "
+                  "base_tensors_sha256")
+        found.identity().save(output, inputs=found.inputs)
     model_type, total = found.model_type, found.parameters
     if as_json:
         _emit_json({"model_type": model_type, "method": method, "side": side, "parameters": total,
@@ -538,7 +672,7 @@ def targets(base, method, side, init, output, as_json):
     for t in found.targets:
         click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}")
     if init:
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {_shown(output)}")
 
 
 @main.command("export-peft")
@@ -572,14 +706,14 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
                     "modules": len(result.modules), "target_modules": cfg["target_modules"],
                     "feedforward_modules": cfg["feedforward_modules"], "fan_in_fan_out": cfg["fan_in_fan_out"]})
     else:
-        click.echo(f"wrote {result.adapter_dir}: IA3 adapter, {len(result.modules)} modules, "
+        click.echo(f"wrote {_shown(result.adapter_dir)}: IA3 adapter, {len(result.modules)} modules, "
                    f"{result.num_parameters:,} values (targets {', '.join(cfg['target_modules'])}; "
                    f"feedforward {', '.join(cfg['feedforward_modules']) or 'none'})")
 
 
 @main.command("import-peft")
 @click.argument("adapter_dir")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output gain file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
 @click.option("--base", required=True, help="The base the adapter was trained on (folder or embedded:NAME).")
 @click.option("--description", default=None, help="Free text stored in the metadata.")
 @_allow_negative
@@ -597,12 +731,12 @@ def import_peft(adapter_dir, output, base, description, allow_negative, as_json)
     from gainsurgery import api
 
     g = api.import_peft(adapter_dir, base=base, description=description, allow_negative=allow_negative)
-    g.save(output)
+    g.save(output, inputs=[adapter_dir, base])
     if as_json:
         _emit_json({"output": output, "parameters": g.num_parameters, "tensors": len(g.vectors),
                     "method": g.metadata.get("method"), "side": g.metadata.get("side")})
     else:
-        click.echo(f"wrote {output}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
+        click.echo(f"wrote {_shown(output)}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
                    f"(method {g.metadata.get('method')}, side {g.metadata.get('side')})")
 
 

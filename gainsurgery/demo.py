@@ -8,7 +8,6 @@ domain and on a different one.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
     from gainsurgery_lab import corpora as domains
     from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.io.outputs import check_output, write_json
     from gainsurgery.training.data import pack, read_documents
     from gainsurgery.training.evaluation import perplexity
     from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
-    from gainsurgery.sources import resolve_base
+    from gainsurgery.sources import local_folder_of, resolve_base
     from gainsurgery.merge import apply, verify_merged
     from gainsurgery.training import TrainConfig, train
 
@@ -49,7 +49,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
 
     hf_logging.disable_progress_bar()  # the demo prints its own steps
     work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    # The demo writes inside its workdir (reused between runs), never into "", ".", the home
+    # folder, the model or the corpus cache; everything it writes there is checked again.
+    model_inputs = [p for p in (local_folder_of(cfg.model), domains.default_out()) if p is not None]
+    check_output(work, inputs=model_inputs, kind="folder", overwrite=True, what="--workdir")
+    work.mkdir(exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -85,7 +89,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say("[4/6] apply: stream the gains into a merged checkpoint (untouched bytes copied by the kernel)")
     t0 = time.perf_counter()
     merged = work / "merged"
-    plan = apply(cfg.model, [gain_path], merged, overwrite=True).plan
+    plan = apply(cfg.model, [gain_path], merged, overwrite=True, warn=lambda m: say("      warning: " + m)).plan
     step("apply", t0)
     say(f"      {merged}: {plan.tensors_touched} tensors rescaled, {plan.bytes_rewritten / 1e6:.0f} MB rewritten, "
         f"{plan.bytes_copied / 1e6:.0f} MB copied")
@@ -123,8 +127,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
                "gain_parameters": result.trainable_parameters, "steps": result.steps,
                "final_loss": result.final_loss, "merged": str(merged), "ppl": ppl, "seconds": timings,
                "total_seconds": total}
-    (work / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(work / "demo.json", summary, inputs=model_inputs)
     say("")
     say(f"done in {total:.0f} s. gain file: {gain_path}; merged model: {merged}; "
         f"log: {work / 'train.jsonl'}; numbers: {work / 'demo.json'}")
     return summary
+

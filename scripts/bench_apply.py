@@ -56,8 +56,9 @@ def layer_tensors(i: int) -> list[tuple[str, tuple[int, int]]]:
     ]
 
 
-def build_checkpoint(folder: Path, size_gb: float) -> int:
-    """Write a llama-shaped bf16 checkpoint of about ``size_gb`` GB; returns the layer count."""
+def build_checkpoint(folder: Path, size_gb: float, shard_bytes: int = SHARD_BYTES) -> int:
+    """Write a llama-shaped bf16 checkpoint of about ``size_gb`` GB in shards of at most ``shard_bytes``
+    bytes of tensor data; returns the layer count."""
     per_layer = sum(math.prod(s) for _, s in layer_tensors(0)) * 2
     fixed = (2 * VOCAB * HIDDEN + HIDDEN) * 2
     layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
@@ -69,7 +70,7 @@ def build_checkpoint(folder: Path, size_gb: float) -> int:
     size = 0
     for name, shape in tensors:
         nbytes = math.prod(shape) * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, shape))
@@ -112,7 +113,7 @@ def build_checkpoint(folder: Path, size_gb: float) -> int:
     return layers
 
 
-def write_gain(base: Path, path: Path) -> int:
+def write_gain(base: Path, path: Path, seed: int = 1) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gainsurgery.architectures import resolve_targets
     from gainsurgery.io.checkpoint import open_checkpoint
@@ -120,7 +121,7 @@ def write_gain(base: Path, path: Path) -> int:
 
     ckpt = open_checkpoint(base)
     targets = resolve_targets({n: t.shape for n, t in ckpt.tensors.items()}, "llama", "gain-ffn")
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     g = GainFile({t.key: np.exp(rng.normal(0, 0.05, t.length)).astype(np.float32) for t in targets},
                  {t.key: t.dim for t in targets}, {"method": "gain-ffn", "side": "in"})
     g.save(path)

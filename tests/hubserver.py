@@ -24,21 +24,45 @@ hf_hub_download / file_exists                 HEAD/GET /{prefix}{ns}/{name}/reso
 
 Uploads only take the LFS path when Xet is disabled: with ``hf_xet`` installed,
 huggingface_hub 2.4 uploads through Xet unconditionally unless ``HF_HUB_DISABLE_XET``
-is set when it is imported (``tests/conftest.py`` sets it first).
+is set when it is imported (``tests/conftest.py`` sets it first). Xet itself (a CAS
+server speaking xorbs, shards and merkle hashes) is not emulated.
+
+Knobs for transfer tests and benchmarks:
+
+- ``rate_down`` / ``rate_up``: a byte-rate throttle (bytes/s, shared by all
+  connections) on what the server sends and receives;
+- ``ignore_range``: answer every GET with the whole file (200), like a proxy that
+  drops ``Range``; ``RequestRecord.sent`` counts the body bytes actually written
+  before the client hung up;
+- ``fail_next(..., cut_body_after=N)``: read N bytes of the request body, then drop
+  the connection (a failure in the middle of an upload);
+- ``storage``: a folder to keep LFS objects in, as files, streamed in and out in
+  1 MiB pieces (big benchmark repos); by default everything lives in memory;
+- ``on_lfs_stored(oid)``: called after each LFS object is stored (``lfs_uploads``
+  counts the completed uploads per oid);
+- ``python tests/hubserver.py --serve ...`` runs one in its own process (the
+  benchmark does, so the server does not share the client's interpreter).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import collections
 import contextlib
 import hashlib
+import io
 import itertools
 import json
+import os
 import re
 import socket
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -62,19 +86,62 @@ class HubError(Exception):
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
 
 
+_CHUNK = 1 << 20
+
+
+class Throttle:
+    """At most ``rate`` bytes per second in total, across threads (None: unlimited).
+
+    Each piece reserves the next free slot on a shared virtual clock and sleeps until
+    its slot ends, so concurrent connections share the rate.
+    """
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.free_at = 0.0
+
+    def take(self, nbytes: int) -> None:
+        if not self.rate or nbytes <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.free_at = max(self.free_at, now) + nbytes / self.rate
+            wait = self.free_at - now
+        if wait > 0:
+            time.sleep(wait)
+
+
 @dataclass
 class StoredFile:
-    data: bytes
+    """A file of a commit: bytes in memory, or (big LFS objects of a disk-backed server) a file."""
+
+    data_: bytes | None
     lfs: bool
+    path: Path | None = None
+    size_: int | None = None
+    sha256_: str | None = None
+
+    @property
+    def data(self) -> bytes:
+        return self.data_ if self.data_ is not None else self.path.read_bytes()
+
+    @property
+    def size(self) -> int:
+        if self.size_ is None:
+            self.size_ = len(self.data_) if self.data_ is not None else self.path.stat().st_size
+        return self.size_
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        if self.sha256_ is None:
+            self.sha256_ = hashlib.sha256(self.data).hexdigest()
+        return self.sha256_
 
     @property
     def pointer(self) -> bytes:
         return b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n" % (
-            self.sha256.encode(), len(self.data))
+            self.sha256.encode(), self.size)
 
     @property
     def blob_id(self) -> str:
@@ -84,6 +151,9 @@ class StoredFile:
     @property
     def etag(self) -> str:
         return self.sha256 if self.lfs else git_blob_sha1(self.data)
+
+    def open(self):
+        return open(self.path, "rb") if self.data_ is None else io.BytesIO(self.data_)
 
 
 @dataclass
@@ -99,6 +169,11 @@ class Commit:
     @property
     def files(self) -> dict[str, bytes]:
         return {p: f.data for p, f in self.snapshot.items()}
+
+    @property
+    def oids(self) -> dict[str, str]:
+        """path -> sha256 of the content, without reading disk-backed files again."""
+        return {p: f.sha256 for p, f in self.snapshot.items()}
 
 
 @dataclass
@@ -127,6 +202,11 @@ class Repo:
         return self.resolve(revision).files
 
     @property
+    def oids(self) -> dict[str, str]:
+        """Files on ``main``: path -> sha256 of the content (disk-backed files are not read again)."""
+        return self.head.oids
+
+    @property
     def lfs_paths(self) -> set[str]:
         return {p for p, f in self.head.snapshot.items() if f.lfs}
 
@@ -140,6 +220,8 @@ class Failure:
     headers: dict
     drop: bool
     truncate_after: int | None
+    cut_body_after: int | None = None
+    ranged: bool | None = None  # None: any request; True/False: only requests with/without a Range header
 
 
 @dataclass
@@ -149,6 +231,7 @@ class RequestRecord:
     query: dict
     headers: dict  # lower-cased names
     body_size: int
+    sent: int = 0  # body bytes written back before the answer ended or the client hung up
 
 
 class _Server(ThreadingHTTPServer):
@@ -185,18 +268,29 @@ class HubServer:
     """In-memory Hub. ``start()`` serves it on ``host:port`` (0 = free port) from a background thread.
 
     Inspect state through ``repos`` (key: ``"ns/name"``, ``"datasets/ns/name"`` for datasets),
-    ``commits``, ``lfs_objects`` (sha256 -> bytes) and ``requests`` (every request received).
+    ``commits``, ``lfs_objects`` (sha256 -> :class:`StoredFile`), ``lfs_uploads`` and ``requests``
+    (every request received).
     """
 
     def __init__(self, token: str = "hf_test_write_token", read_token: str = "hf_test_read_token",
                  host: str = "127.0.0.1", port: int = 0, lfs_threshold: int = 10 * 1024 * 1024,
-                 lfs_redirect: bool = True):
+                 lfs_redirect: bool = True, rate_down: float | None = None, rate_up: float | None = None,
+                 ignore_range: bool = False, storage: str | os.PathLike | None = None):
         self.token, self.read_token = token, read_token
         self.host, self.port = host, port
         self.lfs_threshold = lfs_threshold  # files this big (or binary, or LFS suffix) go through LFS
         self.lfs_redirect = lfs_redirect  # resolve LFS files with a 302 to another origin, like the Hub's CDN
+        self.down, self.up = Throttle(rate_down), Throttle(rate_up)
+        self.ignore_range = ignore_range
+        self.piece_bytes: int | None = None  # bytes per write of a response body (None: 1 MiB, 256 KiB throttled)
+        self.storage = Path(storage) if storage is not None else None
         self.repos: dict[str, Repo] = {}
-        self.lfs_objects: dict[str, bytes] = {}
+        self.lfs_objects: dict[str, StoredFile] = {}  # sha256 -> content (memory, or a file in ``storage``)
+        self.lfs_uploads: collections.Counter = collections.Counter()  # sha256 -> completed uploads
+        self.on_lfs_stored = None  # called with the sha256 after each completed upload
+        self.verify_uploads = True  # hash each uploaded object against its oid
+        self.seeded: set[str] = set()  # LFS objects seeded from local files (kept by forget_uploads)
+        self.bytes_sent = self.bytes_received = 0
         self.requests: list[RequestRecord] = []
         self._failures: list[Failure] = []
         self._lock = threading.RLock()
@@ -264,13 +358,17 @@ class HubServer:
     # ---- failure injection -----------------------------------------------------------------------------
     def fail_next(self, status: int | None = 500, path_contains: str = "", method: str | None = None,
                   times: int | None = 1, headers: dict | None = None, error_code: str | None = None,
-                  message: str | None = None, drop: bool = False, truncate_after: int | None = None) -> None:
+                  message: str | None = None, drop: bool = False, truncate_after: int | None = None,
+                  cut_body_after: int | None = None, ranged: bool | None = None) -> None:
         """Make the next ``times`` matching requests fail (``times=None``: until ``clear_failures()``).
 
         Match: ``path_contains`` is a substring of the raw request path, ``method`` (e.g. "HEAD") if given.
         Failure: answer ``status`` with ``X-Error-Code: error_code`` / ``X-Error-Message: message`` and any
         extra ``headers``; or ``drop=True``: close the connection without answering; or ``truncate_after=N``:
-        serve the request normally but cut the body after N bytes (exercises download resume).
+        serve the request normally but cut the body after N bytes (exercises download resume);
+        or ``cut_body_after=N``: read N bytes of the request body, then drop the connection
+        without answering (an upload that fails half way). ``ranged=False`` matches only
+        requests without a Range header (a whole-file download, not a header probe).
         Defaults: 401 says "Invalid credentials in Authorization header", 404 carries ``RepoNotFound``,
         429 and 503 say ``Retry-After: 0`` (as the Hub tells a client when to come back; the client
         then retries after about a second instead of its exponential back-off).
@@ -288,16 +386,16 @@ class HubServer:
             hdrs["X-Error-Message"] = message
         with self._lock:
             self._failures.append(Failure(status, path_contains, method and method.upper(), times, hdrs,
-                                          drop, truncate_after))
+                                          drop, truncate_after, cut_body_after, ranged))
 
     def clear_failures(self) -> None:
         with self._lock:
             self._failures.clear()
 
-    def _take_failure(self, method: str, path: str) -> Failure | None:
+    def _take_failure(self, method: str, path: str, ranged: bool = False) -> Failure | None:
         with self._lock:
             for f in self._failures:
-                if f.path_contains in path and f.method in (None, method):
+                if f.path_contains in path and f.method in (None, method) and f.ranged in (None, ranged):
                     if f.times is not None:
                         f.times -= 1
                         if f.times <= 0:
@@ -315,9 +413,13 @@ class HubServer:
     def repo_url(self, repo_id: str, repo_type: str = "model") -> str:
         return f"{self.endpoint}/{URL_PREFIX[repo_type]}{repo_id}"
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None, repo_type: str = "model",
+    def add_repo(self, repo_id: str, files: dict[str, bytes | Path] | None = None, repo_type: str = "model",
                  private: bool = False, branch: str = "main") -> Repo:
-        """Seed a repo directly (no HTTP); ``files`` are committed on ``branch`` (created from main)."""
+        """Seed a repo directly (no HTTP); ``files`` are committed on ``branch`` (created from main).
+
+        A value may be a local file (``Path``): with ``storage`` its bytes are copied there
+        without being held in memory.
+        """
         with self._lock:
             key = URL_PREFIX[repo_type] + repo_id
             repo = self.repos.get(key) or self._create_repo(key, repo_id, repo_type, private)
@@ -326,12 +428,100 @@ class HubServer:
             if files:
                 snap = dict(repo.resolve(branch).snapshot)
                 for path, data in files.items():
+                    if isinstance(data, Path):
+                        size = data.stat().st_size
+                        with open(data, "rb") as f:
+                            sample = f.read(512)
+                        if self._is_lfs(path, size, sample):
+                            snap[path] = self._store_file(data, size)
+                            continue
+                        data = data.read_bytes()
                     lfs = self._is_lfs(path, len(data), data[:512])
-                    snap[path] = StoredFile(data, lfs)
-                    if lfs:
-                        self.lfs_objects[hashlib.sha256(data).hexdigest()] = data
+                    snap[path] = self._store(io.BytesIO(data), len(data)) if lfs else StoredFile(data, False)
                 self._commit(repo, branch, "seed files", "", snap)
             return repo
+
+    def _store_file(self, path: Path, size: int) -> StoredFile:
+        """Seed the LFS store with a local file: a hard link into ``storage`` when possible (no copy)."""
+        if self.storage is None:
+            with open(path, "rb") as f:
+                return self._store(f, size)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while piece := f.read(8 * _CHUNK):
+                h.update(piece)
+        oid = h.hexdigest()
+        final = self.storage / oid
+        if not final.exists():
+            try:
+                os.link(path, final)
+            except OSError:
+                with open(path, "rb") as f:
+                    return self._store(f, size)
+        with self._lock:
+            self.lfs_objects.setdefault(oid, StoredFile(None, True, final, size, oid))
+            self.seeded.add(oid)
+        return self.lfs_objects[oid]
+
+    def forget_uploads(self) -> int:
+        """Drop every LFS object that was uploaded (seeded ones stay); return how many. For benchmarks."""
+        with self._lock:
+            gone = [oid for oid in self.lfs_objects if oid not in self.seeded]
+            for oid in gone:
+                f = self.lfs_objects.pop(oid)
+                if f.path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        f.path.unlink()
+            return len(gone)
+
+    def _store(self, stream, size: int, expected: str | None = None, throttle: Throttle | None = None,
+               count=None) -> StoredFile | None:
+        """Read ``size`` bytes of ``stream`` into the LFS store (a file under ``storage``, or memory).
+
+        Returns None when the content's sha256 is not ``expected`` (nothing is kept).
+        """
+        # An unverified store (benchmarks) trusts the client's oid, as if the Hub checked on its own machines.
+        h = None if (expected is not None and not self.verify_uploads) else hashlib.sha256()
+        tmp = None
+        if self.storage is not None:
+            fd, tmp = tempfile.mkstemp(dir=self.storage, prefix=".incoming-")
+            sink = os.fdopen(fd, "wb")
+        else:
+            sink = io.BytesIO()
+        try:
+            left = size
+            while left:
+                piece = stream.read(min(_CHUNK, left))
+                if not piece:
+                    raise ConnectionError("body ended early")
+                if throttle is not None:
+                    throttle.take(len(piece))
+                if count is not None:
+                    count(len(piece))
+                if h is not None:
+                    h.update(piece)
+                sink.write(piece)
+                left -= len(piece)
+            oid = h.hexdigest() if h is not None else expected
+            if expected is not None and oid != expected:
+                return None
+            if self.storage is None:
+                stored = StoredFile(sink.getvalue(), True, None, size, oid)
+            else:
+                sink.close()
+                final = self.storage / oid
+                os.replace(tmp, final)
+                tmp = None
+                stored = StoredFile(None, True, final, size, oid)
+            with self._lock:
+                self.lfs_objects.setdefault(oid, stored)
+            return self.lfs_objects[oid]
+        finally:
+            if not sink.closed:
+                sink.close()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def _create_repo(self, key: str, repo_id: str, repo_type: str, private: bool) -> Repo:
         repo = self.repos[key] = Repo(repo_id, repo_type, private)
@@ -370,6 +560,8 @@ _ROUTES = [  # (method, regex on the raw path, handler method name)
     ("POST", r"/_lfs/verify", "lfs_verify"),
     ("GET", r"/_lfs/(?P<oid>[0-9a-f]{64})", "lfs_get"),
     ("GET", r"/(?P<prefix>datasets/|spaces/)?" + _REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET", r"/_test/stats", "stats"),
+    ("POST", r"/_test/forget", "forget"),
 ]
 _ROUTES = [(m, re.compile(rx), name) for m, rx, name in _ROUTES]
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", None: "model", "": "model",
@@ -398,13 +590,31 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         parts = urlsplit(self.path)
         self.raw_path, self.query = parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.body = self._read_body()  # always drain the body, so errors reach the client intact
+        # LFS object bodies are streamed by their route; every other body is read (drained) first,
+        # so that errors reach the client intact.
+        streamed = self.command == "PUT" and self.raw_path.startswith("/_lfs/upload/")
+        self.body = b"" if streamed else self._read_body()
+        self.record = RequestRecord(self.command, self.raw_path, self.query,
+                                    {k.lower(): v for k, v in self.headers.items()},
+                                    int(self.headers.get("Content-Length") or 0) if streamed else len(self.body))
         with hub._lock:
-            hub.requests.append(RequestRecord(self.command, self.raw_path, self.query,
-                                              {k.lower(): v for k, v in self.headers.items()}, len(self.body)))
+            hub.requests.append(self.record)
         self.truncate_after = None
-        failure = hub._take_failure(self.command, self.raw_path)
+        failure = hub._take_failure(self.command, self.raw_path, "Range" in self.headers)
         if failure is not None:
+            if failure.cut_body_after is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    left = min(failure.cut_body_after, self.record.body_size) if streamed else 0
+                    while left:
+                        piece = self.rfile.read(min(_CHUNK, left))
+                        if not piece:
+                            break
+                        hub.up.take(len(piece))
+                        left -= len(piece)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if failure.drop:
                 self.close_connection = True
                 return
@@ -442,17 +652,33 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json"):
+              content_type: str = "application/json", stream=None, length: int | None = None):
+        """Answer; the body is ``body``, or ``length`` bytes read from ``stream`` (sent in throttled pieces)."""
+        hub = self.server.hub
+        length = len(body) if stream is None else length
         self.send_response(status)
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body)),
-                   "X-Request-Id": f"req-{len(self.server.hub.requests)}", **(headers or {})}
+        headers = {"Content-Type": content_type, "Content-Length": str(length),
+                   "X-Request-Id": f"req-{len(hub.requests)}", **(headers or {})}
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            if self.truncate_after is not None:
-                body = body[: self.truncate_after]
-            self.wfile.write(body)
+            stream = io.BytesIO(body) if stream is None else stream
+            left = length if self.truncate_after is None else min(length, self.truncate_after)
+            step = hub.piece_bytes or (_CHUNK if hub.down.rate is None else 256 * 1024)  # throttled: smaller pieces
+            try:
+                while left:
+                    piece = stream.read(min(step, left))
+                    if not piece:
+                        break
+                    hub.down.take(len(piece))
+                    self.wfile.write(piece)
+                    left -= len(piece)
+                    self.record.sent += len(piece)
+                    with hub._lock:
+                        hub.bytes_sent += len(piece)
+            except (BrokenPipeError, ConnectionResetError):  # the client hung up (e.g. it had what it needed)
+                self.close_connection = True
         if self.truncate_after is not None:
             self.close_connection = True
 
@@ -555,9 +781,9 @@ class _Handler(BaseHTTPRequestHandler):
         for path, f in sorted(commit.snapshot.items()):
             s = {"rfilename": path}
             if blobs:
-                s.update(size=len(f.data), blobId=f.blob_id)
+                s.update(size=f.size, blobId=f.blob_id)
                 if f.lfs:
-                    s["lfs"] = {"size": len(f.data), "sha256": f.sha256, "pointerSize": len(f.pointer)}
+                    s["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": len(f.pointer)}
             siblings.append(s)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         self._json({"_id": repo.repo_id, "id": repo.repo_id, "author": ns, "sha": commit.sha,
@@ -584,9 +810,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if not recursive:
                     break
             if recursive or len(parts) == 1:
-                e = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": p}
+                e = {"type": "file", "oid": f.blob_id, "size": f.size, "path": p}
                 if f.lfs:
-                    e["lfs"] = {"oid": f.sha256, "size": len(f.data), "pointerSize": len(f.pointer)}
+                    e["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(f.pointer)}
                 entries[p] = e
         self._json(list(entries.values()))
 
@@ -621,7 +847,7 @@ class _Handler(BaseHTTPRequestHandler):
             existing = commit.snapshot.get(f["path"])
             oid = None
             if existing is not None:
-                oid = existing.sha256 if lfs else git_blob_sha1(existing.data)
+                oid = existing.sha256 if lfs else existing.etag
             out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
                         "oid": oid})
         self._json({"files": out, "commitOid": commit.sha})
@@ -645,11 +871,32 @@ class _Handler(BaseHTTPRequestHandler):
                    content_type="application/vnd.git-lfs+json")
 
     def r_lfs_put(self, oid):
-        """Commit step 2b: the pre-signed PUT of one LFS object (basic transfer: whole body, no auth)."""
-        if hashlib.sha256(self.body).hexdigest() != oid:
+        """Commit step 2b: the pre-signed PUT of one LFS object (basic transfer: whole body, no auth).
+
+        The body is streamed (throttled by ``rate_up``) into the store while it is hashed.
+        """
+        hub = self.server.hub
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self._read_body()
+            stream, size = io.BytesIO(body), len(body)
+        else:
+            stream, size = self.rfile, self.record.body_size
+
+        def count(n):
+            with hub._lock:
+                hub.bytes_received += n
+
+        try:
+            stored = hub._store(stream, size, expected=oid, throttle=hub.up, count=count)
+        except (ConnectionError, OSError):
+            self.close_connection = True
+            return
+        if stored is None:
             raise HubError(400, "Uploaded content does not match the sha256 oid")
-        with self.server.hub._lock:
-            self.server.hub.lfs_objects[oid] = self.body
+        with hub._lock:
+            hub.lfs_uploads[oid] += 1
+        if hub.on_lfs_stored is not None:
+            hub.on_lfs_stored(oid)
         self._send(200, content_type="text/plain")
 
     def r_lfs_verify(self):
@@ -657,7 +904,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_write()
         body = self._json_body()
         data = self.server.hub.lfs_objects.get(body.get("oid"))
-        if data is None or len(data) != body.get("size"):
+        if data is None or data.size != body.get("size"):
             raise HubError(404, "LFS object not found")
         self._json({"success": True})
 
@@ -687,7 +934,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif key == "lfsFile":
                     if v["oid"] not in hub.lfs_objects:
                         raise HubError(400, f"LFS object {v['oid']} was never uploaded for {v['path']}")
-                    snap[v["path"]] = StoredFile(hub.lfs_objects[v["oid"]], True)
+                    snap[v["path"]] = hub.lfs_objects[v["oid"]]
                 elif key == "deletedFile":
                     if snap.pop(v["path"], None) is None:
                         raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
@@ -723,11 +970,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.sha})
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
         if f.lfs:
-            headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(len(f.data))})
+            headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
             if hub.lfs_redirect:
                 headers.update({"Location": f"{hub.cdn_endpoint}/_lfs/{f.sha256}", "ETag": f'"{f.blob_id}"'})
                 return self._send(302, b"", headers, "text/plain")
-        self._send_bytes(f.data, headers)
+        self._send_bytes(f, headers)
 
     def r_lfs_get(self, oid):
         """The "CDN" that LFS resolve redirects point to (no auth, like a pre-signed URL)."""
@@ -736,13 +983,65 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, "LFS object not found")
         self._send_bytes(data, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"})
 
-    def _send_bytes(self, data: bytes, headers: dict):
+    def _send_bytes(self, f: StoredFile, headers: dict):
+        """The content of ``f`` (a Range of it, unless ``ignore_range``), streamed from memory or disk."""
+        size = f.size
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
-        if m is None:
-            return self._send(200, data, headers, "application/octet-stream")
-        start, end = int(m[1]), int(m[2]) if m[2] else len(data) - 1
-        if start >= len(data):
-            raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
-        end = min(end, len(data) - 1)
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self._send(206, data[start:end + 1], headers, "application/octet-stream")
+        with f.open() as stream:
+            if m is None or self.server.hub.ignore_range:
+                return self._send(200, headers=headers, content_type="application/octet-stream", stream=stream,
+                                  length=size)
+            start, end = int(m[1]), int(m[2]) if m[2] else size - 1
+            if start >= size:
+                raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            end = min(end, size - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            stream.seek(start)
+            self._send(206, headers=headers, content_type="application/octet-stream", stream=stream,
+                       length=end - start + 1)
+
+    def r_forget(self):
+        """Drop the uploaded LFS objects (benchmarks: the next run uploads everything again)."""
+        self._json({"forgotten": self.server.hub.forget_uploads()})
+
+    def r_stats(self):
+        """Counters, for a benchmark that runs the server in another process."""
+        hub = self.server.hub
+        with hub._lock:
+            self._json({"bytes_sent": hub.bytes_sent, "bytes_received": hub.bytes_received,
+                        "lfs_uploads": dict(hub.lfs_uploads),
+                        "repos": {k: r.oids for k, r in hub.repos.items()}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python tests/hubserver.py --serve [--storage DIR] [--seed ORG/NAME=FOLDER] [--rate-down B/s] ...``
+
+    Serves a loopback Hub in this process until stdin closes (or SIGTERM); prints one
+    JSON line first: ``{"endpoint": ..., "token": ..., "pid": ...}``.
+    """
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--serve", action="store_true", required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--storage", type=Path, default=None, help="keep LFS objects as files here")
+    ap.add_argument("--seed", action="append", default=[], metavar="ORG/NAME=FOLDER",
+                    help="create a repo from the files of FOLDER (top level)")
+    ap.add_argument("--rate-down", type=float, default=None, help="bytes/s the server sends, in total")
+    ap.add_argument("--rate-up", type=float, default=None, help="bytes/s the server receives, in total")
+    ap.add_argument("--no-verify-uploads", action="store_true",
+                    help="store uploads without hashing them (the real Hub hashes on its own machines)")
+    args = ap.parse_args(argv)
+    server = HubServer(port=args.port, storage=args.storage, rate_down=args.rate_down, rate_up=args.rate_up)
+    server.verify_uploads = not args.no_verify_uploads
+    for seed in args.seed:
+        repo_id, folder = seed.split("=", 1)
+        server.add_repo(repo_id, {p.name: p for p in sorted(Path(folder).iterdir()) if p.is_file()})
+    server.start()
+    print(json.dumps({"endpoint": server.endpoint, "token": server.token, "pid": os.getpid()}), flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -134,3 +134,67 @@ def write_domain(folder: Path, name: str, text: str, docs: int = 12) -> Path:
     parts = [text[i * 97 % len(text):][:600] for i in range(docs)]
     path.write_text("\n\n\n".join(parts), encoding="utf-8")
     return path
+
+
+def synthetic_llama(folder: Path, *, layers: int = 4, hidden: int = 256, inter: int = 512, vocab: int = 512,
+                    shard_bytes: int = 1 << 20, seed: int = 0) -> Path:
+    """A llama-shaped bf16 checkpoint written directly (no torch model): sizes of our choosing.
+
+    Shards are cut at ``shard_bytes`` (tensor data), like ``save_pretrained``'s
+    ``max_shard_size``; weights are N(0, 0.02). Returns the folder.
+    """
+    import json
+    import math
+    import struct
+
+    import numpy as np
+
+    def layer(i):
+        p = f"model.layers.{i}."
+        return [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (hidden, hidden)),
+                (p + "self_attn.k_proj.weight", (hidden, hidden)), (p + "self_attn.v_proj.weight", (hidden, hidden)),
+                (p + "self_attn.o_proj.weight", (hidden, hidden)), (p + "post_attention_layernorm.weight", (hidden,)),
+                (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, inter))]
+
+    tensors = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        tensors += layer(i)
+    tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape in shard:
+            nbytes = math.prod(shape) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fname
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, shape in shard:
+                w = (rng.standard_normal(math.prod(shape), dtype=np.float32) * 0.02).view(np.uint32) >> 16
+                f.write(w.astype("<u2").tobytes())
+        total += offset
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "vocab_size": vocab, "max_position_embeddings": 256,
+              "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

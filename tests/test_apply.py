@@ -225,16 +225,25 @@ def test_provenance_and_model_card(tiny_ckpt, cli, tmp_path):
     g.metadata["base_model"] = "Qwen/Qwen2.5-0.5B"
     g.save(tmp_path / "g.safetensors")
     assert cli("apply", base, tmp_path / "g.safetensors", tmp_path / "m").exit_code == 0
-    prov = json.loads((tmp_path / "m" / "gainsurgery.json").read_text())
+    raw = (tmp_path / "m" / "gainsurgery.json").read_text()
+    prov = json.loads(raw)
     from gainsurgery.io.hashing import sha256_file as file_sha256
 
     assert prov["gains"][0]["sha256"] == file_sha256(tmp_path / "g.safetensors")
-    assert prov["base"]["folder"] == str(base.resolve())
+    # Shared with the model: the base by folder name, files by name and sha256, no local paths.
+    assert prov["base"] == {"local": "base"} and "path" not in prov["gains"][0]
+    assert str(tmp_path) not in raw and str(base.parent) not in raw
     assert prov["tensors_scaled"] == 2
     for name, entry in prov["shards"].items():
         assert entry["sha256"] == file_sha256(tmp_path / "m" / name)
     card = (tmp_path / "m" / "README.md").read_text()
-    assert card.startswith("---\n") and 'base_model: "Qwen/Qwen2.5-0.5B"' in card
+    # A local base is never claimed as base_model (the gain's metadata is no proof of it)...
+    assert card.startswith("---\n") and "base_model:" not in card and 'library_name: "transformers"' in card
+    # ... unless the user names the Hub repo.
+    assert cli("apply", base, tmp_path / "g.safetensors", tmp_path / "m2", "--base-model",
+               "Qwen/Qwen2.5-0.5B").exit_code == 0
+    card = (tmp_path / "m2" / "README.md").read_text()
+    assert 'base_model: "Qwen/Qwen2.5-0.5B"' in card
     assert 'base_model_relation: "merge"' in card and 'library_name: "transformers"' in card
     for extra in ("config.json", "generation_config.json"):
         assert (tmp_path / "m" / extra).read_bytes() == (base / extra).read_bytes()

@@ -25,9 +25,14 @@ NAME = "gemma-3-270m"
 # fast
 
 
-def test_resolve_base_passes_plain_paths_through():
+def test_resolve_base_passes_local_folders_through_and_never_takes_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some" / "local" / "folder").mkdir(parents=True)
     assert resolve_base("some/local/folder") == Path("some/local/folder")
-    assert resolve_base("org/model") == Path("org/model")
+    with pytest.raises(CheckpointError, match="no such folder: other/local/folder$"):
+        resolve_base("other/local/folder")  # spelled like a path (two slashes): never a Hub id
+    with pytest.raises(CheckpointError, match="no such folder: org/model .*hf download org/model"):
+        resolve_base("org/model")  # train/eval read local folders only
 
 
 def test_unknown_embedded_name_is_a_one_line_checkpoint_error():

@@ -76,11 +76,11 @@ def test_gain_card_names_license_and_upstream(fake_embedded, tmp_path):
 
 
 def test_hub_base_cards_keep_base_model_and_no_license(tiny_ckpt, tmp_path):
-    """Unchanged for other bases: a Hub id is base_model; nothing is claimed about a license."""
+    """Other bases: a Hub id (here named with base_model=) is base_model; nothing is claimed about a license."""
     base = tiny_ckpt("llama", "bfloat16")
     g = random_gain(base, "gain", seed=10)
     g.metadata["base_model"] = "Qwen/Qwen2.5-0.5B"
     g.save(tmp_path / "g.safetensors")
-    api.apply(base, [tmp_path / "g.safetensors"], tmp_path / "m")
+    api.apply(base, [tmp_path / "g.safetensors"], tmp_path / "m", base_model="Qwen/Qwen2.5-0.5B")
     front = front_matter((tmp_path / "m" / "README.md").read_text())
     assert 'base_model: "Qwen/Qwen2.5-0.5B"' in front and "license" not in front

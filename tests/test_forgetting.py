@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from gainsurgery.errors import GainFileError
 from gainsurgery_lab.forgetting import stats
 from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label, lr_of
@@ -236,7 +237,12 @@ def test_stack_merge_equals_the_product_of_the_stage_files(tiny_experiment):
     exp = tiny_experiment
     key = _key(exp, "gain-ffn__stack__lr-3__s0")
     merged = exp.merged(key, 2)  # rebuilt from the artifacts: the run kept no merged model
-    g = stack([load(exp._artifact(key, 0)), load(exp._artifact(key, 1))])
+    first, second = load(exp._artifact(key, 0)), load(exp._artifact(key, 1))
+    # Staged gains record what they were trained on: stage 2 trained on merged-1, not on the base.
+    assert first.metadata["base_tensors_sha256"] != second.metadata["base_tensors_sha256"]
+    with pytest.raises(GainFileError, match="trained on different bases"):
+        stack([first, second])
+    g = stack([first, second], allow_base_mismatch=True)
     base = open_checkpoint(exp.base_folder)
     for k, vec in g.vectors.items():
         shard = base.tensors[k].shard

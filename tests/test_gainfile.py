@@ -49,7 +49,7 @@ def test_file_written_from_the_spec_alone_loads(tmp_path):
     ({}, "not a gain file"),
     ({"format": "gainsurgery.gain/2", "dims": "{}"}, "not a gain file"),
     ({"format": "gainsurgery.gain/1"}, "'dims' is missing"),
-    ({"format": "gainsurgery.gain/1", "dims": "[1]"}, "must be a JSON object"),
+    ({"format": "gainsurgery.gain/1", "dims": "[1]"}, "dims.: expected object, got array"),
     ({"format": "gainsurgery.gain/1", "dims": '{"other": 1}'}, "disagree"),
 ])
 def test_bad_metadata(tmp_path, meta, match):
@@ -91,7 +91,7 @@ def test_bad_vectors(tmp_path, tensor, dims, match):
 
 def test_not_safetensors(tmp_path):
     (tmp_path / "g.safetensors").write_bytes(b"\x00" * 5)
-    with pytest.raises(GainFileError, match="not a readable safetensors file"):
+    with pytest.raises(GainFileError, match="truncated"):
         gf.load(tmp_path / "g.safetensors")
     with pytest.raises(GainFileError, match="not found"):
         gf.load(tmp_path / "missing.safetensors")

@@ -59,8 +59,13 @@ def base(tiny_ckpt):
 
 @pytest.fixture
 def gain_file(base, tmp_path):
+    """A gain trained on testuser/tiny-llama, as train would record it (base_model + base fingerprint)."""
+    from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.io.fingerprint import base_tensors_sha256
+
     g = random_gain(base, "gain-ffn", seed=3)
     g.metadata["base_model"] = "testuser/tiny-llama"
+    g.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(base), g.vectors)
     return g.save(tmp_path / "legal.safetensors")
 
 
@@ -91,8 +96,13 @@ def test_push_merged_folder(hub, merged, cli):
     assert {f["path"] for f in info["files"]} == set(local_files(merged))
     assert [c.message for c in our_commits(hub)] == ["Upload merged checkpoint with gainsurgery"]
     readme = remote_files(hub, "testuser/merged")["README.md"].decode()
-    assert readme.startswith("---\n") and 'base_model: "testuser/tiny-llama"' in readme
-    assert 'base_model_relation: "merge"' in readme
+    # The base was a local folder: the card claims no Hub base_model (whatever the gain records)...
+    assert readme.startswith("---\n") and "base_model" not in readme
+    # ... unless the user names it: the card is then written again from gainsurgery.json.
+    res = cli("push", merged, "testuser/merged2", "--base-model", "testuser/tiny-llama")
+    assert res.exit_code == 0, res.stderr
+    readme = remote_files(hub, "testuser/merged2")["README.md"].decode()
+    assert 'base_model: "testuser/tiny-llama"' in readme and 'base_model_relation: "merge"' in readme
     # shards are LFS files, as on the real Hub
     assert {p for p in hub.repos["testuser/merged"].lfs_paths if p.endswith(".safetensors")} == {
         p for p in local_files(merged) if p.endswith(".safetensors")}

@@ -485,6 +485,39 @@ def test_second_claim_in_process_sees_the_lock(ws):
         claim_folder("merged")
 
 
+def test_lock_output_excludes_a_second_holder_and_a_folder_claim(ws):
+    """A file output held for a run (a trained gain file, a log) uses the folder claim's lock."""
+    with outputs.lock_output("g.safetensors", what="-o") as target:
+        assert target == ws / "g.safetensors" and (ws / ".g.safetensors.gainsurgery.lock").is_file()
+        with pytest.raises(OutputError) as e:
+            with outputs.lock_output("g.safetensors", what="-o"):
+                pass
+        assert one_line(e) == ("-o g.safetensors is being written by another gainsurgery run (it holds "
+                               ".g.safetensors.gainsurgery.lock); wait for it to finish or choose another -o")
+        assert (ws / "g.safetensors").read_bytes() == b"gain"  # nothing written by holding it
+    with outputs.lock_output("fresh"):
+        with pytest.raises(OutputError, match="being written by another gainsurgery run"):
+            claim_folder("fresh")
+    assert not (ws / ".g.safetensors.gainsurgery.lock").exists()  # gone with its holder
+    with outputs.lock_output("g.safetensors"):
+        pass
+
+
+def test_check_apart_refuses_outputs_that_overlap(ws):
+    outputs.check_apart([("-o", "g.safetensors"), ("the log", "g.train.jsonl"), ("--checkpoint-dir", None)])
+    cases = [
+        ([("-o", "out"), ("--checkpoint-dir", "./out/")], "--checkpoint-dir ./out/ is also -o"),
+        ([("-o", "out/g.safetensors"), ("--checkpoint-dir", "out")],
+         "-o out/g.safetensors lies inside --checkpoint-dir out"),
+        ([("-o", "a"), ("the log", "x/../a/b/log.jsonl")], "the log x/../a/b/log.jsonl lies inside -o a"),
+    ]
+    (ws / "x").mkdir()
+    for pairs, message in cases:
+        with pytest.raises(OutputError) as e:
+            outputs.check_apart(pairs)
+        assert one_line(e) == message + "; give each output its own path"
+
+
 # -- leftovers ---------------------------------------------------------------------------------
 
 def plant_decoys(ws: Path) -> dict[str, dict]:

@@ -205,7 +205,7 @@ def test_bad_output_location_fails_before_training(lm, cli, tmp_path):
     res = cli("train", base, "--data", a, "-o", tmp_path / "missing" / "g.safetensors")
     assert res.exit_code == 1 and "does not exist" in res.stderr
     res = cli("train", base, "--data", a, "-o", tmp_path)
-    assert res.exit_code == 1 and "is a folder" in res.stderr
+    assert res.exit_code == 1 and "is an existing folder, but a file is written here" in res.stderr
 
 
 def test_eval_names_come_from_the_domain_folder():

@@ -407,6 +407,7 @@ def test_resume_after_a_kill_trims_the_log_and_clears_temporaries(lm, tmp_path):
     assert not list((tmp_path / "g.checkpoints").glob(".step-*.tmp"))
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no double close of its lock
 def test_one_run_at_a_time_per_checkpoint_folder(lm, tmp_path):
     from gainsurgery.errors import TrainingError
     from gainsurgery.training.state import CheckpointLock
@@ -434,3 +435,148 @@ def test_a_checkpoint_of_another_model_is_refused(lm, tmp_path, cli):
               "--resume", step)
     assert res.exit_code == 1 and "its trainable parameters are not this model's (28 saved, 4 here)" in res.stderr
     assert not (tmp_path / "g.safetensors").exists()
+
+
+# --- trust boundaries of checkpoints, logs and outputs -------------------------------------------
+
+
+def test_a_resumed_run_records_its_checkpoint_by_name_and_hash_never_by_path(lm, tmp_path):
+    """--resume CHECKPOINT_DIR --save-every N continues in its own folder; the gain file names the
+    checkpoint by its step folder, step and the sha256 of its state, never by where it lies."""
+    import hashlib
+
+    base, data = lm
+    ck = tmp_path / "ck"
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(ck))
+    state_sha = hashlib.sha256((ck / "step-00000003" / "state.safetensors").read_bytes()).hexdigest()
+    res = api_train(base, data, tmp_path / "h.safetensors", save_every=3, checkpoint_dir=str(ck), resume=str(ck))
+    assert res.resumed_from == 3
+    meta = load(tmp_path / "h.safetensors").metadata
+    assert meta["training"]["resume"] == {"checkpoint": "step-00000003", "step": 3, "state_sha256": state_sha}
+    assert "checkpoint_dir" not in meta["training"] and meta["training"]["save_every"] == 3
+    assert str(tmp_path) not in json.dumps(meta)
+
+
+def test_a_checkpoint_folder_is_read_as_hostile_input(lm, tmp_path, cli):
+    """Only real step-* folders inside the folder named count; their files must be regular files
+    inside them (no link out, no FIFO); the safetensors header is held to its rules. One line each."""
+    from gainsurgery.errors import TrainingError
+    from gainsurgery.training import state
+
+    base, data = lm
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(tmp_path / "ck"))
+    ck, step = tmp_path / "ck", tmp_path / "ck" / "step-00000003"
+    # a link to a checkpoint folder, named by the user, is followed like any path the user types
+    (tmp_path / "link").symlink_to(ck, target_is_directory=True)
+    assert state.find_checkpoint(tmp_path / "link") == tmp_path / "link" / "step-00000003"
+    # ...but a step-* link inside it (to another run's checkpoint) is never taken for the latest
+    elsewhere = tmp_path / "elsewhere" / "step-00000009"
+    shutil.copytree(step, elsewhere)
+    (ck / "step-00000009").symlink_to(elsewhere, target_is_directory=True)
+    assert state.find_checkpoint(ck) == step
+    # state.json linked out of its folder (a secret, kernel state) is refused before it is read
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"token": "hf_x"}))
+    good = (step / "state.json").read_bytes()
+    (step / "state.json").unlink()
+    (step / "state.json").symlink_to(secret)
+    with pytest.raises(TrainingError, match="outside"):
+        state.load(step)
+    (step / "state.json").unlink()
+    (step / "state.json").symlink_to("/proc/self/environ")
+    with pytest.raises(TrainingError, match="under /proc"):
+        state.load(step)
+    (step / "state.json").unlink()
+    (step / "state.json").write_bytes(good)
+    # a FIFO in place of the tensors: refused at once, never waited on
+    tensors = (step / "state.safetensors").read_bytes()
+    (step / "state.safetensors").unlink()
+    os.mkfifo(step / "state.safetensors")
+    res = cli("train", base, "--data", data, *COMMON, "-o", tmp_path / "h.safetensors", "--resume", step)
+    assert res.exit_code == 1 and "is a FIFO" in res.stderr and res.stderr.count("\n") == 1
+    # a header whose tensors leave a hole: safetensors' own rules, before any tensor byte is read
+    (step / "state.safetensors").unlink()
+    n = int.from_bytes(tensors[:8], "little")
+    header = json.loads(tensors[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"] = [header[first]["data_offsets"][0] + 4, header[first]["data_offsets"][1] + 4]
+    raw = json.dumps(header).encode()
+    (step / "state.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + tensors[8 + n:] + bytes(4))
+    res = cli("train", base, "--data", data, *COMMON, "-o", tmp_path / "h.safetensors", "--resume", step)
+    assert res.exit_code == 1 and "belong to no tensor" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+def test_checkpoint_folder_output_and_log_are_kept_apart(lm, tmp_path, cli):
+    """--checkpoint-dir is an output like -o: never -o, never around or inside -o or the log, never a
+    link, never inside a checkpoint folder it resumes from; refused before any work, nothing made."""
+    base, data = lm
+    cases = [
+        (["--checkpoint-dir", tmp_path / "g.safetensors", "-o", tmp_path / "g.safetensors"],
+         "--checkpoint-dir {t}/g.safetensors is also -o"),
+        (["--method", "lora", "--checkpoint-dir", tmp_path / "ad" / "ck", "-o", tmp_path / "ad", "--overwrite"],
+         "--checkpoint-dir {t}/ad/ck lies inside -o {t}/ad"),
+        (["--checkpoint-dir", tmp_path / "ck", "--log", tmp_path / "ck" / "run.jsonl", "-o", tmp_path / "g.safetensors"],
+         "the training log {t}/ck/run.jsonl lies inside --checkpoint-dir {t}/ck"),
+    ]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    cases.append((["--checkpoint-dir", tmp_path / "linked", "-o", tmp_path / "g.safetensors"],
+                  "--checkpoint-dir {t}/linked is a symbolic link"))
+    for args, message in cases:
+        res = cli("train", base, "--data", data, *COMMON, "--save-every", "2", *args)
+        assert res.exit_code == 1 and message.format(t=tmp_path) in res.stderr and res.stderr.count("\n") == 1, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked", "real"] and not any((tmp_path / "real").iterdir())
+    # resuming another run's checkpoint folder while writing checkpoints inside it
+    api_train(base, data, tmp_path / "g.safetensors", save_every=3, checkpoint_dir=str(tmp_path / "ck"))
+    res = cli("train", base, "--data", data, *COMMON, "--save-every", "2", "--resume", tmp_path / "ck",
+              "--checkpoint-dir", tmp_path / "ck" / "more", "-o", tmp_path / "h.safetensors")
+    assert res.exit_code == 1 and f"lies inside the input {tmp_path}/ck" in res.stderr
+    assert not (tmp_path / "ck" / "more").exists() and not (tmp_path / "h.safetensors").exists()
+
+
+def test_two_runs_into_one_output_or_log_the_second_fails_at_once(lm, tmp_path, cli):
+    """A run holds -o (gain file or folder), its log and its checkpoint folder for its whole life."""
+    from gainsurgery.io.outputs import claim_folder, lock_output
+
+    base, data = lm
+    (tmp_path / "g.safetensors").write_bytes(b"the first run's result")
+    (tmp_path / "g.train.jsonl").write_text('{"step": 1}\n')
+    with lock_output(tmp_path / "g.safetensors", what="-o"):  # another run, training into it
+        res = cli("train", base, "--data", data, *COMMON, "-o", tmp_path / "g.safetensors")
+    assert res.exit_code == 1 and "being written by another gainsurgery run" in res.stderr
+    # its log was not truncated, its result not replaced
+    assert (tmp_path / "g.train.jsonl").read_text() == '{"step": 1}\n'
+    assert (tmp_path / "g.safetensors").read_bytes() == b"the first run's result"
+    with lock_output(tmp_path / "shared.jsonl", what="the training log"):
+        res = cli("train", base, "--data", data, *COMMON, "--log", tmp_path / "shared.jsonl",
+                  "-o", tmp_path / "h.safetensors")
+    assert res.exit_code == 1 and "the training log" in res.stderr and "another gainsurgery run" in res.stderr
+    with claim_folder(tmp_path / "ad", what="-o"):
+        res = cli("train", base, "--data", data, *COMMON, "--method", "lora", "-o", tmp_path / "ad")
+    assert res.exit_code == 1 and "another gainsurgery run" in res.stderr
+    assert not (tmp_path / "h.safetensors").exists() and not (tmp_path / "ad").exists()
+    # and once the other run is gone, the lock files went with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.safetensors", "g.train.jsonl"]
+
+
+def test_when_the_main_process_cannot_claim_its_outputs_every_process_stops_in_one_line(lm, tmp_path):
+    """2 processes, -o held by another run: rank 0 fails to claim it and tells rank 1, which stops with
+    the same message instead of dying in the next collective on a closed connection."""
+    from gainsurgery.io.outputs import lock_output
+
+    base, data = lm
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with lock_output(tmp_path / "g.safetensors", what="-o"):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(free_port()), "-m", "gainsurgery.cli", "train", str(base),
+                              "--data", str(data), *COMMON, "-o", str(tmp_path / "g.safetensors")],
+                             capture_output=True, text=True, env=env)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2, res.stderr[-3000:]
+    assert lines.count(f"error: -o {tmp_path}/g.safetensors is being written by another gainsurgery run "
+                       "(it holds .g.safetensors.gainsurgery.lock); wait for it to finish or choose another -o") == 1
+    assert any(line.startswith("error: stopped: the main process failed: -o ") for line in lines)
+    assert "Connection closed by peer" not in res.stderr and "[rank1]" not in res.stderr
+    assert not (tmp_path / "g.safetensors").exists() and not (tmp_path / "g.train.jsonl").exists()

@@ -47,16 +47,19 @@ def model_type_of(config: Mapping) -> str:
     model_type = config.get("model_type")
     if not model_type:
         raise ArchitectureError("config.json has no 'model_type'; cannot tell which tensors GAIN adapts")
+    if not isinstance(model_type, str):
+        raise ArchitectureError(f"config.json: model_type must be a string, got {type(model_type).__name__}")
     family_of(model_type)  # unknown: a clear error naming the supported ones
-    return str(model_type)
+    return model_type
 
 
 def num_layers(config: Mapping) -> int | None:
     """Decoder layer count from a config dict (text config for multimodal models)."""
-    for cfg in (config, config.get("text_config") or {}):
+    text = config.get("text_config")
+    for cfg in (config, text if isinstance(text, Mapping) else {}):
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             value = cfg.get(key)
-            if isinstance(value, int) and value > 0:
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
 
@@ -118,7 +121,12 @@ def resolve_targets(
             targets.append(Target(name, dim, int(shape[dim]), kind, layer, family.layout))
             bias = bias_key(name)
             if side == "out" and bias in shapes:
-                targets.append(Target(bias, 0, int(shapes[bias][0]), "bias", layer, family.layout))
+                out_size = int(shape[1 - family.input_dim])
+                if tuple(shapes[bias]) != (out_size,):
+                    raise ArchitectureError(
+                        f"{bias}: an output-side gain scales the bias with the weight's outputs, so it must be "
+                        f"a 1-D bias of length {out_size}; found shape {list(shapes[bias])}")
+                targets.append(Target(bias, 0, out_size, "bias", layer, family.layout))
         if not found:
             raise ArchitectureError(
                 f"no {kind.replace('_', ' ')} tensors found for model_type {model_type!r} "

@@ -1,14 +1,29 @@
 """Model cards (README.md with YAML front matter) for merged models and gain files.
 
-Cards claim ``base_model`` only for a Hub base (a repo id); a local folder or an
-embedded model is named in the text instead, with the license and the upstream
-model when the base's record knows them (``base`` facts, see
-:func:`gainsurgery.sources.base_facts`).
+A card is published, so it claims only what is true and carries nothing that
+could run or break out of it:
+
+- ``base_model`` (which the Hub turns into a link and a model-tree edge) is
+  written only for a Hub base: the repo of a Hub base or of a Hugging Face cache
+  snapshot, an explicit ``--base-model ORG/NAME``, or the ``base_model`` a gain
+  file records when the file also records a ``base_tensors_sha256`` (files made
+  under these rules record ``base_model`` only for a Hub base). A local folder is
+  never claimed (``checkpoints/final`` reads like a repo id but names nothing on the
+  Hub); an embedded model is named in the text with its license and upstream.
+- Repo ids are matched in full (:func:`gainsurgery.hub.refs.is_repo_id`).
+- Every value taken from metadata (file names, methods, descriptions) is escaped:
+  YAML values are JSON strings (ASCII, quoted), markdown text has HTML and markdown
+  punctuation escaped, line breaks folded, length bounded (:func:`md_text`).
+
+Example:
+    >>> md_text("<script>x</script> | *bold*")
+    '&lt;script&gt;x&lt;/script&gt; \\\\| \\\\*bold\\\\*'
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
 
 from gainsurgery.hub.refs import is_repo_id
@@ -19,13 +34,45 @@ CARD_NAME = "README.md"
 PAPER = "arXiv 2604.04516 (GAIN: multiplicative modulation for domain adaptation)"
 HUB_URL = "https://huggingface.co"
 
+# Markdown punctuation that can start emphasis, code, links, tables or strikethrough mid-line.
+_MD_PUNCT = re.compile(r"([\\`*_\[\]|~])")
 
-def hub_id_or_none(value: str | None) -> str | None:
-    """``value`` (without an ``@revision``) when it looks like a Hub repo id (``org/name``), else None."""
-    if not value or not isinstance(value, str):
+
+def md_text(value: Any, max_chars: int = 300) -> str:
+    """``value`` as inert markdown text on one line: HTML and markdown punctuation escaped.
+
+    ``&``, ``<`` and ``>`` become entities (no raw HTML, no autolinks), markdown
+    punctuation gets a backslash (no emphasis, code, links or table cells), line
+    breaks and runs of blanks become one space (no new block, no break out of a
+    table row), and the text is cut to ``max_chars`` characters.
+
+    Example:
+        >>> md_text("a\\n\\n# b")
+        'a # b'
+    """
+    text = " ".join(str(value).split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_PUNCT.sub(r"\\\1", text)
+
+
+def hub_id_or_none(value: object) -> str | None:
+    """``value`` (without an ``@revision``) when it is exactly a Hub repo id (``org/name``), else None.
+
+    Example:
+        >>> hub_id_or_none("org/name@main"), hub_id_or_none("org/name\\n")
+        ('org/name', None)
+    """
+    if not isinstance(value, str) or not value:
         return None
     value = value.split("@", 1)[0]
     return value if is_repo_id(value) else None
+
+
+def _link(repo_id: str) -> str:
+    """A markdown link to a Hub repo (``repo_id`` must pass :func:`is_repo_id`)."""
+    return f"[{md_text(repo_id)}]({HUB_URL}/{repo_id})"
 
 
 def _base_text(facts: Mapping[str, Any] | None) -> str:
@@ -33,36 +80,44 @@ def _base_text(facts: Mapping[str, Any] | None) -> str:
     if not facts:
         return ""
     parts = []
-    origin, upstream = facts.get("upstream_origin"), facts.get("upstream")
+    origin = hub_id_or_none(facts.get("upstream_origin"))
+    upstream = hub_id_or_none(facts.get("upstream"))
     if origin or upstream:
         named = origin or upstream
-        text = f"is [{named}]({HUB_URL}/{named})"
+        text = f"is {_link(named)}"  # type: ignore[arg-type]
         if upstream and upstream != named:
-            text += f", taken from [{upstream}]({HUB_URL}/{upstream})"
+            text += f", taken from {_link(upstream)}"
         if facts.get("description"):
-            text += f" ({facts['description']})"
+            text += f" ({md_text(facts['description'])})"
         parts.append(text)
     if facts.get("license"):
-        name = facts.get("license_name") or facts["license"]
+        name = md_text(facts.get("license_name") or facts["license"])
         link = facts.get("license_link")
-        parts.append(f"is distributed under the {f'[{name}]({link})' if link else name} "
-                     f"(license `{facts['license']}`), which applies to this model too")
-    given = facts.get("given") or "The base model"
-    return f"\nThe base model, `{given}`, " + "; it ".join(parts) + ".\n" if parts else ""
+        shown = f"[{name}]({link})" if isinstance(link, str) and re.fullmatch(r"https://[^\s()<>]+", link) else name
+        parts.append(f"is distributed under the {shown} (license {md_text(facts['license'])}), "
+                     "which applies to this model too")
+    given = md_text(facts.get("given") or "The base model")
+    return f"\nThe base model, {given}, " + "; it ".join(parts) + ".\n" if parts else ""
 
 
 def _front_matter(fields: dict[str, Any]) -> str:
+    """YAML front matter; every value a JSON string (ASCII-escaped, quoted), so nothing breaks out of it."""
     lines = ["---"]
     for key, value in fields.items():
         if value is None:
             continue
         if isinstance(value, list):
             lines.append(f"{key}:")
-            lines.extend(f"- {json.dumps(v)}" for v in value)
+            lines.extend(f"- {json.dumps(str(v))}" for v in value)
         else:
-            lines.append(f"{key}: {json.dumps(value)}")
+            lines.append(f"{key}: {json.dumps(value if isinstance(value, (int, float)) else str(value))}")
     lines.append("---")
     return "\n".join(lines) + "\n"
+
+
+def _tag(value: Any, default: str) -> str:
+    text = str(value) if value else default
+    return text if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}", text) else "custom"
 
 
 def merged_model_card(provenance: Mapping[str, Any], *, provenance_file: str, base_model: str | None = None) -> str:
@@ -71,18 +126,17 @@ def merged_model_card(provenance: Mapping[str, Any], *, provenance_file: str, ba
     Args:
         provenance: the folder's provenance record (base, gain files, shards).
         provenance_file: the name of the file that holds it, cited in the card.
-        base_model: the Hub id of the base; when unknown, it is taken from the
-            base as given or the gain files' ``base_model`` if either is a Hub id.
-            A non-Hub base gets no ``base_model``; its license and upstream model
-            (recorded in ``provenance["base"]``) are named instead.
+        base_model: the Hub id of the base (an explicit ``--base-model``, or a Hub
+            base's repo); when None, the record's ``base.hub`` is used if it is one.
+            Anything else gets no ``base_model``: a local folder is named by its
+            folder name in the text only; an embedded base by its license and upstream.
     """
     base = provenance.get("base", {}) or {}
-    base_given = base.get("given")
-    gains = provenance.get("gains", [])
-    base_model = base_model or hub_id_or_none(base_given) or next(
-        (hub_id_or_none(g.get("base_model")) for g in gains if hub_id_or_none(g.get("base_model"))), None
-    )
-    method = provenance.get("method") or "gain"
+    base = base if isinstance(base, Mapping) else {}
+    gains = [g for g in (provenance.get("gains") or []) if isinstance(g, Mapping)]
+    base_model = hub_id_or_none(base_model) or hub_id_or_none(base.get("hub"))
+    base_shown = base.get("given") or base.get("hub") or base.get("local") or "the base model"
+    method = _tag(provenance.get("method"), "gain")
     fields = {
         "base_model": base_model,
         "base_model_relation": "merge" if base_model else None,
@@ -91,26 +145,28 @@ def merged_model_card(provenance: Mapping[str, Any], *, provenance_file: str, ba
         "tags": ["gainsurgery", "gain", method, "merge"],
     }
     rows = "\n".join(
-        f"| `{g.get('name')}` | {g.get('method') or '?'} | {g.get('parameters')} | `{str(g.get('sha256'))[:16]}` |"
+        f"| {md_text(g.get('name'), 120)} | {md_text(g.get('method') or '?', 40)} | "
+        f"{md_text(g.get('parameters'), 20)} | {md_text(str(g.get('sha256'))[:16], 16)} |"
         for g in gains
     )
+    title = base_model or md_text(base_shown, 120)
     return (
         _front_matter(fields)
         + f"""
-# {base_model or base_given} + GAIN ({method})
+# {title} + GAIN ({method})
 
-This checkpoint is `{base_given}` with {len(gains)} GAIN gain file(s) absorbed into its
+This checkpoint is {md_text(base_shown, 200)} with {len(gains)} GAIN gain file(s) absorbed into its
 weights by [gainsurgery](https://pypi.org/project/gainsurgery/): each adapted weight was
 replaced by `W · diag(s)` ({PAPER}). Shapes, dtypes and the shard layout are those of
 the base; inference costs exactly what the base costs.
-{'' if base_model else _base_text({**base, 'given': base_given})}
+{'' if base_model else _base_text({**base, 'given': base_shown})}
 | gain file | method | parameters | sha256 |
 |---|---|---|---|
 {rows}
 
-- tensors rescaled: {provenance.get('tensors_scaled')}
-- total gain parameters: {provenance.get('gain_parameters')}
-- provenance (base, gain files, per-shard sha256): `{provenance_file}`
+- tensors rescaled: {md_text(provenance.get('tensors_scaled'), 20)}
+- total gain parameters: {md_text(provenance.get('gain_parameters'), 20)}
+- provenance (base, gain files, per-shard sha256): `{md_text(provenance_file, 60)}`
 
 Check it: `gainsurgery verify BASE GAIN... THIS_FOLDER` recomputes every rescaled tensor
 and compares every other byte with the base.
@@ -131,7 +187,25 @@ _METHODS = {
 }
 
 
-def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] | None = None) -> str:
+def gain_base_model(meta: Mapping[str, Any]) -> str | None:
+    """The Hub base a gain file's metadata may be trusted to name, or None.
+
+    Its ``base_model`` when that is exactly a repo id *and* the file records a
+    ``base_tensors_sha256`` (gainsurgery writes ``base_model`` only for a Hub base
+    in such files); older files may hold a local path that reads like a repo id.
+
+    Example:
+        >>> gain_base_model({"base_model": "checkpoints/final"}) is None
+        True
+    """
+    from gainsurgery.gainfile import BASE_TENSORS_KEY
+
+    value = meta.get("base_model")
+    return hub_id_or_none(value) if meta.get(BASE_TENSORS_KEY) else None
+
+
+def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] | None = None,
+                    base_model: str | None = None) -> str:
     """Model card (README.md) for a gain file published on its own.
 
     Args:
@@ -139,13 +213,15 @@ def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] 
         file_name: its path in the repo (e.g. ``gain.safetensors``).
         repo_id: the repo it is pushed to, for the apply example.
         base: what is known about a non-Hub base (license, upstream model), if anything.
+        base_model: an explicit Hub id for ``base_model`` (``push --base-model``);
+            default: :func:`gain_base_model`.
     """
     from gainsurgery.gainfile import format_count, stats
 
     meta = gain.metadata
-    method = str(meta.get("method") or "gain")
-    side = str(meta.get("side") or "in")
-    base_model = hub_id_or_none(meta.get("base_model") if isinstance(meta.get("base_model"), str) else None)
+    method = _tag(meta.get("method"), "gain")
+    side = "out" if meta.get("side") == "out" else "in"
+    base_model = hub_id_or_none(base_model) or gain_base_model(meta)
     fields = {
         "base_model": base_model,
         "base_model_relation": "adapter",
@@ -156,39 +232,43 @@ def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] 
     st = stats(gain)
     o = st["overall"]
     rows = "\n".join(
-        f"| {layer} | {s['count']} | {s['min']:.4f} | {s['max']:.4f} | {s['mean']:.4f} |"
+        f"| {md_text(layer, 40)} | {s['count']} | {s['min']:.4f} | {s['max']:.4f} | {s['mean']:.4f} |"
         for layer, s in st["per_layer"].items()
     )
     scaled = "W · diag(s) (input side: the features entering each weight)" if side == "in" else \
         "diag(s) · W (output side; the bias is scaled too)"
-    base_text = f"`{base_model}`" if base_model else f"`{meta.get('base_model') or 'the base it was trained on'}`"
+    recorded = meta.get("base_model")
+    base_text = _link(base_model) if base_model else (
+        md_text(recorded, 120) if recorded else "the base it was trained on")
     base_arg = base_model or "BASE"
-    description = f"\n{meta['description']}\n" if meta.get("description") else ""
+    description = f"\n{md_text(meta['description'], 1000)}\n" if meta.get("description") else ""
+    fingerprint = meta.get("base_tensors_sha256") or meta.get("base_fingerprint") or "n/a"
     return (
         _front_matter(fields)
         + f"""
 # GAIN gains for {base_model or 'a base model'} ({method})
 {description}
-This repo holds a **GAIN** gain file, `{file_name}`: one multiplicative gain per channel of
+This repo holds a **GAIN** gain file, {md_text(file_name, 120)}: one multiplicative gain per channel of
 the adapted weights of {base_text}, learned for domain adaptation ({PAPER}). Applying it
 replaces each adapted weight W by {scaled}. Unlike LoRA it adds no new directions, so
 earlier domains are kept; once merged, inference costs exactly what the base costs.
-{'' if base_model else _base_text({**(base or {}), 'given': meta.get('base_model')})}
-- method: `{method}` ({_METHODS.get(method, 'see the file metadata')})
+{'' if base_model else _base_text({**(base or {}), 'given': recorded})}
+- method: {md_text(method, 40)} ({_METHODS.get(method, 'see the file metadata')})
 - side: `{side}`
 - parameters: {st['parameters']:,} ({format_count(st['parameters'])}) in {st['tensors']} tensors
 - gains: min {o['min']:.4f}, max {o['max']:.4f}, mean {o['mean']:.4f}
-- base fingerprint: `{meta.get('base_fingerprint', 'n/a')}`
+- base fingerprint: {md_text(fingerprint, 80)}
 
 ## Apply it
 
 ```
 pip install gainsurgery
-gainsurgery apply {base_arg} {repo_id}:{file_name} merged/
+gainsurgery apply {base_arg} {repo_id}:{_plain_path(file_name)} merged/
 ```
 
 This streams the base's shards (from the Hub or a local folder) into `merged/` with the
-gains absorbed, in constant memory; `gainsurgery verify` checks the result bit for bit.
+gains absorbed, in constant memory; `gainsurgery verify` checks the result bit for bit
+(and `apply` checks the file's base fingerprint against the base's weights).
 
 ## Per layer
 
@@ -197,3 +277,8 @@ gains absorbed, in constant memory; `gainsurgery verify` checks the result bit f
 {rows}
 """
     )
+
+
+def _plain_path(name: str) -> str:
+    """A file name safe inside a fenced code block (no backticks, one line)."""
+    return " ".join(str(name).replace("`", "'").split())[:200]

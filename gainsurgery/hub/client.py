@@ -45,6 +45,12 @@ class HubConfig:
     token: str | None = field(default=None, repr=False)
     cache_dir: str | None = None
 
+    def __repr__(self) -> str:
+        # The endpoint may carry credentials (http://user:pw@host): never shown.
+        from gainsurgery.io.secrets import redact_url
+
+        return f"HubConfig(endpoint={redact_url(self.endpoint)!r}, cache_dir={self.cache_dir!r})"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
         """The config the environment describes now (``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME``).
@@ -83,6 +89,9 @@ class HubClient:
 
     def __repr__(self) -> str:
         return f"HubClient({self.config!r})"
+
+    def __str__(self) -> str:
+        return repr(self)
 
     @property
     def endpoint(self) -> str:

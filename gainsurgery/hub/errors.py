@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from typing import Iterator
 
 from gainsurgery.errors import HubError
 from gainsurgery.hub.client import DEFAULT_ENDPOINT
+from gainsurgery.io.secrets import redact_url
 
 
 def _status(exc: BaseException) -> int | None:
@@ -81,7 +83,7 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
             return f"{code}: the Hub refused to {action} {what}" + (f" ({server[0]})" if server else "")
     for e in chain:
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
-            return (f"could not reach the Hub at {endpoint} to {action} {what} "
+            return (f"could not reach the Hub at {redact_url(endpoint)} to {action} {what} "
                     f"({type(e).__name__}); check your network, proxy or HF_ENDPOINT and try again")
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -101,13 +103,7 @@ def hub_errors(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iter
         >>> with hub_errors("org/name", "download", client.endpoint):  # doctest: +SKIP
         ...     client.download("org/name", "config.json")
     """
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    # Like our own bars: huggingface_hub's show on a terminal only, so logs and
-    # captured stderr hold just the result (or the one error line).
-    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
-    if quiet:
-        disable_progress_bars()
+    _quiet_enter()
     try:
         yield
     except HubError:
@@ -118,5 +114,36 @@ def hub_errors(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iter
             raise
         raise HubError(message) from None
     finally:
-        if quiet:
+        _quiet_exit()
+
+
+# Like our own bars: huggingface_hub's show on a terminal only, so logs and captured stderr
+# hold just the result (or the one error line). Its switch is process-wide and the Hub-to-Hub
+# pipeline talks to the Hub from several threads at once, so the blocks are counted: the bars
+# come back only when the last one ends (and only if we turned them off).
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_ours = False
+
+
+def _quiet_enter() -> None:
+    global _quiet_depth, _quiet_ours
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_ours = not sys.stderr.isatty() and not are_progress_bars_disabled()
+            if _quiet_ours:
+                disable_progress_bars()
+        _quiet_depth += 1
+
+
+def _quiet_exit() -> None:
+    global _quiet_depth, _quiet_ours
+    from huggingface_hub.utils import enable_progress_bars
+
+    with _quiet_lock:
+        _quiet_depth -= 1
+        if _quiet_depth == 0 and _quiet_ours:
             enable_progress_bars()
+            _quiet_ours = False

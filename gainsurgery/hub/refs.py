@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 from gainsurgery.errors import HubError
 
-#: ``org/name``: the shape of a Hub repo id.
-REPO_ID_PATTERN = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
-_REPO_ID = re.compile(rf"^{REPO_ID_PATTERN}$")
-_BASE_RE = re.compile(rf"^(?P<repo>{REPO_ID_PATTERN})(?:@(?P<rev>[^\s:@]+))?$")
-_FILE_RE = re.compile(rf"^(?P<repo>{REPO_ID_PATTERN})(?:@(?P<rev>[^\s:@]+))?:(?P<path>[^\s]+)$")
+#: ``org/name``: the shape of a Hub repo id (each part 1-96 of ``[A-Za-z0-9_.-]``, starting
+#: and ending with a letter, digit or ``_``). Always matched in full: ``"org/name\n"`` is no repo id.
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
+REPO_ID_PATTERN = rf"{_PART}/{_PART}"
+_REPO_ID = re.compile(REPO_ID_PATTERN, re.ASCII)
+_FILE_RE = re.compile(rf"(?P<repo>{REPO_ID_PATTERN})(?:@(?P<rev>[A-Za-z0-9_][A-Za-z0-9_.\-/]*))?:(?P<path>[^\s:]+)",
+                      re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -34,40 +36,43 @@ class HubRef:
         return text + (f":{self.path}" if self.path else "")
 
 
-def parse_base_ref(spec: str) -> HubRef | None:
-    """``ORG/NAME[@REV]`` -> HubRef, else None.
-
-    A spec is a Hub id only when it is not an existing local path: a folder
-    called ``org/name`` always wins. (``embedded:NAME`` never matches: a repo id
-    has no colon.)
-
-    Example:
-        >>> parse_base_ref("Qwen/Qwen2.5-0.5B@main")  # doctest: +SKIP
-        HubRef(repo_id='Qwen/Qwen2.5-0.5B', revision='main', path=None)
-    """
-    if os.path.exists(spec):
-        return None
-    m = _BASE_RE.match(spec)
-    return HubRef(m["repo"], m["rev"]) if m else None
-
-
 def parse_file_ref(spec: str) -> HubRef | None:
-    """``ORG/NAME[@REV]:path/in/repo`` -> HubRef with ``path``, else None (local paths win)."""
-    if os.path.exists(spec):
+    """``ORG/NAME[@REV]:path/in/repo`` -> HubRef with ``path``, else None.
+
+    Local paths win: an existing path, or one spelled like a path (``./``, ``/``,
+    ``~``...), is never sent to the Hub. The whole spec must match (no trailing newline).
+    """
+    if os.path.lexists(spec) or spec.startswith((".", "/", "~")):
         return None
-    m = _FILE_RE.match(spec)
-    if not m or m["path"].startswith("/") or ".." in m["path"].split("/"):
+    m = _FILE_RE.fullmatch(spec)
+    if not m or ".." in m["repo"] or "--" in m["repo"] or m["path"].startswith("/") \
+            or ".." in m["path"].split("/") or (m["rev"] and ".." in m["rev"]):
         return None
     return HubRef(m["repo"], m["rev"], m["path"])
 
 
-def is_repo_id(value: str | None) -> bool:
-    """True when ``value`` reads ``org/name`` (an optional ``@revision`` is not part of it)."""
-    return bool(value) and _REPO_ID.match(value) is not None and not value.startswith((".", "/"))
+def is_repo_id(value: object) -> bool:
+    """True when ``value`` is exactly ``org/name`` (an optional ``@revision`` is not part of it).
+
+    Example:
+        >>> is_repo_id("org/name"), is_repo_id("org/name\\n"), is_repo_id("./x/y")
+        (True, False, False)
+    """
+    return (isinstance(value, str) and _REPO_ID.fullmatch(value) is not None and ".." not in value
+            and "--" not in value and not value.endswith(".git"))
 
 
-def check_repo_id(repo_id: str) -> str:
-    """Return ``repo_id`` if it reads ``org/name``; raise HubError otherwise."""
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
-        raise HubError(f"{repo_id!r} is not a Hub repo id; expected ORG/NAME (e.g. myname/my-model)")
+def check_repo_id(repo_id: str, *, what: str = "repo id") -> str:
+    """Return ``repo_id`` if it is exactly ``org/name``; raise HubError otherwise.
+
+    Example:
+        >>> check_repo_id("org/name\\n")
+        Traceback (most recent call last):
+        ...
+        gainsurgery.errors.HubError: 'org/name\\n' is not a Hub repo id; expected ORG/NAME (e.g. myname/my-model)
+    """
+    if not is_repo_id(repo_id):
+        shown = repr(repo_id) if isinstance(repo_id, str) else type(repo_id).__name__
+        label = "" if what == "repo id" else f" (given as {what})"
+        raise HubError(f"{shown[:120]} is not a Hub repo id{label}; expected ORG/NAME (e.g. myname/my-model)")
     return repo_id

@@ -26,18 +26,16 @@ LoRA and other adapter types are refused: their updates are additive
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gainsurgery.io.atomic import check_replaceable_folder, fsync_files, publish_folder, read_json_object
 from gainsurgery.architectures import (
     METHODS,
     SIDES,
@@ -48,13 +46,21 @@ from gainsurgery.architectures import (
     resolve_targets,
 )
 from gainsurgery.architectures.modules import find_module
-from gainsurgery.io.checkpoint import Checkpoint, fingerprint
-from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, PlanError
-from gainsurgery.gainfile import GainFile, check_values, first_line, natural_key
-from gainsurgery.sources import is_embedded, resolve_base
+from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, OutputError
+from gainsurgery.gainfile import BASE_TENSORS_KEY, GainFile, check_values, first_line, natural_key
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
+from gainsurgery.io.fingerprint import base_tensors_sha256
+from gainsurgery.io.inputs import open_input, resolve_input, show_path
+from gainsurgery.io.outputs import claim_folder
+from gainsurgery.io.safetensors import parse_header
+from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: Size limits of an adapter's files we read, in bytes.
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+MAX_ADAPTER_WEIGHTS_BYTES = 256 << 20
 #: PeftModel wraps the transformers model as ``base_model.model``; the adapter
 #: name (``default``) is stripped on save and re-inserted on load.
 KEY_PREFIX = "base_model.model."
@@ -105,13 +111,16 @@ def memory_modules(folder: str | os.PathLike[str]) -> dict[str, Any]:
         ArchitectureError: transformers cannot build a causal LM from the config.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+    # Our own reading of config.json (a regular file inside the folder, checked JSON),
+    # handed to transformers as a dict: it never opens the folder's files itself here.
+    raw = read_config(folder)
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = CONFIG_MAPPING[raw.get("model_type")].from_dict(raw)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArchitectureError(
             f"transformers cannot build a causal LM from {folder}/config.json ({first_line(exc)}); "
             "PEFT adapters name modules of that model, so it is needed"
@@ -308,25 +317,26 @@ def export_peft(
     *,
     base_name: str,
     overwrite: bool = False,
-    protect: Iterable[str | os.PathLike[str]] = (),
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> ExportResult:
     """Write ``gain`` as a PEFT (IA)³ adapter folder for the base ``ckpt``.
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``;
     ``PeftModel.from_pretrained(model, adapter_dir)`` on BASE then computes what the
-    gain applied to BASE computes. It appears only when complete (temp folder +
-    rename).
+    gain applied to BASE computes. It is claimed and published with
+    :func:`gainsurgery.io.outputs.claim_folder`: never BASE or a folder around an
+    input (``--overwrite`` cannot delete the base), appears whole or not at all.
 
     Args:
         gain: the gain file, keys = tensor names of ``ckpt``.
         ckpt: the base checkpoint.
         adapter_dir: output folder; must not exist unless ``overwrite``.
         base_name: recorded as ``base_model_name_or_path`` (see :func:`adapter_base_name`).
-        overwrite: replace an existing folder (only on success).
-        protect: paths that must not be inside ``adapter_dir`` when overwriting.
+        overwrite: replace an existing folder (atomically, on success).
+        inputs: the other files read (the gain file): never inside ``adapter_dir``.
 
     Raises:
-        PlanError: unusable output location.
+        OutputError: unusable output location.
         ArchitectureError / PlanError: the gain has no (IA)³ equivalent (see :func:`plan_export`).
 
     Example:
@@ -334,33 +344,30 @@ def export_peft(
         >>> export_peft(gainfile.load("g.safetensors"), sources.open_base("base/"), "adapter/",
         ...             base_name="Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
     """
-    out = check_replaceable_folder(Path(adapter_dir), overwrite=overwrite, protect=protect,
-                                   what="adapter folder", error=PlanError)
-    modules = memory_modules(ckpt.folder)
-    plan = plan_export(gain, ckpt, modules)
-    config = adapter_config(plan, modules, base_name)
-    tensors = {m.adapter_key: m.vector.reshape(m.adapter_shape) for m in plan}
-    _write_adapter(out, config, tensors)
+    with claim_folder(adapter_dir, inputs=[ckpt.folder, *inputs], overwrite=overwrite,
+                      what="adapter folder") as claim:
+        modules = memory_modules(ckpt.folder)
+        plan = plan_export(gain, ckpt, modules)
+        config = adapter_config(plan, modules, base_name)
+        tensors = {m.adapter_key: m.vector.reshape(m.adapter_shape) for m in plan}
+        _write_adapter(claim.tmp, config, tensors)
+        out = claim.publish()
     return ExportResult(out, config, plan)
 
 
-def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
+def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:  # a staging folder, fsynced and published whole below
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-                  str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        fsync_files(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; an adapter folder is meant to be shared
-        publish_folder(tmp, out, trash_tag="old")
+    try:
+        with open(folder / CONFIG_NAME, "x", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                    metadata={"format": "pt"})
+        with open(folder / WEIGHTS_NAME, "xb") as f:
+            f.write(data)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PlanError(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise OutputError(f"could not write the adapter folder: {exc.strerror or exc}; nothing was left behind") \
+            from None
 
 
 # --------------------------------------------------------------------------- import
@@ -369,53 +376,85 @@ def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, np.ndar
 def read_adapter(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read a PEFT (IA)³ adapter folder: its config and ``ia3_l`` tensors as float32 arrays.
 
+    Both files are read as hostile input: regular files inside the folder (no link
+    out, no FIFO), the config as JSON within limits with its fields type-checked
+    (a ``feedforward_modules`` regex that does not compile is one line), the
+    weights' header held to safetensors' rules before any tensor is decoded.
+
     Raises:
         GainFileError: missing or malformed files, a non-(IA)³ adapter (LoRA is
             additive, not a diagonal gain), pickled weights (never loaded), or
             tensors other than ``ia3_l`` vectors (e.g. ``modules_to_save``).
     """
     folder = Path(adapter_dir)
+    shown = show_path(folder)
     if not folder.is_dir():
-        raise GainFileError(f"adapter folder not found: {folder}")
-    cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise GainFileError(f"{folder}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    config = read_json_object(cfg_path, GainFileError)
-    peft_type = str(config.get("peft_type"))
+        raise GainFileError(f"adapter folder not found: {shown}")
+    if resolve_input(folder, CONFIG_NAME, missing_ok=True, error=GainFileError) is None:
+        raise GainFileError(f"{shown}: no {CONFIG_NAME}; not a PEFT adapter folder")
+    with open_input(folder, CONFIG_NAME, error=GainFileError) as f:
+        raw = jsonsafe.load(f, where=CONFIG_NAME, error=GainFileError, max_bytes=MAX_ADAPTER_CONFIG_BYTES)
+    cfg = jsonsafe.Fields(raw, where=CONFIG_NAME, error=GainFileError)
+    peft_type = str(cfg.str("peft_type", "none", max_chars=40))
     if peft_type.upper() != "IA3":
         why = ("its updates are additive (W + B·A, new directions), not a diagonal gain W·diag(s), "
                "so no gain file can represent it" if peft_type.upper() in ("LORA", "ADALORA", "LOHA", "LOKR", "DORA")
                else "only IA3 adapters are diagonal gains")
-        raise GainFileError(f"{folder}: a {peft_type} adapter cannot be imported: {why}")
-    if config.get("modules_to_save"):
-        raise GainFileError(
-            f"{folder}: the adapter also saves full modules ({config['modules_to_save']}); "
-            "those are new weights, not gains"
-        )
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        if any(folder.glob("adapter_model.bin")):
-            raise GainFileError(f"{folder}: adapter_model.bin is a pickle; gainsurgery never unpickles. "
+        raise GainFileError(f"{shown}: a {show_path(peft_type)} adapter cannot be imported: {why}")
+    if cfg.raw("modules_to_save", None):
+        raise GainFileError(f"{shown}: the adapter also saves full modules (modules_to_save); "
+                            "those are new weights, not gains")
+    cfg.str("base_model_name_or_path", None, max_chars=1000)
+    _feedforward_rule(cfg)  # checked now: one line for a list of non-strings or a bad regex
+    if resolve_input(folder, WEIGHTS_NAME, missing_ok=True, error=GainFileError) is None:
+        if resolve_input(folder, "adapter_model.bin", missing_ok=True, error=GainFileError) is not None:
+            raise GainFileError(f"{shown}: adapter_model.bin is a pickle; gainsurgery never unpickles. "
                                 "Re-save it with save_pretrained(..., safe_serialization=True)")
-        raise GainFileError(f"{folder}: no {WEIGHTS_NAME}")
+        raise GainFileError(f"{shown}: no {WEIGHTS_NAME}")
+    with open_input(folder, WEIGHTS_NAME, error=GainFileError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_ADAPTER_WEIGHTS_BYTES:
+            raise GainFileError(f"{WEIGHTS_NAME}: {size} bytes, more than an (IA)³ adapter holds; refusing to read it")
+        parse_header(f, size, WEIGHTS_NAME, error=GainFileError)
+        f.seek(0)
+        data = f.read()
     try:
-        from safetensors import safe_open
+        from safetensors.torch import load
 
-        with safe_open(str(weights), framework="pt") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw_tensors = load(data)
     except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise GainFileError(f"{weights}: not a readable safetensors file ({first_line(exc)})") from None
+        raise GainFileError(f"{WEIGHTS_NAME}: not a readable safetensors file ({first_line(exc)})") from None
     tensors: dict[str, np.ndarray] = {}
-    for key, t in raw.items():
+    for key, t in raw_tensors.items():
         if not (key.startswith(KEY_PREFIX) and key.endswith(KEY_SUFFIX)):
-            raise GainFileError(f"{weights}: unexpected tensor {key!r}; an IA3 adapter holds only "
+            raise GainFileError(f"{WEIGHTS_NAME}: unexpected tensor {key[:200]!r}; an IA3 adapter holds only "
                                 f"'{KEY_PREFIX}<module>{KEY_SUFFIX}' vectors")
         if t.dim() != 2 or 1 not in t.shape:
-            raise GainFileError(f"{weights}: {key!r} has shape {tuple(t.shape)}; IA3 vectors are [1, n] or [n, 1]")
+            raise GainFileError(f"{WEIGHTS_NAME}: {key[:200]!r} has shape {tuple(t.shape)}; IA3 vectors are "
+                                "[1, n] or [n, 1]")
         tensors[key[len(KEY_PREFIX): -len(KEY_SUFFIX)]] = t.float().numpy()
     if not tensors:
-        raise GainFileError(f"{weights}: holds no ia3_l vectors")
-    return config, tensors
+        raise GainFileError(f"{WEIGHTS_NAME}: holds no ia3_l vectors")
+    return cfg.value, tensors
+
+
+def _feedforward_rule(cfg: jsonsafe.Fields) -> str | list[str] | None:
+    """``feedforward_modules`` checked: a regex that compiles, or a list of strings (or absent)."""
+    ff = cfg.raw("feedforward_modules", None)
+    if ff is None or isinstance(ff, list):
+        return cfg.str_list("feedforward_modules", None)
+    value = cfg.str("feedforward_modules", max_chars=10_000)
+    _compiled(value)
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is not a valid regular expression "
+                            f"({first_line(exc)[:120]})") from None
 
 
 def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:
@@ -425,7 +464,7 @@ def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:
     if not ff:
         return False
     if isinstance(ff, str):
-        return re.fullmatch(ff, name) is not None
+        return _compiled(ff).fullmatch(name) is not None
     return any(name.endswith(s) for s in ff)
 
 
@@ -517,8 +556,11 @@ def import_peft(
     metadata = {
         "method": _infer_method(ckpt, dims, side),
         "side": side,
-        "base_model": config.get("base_model_name_or_path") or base_name,
+        # A Hub id or embedded:NAME only, never a local path (see sources.base_model_name).
+        "base_model": base_model_name(base_name) if base_name else None,
         "base_fingerprint": fingerprint(ckpt),
+        # The adapter was trained on this base's weights (the user says so with --base): record them.
+        BASE_TENSORS_KEY: base_tensors_sha256(ckpt, vectors),
         "description": description or f"imported from PEFT IA3 adapter {Path(adapter_dir).name} "
                                       f"({len(tensors)} modules)",
     }

@@ -4,13 +4,14 @@ Every byte gainsurgery reads from a checkpoint and every file it writes goes
 through this package, so the rules for hostile input and for outputs that appear
 whole or not at all live in one place:
 
-- :mod:`~gainsurgery.io.safetensors`: one safetensors header, checked rule by rule;
-- :mod:`~gainsurgery.io.checkpoint`: a checkpoint folder (index + shards + config);
+- :mod:`~gainsurgery.io.safetensors`: one safetensors header, held to safetensors' own rules;
+- :mod:`~gainsurgery.io.checkpoint`: a checkpoint folder (index + shards + config), its extra files;
 - :mod:`~gainsurgery.io.jsonsafe`: every JSON we read, with size and nesting limits and typed accessors;
-- :mod:`~gainsurgery.io.inputs`: safe reading of input folders (no links out, no FIFOs or devices);
-- :mod:`~gainsurgery.io.outputs`: where a command may write, claimed and published folder outputs;
-- :mod:`~gainsurgery.io.atomic`: temp-file + fsync + rename writers and the JSON readers;
+- :mod:`~gainsurgery.io.inputs`: safe reading of input folders (no links out, no FIFOs or devices),
+  and what a BASE argument names (local, embedded, Hub);
+- :mod:`~gainsurgery.io.outputs`: where a command may write; atomic files; claimed and published folders;
 - :mod:`~gainsurgery.io.secrets`: tokens and URL credentials never leave in messages or uploads;
+- :mod:`~gainsurgery.io.fingerprint`: the content fingerprint of the base tensors a gain targets;
 - :mod:`~gainsurgery.io.hashing`: the one sha256 helper;
 - :mod:`~gainsurgery.io.cache`: the gainsurgery cache folder and its lock.
 """

@@ -54,6 +54,7 @@ HUB_BASE_RE = re.compile(rf"(?P<repo>{_ID_PART}/{_ID_PART})(?:@(?P<rev>{_REV}))?
 _EMBEDDED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", re.ASCII)
 
 _KIND_NAMES = {
+    stat.S_IFREG: "a file",
     stat.S_IFIFO: "a FIFO (named pipe)",
     stat.S_IFSOCK: "a socket",
     stat.S_IFCHR: "a character device",
@@ -137,6 +138,29 @@ def allowed_roots(folder: str | os.PathLike[str], *,
                 pass
             break
     return tuple(roots)
+
+
+def hf_cache_repo(folder: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """``(ORG/NAME, REV)`` when ``folder`` is a Hugging Face cache snapshot of a model repo, else None.
+
+    The cache names a repo's folder ``models--ORG--NAME`` and each downloaded
+    revision ``snapshots/REV`` (a commit hash). Used to say what a local base is
+    (a card may name the Hub repo of a snapshot), never to reach the Hub.
+
+    Example:
+        >>> hf_cache_repo("/c/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc")  # doctest: +SKIP
+        ('Qwen/Qwen2.5-0.5B', '0123abc')
+    """
+    root = Path(os.path.realpath(folder))
+    if root.parent.name != "snapshots":
+        return None
+    parts = root.parent.parent.name.split("--")
+    if len(parts) != 3 or parts[0] != "models":
+        return None
+    repo = f"{parts[1]}/{parts[2]}"
+    if HUB_BASE_RE.fullmatch(repo) is None or ".." in repo:
+        return None
+    return repo, root.name
 
 
 def _check_name(name: str, shown_folder: str, error: type[GainSurgeryError]) -> None:
@@ -336,6 +360,22 @@ def _walk(top: Path, prefix: str, roots: tuple[Path, ...], recursive: bool,
             raise error(f"{show_path(top / name)}: is {_kind(st.st_mode)}, not a regular file; "
                         "refusing to read or copy it")
         yield InputFile(name=name, path=resolved, size=st.st_size)
+
+
+def check_input_folder(folder: str | os.PathLike[str], *,
+                       error: type[GainSurgeryError] = UnsafeInputError) -> list[InputFile]:
+    """Check every non-hidden top-level file of ``folder`` before another library reads the folder itself.
+
+    transformers and PEFT open ``config.json``, tokenizer files and weights by
+    name, following links and blocking on FIFOs; a folder handed to them is
+    checked here first (see :func:`iter_input_files`), so a link out of it or a
+    FIFO is one line of error naming it, before anything is opened.
+
+    Example:
+        >>> [f.name for f in check_input_folder(base)]  # doctest: +SKIP
+        ['config.json', 'model.safetensors', 'tokenizer.json']
+    """
+    return list(iter_input_files(folder, error=error))
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Literal
+from typing import BinaryIO, Iterable, Iterator, Literal, TextIO
 
 from gainsurgery.errors import GainSurgeryError, OutputError
 from gainsurgery.io.inputs import allowed_roots, show_path
@@ -298,6 +298,9 @@ def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | o
     shown = show_path(raw)
     if "\x00" in raw:
         raise error(f"{what} {shown} is not a usable path")
+    # "~" that reached us unexpanded (quoted, or from a variable) means the home folder, as it
+    # does for BASE; never a new folder literally named "~" beside the current one.
+    raw = _expand_home(raw)
     p = Path(raw)
     stripped = raw.rstrip("/")
     if p.name in (".", "..") or stripped in (".", "..") or stripped.endswith(("/.", "/..")):
@@ -361,6 +364,34 @@ def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | o
     if not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"cannot write into {show_path(parent)} (permission denied); choose another {what}")
     return target
+
+
+def check_apart(outputs: Iterable[tuple[str, str | os.PathLike[str] | None]], *,
+                error: type[GainSurgeryError] = OutputError) -> None:
+    """Refuse two outputs of one run that are the same path, or one inside the other.
+
+    ``outputs`` are ``(what, path)`` pairs (None paths are skipped), e.g. a training
+    run's ``-o``, its log and its checkpoint folder: each is written on its own terms
+    (a file replaced atomically, a folder claimed and published, a folder written step
+    by step), so one can never be, or hold, another. Paths are compared with their
+    parent folders resolved (:func:`output_path`).
+
+    Example:
+        >>> check_apart([("-o", "run/g.safetensors"), ("--checkpoint-dir", "run/g.safetensors")])
+        Traceback (most recent call last):
+        ...
+        gainsurgery.errors.OutputError: --checkpoint-dir run/g.safetensors is also -o; give each output its own path
+    """
+    named = [(what, output_path(p), p) for what, p in outputs if p is not None and os.fspath(p).strip()]
+    for i, (what_a, a, shown_a) in enumerate(named):
+        for what_b, b, shown_b in named[i + 1:]:
+            if a == b:
+                raise error(f"{what_b} {show_path(shown_b)} is also {what_a}; give each output its own path")
+            for (w_in, inner, s_in), (w_out, outer, s_out) in (((what_b, b, shown_b), (what_a, a, shown_a)),
+                                                             ((what_a, a, shown_a), (what_b, b, shown_b))):
+                if inner.is_relative_to(outer):
+                    raise error(f"{w_in} {show_path(s_in)} lies inside {w_out} {show_path(s_out)}; "
+                                "give each output its own path")
 
 
 # --------------------------------------------------------------------------------
@@ -431,6 +462,52 @@ def write_file(out: str | os.PathLike[str], data: bytes | str, *,
     return output_path(out)
 
 
+def write_json(out: str | os.PathLike[str], value: object, *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+               what: str | None = None, error: type[GainSurgeryError] = OutputError, indent: int | None = 2) -> Path:
+    """Write ``value`` as JSON (plus a final newline) to ``out`` atomically (see :func:`write_file`).
+
+    Example:
+        >>> write_json("results.json", {"ppl": 12.5}, inputs=["model"])  # doctest: +SKIP
+        PosixPath('/work/results.json')
+    """
+    return write_file(out, json.dumps(value, indent=indent) + "\n", inputs=inputs, what=what, error=error)
+
+
+def open_log_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+                  what: str | None = None, error: type[GainSurgeryError] = OutputError,
+                  append: bool = False) -> TextIO:
+    """Open a file written as it grows (a training log): checked like any output, never through a link.
+
+    :func:`check_output` first; then the file is created or truncated with
+    ``O_NOFOLLOW`` (a link planted at the name is refused, never followed); ``append``
+    keeps what is there (a resumed run). Unlike :func:`atomic_file` the content is
+    visible while it is written. The caller closes it.
+
+    Example:
+        >>> with open_log_file("run.train.jsonl", inputs=["base"]) as log:  # doctest: +SKIP
+        ...     log.write('{"step": 1}\\n')
+    """
+    target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+                     | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        raise error(f"{what or 'output file'} {show_path(out)} cannot be written ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{what or 'output file'} {show_path(out)} is not a regular file; name another file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _expand_home(raw: str) -> str:
+    return os.path.expanduser(raw) if raw == "~" or raw.startswith("~/") else raw
+
+
 def output_path(out: str | os.PathLike[str]) -> Path:
     """``out`` with its parent folder resolved and its own name kept: what :func:`check_output` returns.
 
@@ -438,7 +515,7 @@ def output_path(out: str | os.PathLike[str]) -> Path:
         >>> output_path("/tmp/../tmp/merged")
         PosixPath('/tmp/merged')
     """
-    p = Path(out)
+    p = Path(_expand_home(os.fspath(out)))
     return _real(p.parent) / p.name
 
 
@@ -511,6 +588,35 @@ def _is_real_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def lock_output(out: str | os.PathLike[str], *, what: str = "output file",
+                error: type[GainSurgeryError] = OutputError) -> Iterator[Path]:
+    """Hold ``out``'s lock for a run that writes it at the end (a trained gain file) or as it goes (a log).
+
+    The same lock :func:`claim_folder` takes (``P/.N.gainsurgery.lock``, an exclusive
+    ``flock`` seen across processes and PID namespaces, gone with a killed run): a
+    second run writing the same ``out`` fails at once instead of both writing it (two
+    logs interleaved, one result silently replacing the other). Nothing is written to
+    ``out`` here; write it with :func:`atomic_file` or :func:`open_log_file` while the
+    lock is held. Yields ``out`` with its parent resolved.
+
+    Example:
+        >>> with lock_output("legal.safetensors", what="-o"):  # doctest: +SKIP
+        ...     train_for_an_hour()
+        ...     write_file("legal.safetensors", data)
+    """
+    target = output_path(out)
+    lock_path = target.parent / _lock_name(_stem(target.name))
+    fd = _take_lock(lock_path, what, show_path(out), error)
+    try:
+        yield target
+    finally:
+        # Unlink while still holding it; a concurrent opener re-checks the inode (see _take_lock).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def clean_leftovers(out: str | os.PathLike[str]) -> list[str]:

@@ -9,6 +9,10 @@
 - :func:`contains_secret`: lets ``push`` refuse any non-weight file holding the
   token's value, streamed in chunks (a token split across two chunks is found).
 
+- :func:`install_redaction`: what libraries print on their own (log records such as
+  huggingface_hub's retry warnings, which quote the request URL; Python warnings;
+  an uncaught traceback) goes through :func:`redact` too. The CLI installs it.
+
 Nothing here reads ``/proc`` (``/proc/self/environ`` is exactly where a token lives).
 
 Example:
@@ -19,9 +23,13 @@ Example:
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
-from typing import BinaryIO, Iterable
+import sys
+import traceback
+import warnings
+from typing import Any, BinaryIO, Iterable
 
 #: Shorter "tokens" are not redacted on their own: replacing every "ab" in a
 #: message would garble it, and such a value is no credential.
@@ -179,3 +187,55 @@ def _scan(f: BinaryIO, forms: list[bytes], chunk_bytes: int) -> bool:
         if any(x in window for x in forms):
             return True
         tail = window[-keep:] if keep else b""
+
+
+_installed: list[bool] = []
+
+
+def install_redaction() -> None:
+    """Make what this process prints through libraries pass :func:`redact` too (idempotent).
+
+    - every ``logging`` record (huggingface_hub's retry warnings quote the request
+      URL, and with ``HF_ENDPOINT=http://user:pw@host`` the URL holds the password);
+    - Python warnings, as they are formatted;
+    - an uncaught exception's traceback (a bug still shows its traceback, without
+      credentials).
+
+    The token to mask is resolved once, on first use (:func:`current_token`).
+
+    Example:
+        >>> install_redaction()  # doctest: +SKIP
+        >>> logging.getLogger("x").warning("GET http://me:pw@hub/api")  # doctest: +SKIP
+        GET http://hub/api
+    """
+    if _installed:
+        return
+    _installed.append(True)
+    cached: list[str | None] = []
+
+    def token() -> str | None:
+        if not cached:
+            cached.append(current_token())
+        return cached[0]
+
+    make_record = logging.getLogRecordFactory()
+
+    def record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is the logging module's to report
+            return record
+        clean = redact(message, token())
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    logging.setLogRecordFactory(record_factory)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda *a, **k: redact(format_warning(*a, **k), token())  # type: ignore[assignment]
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb)), token()))
+
+    sys.excepthook = excepthook

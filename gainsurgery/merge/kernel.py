@@ -97,31 +97,60 @@ class Scratch:
             self.__init__(elems)
 
 
-def scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, scratch: Scratch) -> None:
+@dataclass(frozen=True)
+class _Limits:
+    """Where a float32 product lands once rounded to a dtype, judged on its magnitude bits.
+
+    ``zero``: magnitudes at or below it round to 0. ``inf``: finite magnitudes at or
+    above it round to infinity. ``in_inf``: the dtype's own infinity (magnitude bits).
+    """
+
+    zero: int
+    inf: int
+    in_inf: int
+    in_mask: int
+
+
+_F32_INF = 0x7F800000
+# bfloat16 rounds to nearest even on the dropped 16 bits: <= 0x8000 becomes 0;
+# >= 0x7F7F8000 becomes 0x7F80 (inf). float16: |x| <= 2**-25 becomes 0 (a tie goes to
+# the even 0), |x| >= 65520 becomes inf (the tie above 65504 goes to the even 0x7C00).
+# float32: the product itself is what is stored.
+LIMITS = {
+    "BF16": _Limits(zero=0x00008000, inf=0x7F7F8000, in_inf=0x7F80, in_mask=0x7FFF),
+    "F16": _Limits(zero=0x33000000, inf=0x477FF000, in_inf=0x7C00, in_mask=0x7FFF),
+    "F32": _Limits(zero=0, inf=_F32_INF, in_inf=_F32_INF, in_mask=0x7FFFFFFF),
+}
+
+
+def scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, scratch: Scratch) -> tuple[int, int]:
     """Scale ``raw`` (the segment's elements, viewed as ``NUMPY_DTYPES[dtype]``) in place.
 
-    Overflow to infinity is the IEEE result the format defines, not an error.
+    Returns ``(became_inf, became_zero)``: how many finite weights became ±inf and
+    how many non-zero weights became 0 once rounded to ``dtype`` (saturation). The
+    result is still the IEEE value the format defines; callers decide whether
+    saturation is an error. Counting costs one masked min/max per block; the exact
+    counts are taken only for blocks that may hold a zero or an infinity.
     """
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        _scale_block(raw, dtype, seg, vector, scratch)
+        return _scale_block(raw, dtype, seg, vector, scratch)
 
 
-def _scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, scratch: Scratch) -> None:
+def _scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray,
+                 scratch: Scratch) -> tuple[int, int]:
     scale = vector[seg.idx]
     scale = scale.reshape(-1, 1) if seg.per_row else scale.reshape(1, -1)
     m = raw.size
     scratch.ensure(m)
-    if dtype == "F32":
-        np.multiply(raw.reshape(seg.rows, seg.cols), scale, out=raw.reshape(seg.rows, seg.cols))
-        return
     w = scratch.a[:m]
     f = w.view(np.float32)
     if dtype == "BF16":
         np.left_shift(raw, 16, out=w, dtype=np.uint32)
-    else:  # F16
+    else:  # F16, F32: widen (F32: copy) so that raw still holds the input when counting
         np.copyto(f, raw)
     f2 = f.reshape(seg.rows, seg.cols)
     np.multiply(f2, scale, out=f2)
+    counts = _saturation(raw, dtype, w, scratch.b[:m])
     if dtype == "BF16":
         # Round to nearest even on the dropped low half, then keep the high half.
         t = scratch.b[:m]
@@ -133,16 +162,63 @@ def _scale_block(raw: np.ndarray, dtype: str, seg: Segment, vector: np.ndarray, 
         np.copyto(raw, w, casting="unsafe")
     else:
         np.copyto(raw, f, casting="same_kind")
+    return counts
+
+
+def _saturation(raw: np.ndarray, dtype: str, w: np.ndarray, t: np.ndarray) -> tuple[int, int]:
+    """(finite -> inf, non-zero -> 0) for the float32 products ``w`` (bits) of the inputs ``raw``.
+
+    A finite non-zero gain maps inf to inf, NaN to NaN and 0 to 0, so the counts are
+    (products that round to inf) - (inputs that were inf), and likewise for zero.
+    """
+    lim = LIMITS[dtype]
+    np.bitwise_and(w, 0x7FFFFFFF, out=t)
+    if t.min() > lim.zero and t.max() < lim.inf:  # the common case: nothing near either edge
+        return 0, 0
+    out_zero = int(np.count_nonzero(t <= lim.zero))
+    out_inf = int(np.count_nonzero((t >= lim.inf) & (t <= _F32_INF)))
+    bits = raw.view(np.uint16 if raw.itemsize == 2 else np.uint32) & lim.in_mask
+    in_zero = int(np.count_nonzero(bits == 0))
+    in_inf = int(np.count_nonzero(bits == lim.in_inf))
+    return out_inf - in_inf, out_zero - in_zero
+
+def saturation_message(name: str, dtype: str, became_inf: int, became_zero: int) -> str:
+    """One line naming a tensor whose scaled weights left ``dtype``'s range (without the advice).
+
+    Example:
+        >>> saturation_message("h.0.mlp.c_proj.weight", "F16", 3, 0)[:60]
+        'h.0.mlp.c_proj.weight: 3 finite weights became ±inf and 0 no'
+    """
+    return (f"{name}: {became_inf} finite weights became ±inf and {became_zero} non-zero weights became 0 once "
+            f"scaled and rounded to {dtype} (the gains take them out of its range)")
 
 
 def scale_array(values: np.ndarray, dtype: str, shape: tuple[int, ...], dim: int, vector: np.ndarray) -> np.ndarray:
     """Scale a whole tensor held in memory (flat raw view); returns a new array.
 
-    A convenience for verification and tests; the streaming path uses
-    :func:`scale_block` on bounded chunks instead.
+    A convenience for tests; the streaming path uses :func:`scale_block` on
+    bounded chunks instead.
     """
     out = np.array(values, dtype=NUMPY_DTYPES[dtype], copy=True).reshape(-1)
     scratch = Scratch()
     for seg in segments(shape, dim):
         scale_block(out[seg.start:seg.stop], dtype, seg, vector, scratch)
     return out
+
+
+def count_saturation(values: np.ndarray, dtype: str, shape: tuple[int, ...], dim: int,
+                     vector: np.ndarray) -> tuple[int, int]:
+    """``(became_inf, became_zero)`` for scaling a whole tensor held in memory (see :func:`scale_block`).
+
+    Example:
+        >>> w = np.array([60000.0, 1.0, 0.0, 1e-7], np.float16)
+        >>> count_saturation(w, "F16", (4,), 0, np.array([2, 2, 2, 0.1], np.float32))
+        (1, 1)
+    """
+    out = np.array(values, dtype=NUMPY_DTYPES[dtype], copy=True).reshape(-1)
+    scratch = Scratch()
+    inf = zero = 0
+    for seg in segments(shape, dim):
+        a, b = scale_block(out[seg.start:seg.stop], dtype, seg, vector, scratch)
+        inf, zero = inf + a, zero + b
+    return inf, zero

@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from gainsurgery import __version__
 from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.cards import CARD_NAME
-from gainsurgery.io.hashing import sha256_file
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.hashing import sha256_fileobj
+from gainsurgery.io.inputs import open_input, resolve_input, show_path
 from gainsurgery.io.safetensors import is_plain_file_name
 from gainsurgery.merge.plan import Plan
 
@@ -24,17 +26,27 @@ from gainsurgery.merge.plan import Plan
 PROVENANCE_NAME = "gainsurgery.json"
 #: Files an apply writes itself; a base's own copies are never carried over.
 OUTPUT_FILES = (PROVENANCE_NAME, CARD_NAME)
+#: Size limit of a provenance file we read back, in bytes.
+MAX_PROVENANCE_BYTES = 16 << 20
 
 
-def build_provenance(plan: Plan, base: Mapping[str, Any], shard_sha256: Mapping[str, str]) -> dict[str, Any]:
+def build_provenance(plan: Plan, base: Mapping[str, Any], shard_sha256: Mapping[str, str], *,
+                     saturation: Mapping[str, tuple[int, int]] | None = None, base_mismatch: Iterable[str] = (),
+                     unchecked: Iterable[str] = ()) -> dict[str, Any]:
     """The provenance record of an apply.
+
+    It is published with the merged model, so it names files by name and sha256,
+    never by local path.
 
     Args:
         plan: what was applied.
         base: what to record about the base (see :meth:`gainsurgery.sources.OpenedBase.provenance`).
         shard_sha256: shard name -> sha256 of the written shard.
+        saturation: tensor -> (weights that became ±inf, weights that became 0), when allowed.
+        base_mismatch: gains applied although their base fingerprint did not match (allowed).
+        unchecked: gains that carry no base fingerprint.
     """
-    return {
+    record: dict[str, Any] = {
         "tool": "gainsurgery",
         "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -48,31 +60,42 @@ def build_provenance(plan: Plan, base: Mapping[str, Any], shard_sha256: Mapping[
         "shards": {name: {"sha256": sha, "bytes": plan.base.shards[name].file_size}
                    for name, sha in shard_sha256.items()},
     }
+    if saturation:
+        record["saturation_allowed"] = {name: {"became_inf": a, "became_zero": b}
+                                        for name, (a, b) in sorted(saturation.items())}
+    if list(base_mismatch):
+        record["base_mismatch_allowed"] = list(base_mismatch)
+    if list(unchecked):
+        record["base_not_checked"] = list(unchecked)
+    return record
+
+
+def provenance_text(provenance: Mapping[str, Any]) -> str:
+    """The text of ``gainsurgery.json`` for ``provenance`` (one format, whether written or uploaded)."""
+    return json.dumps(provenance, indent=2) + "\n"
 
 
 def write_provenance(folder: Path, provenance: Mapping[str, Any]) -> Path:
-    """Write ``provenance`` into ``folder`` (a staging folder: it is fsynced with the rest)."""
+    """Write ``provenance`` into ``folder`` (a claimed temp folder: it is fsynced with the rest)."""
     path = Path(folder) / PROVENANCE_NAME
-    path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(provenance_text(provenance))
     return path
 
 
 def read_provenance(folder: Path) -> dict[str, Any] | None:
     """The provenance record of ``folder``, None when it has none.
 
+    Read as hostile input: a regular file inside the folder, JSON within limits.
+
     Raises:
-        CheckpointError: the file exists but is not a JSON object.
+        CheckpointError: the file is unsafe, not valid JSON or not an object.
     """
-    path = Path(folder) / PROVENANCE_NAME
-    if not path.is_file():
+    if resolve_input(folder, PROVENANCE_NAME, missing_ok=True, error=CheckpointError) is None:
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        value = None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: not valid JSON; refusing to push")
-    return value
+    with open_input(folder, PROVENANCE_NAME, error=CheckpointError) as f:
+        value = jsonsafe.load(f, where=PROVENANCE_NAME, error=CheckpointError, max_bytes=MAX_PROVENANCE_BYTES)
+    return jsonsafe.expect_object(value, where=PROVENANCE_NAME, error=CheckpointError)
 
 
 def check_recorded_shards(folder: Path, shard_names: list[str]) -> dict[str, Any] | None:
@@ -92,18 +115,19 @@ def check_recorded_shards(folder: Path, shard_names: list[str]) -> dict[str, Any
     provenance = read_provenance(folder)
     if provenance is None:
         return None
-    recorded = provenance.get("shards") or {}
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{folder / PROVENANCE_NAME}: not valid JSON; refusing to push")
+    shown = show_path(folder)
+    recorded = jsonsafe.Fields(provenance, where=PROVENANCE_NAME, error=CheckpointError).obj("shards", {})
+    recorded = recorded.value if isinstance(recorded, jsonsafe.Fields) else recorded
     for name in shard_names:
         if name not in recorded:
-            raise CheckpointError(f"{folder}: {PROVENANCE_NAME} records no sha256 for {name}; refusing to push")
+            raise CheckpointError(f"{shown}: {PROVENANCE_NAME} records no sha256 for {name}; refusing to push")
     for name, entry in recorded.items():
-        path = Path(folder) / name
-        if not is_plain_file_name(name) or not path.is_file():
-            raise CheckpointError(f"{folder}: shard {name} recorded in {PROVENANCE_NAME} is missing; "
+        if not is_plain_file_name(name) or resolve_input(folder, name, missing_ok=True, error=CheckpointError) is None:
+            raise CheckpointError(f"{shown}: shard {show_path(name)} recorded in {PROVENANCE_NAME} is missing; "
                                   "refusing to push an incomplete folder")
-        if not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
-            raise CheckpointError(f"{folder}: {name} does not match the sha256 in {PROVENANCE_NAME} "
+        with open_input(folder, name, error=CheckpointError) as f:
+            actual = sha256_fileobj(f)
+        if not isinstance(entry, dict) or actual != entry.get("sha256"):
+            raise CheckpointError(f"{shown}: {name} does not match the sha256 in {PROVENANCE_NAME} "
                                   "(modified or partly written?); refusing to push")
     return provenance

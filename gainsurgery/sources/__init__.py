@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
+from gainsurgery.errors import CheckpointError
 from gainsurgery.io.checkpoint import Checkpoint, open_checkpoint
+from gainsurgery.io.inputs import classify_base_spec, hf_cache_repo, show_path
 from gainsurgery.sources.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, resolve_embedded
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from gainsurgery.hub.refs import HubRef
     from gainsurgery.io.safetensors import Shard
     from gainsurgery.sources.remote import RemoteBase
+
 
 def is_embedded(spec: str) -> bool:
     """True when ``spec`` uses the ``embedded:`` scheme."""
@@ -36,16 +39,75 @@ def is_embedded(spec: str) -> bool:
 def resolve_base(spec: str | os.PathLike[str]) -> Path:
     """Turn a local BASE argument into a folder (converting an embedded model once).
 
-    ``embedded:NAME`` resolves to its cached folder; anything else is ``Path(spec)``.
+    ``embedded:NAME`` resolves to its cached folder; a local path to itself. A BASE
+    that reads like a Hub repo id is refused: the commands that need a local folder
+    (train, eval, export-peft, import-peft) never send it to the Hub.
+
+    Raises:
+        CheckpointError: empty, missing, or a Hub repo id.
+
+    Example:
+        >>> resolve_base("embedded:gemma-3-270m")  # doctest: +SKIP
+        PosixPath('/home/me/.cache/gainsurgery/embedded/gemma-3-270m')
     """
-    if is_embedded(str(spec)):
-        return resolve_embedded(str(spec)[len(EMBEDDED_PREFIX):])
-    return Path(spec)
+    kind = classify_base_spec(os.fspath(spec))
+    if kind.kind == "embedded":
+        return resolve_embedded(kind.name)  # type: ignore[arg-type]
+    if kind.kind == "hub":
+        raise CheckpointError(f"no such folder: {show_path(spec)} (this command reads a local folder or "
+                              f"embedded:NAME; download a Hub model first, e.g. hf download {kind.repo_id})")
+    return kind.path  # type: ignore[return-value]
 
 
 def open_base(spec: str | os.PathLike[str]) -> Checkpoint:
     """Resolve a local or embedded ``spec`` and open it as a checkpoint (headers validated)."""
     return open_checkpoint(resolve_base(spec))
+
+
+def local_folder_of(spec: str | os.PathLike[str] | None) -> Path | None:
+    """The local folder a BASE/MODEL argument is read from, without converting or downloading anything.
+
+    A local path as given; ``embedded:NAME``'s cache folder (whether converted yet or
+    not); None for a Hub repo, an empty or unusable spec. For keeping outputs away
+    from inputs before any work starts.
+
+    Example:
+        >>> local_folder_of("org/name") is None  # doctest: +SKIP
+        True
+    """
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.sources.embedded import embedded_dir
+
+    if spec is None:
+        return None
+    try:
+        kind = classify_base_spec(os.fspath(spec))
+    except GainSurgeryError:
+        return None  # reported when the base is opened
+    if kind.kind == "embedded":
+        return embedded_dir(kind.name)  # type: ignore[arg-type]
+    return kind.path if kind.kind == "local" else None
+
+
+def base_model_name(spec: str | os.PathLike[str]) -> str | None:
+    """What a gain file made from the base ``spec`` records as ``base_model``: never a local path.
+
+    A Hub repo id (a Hub base, or the repo of a Hugging Face cache snapshot), or
+    ``embedded:NAME``; None for any other local folder (its content is identified
+    by the gain's ``base_tensors_sha256`` instead; a path would say who and where
+    the user is, and a relative one reads like a Hub repo id in a card).
+
+    Example:
+        >>> base_model_name("embedded:gemma-3-270m"), base_model_name("/data/my-base")  # doctest: +SKIP
+        ('embedded:gemma-3-270m', None)
+    """
+    kind = classify_base_spec(os.fspath(spec))
+    if kind.kind == "embedded":
+        return kind.spec
+    if kind.kind == "hub":
+        return kind.repo_id
+    found = hf_cache_repo(kind.path)  # type: ignore[arg-type]
+    return found[0] if found else None
 
 
 def base_facts(spec: str | None) -> dict[str, Any] | None:
@@ -79,8 +141,22 @@ class OpenedBase:
 
     @property
     def label(self) -> str:
-        """The base as plans show it: the Hub reference, or the local folder."""
+        """The base as plans show it: the Hub reference, or the local folder (shown to the user only)."""
         return str(self.remote.ref) if self.remote is not None else str(self.checkpoint.folder)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub repo this base is, if known: a Hub base, or a Hugging Face cache snapshot's repo."""
+        if self.remote is not None:
+            return self.remote.ref.repo_id
+        if self.facts is None:
+            found = hf_cache_repo(self.checkpoint.folder)
+            return found[0] if found else None
+        return None
+
+    def local_inputs(self) -> list[Path]:
+        """The local folders this base is read from (an output must keep away from them)."""
+        return [] if self.remote is not None else [self.checkpoint.folder]
 
     def fetch_shard(self, shard: Shard) -> None:
         """Make ``shard.path`` readable before it is streamed (downloads it for a Hub base)."""
@@ -88,12 +164,21 @@ class OpenedBase:
             self.remote.fetch_shard(shard)
 
     def provenance(self) -> dict[str, Any]:
-        """What ``gainsurgery.json`` records about the base."""
+        """What ``gainsurgery.json`` records about the base.
+
+        Never an absolute local path (the record is published with the model): a Hub
+        base by repo, revision and commit; an embedded model by name, license and
+        upstream; a Hugging Face cache snapshot by its repo and commit; any other
+        local folder by its folder name only.
+        """
         if self.remote is not None:
             return self.remote.provenance()
-        out: dict[str, Any] = {"given": self.spec, "folder": str(self.checkpoint.folder.resolve())}
         if self.facts:
-            out.update({k: v for k, v in self.facts.items() if k not in ("embedded",)})
+            return {"given": self.spec, **{k: v for k, v in self.facts.items() if k != "embedded"}}
+        out: dict[str, Any] = {"local": Path(os.path.realpath(self.checkpoint.folder)).name}
+        found = hf_cache_repo(self.checkpoint.folder)
+        if found is not None:
+            out.update(hub=found[0], commit=found[1], via="local Hugging Face cache snapshot")
         return out
 
 
@@ -102,25 +187,30 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
                 skip_files: Collection[str] = ()) -> Iterator[OpenedBase]:
     """Open a local, embedded or Hub base: ``with opened_base(spec) as base: ...``.
 
-    For a Hub base (``spec`` is not a local path and reads ``org/name[@rev]``)
-    only headers and small files are read here, through ``hub`` (default: a
-    client for the Hub the environment names now); pass ``base.fetch_shard`` to
-    the streamer to download each shard as it is written. The staging folder is
-    removed when the block ends. ``skip_files``: top-level files of a Hub base
-    not to fetch.
+    What ``spec`` names is decided by :func:`gainsurgery.io.inputs.classify_base_spec`:
+    anything that looks like a local path (``./``, ``../``, ``/``, ``~``, or an
+    existing path) is local and never sent to the Hub; a missing one is "no such
+    folder". For a Hub base (``ORG/NAME[@REV]``, matched in full) only headers and
+    small files are read here, through ``hub`` (default: a client for the Hub the
+    environment names now); pass ``base.fetch_shard`` to the streamer to download
+    each shard as it is written. The staging folder is removed when the block ends.
+    ``skip_files``: top-level files of a Hub base not to fetch.
     """
-    from gainsurgery.hub.refs import parse_base_ref
-
-    spec = str(spec)
-    ref = parse_base_ref(spec)
-    if ref is None:
-        yield OpenedBase(spec, open_base(spec), None, base_facts(spec))
+    kind = classify_base_spec(str(spec))
+    if kind.kind == "local":
+        yield OpenedBase(str(spec), open_checkpoint(kind.path), None, None)  # type: ignore[arg-type]
+        return
+    if kind.kind == "embedded":
+        yield OpenedBase(str(spec), open_checkpoint(resolve_embedded(kind.name)), None,  # type: ignore[arg-type]
+                         base_facts(str(spec)))
         return
     from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.refs import HubRef
     from gainsurgery.sources.remote import open_remote_base
 
+    ref = HubRef(kind.repo_id, kind.revision)  # type: ignore[arg-type]
     with open_remote_base(ref, hub if hub is not None else HubClient.from_env(), skip_files) as remote:
-        yield OpenedBase(spec, remote.checkpoint, remote)
+        yield OpenedBase(str(spec), remote.checkpoint, remote)
 
 
 def fetch_gain_file(ref: HubRef, hub: HubClient) -> Path:
@@ -134,6 +224,9 @@ def fetch_gain_file(ref: HubRef, hub: HubClient) -> Path:
 def resolve_gain_specs(specs: Sequence[str | os.PathLike[str]], hub: HubClient | None = None
                        ) -> tuple[list[str], list[HubRef | None]]:
     """Local paths for GAIN arguments, downloading ``ORG/REPO[@REV]:path`` references.
+
+    A GAIN that exists locally, or reads like a local path, is a local file (never
+    sent to the Hub).
 
     Returns:
         (local paths, the Hub reference of each, None for local files).

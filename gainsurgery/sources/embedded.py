@@ -132,10 +132,14 @@ def _unknown_name_error(name: str) -> CheckpointError:
 
 def is_converted(folder: Path) -> bool:
     """True when ``folder`` holds a finished conversion of the current recipe."""
-    marker = folder / MARKER_NAME
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.io import jsonsafe
+    from gainsurgery.io.inputs import open_input
+
+    try:  # read like any input: a regular file inside the folder, JSON within limits
+        with open_input(folder, MARKER_NAME) as f:
+            info = jsonsafe.load(f, where=MARKER_NAME, max_bytes=1 << 20)
+    except (GainSurgeryError, OSError):
         return False
     return isinstance(info, dict) and info.get("conversion_version") == CONVERSION_VERSION
 

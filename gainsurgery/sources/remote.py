@@ -1,19 +1,22 @@
 """A Hub base, one shard at a time.
 
 :func:`open_remote_base` reads only the index, the small files and each shard's
-*header* (HTTP range requests) and lays them out in a staging folder as sparse
-stand-ins for the shards, so the ordinary
+*header* (HTTP range requests, read as a stream and hung up on when a server
+ignores ``Range``: a header never costs a whole shard) and lays them out in a
+staging folder as sparse stand-ins for the shards, so the ordinary
 :func:`~gainsurgery.io.checkpoint.open_checkpoint` validates them and
 :func:`~gainsurgery.merge.plan.make_plan` checks every gain key against every
 header before anything is downloaded or written. During the apply,
 :meth:`RemoteBase.fetch_shard` downloads each shard into the standard HF cache
-(resumable) just before it is streamed. Every request goes through the explicit
-:class:`~gainsurgery.hub.client.HubClient`.
+(resumable) just before it is streamed; :meth:`RemoteBase.download_shard` streams
+one into a private file instead (the Hub-to-Hub pipeline, which keeps no cache).
+Every request goes through the explicit :class:`~gainsurgery.hub.client.HubClient`.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,9 +27,13 @@ from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
 from gainsurgery.hub.refs import HubRef
-from gainsurgery.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
+                                      open_checkpoint)
+from gainsurgery.io.inputs import open_input
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
 
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
 #: Top-level non-weight files larger than this are not fetched with a Hub base.
@@ -48,6 +55,7 @@ class RemoteBase:
         checkpoint: the validated checkpoint; ``shards[name].path`` points at the
             stand-in until :meth:`fetch_shard` replaces it with the download.
         skipped: top-level non-weight files not fetched (too big), in bytes.
+        shard_sha256: shard name -> the sha256 the Hub lists for it (its LFS oid), when it lists one.
     """
 
     ref: HubRef
@@ -57,6 +65,7 @@ class RemoteBase:
     checkpoint: Checkpoint
     skipped: dict[str, int] = field(default_factory=dict)
     downloaded: list[Path] = field(default_factory=list)
+    shard_sha256: dict[str, str] = field(default_factory=dict)
 
     def fetch_shard(self, shard: Shard) -> None:
         """Download ``shard`` (HF cache, resumable) and point ``shard.path`` at it.
@@ -68,14 +77,37 @@ class RemoteBase:
         what = f"{self.ref.repo_id}@{self.commit[:12]}:{shard.name}"
         with hub_errors(what, "download", self.client.endpoint):
             local = self.client.download(self.ref.repo_id, shard.name, revision=self.commit)
-        if local.stat().st_size != shard.file_size:
-            raise CheckpointError(f"{what}: downloaded {local.stat().st_size} bytes, its header said "
-                                  f"{shard.file_size}; try again (the file changed?)")
-        with open(shard.path, "rb") as a, open(local, "rb") as b:
+        # The download sits in the HF cache (a snapshot link into blobs/): read it as an input of that folder.
+        with open(shard.path, "rb") as a, open_input(local.parent, local.name, error=CheckpointError) as b:
+            st = os.fstat(b.fileno())
+            if st.st_size != shard.file_size:
+                raise CheckpointError(f"{what}: downloaded {st.st_size} bytes, its header said "
+                                      f"{shard.file_size}; try again (the file changed?)")
             if a.read(shard.data_start) != b.read(shard.data_start):
                 raise CheckpointError(f"{what}: downloaded header differs from the one planned from")
         shard.path = local
+        shard.identity = (st.st_dev, st.st_ino)
         self.downloaded.append(local)
+
+    def download_shard(self, shard: Shard, dest: Path, **kwargs: Any) -> None:
+        """Stream ``shard`` into the new file ``dest`` (not the HF cache), checked against the Hub's sha256.
+
+        Keyword arguments go to :func:`~gainsurgery.hub.transfer.download_file`
+        (``arrival``, ``progress``, ``stop``). The header is compared with the planned
+        one as soon as it has arrived.
+
+        Raises:
+            HubError, CheckpointError: see :func:`~gainsurgery.hub.transfer.download_file`.
+        """
+        from gainsurgery.hub.transfer import download_file
+
+        download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest, size=shard.file_size,
+                      sha256=self.shard_sha256.get(shard.name), **kwargs)
+
+    def planned_header(self, shard: Shard) -> bytes:
+        """The header bytes (length prefix included) the plan was made from."""
+        with open(self.staging / shard.name, "rb") as f:
+            return f.read(shard.data_start)
 
     def provenance(self) -> dict[str, Any]:
         """What to record about this base in ``gainsurgery.json``."""
@@ -118,6 +150,9 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
         commit = info.sha
         entries = [e for e in client.api.list_repo_tree(ref.repo_id, revision=commit) if isinstance(e, RepoFile)]
     sizes = {e.path: e.size for e in entries}
+    # The Hub's word on each LFS file's sha256: a download is checked against it (kept only when it is a hex sha256).
+    lfs_sha = {e.path: e.lfs.sha256 for e in entries if e.lfs is not None and isinstance(e.lfs.sha256, str)
+               and _HEX64.fullmatch(e.lfs.sha256)}
     staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
     remote = None
     try:
@@ -126,8 +161,8 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
                 raise CheckpointError(f"{ref}: {INDEX_NAME} is absurdly large ({sizes[INDEX_NAME]} bytes)")
             with hub_errors(f"{ref}:{INDEX_NAME}", "download", client.endpoint):
                 index_path = client.download(ref.repo_id, INDEX_NAME, revision=commit)
-            shutil.copyfile(index_path, staging / INDEX_NAME)
-            shard_names = _index_shards(staging / INDEX_NAME, ref)
+            _copy_download(index_path, staging / INDEX_NAME)
+            shard_names = _index_shards(staging, ref)
         elif SINGLE_NAME in sizes:
             shard_names = [SINGLE_NAME]
         else:
@@ -141,32 +176,40 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
         skipped = {}
         for path, size in sorted(sizes.items()):
             if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
-                    or path in shard_names):
+                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")):
                 continue
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
                 continue
             with hub_errors(f"{ref}:{path}", "download", client.endpoint):
                 local = client.download(ref.repo_id, path, revision=commit)
-            shutil.copyfile(local, staging / path)
-        remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped)
+            _copy_download(local, staging / path)
+        remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped,
+                            shard_sha256={n: lfs_sha[n] for n in shard_names if n in lfs_sha})
         return remote
     finally:
         if remote is None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _index_shards(index_path: Path, ref: HubRef) -> list[str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        raise CheckpointError(f"{ref}: {INDEX_NAME} is not valid JSON") from None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{ref}: {INDEX_NAME} has no 'weight_map' object")
+def _copy_download(local: Path, dst: Path) -> None:
+    """Copy a file downloaded into the HF cache into our staging folder, reading it safely."""
+    with open_input(local.parent, local.name, error=CheckpointError) as src, open(dst, "xb") as out:
+        shutil.copyfileobj(src, out)
+
+
+def _index_shards(staging: Path, ref: HubRef) -> list[str]:
+    with open_input(staging, INDEX_NAME, error=CheckpointError) as f:
+        raw = jsonsafe.load(f, where=f"{ref}: {INDEX_NAME}", error=CheckpointError, max_bytes=MAX_INDEX_BYTES,
+                            max_depth=8)
+    weight_map = jsonsafe.Fields(raw, where=f"{ref}: {INDEX_NAME}", error=CheckpointError).str_map("weight_map")
+    if not weight_map:
+        raise CheckpointError(f"{ref}: {INDEX_NAME} has no tensors in its weight_map")
     names = list(dict.fromkeys(weight_map.values()))
     for name in names:  # before we create files named after them
         if not is_plain_file_name(name) or not str(name).endswith(".safetensors"):
-            raise CheckpointError(f"{ref}: {INDEX_NAME} names shard {name!r}, not a plain .safetensors file name")
+            raise CheckpointError(f"{ref}: {INDEX_NAME} names shard {name[:80]!r}, not a plain .safetensors "
+                                  "file name")
     return names
 
 
@@ -177,22 +220,11 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
     but drops the header length and padding, which the byte offsets depend on;
     we keep the raw bytes and let :mod:`gainsurgery.io.checkpoint` validate them.
     """
-    from huggingface_hub.utils import hf_raise_for_status, http_backoff
+    from gainsurgery.hub.transfer import read_range
 
     url = client.file_url(ref.repo_id, name, revision=commit)
-    headers = client.headers()
     what = f"{ref}:{name}"
-
-    def get(first: int, last: int) -> bytes:
-        with hub_errors(what, "read the header of", client.endpoint):
-            response = http_backoff("GET", url, headers={**headers, "Range": f"bytes={first}-{last}"})
-            hf_raise_for_status(response)
-        body = response.content
-        if response.status_code == 200:  # server ignored Range: it sent the whole file
-            body = body[first:last + 1]
-        return body
-
-    head = get(0, HEADER_PROBE_BYTES - 1)
+    head = read_range(client, url, 0, min(size, HEADER_PROBE_BYTES) - 1, what=what) if size else b""
     if len(head) < 8:
         raise CheckpointError(f"{what}: truncated (shorter than the 8-byte header length)")
     header_len = int.from_bytes(head[:8], "little")
@@ -201,7 +233,9 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
     if 8 + header_len > size:
         raise CheckpointError(f"{what}: truncated (header claims {header_len} bytes, file has {size})")
     if len(head) < 8 + header_len:
-        head += get(len(head), 8 + header_len - 1)
+        head += read_range(client, url, len(head), 8 + header_len - 1, what=what)
+    if len(head) < 8 + header_len:
+        raise CheckpointError(f"{what}: the Hub sent {len(head)} bytes of a {8 + header_len}-byte header; try again")
     with open(dst, "wb") as f:
         f.write(head[: 8 + header_len])
         f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard

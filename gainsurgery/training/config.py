@@ -15,8 +15,10 @@ lr (5e-4 for short runs); IA3 vectors are gains too (5e-3).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import TrainingError
@@ -74,6 +76,8 @@ class TrainConfig:
             None: every linear layer but the head.
         init_adapter: a PEFT adapter folder to continue training (``lora``/``ia3``) instead
             of a fresh adapter.
+        overwrite: replace an existing output folder (``lora``/``ia3``/``full``); a gain
+            file (a plain ``-o`` file) is always replaced.
         progress: show a progress bar.
 
     Example:
@@ -112,6 +116,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_targets: list[str] | None = None
     init_adapter: str | None = None
+    overwrite: bool = False
     progress: bool = True
 
     @property
@@ -119,11 +124,41 @@ class TrainConfig:
         """The peak learning rate: ``lr``, or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
+    @property
+    def writes_folder(self) -> bool:
+        """True when the output is a folder (an adapter or a checkpoint), False for a gain file."""
+        return self.method not in GAIN_METHODS
+
+    def inputs(self) -> list[str]:
+        """Every path the run reads: the base folder, data, validation data, resume file, adapter.
+
+        An output (``-o``, the log) is never, never holds and never lies inside any
+        of them. An embedded base counts as its cache folder (not converted here).
+        """
+        from gainsurgery.sources import local_folder_of
+
+        base = local_folder_of(self.base)
+        found = [str(base)] if base is not None else []
+        found += [str(p) for p in (*self.data, *self.eval_data, self.resume, self.init_adapter) if p]
+        return found
+
+    def log_path(self) -> Path:
+        """Where the JSON-lines training log goes: ``log``, else beside the output."""
+        if self.log:
+            return Path(self.log)
+        out = Path(self.output)
+        return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")
+
     def validate(self) -> None:
         """Refuse options that cannot work, before any model is loaded.
 
+        The output and the log are checked with :func:`gainsurgery.io.outputs.check_output`:
+        never ``""``, ``.``, the current or home folder, never an input (the base,
+        data files...) nor inside or around one; a gain file's ``-o`` is never a folder.
+
         Raises:
-            TrainingError: unknown method or schedule, bad counts, no data, unusable output path.
+            TrainingError: unknown method or schedule, bad counts, no data.
+            OutputError: an unusable output or log path.
         """
         if self.method not in METHODS:
             raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -147,11 +182,48 @@ class TrainConfig:
             raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
-        out = Path(self.output)
-        if not out.resolve().parent.is_dir():
-            raise TrainingError(f"the folder for -o does not exist: {out.resolve().parent}")
-        if self.method in GAIN_METHODS and out.is_dir():
-            raise TrainingError(f"-o {out} is a folder; gain methods write a .safetensors file")
+        from gainsurgery.io.outputs import check_apart, check_output
+
+        inputs = self.inputs()
+        check_output(self.output, inputs=inputs, kind="folder" if self.writes_folder else "file",
+                     overwrite=self.overwrite, what="-o")
+        # Each output is written on its own terms: none is, holds or lies inside another.
+        check_apart([("-o", self.output), ("the training log", self.log_path()),
+                     ("--checkpoint-dir", self.checkpoint_folder() if self.save_every else None)])
+        check_output(self.log_path(), inputs=[*inputs, self.output], kind="file", what="the training log")
+        if self.save_every:
+            self.check_checkpoint_folder()
+
+    def check_checkpoint_folder(self, extra_inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+        """Check the checkpoint folder as an output (:func:`gainsurgery.io.outputs.check_output`); return it.
+
+        It is never, never holds and never lies inside an input (the base, data...,
+        and ``extra_inputs``: the base's resolved folder once known). One input is
+        exempt: the checkpoint this run resumes from when it is this very folder or one
+        of its ``step-*`` folders — continuing a run in its own checkpoint folder is what
+        ``--resume CHECKPOINT_DIR --save-every N`` is for (the checkpoint is read whole
+        before anything is written there).
+
+        Raises:
+            TrainingError: an unusable checkpoint folder.
+        """
+        from gainsurgery.io.outputs import check_output
+
+        own = self._resumes_own_checkpoint()
+        inputs = [p for p in self.inputs() if not (own and p == str(self.resume))]
+        return check_output(self.checkpoint_folder(), inputs=[*inputs, *extra_inputs], kind="folder",
+                            overwrite=True, what="--checkpoint-dir", error=TrainingError)
+
+    def _resumes_own_checkpoint(self) -> bool:
+        """True when ``resume`` is the checkpoint folder itself or one of its ``step-*`` folders."""
+        from gainsurgery.io.outputs import output_path
+        from gainsurgery.training.state import is_step_name
+
+        if not self.resumes_checkpoint:
+            return False
+        resumed = Path(os.path.realpath(self.resume))  # type: ignore[arg-type]
+        folder = Path(os.path.realpath(output_path(self.checkpoint_folder())))
+        return resumed == folder or (resumed.parent == folder and is_step_name(resumed.name))
 
     @property
     def resumes_checkpoint(self) -> bool:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from gainsurgery.errors import DataError
-from gainsurgery.io.atomic import iter_jsonl
+from gainsurgery.io import jsonsafe
 from gainsurgery.io.hashing import sha256_files
+from gainsurgery.io.inputs import open_regular, show_path
 
 #: Documents inside a .txt file are separated by two blank lines (the corpora of gainsurgery_lab write them so).
 DOC_SEPARATOR = "\n\n\n"
@@ -23,35 +24,55 @@ DOC_SEPARATOR = "\n\n\n"
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Read documents from .txt (split on two blank lines), .jsonl/.json (one
-    object per line, ``text_field``) or .parquet (column ``text_field``)."""
+    object per line, ``text_field``) or .parquet (column ``text_field``).
+
+    The file is opened without blocking (a FIFO or device is refused, see
+    :func:`gainsurgery.io.inputs.open_regular`); each JSON line is parsed within
+    limits (:func:`gainsurgery.io.jsonsafe.iter_jsonl`).
+
+    Raises:
+        DataError: missing, unreadable, malformed, or holding no text.
+
+    Example:
+        >>> len(read_documents("legal/train.txt"))  # doctest: +SKIP
+        412
+    """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
+    shown = show_path(p)
+    if not p.exists():
+        raise DataError(f"data file not found: {shown}")
     suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        docs = []
-        for lineno, obj in iter_jsonl(p, DataError):
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{p}:{lineno}: no string field {text_field!r} (use --text-field)")
-            docs.append(obj[text_field])
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:  # pragma: no cover - pyarrow is a dependency
-            raise DataError("reading parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(p)
-        if text_field not in table.column_names:
-            raise DataError(f"{p}: no column {text_field!r} (columns: {table.column_names}; use --text-field)")
-        docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
-    else:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{p}: not UTF-8 text") from None
-        docs = [d for d in text.split(DOC_SEPARATOR)]
+    with open_regular(p, error=DataError) as f:
+        if suffix in (".jsonl", ".json"):
+            docs = []
+            for lineno, obj in jsonsafe.iter_jsonl(f, where=shown, error=DataError):
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    raise DataError(f"{shown}:{lineno}: no string field {text_field!r} (use --text-field)")
+                docs.append(obj[text_field])
+        elif suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:  # pragma: no cover - pyarrow is a dependency
+                raise DataError("reading parquet needs pyarrow: pip install pyarrow") from None
+            try:
+                table = pq.read_table(f)
+            except Exception as exc:  # pyarrow raises its own family for a corrupt file
+                raise DataError(f"{shown}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+            if text_field not in table.column_names:
+                raise DataError(f"{shown}: no column {text_field!r} (columns: {table.column_names}; use --text-field)")
+            docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+        else:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{shown}: not UTF-8 text") from None
+            # Universal newlines, as text mode reads: a CRLF file splits into the same documents
+            # (and the streamed reader, which ends lines at \n or \r\n, finds the same ones).
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            docs = [d for d in text.split(DOC_SEPARATOR)]
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
-        raise DataError(f"{p}: holds no text")
+        raise DataError(f"{shown}: holds no text")
     return docs
 
 

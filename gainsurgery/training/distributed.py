@@ -24,9 +24,13 @@ see docs/training.md for what that means for 1B/8B/70B models.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from gainsurgery.errors import TrainingError
+from gainsurgery.errors import GainSurgeryError, TrainingError
+
+T = TypeVar("T")
+#: Longest failure message passed from the main process to the others, in bytes.
+MAX_MESSAGE_BYTES = 4096
 
 
 def world_size() -> int:
@@ -62,6 +66,65 @@ def average_gradients(params: Sequence[Any]) -> None:
         for p in group:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
+
+
+def on_main_process(is_main: bool, device: Any, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on the main process only; every process then goes on together, or stops together.
+
+    Outputs are the main process's job (claiming ``-o``, locking the checkpoint folder,
+    opening the log, writing a checkpoint, saving the result). If that fails there, the
+    other processes must not walk on into the next collective and die on a closed
+    connection with a traceback: the outcome is broadcast from the main process (a
+    one-line message as UTF-8 bytes in a tensor; nothing is pickled) and every other
+    process raises :class:`TrainingError` with the same message, so each one ends with
+    one line. The call is also a barrier behind the main process.
+
+    Returns ``fn()`` on the main process, None elsewhere; with one process it is just ``fn()``.
+
+    Example:
+        >>> log = on_main_process(accelerator.is_main_process, accelerator.device,
+        ...                       lambda: open_log_file(path))  # doctest: +SKIP
+    """
+    failure: BaseException | None = None
+    result: T | None = None
+    if is_main:
+        try:
+            result = fn()
+        except BaseException as exc:  # told to the others below, then raised here as it was
+            failure = exc
+    if world_size() > 1:
+        message = None if failure is None else _one_line(failure)
+        shared = _broadcast_text(message if is_main else None, device, is_main)
+        if not is_main and shared is not None:
+            raise TrainingError(f"stopped: the main process failed: {shared}")
+    if failure is not None:
+        raise failure
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, GainSurgeryError):
+        return str(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _broadcast_text(text: str | None, device: Any, is_main: bool) -> str | None:
+    """Send ``text`` (or None) from process 0 to every process; return what process 0 sent."""
+    import torch
+    import torch.distributed as dist
+
+    data = b"" if text is None else text.encode("utf-8", "replace")[:MAX_MESSAGE_BYTES]
+    head = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(head, src=0)
+    n = int(head.item())
+    if n < 0:
+        return None
+    body = torch.zeros(max(n, 1), dtype=torch.uint8, device=device)
+    if is_main and n:
+        body[:n] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    dist.broadcast(body, src=0)
+    return bytes(body[:n].cpu().tolist()).decode("utf-8", "replace")
 
 
 def layer_classes(model: Any) -> set[str]:

@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from gainsurgery.errors import GainSurgeryError
-from gainsurgery.io.atomic import iter_jsonl
+from gainsurgery.errors import DataError
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.inputs import open_regular, show_path
 from gainsurgery.training.data import Windows, adds_bos
 
 
@@ -47,20 +48,31 @@ def perplexity(model: Any, windows: Windows, batch_size: int = 8, device: Any = 
 
 
 def read_yesno(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """Items with ``passage``, ``question`` and ``answer`` ("yes"/"no"), one JSON object per line."""
+    """Items with ``passage``, ``question`` and ``answer`` ("yes"/"no"), one JSON object per line.
+
+    Read as hostile input: opened without blocking, each line parsed within limits,
+    every field a string.
+
+    Raises:
+        DataError: one line naming the file and line.
+    """
     items = []
     p = Path(path)
-    if not p.is_file():
-        raise GainSurgeryError(f"yes/no file not found: {p}")
-    for lineno, obj in iter_jsonl(p, GainSurgeryError):
-        answer = str(obj.get("answer", "")).strip().lower() if isinstance(obj, dict) else ""
-        if answer not in ("yes", "no") or not obj.get("question"):
-            raise GainSurgeryError(f"{p}:{lineno}: needs 'question' and an 'answer' of yes/no")
-        items.append({"passage": str(obj.get("passage", "")), "question": str(obj["question"]), "answer": answer})
-        if limit is not None and len(items) >= limit:
-            break
+    shown = show_path(p)
+    if not p.exists():
+        raise DataError(f"yes/no file not found: {shown}")
+    with open_regular(p, error=DataError) as f:
+        for lineno, obj in jsonsafe.iter_jsonl(f, where=shown, error=DataError):
+            row = jsonsafe.Fields(obj, where=f"{shown}:{lineno}", error=DataError)
+            question = row.str("question", "")
+            answer = row.str("answer", "").strip().lower()
+            if answer not in ("yes", "no") or not question:
+                raise DataError(f"{shown}:{lineno}: needs 'question' and an 'answer' of yes/no")
+            items.append({"passage": row.str("passage", ""), "question": question, "answer": answer})
+            if limit is not None and len(items) >= limit:
+                break
     if not items:
-        raise GainSurgeryError(f"{p}: no yes/no items")
+        raise DataError(f"{shown}: no yes/no items")
     return items
 
 

@@ -30,8 +30,10 @@ Without any of them, one process in float32 computes exactly what it always did
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,11 +41,15 @@ from typing import Any
 
 from gainsurgery.architectures import Target, model_type_of, num_layers, resolve_targets
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
-from gainsurgery.errors import TrainingError
+from gainsurgery.errors import CheckpointError, TrainingError
 from gainsurgery.extras import require_extra
-from gainsurgery.io.atomic import write_json, write_text
-from gainsurgery.io.checkpoint import fingerprint, open_checkpoint
-from gainsurgery.sources import resolve_base
+from gainsurgery.gainfile import BASE_TENSORS_KEY
+from gainsurgery.io.checkpoint import copy_extra_files, fingerprint, open_checkpoint
+from gainsurgery.io.fingerprint import base_tensors_sha256
+from gainsurgery.io.hashing import file_records
+from gainsurgery.io.inputs import check_input_folder
+from gainsurgery.io.outputs import claim_folder, lock_output, open_log_file, write_file, write_json
+from gainsurgery.sources import base_model_name, resolve_base
 from gainsurgery.training.config import TrainConfig, TrainResult
 from gainsurgery.training.data import fingerprint_files, pack, read_documents
 from gainsurgery.training.hooks import GainHooks
@@ -81,6 +87,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     require_extra("train", "train()")
     cfg.validate()
+    with contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
+        return _train(cfg, outputs)
+
+
+def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, gather_object, set_seed
@@ -110,17 +121,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.batch_size % world:
         raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by the "
                             f"{world} processes (it is the global batch)")
-    resume_record, resume_tensors, resume_folder = None, None, None
-    if cfg.resumes_checkpoint:
+    resume_record, resume_tensors, resume_folder, resumed = None, None, None, None
+    if cfg.resumes_checkpoint:  # an input folder, read whole now (before anything is written)
         resume_folder = state.find_checkpoint(cfg.resume)
-        resume_record, resume_tensors = state.load(resume_folder)
+        resume_record, resume_tensors, state_sha = state.load(resume_folder)
+        resumed = state.describe(resume_folder, resume_record["step"], state_sha)
+    start_step = resume_record["step"] if resume_record is not None else 0
     set_seed(cfg.seed)
     folder = resolve_base(cfg.base)
-    if cfg.save_every:  # a new output: the trust rules of every output hold for it too
-        from gainsurgery.io.outputs import check_output
-
-        check_output(cfg.checkpoint_folder(), inputs=[folder, *cfg.data], kind="folder", overwrite=True,
-                     what="--checkpoint-dir", error=TrainingError)
+    if cfg.save_every:  # checked in validate(); again now that the base's own folder is known
+        cfg.check_checkpoint_folder(extra_inputs=[folder])
+    # transformers opens the folder's files by name: every one is checked first (no link out,
+    # no FIFO), and the index, headers and config.json are validated.
+    check_input_folder(folder, error=CheckpointError)
+    base_ckpt = open_checkpoint(folder)
     tokenizer = load_tokenizer(folder)
     share = cfg.batch_size // world
     if cfg.streaming:
@@ -140,6 +154,30 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "data_fingerprint": data_fingerprint}
     if resume_record is not None:  # before the model loads: a mismatch is the user's to fix, fast
         state.check_compatible(resume_record, settings, resume_folder)
+
+    def open_outputs() -> tuple[Any, Any]:
+        # Every output is held for the whole run, so a second run into the same -o, log or
+        # checkpoint folder fails at once instead of interleaving with this one. A folder output
+        # (adapter, checkpoint) is claimed (lock + marked temp folder) and published at the end;
+        # a failed run leaves nothing. A resumed run's log loses the steps it will write again.
+        claim = None
+        if cfg.writes_folder:
+            claim = outputs.enter_context(claim_folder(cfg.output, inputs=cfg.inputs(), overwrite=cfg.overwrite,
+                                                       what="-o"))
+        else:
+            outputs.enter_context(lock_output(cfg.output, what="-o"))
+        outputs.enter_context(lock_output(cfg.log_path(), what="the training log"))
+        if cfg.save_every:
+            outputs.callback(state.CheckpointLock(cfg.checkpoint_folder()).release)
+        log_inputs = [*cfg.inputs(), cfg.output]
+        if start_step:
+            _trim_log(cfg.log_path(), start_step, log_inputs)
+        log = outputs.enter_context(open_log_file(cfg.log_path(), inputs=log_inputs, what="the training log",
+                                                  append=bool(start_step)))
+        return claim, log
+
+    # Outputs are the main process's; if claiming them fails, every process stops with its message.
+    claim, log = distributed.on_main_process(accelerator.is_main_process, device, open_outputs) or (None, None)
     names = [_eval_name(p) for p in cfg.eval_data]
     if len(set(names)) < len(names):
         names = [str(p) for p in cfg.eval_data]
@@ -155,11 +193,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         pass
     elif cfg.method in GAIN_METHODS:
         targets, ckpt = resolve_gain_targets(folder, cfg.method, cfg.side)
+        # The gain knows its base: the target tensors' bytes, hashed now that the base is read.
+        base_sha = base_tensors_sha256(ckpt, [t.key for t in targets]) if accelerator.is_main_process else None
         init = None
         if cfg.resume and not cfg.resumes_checkpoint:
             from gainsurgery.gainfile import load
 
             init = load(cfg.resume, allow_negative=True)
+            recorded = init.metadata.get(BASE_TENSORS_KEY)
+            if recorded and base_sha and recorded != base_sha:
+                raise TrainingError(f"--resume {Path(cfg.resume).name} was trained on other base weights than "
+                                    f"{Path(str(folder)).name} (base_tensors_sha256 differs); continue it on "
+                                    "the base it was trained on")
         adapter = GainHooks.trainable(model, targets, init)
     else:
         model = _peft_model(model, cfg)
@@ -191,20 +236,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 scaler.load_state_dict(resume_record["scaler"])
             data_pos = resume_record["data"]
             batches.restore(data_pos["processes"][rank] if cfg.streaming else data_pos)
-            step, evals = int(resume_record["step"]), list(resume_record.get("evals", []))
+            step, evals = start_step, list(resume_record.get("evals", []))
             last_loss = float(resume_record.get("last_loss", last_loss))
             elapsed = float(resume_record.get("seconds", 0))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise TrainingError(f"--resume {resume_folder}: the checkpoint is damaged ({type(exc).__name__}: "
                                 f"{str(exc)[:120]})") from None
-    start_step = step
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
-
-    lock = state.CheckpointLock(cfg.checkpoint_folder()) if cfg.save_every and accelerator.is_main_process else None
-    log_path = Path(cfg.log) if cfg.log else _default_log(cfg.output)
-    if start_step and accelerator.is_main_process:
-        _trim_log(log_path, start_step)
-    log = open(log_path, "a" if start_step else "w", encoding="utf-8") if accelerator.is_main_process else None
     if log:
         log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,
                               "gradient_checkpointing": checkpointing, "streaming": cfg.streaming,
@@ -227,13 +265,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     def save_checkpoint(at: int) -> None:
         data_pos = ({"processes": gather_object([batches.position()]) if world > 1 else [batches.position()]}
                     if cfg.streaming else batches.position())
-        if accelerator.is_main_process:
-            record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
-                      "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
-                      "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3),
-                      "evals": evals}
-            state.save(cfg.checkpoint_folder(), at, named_trainable, optimizer, record)
-        accelerator.wait_for_everyone()
+        record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
+                  "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3), "evals": evals}
+        distributed.on_main_process(accelerator.is_main_process, device, lambda: state.save(
+            cfg.checkpoint_folder(), at, named_trainable, optimizer, record))
 
     from tqdm import tqdm
 
@@ -290,45 +326,56 @@ def train(cfg: TrainConfig) -> TrainResult:
     done = step - start_step
     result = TrainResult(cfg.output, cfg.method, n_trainable, step, last_loss, seconds, seconds / max(done, 1),
                          step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals, param_bytes, start_step)
-    if accelerator.is_main_process:
-        training_meta = {k: v for k, v in asdict(cfg).items()
-                         if k not in ("progress", "output", "log", "checkpoint_dir", "save_every")}
+
+    def save_outputs() -> None:
+        training_meta = _shared_settings(cfg, resumed)
         training_meta.update(lr=cfg.learning_rate, data_fingerprint=data_fingerprint, mixed_precision=mode,
                              final_loss=last_loss, seconds=round(elapsed + seconds, 1), tokens=result.tokens,
                              processes=world, windows=n_windows, bos_first=bos_first)
         if adapter is not None:
-            gain = adapter.gain_file({"method": cfg.method, "side": cfg.side, "base_model": cfg.base,
-                                      "base_fingerprint": fingerprint(ckpt), "training": training_meta,
-                                      "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"})
-            gain.save(cfg.output)
-        elif cfg.method == "full":
-            _save_full(model, folder, Path(cfg.output))
-            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
+            meta = {"method": cfg.method, "side": cfg.side, "base_model": base_model_name(cfg.base),
+                    "base_fingerprint": fingerprint(ckpt), BASE_TENSORS_KEY: base_sha, "training": training_meta,
+                    "description": f"GAIN ({cfg.method}) trained on {', '.join(Path(d).name for d in cfg.data)}"}
+            gain = adapter.gain_file({k: v for k, v in meta.items() if v is not None})
+            gain.save(cfg.output, inputs=cfg.inputs())
         else:
-            model.save_pretrained(cfg.output)
-            write_json(Path(cfg.output) / "gainsurgery_training.json", training_meta)
-    accelerator.wait_for_everyone()
-    if lock is not None:  # on an error, the lock goes with the frame (CheckpointLock.__del__)
-        lock.release()
+            if cfg.method == "full":
+                _save_full(model, base_ckpt, claim.tmp)
+            else:
+                model.save_pretrained(claim.tmp)
+            write_json(claim.tmp / "gainsurgery_training.json", training_meta)
+            claim.publish()
+
+    distributed.on_main_process(accelerator.is_main_process, device, save_outputs)
     return result
 
 
-def _trim_log(path: Path, step: int) -> None:
+def _trim_log(path: Path, step: int, inputs: list[str]) -> None:
     """Drop the log lines of steps after ``step`` (a killed run went past its last checkpoint).
 
-    The resumed run writes those steps again; without this they would appear twice.
+    The resumed run writes those steps again; without this they would appear twice. The
+    old log is read like any file someone else may have swapped (no FIFO, nothing under
+    ``/proc``) and rewritten through the output helper (checked against ``inputs``,
+    atomic, never through a link). A link at the log's name is left for
+    :func:`~gainsurgery.io.outputs.open_log_file` to refuse.
     """
-    if not path.is_file():
+    from gainsurgery.io import jsonsafe
+    from gainsurgery.io.inputs import open_regular
+
+    if not os.path.lexists(path) or os.path.islink(path):
         return
+    with open_regular(path, error=TrainingError) as f:
+        text = f.read().decode("utf-8", errors="replace")
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
+            row = jsonsafe.loads(line, where="the training log", error=TrainingError)
+        except TrainingError:  # a line cut by the kill
             continue
         if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] <= step:
             kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
+    write_file(path, "".join(line + "\n" for line in kept), inputs=inputs, what="the training log",
+               error=TrainingError)
 
 
 def _enable_activation_checkpointing(model: Any) -> None:
@@ -347,17 +394,36 @@ def _has_accelerator() -> bool:
     return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
-def _save_full(model: Any, base_folder: Path, out: Path) -> None:
-    """A fully fine-tuned model as a checkpoint folder in the base's dtype, with the base's non-weight files."""
-    import shutil
+def _shared_settings(cfg: TrainConfig, resumed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's settings as the output records them: files by name and sha256, never by local path.
 
+    ``resumed``: the checkpoint a run continued from (:func:`~gainsurgery.training.state.describe`:
+    its ``step-*`` name, step and state hash); a gain file given to ``--resume`` is a file record.
+    Where checkpoints were written is the user's business, not the output's.
+    """
+    meta = {k: v for k, v in asdict(cfg).items()
+            if k not in ("progress", "output", "log", "base", "data", "eval_data", "resume", "init_adapter",
+                         "overwrite", "checkpoint_dir")}
+    meta["base"] = base_model_name(cfg.base)
+    meta["data"] = file_records(cfg.data)
+    meta["eval_data"] = file_records(cfg.eval_data)
+    if resumed is not None:
+        meta["resume"] = resumed
+    elif cfg.resume:
+        meta["resume"] = file_records([cfg.resume])[0]
+    if cfg.init_adapter:
+        meta["init_adapter"] = Path(cfg.init_adapter).name
+    return meta
+
+
+def _save_full(model: Any, base: Any, out: Path) -> None:
+    """A fully fine-tuned model as a checkpoint folder in the base's dtype, with the base's non-weight files."""
     from gainsurgery.merge.provenance import OUTPUT_FILES
     from gainsurgery.training.modeling import checkpoint_dtype, torch_dtype
 
-    model.to(torch_dtype(checkpoint_dtype(base_folder))).save_pretrained(out)
-    for extra in open_checkpoint(base_folder).extra_files(skip=OUTPUT_FILES):
-        if not (out / extra.name).exists():  # tokenizer, generation config, license...
-            shutil.copyfile(extra, out / extra.name)
+    model.to(torch_dtype(checkpoint_dtype(base.folder))).save_pretrained(out)
+    # tokenizer, generation config, license... (those save_pretrained wrote are kept), read safely
+    copy_extra_files(base, out, skip=OUTPUT_FILES, keep_existing=True)
 
 
 def _peft_model(model: Any, cfg: TrainConfig):
@@ -398,6 +464,3 @@ def _eval_name(path: str) -> str:
     return p.parent.name if p.stem in generic and p.parent.name else p.stem
 
 
-def _default_log(output: str) -> Path:
-    out = Path(output)
-    return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")

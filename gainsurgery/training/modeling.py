@@ -8,12 +8,16 @@ commands never pay for them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from gainsurgery.errors import CheckpointError
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.checkpoint import CONFIG_NAME, open_checkpoint
+from gainsurgery.io.inputs import check_input_folder, open_input, resolve_input, show_path
 from gainsurgery.sources import resolve_base
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -38,13 +42,18 @@ def checkpoint_dtype(folder: Path) -> str:
 
 def is_peft_adapter(folder: Path) -> bool:
     """True when ``folder`` holds a PEFT adapter rather than a full checkpoint."""
-    return (Path(folder) / "adapter_config.json").is_file()
+    return resolve_input(folder, ADAPTER_CONFIG, missing_ok=True, error=CheckpointError) is not None
 
 
 def load_tokenizer(folder: Path):
-    """The tokenizer saved with a checkpoint (refuses folders without one)."""
+    """The tokenizer saved with a checkpoint (refuses folders without one).
+
+    transformers reads the tokenizer files by name, so every file of the folder is
+    checked first (:func:`gainsurgery.io.inputs.check_input_folder`).
+    """
     from transformers import AutoTokenizer
 
+    check_input_folder(folder, error=CheckpointError)
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -52,11 +61,18 @@ def load_tokenizer(folder: Path):
 
 
 def load_causal_lm(folder: Path, dtype: str = "float32"):
-    """A causal LM from a local checkpoint folder, in eval mode."""
+    """A causal LM from a local checkpoint folder, in eval mode.
+
+    Before transformers opens anything, every file of the folder is checked (no
+    link out, no FIFO) and the index, every header and config.json are validated
+    (:func:`gainsurgery.io.checkpoint.open_checkpoint`).
+    """
     from transformers import AutoModelForCausalLM
 
-    if not (Path(folder) / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json; not a transformers checkpoint")
+    check_input_folder(folder, error=CheckpointError)
+    if resolve_input(folder, CONFIG_NAME, missing_ok=True, error=CheckpointError) is None:
+        raise CheckpointError(f"{show_path(folder)}: no config.json; not a transformers checkpoint")
+    open_checkpoint(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
     return model.eval()
 
@@ -71,12 +87,16 @@ def load_for_eval(spec: str, dtype: str = "float32", base: str | None = None) ->
     if is_peft_adapter(folder):
         from peft import PeftModel
 
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        base_spec = base or cfg.get("base_model_name_or_path")
+        check_input_folder(folder, error=CheckpointError)
+        with open_input(folder, ADAPTER_CONFIG, error=CheckpointError) as f:
+            raw = jsonsafe.load(f, where=ADAPTER_CONFIG, error=CheckpointError, max_bytes=1 << 20)
+        cfg = jsonsafe.Fields(raw, where=ADAPTER_CONFIG, error=CheckpointError)
+        base_spec = base or cfg.str("base_model_name_or_path", None, max_chars=4096)
         if not base_spec:
-            raise CheckpointError(f"{folder}: adapter names no base model; pass --base")
+            raise CheckpointError(f"{show_path(folder)}: adapter names no base model; pass --base")
         base_folder = resolve_base(base_spec)
         model = PeftModel.from_pretrained(load_causal_lm(base_folder, dtype), folder).eval()
-        return model, load_tokenizer(base_folder), {"kind": "peft-adapter", "peft_type": cfg.get("peft_type"),
+        return model, load_tokenizer(base_folder), {"kind": "peft-adapter",
+                                                    "peft_type": cfg.str("peft_type", None, max_chars=40),
                                                     "base": str(base_spec)}
     return load_causal_lm(folder, dtype), load_tokenizer(folder), {"kind": "checkpoint", "folder": str(folder)}

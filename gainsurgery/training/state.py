@@ -21,30 +21,58 @@ A checkpoint folder holds two files, no pickles:
 Folders are written under a temporary name and renamed into place when complete,
 so a kill mid-write leaves the previous checkpoint as the latest; the newest
 :data:`KEEP` are kept.
+
+Trust boundaries (docs/security.md). Writing: CHECKPOINT_DIR is an output like any
+other — :meth:`gainsurgery.training.config.TrainConfig.check_checkpoint_folder`
+keeps it apart from every input and from ``-o`` and the log before the run starts,
+and :class:`CheckpointLock` holds it for the run. Inside it, a checkpoint's two
+files are written only into a fresh ``mkdtemp`` folder (mode 0700, an unguessable
+name made by this run under the held lock), so no link planted by someone else can
+redirect them; that folder is renamed into place whole. Reading: ``--resume`` is an
+input folder (:func:`find_checkpoint`, :func:`load`): its ``step-*`` folders must be
+real folders, ``state.json`` and ``state.safetensors`` regular files inside them
+(:func:`gainsurgery.io.inputs.open_input`: no link out, no FIFO), the JSON parsed
+within limits and the safetensors header held to safetensors' rules before any
+tensor byte is read; nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gainsurgery.errors import TrainingError
 from gainsurgery.io import jsonsafe
-from gainsurgery.io.atomic import fsync_dir, fsync_files
+from gainsurgery.io.inputs import allowed_roots, open_input, resolve_input, show_path
+from gainsurgery.io.outputs import fsync_dir, fsync_tree, remove_tree
+from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.train-state/1"
 #: Checkpoint folders kept in CHECKPOINT_DIR (older ones are removed after a newer one is complete).
 KEEP = 2
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_STEP_DIR = re.compile(r"step-(\d{8})", re.ASCII)  # always fullmatch: no trailing newline
 #: Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_SETTINGS = ("method", "side", "steps", "lr", "batch_size", "grad_accum", "seq_len", "seed", "warmup",
                    "schedule", "text_field", "lora_rank", "lora_alpha", "lora_targets", "streaming",
                    "stream_block_bytes", "processes", "data_fingerprint", "mixed_precision")
+
+
+def is_step_name(name: str) -> bool:
+    """True for the name of one checkpoint of a checkpoint folder (``step-00000042``).
+
+    Example:
+        >>> is_step_name("step-00000042"), is_step_name("step-42")
+        (True, False)
+    """
+    return _STEP_DIR.fullmatch(name) is not None
 
 
 def step_dir(checkpoint_dir: Path, step: int) -> Path:
@@ -52,26 +80,57 @@ def step_dir(checkpoint_dir: Path, step: int) -> Path:
     return Path(checkpoint_dir) / f"step-{step:08d}"
 
 
-def is_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True for a checkpoint folder, or a folder of them (what ``--resume`` accepts besides a gain file)."""
-    p = Path(path)
-    return p.is_dir() and ((p / "state.json").is_file() or any(_STEP_DIR.match(c.name) for c in p.iterdir()))
+def _step_folders(folder: Path) -> list[Path]:
+    """The ``step-*`` sub-folders of ``folder`` that are real folders (a link is never followed), oldest first."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise TrainingError(f"{show_path(folder)}: cannot be read ({e.strerror})") from None
+    for entry in entries:
+        if _STEP_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            found.append(folder / entry.name)
+    return sorted(found)
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder ``path`` names: itself, or its latest complete ``step-*`` folder.
 
+    ``path`` is an input folder the user named (a link to it is followed, as for any
+    path the user typed; one under ``/proc``, ``/sys`` or ``/dev`` is refused). Inside it
+    only real ``step-*`` folders count: a ``step-*`` link is ignored, so a checkpoint is
+    never read from outside the folder named.
+
     Raises:
-        TrainingError: no checkpoint there.
+        TrainingError: no checkpoint there, or ``path`` is not a usable folder.
+
+    Example:
+        >>> find_checkpoint("legal.checkpoints").name  # doctest: +SKIP
+        'step-00000300'
     """
     p = Path(path)
-    if (p / "state.json").is_file():
+    allowed_roots(p, error=TrainingError)  # a folder, and not kernel state
+    if resolve_input(p, "state.json", missing_ok=True, error=TrainingError) is not None:
         return p
-    steps = sorted(c for c in p.iterdir() if _STEP_DIR.match(c.name) and (c / "state.json").is_file()) \
-        if p.is_dir() else []
+    steps = [s for s in _step_folders(p) if resolve_input(s, "state.json", missing_ok=True,
+                                                          error=TrainingError) is not None]
     if not steps:
-        raise TrainingError(f"--resume {p}: no training checkpoint there (a step-NNNNNNNN folder with state.json)")
+        raise TrainingError(f"--resume {show_path(p)}: no training checkpoint there "
+                            "(a step-NNNNNNNN folder with state.json)")
     return steps[-1]
+
+
+def describe(folder: Path, step: int, state_sha256: str) -> dict[str, Any]:
+    """How an output records the checkpoint it resumed from: its folder name, step and content hash.
+
+    Never the local path (it says who and where the user is); the sha256 of
+    ``state.safetensors`` identifies the numbers the run continued from.
+
+    Example:
+        >>> describe(Path("/home/me/ck/step-00000003"), 3, "ab" * 32)["checkpoint"]
+        'step-00000003'
+    """
+    return {"checkpoint": Path(folder).name, "step": step, "state_sha256": state_sha256}
 
 
 class CheckpointLock:
@@ -90,16 +149,38 @@ class CheckpointLock:
 
         self._fd = -1
         self.folder = Path(checkpoint_dir)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        shown = show_path(self.folder)
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.folder.mkdir(exist_ok=True)  # its parent exists: checked with the other outputs
+            # The folder itself, never through a link (one may have been planted since the check).
+            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | flags)
+        except OSError as e:
+            raise TrainingError(f"--checkpoint-dir {shown} cannot be used ({e.strerror}); it must be a real "
+                                "folder, not a link") from None
+        try:
+            fd = os.open(".lock", os.O_RDWR | os.O_CREAT | flags, 0o644, dir_fd=dir_fd)
+        except OSError as e:
+            raise TrainingError(f"--checkpoint-dir {shown}: cannot create its .lock ({e.strerror}); "
+                                "remove it if it is not a plain file") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TrainingError(f"--checkpoint-dir {shown}: its .lock is not a plain file; remove it")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._fd)
-            raise TrainingError(f"another training run is writing checkpoints to {self.folder}; "
+            os.close(fd)
+            raise TrainingError(f"another training run is writing checkpoints to {shown}; "
                                 f"wait for it or give --checkpoint-dir another folder") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
         for stale in self.folder.glob(".step-*.tmp"):  # a kill while a checkpoint was written
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir() and not stale.is_symlink():
+                with contextlib.suppress(OSError):
+                    remove_tree(stale)
 
     def release(self) -> None:
         """Let another run use the folder."""
@@ -129,7 +210,7 @@ def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]
     from safetensors.torch import save_file
 
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir.mkdir(exist_ok=True)
     names = [n for n, _ in named_params]
     tensors: dict[str, Any] = {f"param/{n}": p.detach().cpu().contiguous() for n, p in named_params}
     opt = optimizer.state_dict()
@@ -150,43 +231,74 @@ def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]
     try:
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
         (tmp / "state.json").write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        fsync_files(tmp)
-        if final.exists():  # a rerun from an earlier checkpoint writes this step again
-            shutil.rmtree(final)
+        fsync_tree(tmp)
+        if os.path.islink(final):  # not ours to follow: only the name is replaced
+            os.unlink(final)
+        elif final.is_dir():  # a rerun from an earlier checkpoint writes this step again
+            remove_tree(final)
         os.rename(tmp, final)
         fsync_dir(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(c for c in checkpoint_dir.iterdir() if _STEP_DIR.match(c.name))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in _step_folders(checkpoint_dir)[:-KEEP]:
+        with contextlib.suppress(OSError):  # removed by the next save if not now
+            remove_tree(old)
     return final
 
 
-def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(record, tensors) of a checkpoint folder written by :func:`save`.
+#: safetensors dtype -> torch dtype name, for the tensors a checkpoint holds.
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(record, tensors, sha256 of ``state.safetensors``) of a checkpoint folder written by :func:`save`.
+
+    Both files are read as hostile input (see the module docstring): opened inside
+    ``folder`` only, the JSON within limits, the safetensors header checked before
+    any tensor byte is read, each tensor read by its offsets (no pickle, no mmap of a
+    file that could change under us). The sha256 covers every byte of the file.
 
     Raises:
-        TrainingError: not a checkpoint of this format, or unreadable.
+        TrainingError: not a checkpoint of this format, unsafe, or unreadable.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
 
-    record = jsonsafe.load(Path(folder) / "state.json", error=TrainingError, max_bytes=64 << 20)
+    folder = Path(folder)
+    shown = show_path(folder)
+    with open_input(folder, "state.json", error=TrainingError) as f:
+        record = jsonsafe.load(f, where=f"{shown}/state.json", error=TrainingError, max_bytes=64 << 20)
     if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("step"), int):
-        raise TrainingError(f"{folder}: not a {FORMAT} checkpoint")
+        raise TrainingError(f"{shown}: not a {FORMAT} checkpoint")
     shapes = {"settings": dict, "scheduler": dict, "data": dict, "optimizer": dict, "evals": list}
     for key, kind in shapes.items():
         if not isinstance(record.get(key), kind):
-            raise TrainingError(f"--resume {folder}: the checkpoint is damaged ({key} is missing or not a "
+            raise TrainingError(f"--resume {shown}: the checkpoint is damaged ({key} is missing or not a "
                                 f"{'JSON object' if kind is dict else 'list'})")
     if not isinstance(record["optimizer"].get("param_groups"), list):
-        raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer.param_groups)")
-    try:
-        tensors = load_file(str(Path(folder) / "state.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise TrainingError(f"{folder}: unreadable state.safetensors ({str(exc).splitlines()[0][:200]})") from None
-    return record, tensors
+        raise TrainingError(f"--resume {shown}: the checkpoint is damaged (optimizer.param_groups)")
+    where = f"{shown}/state.safetensors"
+    tensors: dict[str, Any] = {}
+    with open_input(folder, "state.safetensors", error=TrainingError) as f:
+        size = os.fstat(f.fileno()).st_size
+        data_start, infos, _meta = parse_header(f, size, where, error=TrainingError)
+        f.seek(0)
+        digest = hashlib.sha256(f.read(data_start))
+        # parse_header proved the tensors tile the data buffer: reading them in order reads the rest.
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].start):
+            dtype = _TORCH_DTYPES.get(info.dtype)
+            if dtype is None:
+                raise TrainingError(f"{where}: tensor {show_path(name)} has dtype {info.dtype}, "
+                                    "which a training checkpoint never holds")
+            raw = bytearray(info.nbytes)
+            if f.readinto(raw) != info.nbytes:
+                raise TrainingError(f"{where}: ended early while reading {show_path(name)} (modified?)")
+            digest.update(raw)
+            flat = torch.frombuffer(raw, dtype=getattr(torch, dtype)) if raw else \
+                torch.empty(0, dtype=getattr(torch, dtype))
+            tensors[name] = flat.reshape(info.shape)
+    return record, tensors, digest.hexdigest()
 
 
 def check_compatible(record: Mapping[str, Any], settings: Mapping[str, Any], folder: Path) -> None:

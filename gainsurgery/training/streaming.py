@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from gainsurgery.errors import DataError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.inputs import open_regular
 
 #: Default block size for .txt/.jsonl files, in bytes.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -83,8 +84,8 @@ def plan_blocks(paths: Sequence[str | os.PathLike[str]], block_bytes: int = DEFA
     blocks: list[Block] = []
     for path in paths:
         p = Path(path)
-        if not p.is_file():
-            raise DataError(f"data file not found: {p}")
+        with open_regular(p, error=DataError):  # a regular file outside /proc, /sys, /dev; never blocks
+            pass
         kind = file_kind(p)
         if kind == "parquet":
             pf = _parquet(p)
@@ -115,7 +116,7 @@ def block_documents(block: Block, text_field: str = "text") -> Iterator[str]:
                 if isinstance(text, str) and text.strip():
                     yield text.strip()
         return
-    with open(block.path, "rb") as f:
+    with open_regular(block.path, error=DataError) as f:
         if block.kind == "jsonl":
             yield from _jsonl_documents(f, block, text_field)
         else:
@@ -235,6 +236,8 @@ def _parquet(path: Path):
     except ImportError:  # pragma: no cover - pyarrow comes with the experiments extra
         raise DataError("reading parquet needs pyarrow: pip install pyarrow") from None
     try:
+        with open_regular(path, error=DataError):
+            pass
         return pq.ParquetFile(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:200]})") from None
@@ -253,7 +256,7 @@ def fingerprint_streamed(paths: Sequence[str | os.PathLike[str]]) -> str:
         p = Path(path)
         size = p.stat().st_size
         h.update(f"{p.name}\0{size}\0".encode())
-        with open(p, "rb") as f:
+        with open_regular(p, error=DataError) as f:
             h.update(f.read(1 << 20))
             f.seek(max(size - (1 << 20), 0))
             h.update(f.read(1 << 20))

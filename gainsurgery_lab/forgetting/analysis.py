@@ -39,7 +39,10 @@ MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    from gainsurgery.io import jsonsafe
+    from gainsurgery_lab.forgetting.data import ForgettingError
+
+    return jsonsafe.load(path, error=ForgettingError, max_bytes=1 << 30) if path.exists() else None
 
 
 @dataclass
@@ -477,7 +480,7 @@ def make_plots(res: Results, out: Path) -> list[Path]:
                      fontsize=10)
         fig.tight_layout()
         p = out / "front.png"
-        fig.savefig(p, dpi=120)
+        _save_figure(fig, p)
         plt.close(fig)
         paths.append(p)
     for m in res.methods():
@@ -501,7 +504,7 @@ def make_plots(res: Results, out: Path) -> list[Path]:
         fig.colorbar(im, ax=ax, shrink=0.8)
         fig.tight_layout()
         p = out / f"heatmap-{m}.png"
-        fig.savefig(p, dpi=120)
+        _save_figure(fig, p)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -513,9 +516,19 @@ def write_report(out: Path, resamples: int = 2000) -> list[Path]:
     res = Results(out, resamples=resamples)
     data = res.to_json()
     data["report_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(render_markdown(res), encoding="utf-8")
+    from gainsurgery.io.outputs import write_file
+
+    write_file(out / "results.json", json.dumps(data, indent=1) + "\n")
+    write_file(out / "results.md", render_markdown(res))
     return [out / "results.json", out / "results.md", *make_plots(res, out)]
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """A PNG written whole or not at all (gainsurgery's output rules: never through a link)."""
+    from gainsurgery.io.outputs import atomic_file
+
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def compare_runs(out: Path, name_a: str, name_b: str, resamples: int = 2000) -> str:

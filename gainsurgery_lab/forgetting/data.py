@@ -246,13 +246,15 @@ def save_windows(path: Path, dom: PreparedDomain) -> None:
     """Freeze a domain's windows (so every run and every resume scores the same tokens)."""
     obj = {"name": dom.name, "info": dom.info, "test": {"ids": dom.test.ids, "units": dom.test.units},
            "dev": {"ids": dom.dev.ids, "units": dom.dev.units}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    tmp.replace(path)
+    from gainsurgery.io.outputs import write_file
+
+    write_file(path, json.dumps(obj))
 
 
 def load_windows(path: Path, train_file: Path) -> PreparedDomain:
-    obj = json.loads(path.read_text(encoding="utf-8"))
+    from gainsurgery.io import jsonsafe
+
+    obj = jsonsafe.load(path, error=ForgettingError, max_bytes=1 << 30)
     return PreparedDomain(obj["name"], train_file, obj["info"]["documents_train"],
                           Windows(obj["test"]["ids"], obj["test"]["units"]),
                           Windows(obj["dev"]["ids"], obj["dev"]["units"]), obj["info"])

@@ -140,13 +140,21 @@ class RunKey:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel workers never share a temp file
-    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from gainsurgery.io.outputs import write_file
+
+    write_file(path, json.dumps(obj) + "\n")  # unguessable temp name: parallel workers never share one
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    from gainsurgery.io import jsonsafe
+
+    if not path.exists():
+        return None
+    return jsonsafe.load(path, error=ForgettingError, max_bytes=MAX_RECORD_BYTES)
+
+
+#: Size limit of the experiment's own JSON records (frozen windows are the largest), in bytes.
+MAX_RECORD_BYTES = 1 << 30
 
 
 def peak_rss_mib() -> float:
@@ -169,9 +177,15 @@ class Experiment:
             disable_progress_bars()
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.echo = echo
         self.base_folder = resolve_base(cfg.base)
+        # The experiment folder is reused (resumable) but never "", ".", the home folder, the
+        # base or a data file, nor around or inside one.
+        from gainsurgery.io.outputs import check_output
+
+        data = [p for d in (*cfg.sequence, *cfg.extra_eval) for p in (d.train, d.valid) if p is not None]
+        check_output(self.out, inputs=[self.base_folder, *data], kind="folder", overwrite=True, what="--out")
+        self.out.mkdir(parents=True, exist_ok=True)
         self.sequence = [d.name for d in cfg.sequence]
         self.columns = self.sequence + [d.name for d in cfg.extra_eval]
         self._check_signature()
@@ -465,7 +479,8 @@ class Experiment:
 
         this = load(self._artifact(key, k), allow_negative=True)
         files = [load(self._artifact(key, i), allow_negative=True) for i in range(k + 1)]
-        effective = this if key.variant in ("continue", "swap") else stack(files)
+        # Stage files of the stack variant record different bases (each its merged predecessor).
+        effective = this if key.variant in ("continue", "swap") else stack(files, allow_base_mismatch=True)
         mx = lambda g: float(max(np.max(np.abs(v - 1.0)) for v in g.vectors.values()))  # noqa: E731
         return {"max_abs_s_minus_1_stage": mx(this), "max_abs_s_minus_1_effective": mx(effective)}
 
@@ -501,10 +516,16 @@ class Experiment:
             (art / "MOVED").write_text(f"moved to {dst.name}\n", encoding="utf-8")
 
     def _apply_gains(self, files: list[Path], dst: Path) -> None:
-        """Base + the product of ``files`` (float32), streamed and rounded once: gainsurgery's own apply."""
+        """Base + the product of ``files`` (float32), streamed and rounded once: gainsurgery's own apply.
+
+        Stage k > 1 of the ``stack`` variant was trained on merged-(k-1), and its file
+        records those weights as its base: applying the product of the stages to the base
+        is the design here, so the base fingerprints are not required to match.
+        """
         from gainsurgery.merge import apply
 
-        apply(str(self.base_folder), files, dst, overwrite=True, allow_negative=True)
+        apply(str(self.base_folder), files, dst, overwrite=True, allow_negative=True, allow_base_mismatch=True,
+              warn=lambda message: None)
 
     def run_yesno(self, key: RunKey) -> dict[str, Any] | None:
         path = self.run_dir(key) / "yesno.json"
@@ -718,7 +739,7 @@ def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
     import torch
     from peft import PeftModel
 
-    from gainsurgery.io.checkpoint import open_checkpoint
+    from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
     from gainsurgery.merge.provenance import OUTPUT_FILES
     from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
 
@@ -727,9 +748,8 @@ def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    for extra in open_checkpoint(prev).extra_files(skip=OUTPUT_FILES):
-        if not (tmp / extra.name).exists():  # tokenizer, generation config, license...
-            shutil.copyfile(extra, tmp / extra.name)
+    # tokenizer, generation config, license... (read safely; those save_pretrained wrote are kept)
+    copy_extra_files(open_checkpoint(prev), tmp, skip=OUTPUT_FILES, keep_existing=True)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     del model, merged
