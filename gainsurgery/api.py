@@ -293,6 +293,11 @@ def apply(
         from gainsurgery.errors import GainSurgeryError
 
         raise GainSurgeryError("--overwrite goes with OUT; without OUT nothing local is written")
+    if out is not None and work_dir is not None:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--work-dir goes with --push and no OUT (the shards in flight); with OUT, the "
+                               "output is written beside OUT")
     return merge.apply(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
                        allow_negative=allow_negative, allow_saturation=allow_saturation,
                        allow_base_mismatch=allow_base_mismatch, base_model=base_model, chunk_bytes=chunk_bytes,

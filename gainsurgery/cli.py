@@ -251,7 +251,8 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
                 click.echo(f"  download:  {_human_bytes(t['download_bytes'])} ({t['shards']} shard(s), one at a time)")
                 click.echo(f"  upload:    {_human_bytes(t['upload_bytes'])} + {_human_bytes(t['small_files_bytes'])} "
                            f"of small files, through {t['upload_path'].upper()}, then one commit")
-                click.echo(f"  peak disk: {_human_bytes(t['peak_disk_bytes'])} in {_shown(t['work_root'])} (no OUT, no cache)")
+                click.echo(f"  peak disk: {_human_bytes(t['peak_disk_bytes'])} in {_shown(t['work_root'])} "
+                           "(no OUT, no cache)")
             if push_to:
                 click.echo(f"  then push to: {push_to}")
             click.echo("dry run: nothing written")

@@ -532,6 +532,26 @@ def test_work_dir_inside_a_local_base_is_refused(hub, base, gain_file, cli, tmp_
     assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in base.iterdir())
 
 
+def test_a_work_dir_that_is_a_link(hub, base, gain_file, cli, tmp_path, work):
+    """--work-dir is the user's path: a link to a scratch folder is followed (the work folder goes
+    there and is removed); a link into the base (or a gain's folder) is refused like OUT would be."""
+    import shutil
+
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    (tmp_path / "scratch").symlink_to(work, target_is_directory=True)
+    res = cli("apply", mine, gain_file, "--push", "testuser/out", "--work-dir", tmp_path / "scratch")
+    assert res.exit_code == 0, res.stderr
+    assert list(work.iterdir()) == [] and len(our_commits(hub)) == 1
+    (tmp_path / "into-base").symlink_to(mine, target_is_directory=True)
+    res = cli("apply", mine, gain_file, "--push", "testuser/out2", "--work-dir", tmp_path / "into-base")
+    assert_clean_failure(res, None, f"lies inside the input {mine}")
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in base.iterdir())
+    res = cli("apply", mine, gain_file, "--push", "testuser/out3", "--work-dir", "/proc/self")
+    assert_clean_failure(res, None, "cannot write into /proc/")
+    assert "testuser/out2" not in hub.repos and "testuser/out3" not in hub.repos
+
+
 def test_a_small_file_holding_the_token_is_not_published(hub, base, gain_file, cli, tmp_path, work):
     import shutil
 
@@ -547,6 +567,13 @@ def test_a_small_file_holding_the_token_is_not_published(hub, base, gain_file, c
 def test_revision_without_push_is_refused(base, gain_file, cli, tmp_path):
     res = cli("apply", base, gain_file, tmp_path / "out", "--revision", "dev")
     assert_clean_failure(res, tmp_path / "out", "go with --push")
+
+
+def test_work_dir_with_out_is_refused(hub, base, gain_file, cli, tmp_path, work):
+    """A careless --work-dir beside OUT would do nothing: said, not ignored."""
+    res = cli("apply", base, gain_file, tmp_path / "out", "--push", "testuser/out", "--work-dir", work)
+    assert_clean_failure(res, tmp_path / "out", "--work-dir goes with --push and no OUT")
+    assert "testuser/out" not in hub.repos and list(work.iterdir()) == []
 
 
 def test_pushing_over_the_base_is_refused(hub, hub_base, gain_file, cli, work):
@@ -774,3 +801,24 @@ def test_hub_progress_bars_stay_off_until_the_last_thread_is_done():
     assert are_progress_bars_disabled()  # the upload is still running
     upload.__exit__(None, None, None)
     assert not are_progress_bars_disabled()
+
+
+def test_private_files_of_the_work_folder_never_follow_a_link_nor_wait_on_a_fifo(tmp_path):
+    from gainsurgery.io.workdir import WorkFolder, open_private
+
+    with WorkFolder.claim(tmp_path, "gainsurgery-push-x") as work:
+        assert os.stat(work.path).st_mode & 0o777 == 0o700
+        fd = open_private(work.path / "out.safetensors", create=True)
+        os.close(fd)
+        assert os.stat(work.path / "out.safetensors").st_mode & 0o777 == 0o600
+        with pytest.raises(FileExistsError):
+            open_private(work.path / "out.safetensors", create=True)
+        (tmp_path / "secret").write_text("not yours")
+        (work.path / "link").symlink_to(tmp_path / "secret")
+        with pytest.raises(OSError):
+            open_private(work.path / "link")
+        os.mkfifo(work.path / "state.json")
+        assert work.read_state() is None  # a FIFO is no state of ours, and is never waited on
+        work.write_state({"format": "x"})  # replaces it (atomically) with a plain file
+        assert work.read_state() == {"format": "x"}
+        assert (tmp_path / "secret").read_text() == "not yours"

@@ -263,6 +263,11 @@ def _input_areas(inputs: Iterable[str | os.PathLike[str] | None]) -> list[tuple[
     return areas
 
 
+def _noun(what: str) -> str:
+    """``what`` after "another": "the training log" reads "another training log"."""
+    return what[4:] if what.startswith("the ") else what
+
+
 def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | os.PathLike[str] | None] = (),
                  kind: OutputKind, overwrite: bool = False, what: str | None = None,
                  error: type[GainSurgeryError] = OutputError) -> Path:
@@ -314,7 +319,7 @@ def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | o
     except (FileNotFoundError, NotADirectoryError):
         lst = None
     except OSError as e:
-        raise error(f"{what} {shown} cannot be checked ({e.strerror}); choose another {what}") from None
+        raise error(f"{what} {shown} cannot be checked ({e.strerror}); choose another {_noun(what)}") from None
     if lst is not None and stat.S_ISLNK(lst.st_mode):
         raise error(f"{what} {shown} is a symbolic link (to {show_path(os.readlink(target))}); "
                     f"name the real path instead")
@@ -362,7 +367,7 @@ def check_output(out: str | os.PathLike[str] | None, *, inputs: Iterable[str | o
             raise error(f"the path that should hold {what} is not a folder: {show_path(parent)}")
         raise error(f"the folder that should hold {what} does not exist: {show_path(parent)} (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"cannot write into {show_path(parent)} (permission denied); choose another {what}")
+        raise error(f"cannot write into {show_path(parent)} (permission denied); choose another {_noun(what)}")
     return target
 
 
@@ -555,7 +560,8 @@ def _take_lock(path: Path, what: str, shown: str, error: type[GainSurgeryError])
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise error(f"{what} {shown} is being written by another gainsurgery run (it holds "
-                            f"{show_path(path.name)}); wait for it to finish or choose another {what}") from None
+                            f"{show_path(path.name)}); wait for it to finish or choose another "
+                            f"{_noun(what)}") from None
             try:
                 now = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
