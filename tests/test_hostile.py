@@ -436,35 +436,9 @@ def test_two_runs_on_one_out_exactly_one_wins(slow_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_a_live_run_is_never_disturbed_by_a_second_one(slow_base, tmp_path):
-    """The first run is stopped mid-write; the second fails at once and deletes nothing of it."""
-    base, gain = slow_base
-    out = tmp_path / "merged"
-    first = _start(base, gain, out)
-    temp = _wait_for_temp_shard(tmp_path, "merged", first)
-    _stop(first)
-    try:
-        before = tree(temp)
-        res = run("apply", base, gain, out)
-        refused(res, "being written by another gainsurgery run")
-        assert tree(temp) == before
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert first.wait(timeout=300) == 0, first.stderr.read()
-    _verify_ok(base, gain, out)
-
-
-def _unshare() -> list[str]:
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "true"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no second PID namespace here (unshare: {probe.stderr.decode().strip()[:120]})")
-    return ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
-
-
-def test_another_pid_namespace_never_deletes_a_live_temp(slow_base, tmp_path):
-    """A container sharing the volume sees no such PID, but sees the claim's lock."""
-    prefix = _unshare()
+def _second_run_is_refused(slow_base, tmp_path, prefix: list[str] = ()) -> None:
+    """A first run is stopped mid-write; a second one (under ``prefix``) fails at once and deletes
+    nothing of it; the first then finishes and verifies."""
     base, gain = slow_base
     out = tmp_path / "merged"
     first = _start(base, gain, out)
@@ -479,6 +453,24 @@ def test_another_pid_namespace_never_deletes_a_live_temp(slow_base, tmp_path):
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     _verify_ok(base, gain, out)
+
+
+def test_a_live_run_is_never_disturbed_by_a_second_one(slow_base, tmp_path):
+    """The first run is stopped mid-write; the second fails at once and deletes nothing of it."""
+    _second_run_is_refused(slow_base, tmp_path)
+
+
+def _unshare() -> list[str]:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no second PID namespace here (unshare: {probe.stderr.decode().strip()[:120]})")
+    return ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+
+
+def test_another_pid_namespace_never_deletes_a_live_temp(slow_base, tmp_path):
+    """A container sharing the volume sees no such PID, but sees the claim's lock."""
+    _second_run_is_refused(slow_base, tmp_path, prefix=_unshare())
 
 
 def test_leftovers_of_a_run_killed_in_another_namespace_are_cleaned(slow_base, tmp_path):
