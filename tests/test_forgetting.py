@@ -78,6 +78,26 @@ def test_interpolation_along_a_front():
     assert got.boot.tolist() == pytest.approx([2.5, 3.0])
 
 
+def test_seed_mean_resamples_documents_and_seeds():
+    # three seeds whose document-level replicates are constant: the spread left is the seeds'
+    seeds = [stats.Estimate(v, np.full(4000, v)) for v in (-10.0, -4.0, -1.0)]
+    m = stats.seed_mean_estimate(seeds, seed=3)
+    assert m.point == pytest.approx(-5.0)
+    # every replicate is the mean of three seeds drawn with replacement: a multiple of 1/3 in [-10, -1]
+    assert np.allclose(m.boot * 3, np.round(m.boot * 3)) and m.boot.min() >= -10.0 and m.boot.max() <= -1.0
+    assert m.boot.mean() == pytest.approx(-5.0, abs=0.1)
+    # (n-1)/n of the variance of a seed mean: var over seeds 21 -> sd of the mean sqrt(21 * 2/3 / 3)
+    assert m.boot.std() == pytest.approx(math.sqrt(21 * 2 / 3 / 3), rel=0.05)
+    lo, hi = m.interval()
+    assert lo < -7 and hi > -3  # wider than any single seed's (zero-width) document interval
+    # identical seeds: the document-level replicates pass through unchanged, pairing kept
+    docs = np.linspace(-2.0, 2.0, 4000)
+    same = stats.seed_mean_estimate([stats.Estimate(0.0, docs)] * 3)
+    assert same.boot.tolist() == pytest.approx(docs.tolist())
+    assert (same - stats.Estimate(0.0, docs)).boot.tolist() == pytest.approx([0.0] * 4000)
+    assert stats.seed_mean_estimate([]) is None
+
+
 def test_mcnemar_and_wilson_against_hand_computed_values():
     a = [True] * 6 + [True] * 10
     b = [False] * 6 + [True] * 10
@@ -87,6 +107,19 @@ def test_mcnemar_and_wilson_against_hand_computed_values():
     assert stats.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
     lo, hi = stats.wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+def test_a_grid_flag_overrides_one_method_and_keeps_the_presets_others(tmp_path, monkeypatch):
+    from gainsurgery_lab.forgetting import presets
+
+    monkeypatch.setitem(presets.PRESETS, "t", dict(presets.PRESETS["smoke"], yesno=0))
+    folder = tmp_path / "d"
+    folder.mkdir()
+    _write(folder / "train.txt", _docs(TEXT_A, 10))
+    kw = dict(out=str(tmp_path / "out"), preset="t", domains=[f"a={folder}"], eval_domains=[])
+    cfg = presets.make_config(**kw, grids=presets.parse_grids(["lora=-9,-8"]))
+    assert cfg.grids == {"gain-ffn": [-4, -3], "lora": [-9, -8]}
+    assert presets.make_config(**kw, grids={}).grids == {"gain-ffn": [-4, -3], "lora": [-6, -5]}
 
 
 def test_lr_grid_is_half_decades():
@@ -310,6 +343,42 @@ def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
     md = (exp.out / "results.md").read_text()
     assert "## Fronts" in md and "lora-matched" in md and "McNemar" in md
     assert any(p.name == "front.png" for p in paths) and any(p.name.startswith("heatmap-") for p in paths)
+
+
+def test_report_averages_the_chosen_points_over_seeds_and_pairs_methods(tiny_experiment, tmp_path):
+    import dataclasses
+    import shutil
+
+    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_experiment.out, out)
+    # a second seed of lora-matched too, so two methods have seeds to compare
+    cfg = dataclasses.replace(tiny_experiment.cfg, out=str(out), seed_methods=["gain-ffn", "lora-matched"],
+                              phases=["seeds", "yesno"])
+    Experiment(cfg, echo=None).execute()
+    write_report(out, resamples=300)
+    data = json.loads((out / "results.json").read_text())
+    summary = data["seeds_at_chosen"]
+    assert set(summary["methods"]) == {"gain-ffn", "lora-matched"}
+    res = Results(out, resamples=300)
+    for m, row in summary["methods"].items():
+        runs = res.seeds(m)
+        assert row["seeds"] == [0, 1] and [r.seed for r in runs] == [0, 1]
+        for key in ("in_domain", "earlier_vs_base", "earlier_vs_own", "untrained"):
+            vals = [r.metrics[key].point for r in runs]
+            got = row["metrics"][key]
+            assert got["value"] == pytest.approx(np.mean(vals)) and got["per_seed"] == pytest.approx(vals)
+            assert got["sd_over_seeds"] == pytest.approx(np.std(vals, ddof=1))
+            assert got["lo"] <= got["value"] <= got["hi"]
+        assert len(row["yesno"]["accuracy_per_seed"]) == 2
+    diff = summary["differences"]["gain-ffn - lora-matched"]["earlier_vs_base"]
+    a = summary["methods"]["gain-ffn"]["metrics"]["earlier_vs_base"]["value"]
+    b = summary["methods"]["lora-matched"]["metrics"]["earlier_vs_base"]["value"]
+    assert diff["value"] == pytest.approx(a - b) and diff["lo"] <= diff["value"] <= diff["hi"]
+    md = (out / "results.md").read_text()
+    assert "## The chosen points over seeds" in md and "| gain-ffn − lora-matched |" in md
 
 
 def test_deadline_starts_nothing_new_and_a_later_run_finishes(tiny_experiment, tmp_path):

@@ -32,10 +32,21 @@ import numpy as np
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
 from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
-                                              interpolate_estimate, mcnemar_exact, mean_estimate, wilson_interval)
+                                              interpolate_estimate, mcnemar_exact, mean_estimate,
+                                              seed_mean_estimate, wilson_interval)
 
 #: In-domain changes (%) at which fronts are compared in the "matched" table.
 MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
+#: The headline metrics, in table order, with their labels.
+METRICS = (("in_domain", "in-domain"), ("earlier_vs_base", "earlier vs base"),
+           ("earlier_vs_own", "earlier vs own stage"), ("untrained", "never-trained"))
+
+
+def _method_seed(method: str) -> int:
+    """A fixed seed per method for the seed level of the bootstrap (methods draw independently)."""
+    import zlib
+
+    return zlib.crc32(method.encode())
 
 
 def _read(path: Path) -> Any:
@@ -175,6 +186,50 @@ class Results:
         return sorted([r for r in self.runs if r.method == method and r.variant == best.variant and r.e == best.e
                        and not r.failed], key=lambda r: r.seed)
 
+    def seed_means(self, method: str) -> dict[str, Estimate]:
+        """Each headline metric of ``method``'s chosen lr, averaged over its seeds (docs × seeds bootstrap)."""
+        runs = self.seeds(method)
+        out = {}
+        for key, _ in METRICS:
+            ests = [r.metrics[key] for r in runs if key in r.metrics]
+            if runs and len(ests) == len(runs):
+                out[key] = seed_mean_estimate(ests, seed=_method_seed(method))
+        return out
+
+    def seed_summary(self) -> dict[str, Any]:
+        """The chosen points over seeds, and the paired differences between methods' seed means.
+
+        For every method with at least two seeds at its chosen lr: each metric's mean
+        over seeds with a 95% interval that resamples documents and seeds, the standard
+        deviation over seeds and the per-seed values; then, for every pair of such
+        methods, A − B of the seed means (documents paired, seeds drawn independently).
+        """
+        methods = [m for m in self.methods() if len(self.seeds(m)) > 1]
+        means = {m: self.seed_means(m) for m in methods}
+        summary: dict[str, Any] = {"methods": {}, "differences": {}}
+        for m in methods:
+            runs = self.seeds(m)
+            row: dict[str, Any] = {"lr": runs[0].lr, "lr_exponent": runs[0].e, "seeds": [r.seed for r in runs],
+                                   "metrics": {}}
+            for key, est in means[m].items():
+                vals = [r.metrics[key].point for r in runs]
+                row["metrics"][key] = {**est.as_dict(), "sd_over_seeds": float(np.std(vals, ddof=1)),
+                                       "per_seed": vals}
+            yn = [self.yesno_row(r) for r in runs]
+            if all(yn):
+                acc = [y["accuracy"] for y in yn]
+                row["yesno"] = {"accuracy_mean": float(np.mean(acc)), "accuracy_per_seed": acc,
+                                "vs_base_points_mean": float(np.mean([y["vs_base_points"] for y in yn])),
+                                "yes_rate_per_seed": [y["yes_rate"] for y in yn],
+                                "mcnemar_p_per_seed": [y["mcnemar"]["p_value"] for y in yn]}
+            summary["methods"][m] = row
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                summary["differences"][f"{a} - {b}"] = {
+                    key: (means[a][key] - means[b][key]).as_dict() for key, _ in METRICS
+                    if key in means[a] and key in means[b]}
+        return summary
+
     def methods(self) -> list[str]:
         present = {r.method for r in self.runs}
         return [m for m in METHODS if m in present]
@@ -257,6 +312,7 @@ class Results:
             "interior": {m: self.interior(m) for m in self.methods()},
             "matched_earlier_vs_base": self.matched("earlier_vs_base") if len(self.sequence) > 1 else None,
             "matched_earlier_vs_own": self.matched("earlier_vs_own") if len(self.sequence) > 1 else None,
+            "seeds_at_chosen": self.seed_summary(),
             "runs": runs, "cost": self.cost(),
         }
 
@@ -298,6 +354,17 @@ def _f(e: Any, digits: int = 1, ci: bool = True) -> str:
     return f"{e:+.{digits}f}"
 
 
+def _cell(text: str) -> str:
+    """Free text (an error message) as one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _max_gain(run: Run) -> str:
+    """max |s − 1| of the effective gains after the last stage (gain methods), else a dash."""
+    g = run.stages[-1].get("gains")
+    return f"{g['max_abs_s_minus_1_effective']:.3f}" if g else "—"
+
+
 def render_markdown(res: Results) -> str:
     c = res.config
     K = len(res.sequence)
@@ -319,18 +386,19 @@ def render_markdown(res: Results) -> str:
               "`dev` is the selection score (mean in-domain dev NLL change, nats/token; lower is better); ✓ marks "
               "the chosen lr. in-domain: own domain at its own stage vs base, mean over stages. earlier: domains "
               "trained before the last stage, after it, vs base / vs right after their own stage.", "",
-              "| method | lr | dev | in-domain | earlier vs base | earlier vs own stage | never-trained | params |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| method | lr | dev | in-domain | earlier vs base | earlier vs own stage | never-trained | params | "
+              "max \\|s−1\\| |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in res.methods():
         best = res.chosen(m)
         for r in res.front(m):
             if r.failed:
-                lines.append(f"| {m} | {lr_label(r.e)} | failed | {r.failed} | | | | |")
+                lines.append(f"| {m} | {lr_label(r.e)} | failed | {_cell(r.failed)} | | | | | |")
                 continue
             mt = r.metrics
             lines.append(f"| {m} | {lr_label(r.e)}{' ✓' if r is best else ''} | {mt['dev_score']:+.4f} | "
                          f"{_f(mt['in_domain'])} | {_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
-                         f"{_f(mt.get('untrained'))} | {r.stages[0]['train']['trainable_parameters']:,} |")
+                         f"{_f(mt.get('untrained'))} | {r.stages[0]['train']['trainable_parameters']:,} | "
+                         f"{_max_gain(r)} |")
     lines += [""]
     for m in res.methods():
         if res.front(m) and METHODS[m].extend:
@@ -360,18 +428,32 @@ def render_markdown(res: Results) -> str:
                     cells.append("—" if v is None else (_f(v, ci=False) + ("" if m == ref else
                                                                            f" (Δ {_f(v['minus_ref'])})")))
                 lines.append(f"| {ref} ({entry['lr']:.2g}, {_f(entry['x'], ci=False)}) | " + " | ".join(cells) + " |")
-    seeded = {m: res.seeds(m) for m in res.methods() if len(res.seeds(m)) > 1}
-    if seeded:
-        lines += ["", "## Seeds at the chosen lr", "", "mean over seeds, and the range over seeds; each seed has its "
-                  "own bootstrap interval in results.json.", "",
-                  "| method | lr | seeds | in-domain | earlier vs base | earlier vs own stage | never-trained |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for m, runs in seeded.items():
-            def agg(key):
-                vals = [r.metrics[key].point for r in runs if key in r.metrics]
-                return f"{np.mean(vals):+.1f} ({min(vals):+.1f} … {max(vals):+.1f})" if vals else "—"
-            lines.append(f"| {m} | {lr_label(runs[0].e)} | {len(runs)} | {agg('in_domain')} | {agg('earlier_vs_base')} | "
-                         f"{agg('earlier_vs_own')} | {agg('untrained')} |")
+    summary = res.seed_summary()
+    if summary["methods"]:
+        lines += ["", "## The chosen points over seeds", "",
+                  "Each method at its chosen lr (seed 0's dev optimum) with every seed run there (data order and "
+                  "adapter initialisation): the mean over seeds with a 95% interval that resamples documents and "
+                  "seeds (two-level bootstrap), and the standard deviation over seeds.", "",
+                  "| method | lr | seeds | " + " | ".join(label for _, label in METRICS) + " |",
+                  "|---|---:|---:|" + "---:|" * len(METRICS)]
+        for m, row in summary["methods"].items():
+            cells = [(_f(row["metrics"][k]) + f" (sd {row['metrics'][k]['sd_over_seeds']:.1f})")
+                     if k in row["metrics"] else "—" for k, _ in METRICS]
+            lines.append(f"| {m} | {lr_label(row['lr_exponent'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        if summary["differences"]:
+            lines += ["", "Differences of the seed means, A − B (documents paired, seeds drawn independently); "
+                          "an interval that excludes 0 is a difference beyond both kinds of noise:", "",
+                      "| A − B | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+            for pair, row in summary["differences"].items():
+                lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(_f(row.get(k)) for k, _ in METRICS) + " |")
+        yn = {m: row["yesno"] for m, row in summary["methods"].items() if "yesno" in row}
+        if yn:
+            lines += ["", "| method | yes/no accuracy, mean over seeds (per seed) | vs base, points | says yes (per seed) | "
+                          "McNemar p (per seed) |", "|---|---:|---:|---:|---:|"]
+            for m, y in yn.items():
+                lines.append(f"| {m} | {100 * y['accuracy_mean']:.1f}% ({', '.join(f'{100 * a:.1f}' for a in y['accuracy_per_seed'])}) | "
+                             f"{y['vs_base_points_mean']:+.1f} | {', '.join(f'{100 * r:.0f}%' for r in y['yes_rate_per_seed'])} | "
+                             f"{', '.join(f'{p:.3f}' for p in y['mcnemar_p_per_seed'])} |")
     if res.base_yesno:
         n = res.base_yesno["items"]
         c0 = int(np.sum(res.base_yesno["correct"]))
@@ -410,6 +492,11 @@ def render_markdown(res: Results) -> str:
                 lines.append(f"| {m} | {r.variant} | {lr_label(r.e)} | {_f(mt['in_domain'])} | "
                              f"{_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
                              f"{_f(mt.get('untrained'))} | {gains} |")
+        for r in variants:
+            if r.variant == "swap":
+                n = r.stages[0]["train"]["trainable_parameters"]
+                lines.append(f"\n`{r.method}:swap` keeps one gain file per domain: {K} files of {n:,} float32 gains "
+                             f"({4 * n:,} bytes of vectors each, plus a header), and serving needs to know the domain.")
     lines += ["", "## Cost (measured)", "", "| method | trainable params | s/step | s/stage | peak RSS (MiB) |",
               "|---|---:|---:|---:|---:|"]
     for m in res.methods():
@@ -470,13 +557,20 @@ def make_plots(res: Results, out: Path) -> list[Path]:
                 if best is not None and key in best.metrics:
                     ax.plot([best.metrics["in_domain"].point], [best.metrics[key].point], marker="*", ms=14,
                             color=line[0].get_color(), markeredgecolor="black")
+                means = res.seed_means(m) if len(res.seeds(m)) > 1 else {}
+                if "in_domain" in means and key in means:  # the chosen point over seeds (docs x seeds CI)
+                    mx, my = means["in_domain"].as_dict(), means[key].as_dict()
+                    ax.errorbar([mx["value"]], [my["value"]], xerr=[[mx["value"] - mx["lo"]], [mx["hi"] - mx["value"]]],
+                                yerr=[[my["value"] - my["lo"]], [my["hi"] - my["value"]]], marker="D", ms=6,
+                                color=line[0].get_color(), markeredgecolor="black", capsize=3, lw=2)
             ax.axhline(0, color="grey", lw=0.8)
             ax.axvline(0, color="grey", lw=0.8)
             ax.set_xlabel("in-domain PPL change at own stage, mean over stages (%)  ← better")
             ax.set_ylabel("PPL change (%)  ↓ better")
             ax.set_title(title, fontsize=10)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{' → '.join(res.sequence)}: one point per lr (label), ★ = lr chosen on dev; 95% bootstrap CIs",
+        fig.suptitle(f"{' → '.join(res.sequence)}: one point per lr (label, seed 0), ★ = lr chosen on dev, "
+                     "◆ = its mean over seeds; 95% bootstrap CIs",
                      fontsize=10)
         fig.tight_layout()
         p = out / "front.png"
@@ -551,8 +645,7 @@ def compare_runs(out: Path, name_a: str, name_b: str, resamples: int = 2000) -> 
         picked.append(run)
     a, b = picked
     lines = [f"| metric (PPL change %, 95% CI) | A: {a.name} | B: {b.name} | A - B (paired) |", "|---|---:|---:|---:|"]
-    for key, label in (("in_domain", "in-domain"), ("earlier_vs_base", "earlier vs base"),
-                       ("earlier_vs_own", "earlier vs own stage"), ("untrained", "never-trained")):
+    for key, label in METRICS:
         if key in a.metrics and key in b.metrics:
             lines.append(f"| {label} | {_f(a.metrics[key].as_dict())} | {_f(b.metrics[key].as_dict())} | "
                          f"{_f((a.metrics[key] - b.metrics[key]).as_dict())} |")
