@@ -17,6 +17,7 @@ docs/results/forgetting.md). Examples::
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
+@click.option("--out", required=True, help="Experiment folder: new, empty, or one of ours to resume.")
 @click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default=None,
               help="A ready configuration (flags below override it).")
 @click.option("--base", default=None, help="Base checkpoint [default: embedded:gemma-3-270m].")
@@ -65,23 +66,28 @@ def main() -> None:
 @click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,extras.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built-in corpora cache (default ~/.cache/gainsurgery/domains).")
+@click.option("--text-field", default="text", show_default=True,
+              help="The .jsonl field / .parquet column that holds the text, for every --domain file.")
 @click.option("--worker", default=None, metavar="I/N",
               help="Run only the I-th of N shares of the initial lr grids (parallel processes on one GPU); "
                    "score the base first with --phases none, finish with a plain run.")
 @click.option("--max-extensions", type=int, default=None, help="Lrs added beyond a grid to reach an interior optimum.")
-@click.option("--stop-after", type=float, default=None, metavar="MINUTES",
+@click.option("--stop-after", type=click.FloatRange(min=0), default=None, metavar="MINUTES",
               help="Start no new run after this many minutes (finished runs are kept; rerun to continue).")
 @click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
 def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
-        steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, worker, max_extensions,
-        stop_after, dry_run, progress):
+        steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
+        max_extensions, stop_after, dry_run, progress):
     """Run (or resume) the experiment into OUT."""
     from gainsurgery_lab.forgetting.runner import Experiment
 
     try:
+        if stop_after is not None and not math.isfinite(stop_after):
+            raise presets.ForgettingError(f"--stop-after {stop_after}: give a finite number of minutes")
         cfg = presets.make_config(
             out=out, preset=preset, base=base, domains=list(domains), eval_domains=list(eval_domains),
+            text_field=text_field,
             front_methods=_csv(methods), seed_methods=_csv(seed_methods), extra_methods=_csv(extra_methods),
             variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds, steps=steps,
             batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
@@ -90,8 +96,8 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             deadline=None if stop_after is None else time.time() + 60 * stop_after)
         share = presets.parse_worker(worker)
         exp = Experiment(cfg, echo=click.echo)
-        exp.prepare()
         if dry_run:
+            exp.prepare(write=False)  # every domain split and checked; nothing written
             click.echo(presets.describe_plan(cfg))
             return
         exp.execute(worker=share)
@@ -102,7 +108,7 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True), help="Experiment folder.")
+@click.option("--out", required=True, help="Experiment folder.")
 def report(out):
     """Write results.json, results.md and the plots from what has finished so far."""
     from gainsurgery_lab.forgetting.analysis import write_report
@@ -116,7 +122,7 @@ def report(out):
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True), help="Experiment folder.")
+@click.option("--out", required=True, help="Experiment folder.")
 @click.argument("run_a")
 @click.argument("run_b")
 def compare(out, run_a, run_b):

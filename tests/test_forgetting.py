@@ -17,7 +17,7 @@ import torch
 
 from gainsurgery.errors import GainFileError
 from gainsurgery_lab.forgetting import stats
-from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain
+from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain, save_domain
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label, lr_of
 from models import TEXT_A, TEXT_B, save_tiny_lm, tiny_tokenizer
 
@@ -150,6 +150,8 @@ def test_domain_split_is_by_document_disjoint_and_stable(tmp_path):
     train = _write(tmp_path / "a.txt", _docs(TEXT_A, 60))
     spec = parse_domain(f"a={train}")
     dom = prepare_domain(spec, tok, 32, 10, 6, tmp_path / "w", min_train_windows=2)
+    assert not (tmp_path / "w").exists()  # split in memory; written only when saved
+    save_domain(dom)
     assert len(dom.test.ids) == 10 and len(dom.dev.ids) == 6
     assert all(len(w) == 32 and w[0] == tok.bos_token_id for w in dom.test.ids + dom.dev.ids)
     for split in (dom.test, dom.dev):

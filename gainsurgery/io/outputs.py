@@ -625,6 +625,46 @@ def lock_output(out: str | os.PathLike[str], *, what: str = "output file",
         os.close(fd)
 
 
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike[str], *, shared: bool = False, what: str, busy_ok: bool = False,
+              error: type[GainSurgeryError] = OutputError) -> Iterator[bool]:
+    """Hold a lock file inside a folder this run owns, without waiting; fail at once if it is taken.
+
+    For work that several processes share (an experiment folder, where parallel workers
+    hold it ``shared`` and a plain run holds it exclusively). Unlike :func:`lock_output`
+    the lock file is never unlinked, so a shared holder can never be outlived by a
+    second inode: it is a small file of the folder's own. It is opened with
+    ``O_NOFOLLOW`` (a planted link is refused), must be a regular file, and the
+    ``flock`` is seen across processes and PID namespaces and dies with its process.
+    Yields True while the lock is held; with ``busy_ok`` a lock held elsewhere yields
+    False (the caller skips the work) instead of raising ``error``.
+
+    Example:
+        >>> with hold_lock(out / ".experiment.lock", what=f"experiment {out}"):  # doctest: +SKIP
+        ...     run_the_schedule()
+    """
+    p = Path(path)
+    try:
+        fd = _open_nofollow(p, os.O_RDONLY | os.O_CREAT)
+    except OSError as e:
+        raise error(f"cannot open the lock file {show_path(p)} ({e.strerror}); remove it if it is not a plain "
+                    "file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"the lock file {show_path(p)} is not a plain file; remove it")
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy_ok:
+                yield False
+                return
+            raise error(f"{what} is in use by another process (it holds {show_path(p.name)}); wait for it to "
+                        "finish") from None
+        yield True
+    finally:
+        os.close(fd)
+
+
 def clean_leftovers(out: str | os.PathLike[str]) -> list[str]:
     """Remove what dead gainsurgery runs left beside ``out``; return the names handled.
 

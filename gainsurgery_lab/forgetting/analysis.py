@@ -20,7 +20,6 @@ windows only (:meth:`~gainsurgery_lab.forgetting.runner.Experiment.dev_score`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
 from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
@@ -49,11 +49,6 @@ def _method_seed(method: str) -> int:
     return zlib.crc32(method.encode())
 
 
-def _read(path: Path) -> Any:
-    from gainsurgery.io import jsonsafe
-    from gainsurgery_lab.forgetting.data import ForgettingError
-
-    return jsonsafe.load(path, error=ForgettingError, max_bytes=1 << 30) if path.exists() else None
 
 
 @dataclass
@@ -79,11 +74,13 @@ class Results:
     """Everything under an experiment folder, with bootstrap estimates."""
 
     def __init__(self, out: Path, resamples: int = 2000) -> None:
-        self.out = Path(out)
-        exp = _read(self.out / "experiment.json")
-        self.base = _read(self.out / "base.json")
-        if exp is None or self.base is None:
+        self.out = out = Path(out)
+        if not out.is_dir():
+            raise ForgettingError(f"{out}: not a folder")
+        raw_exp, raw_base = records.read(out, "experiment.json"), records.read(out, "base.json")
+        if raw_exp is None or raw_base is None:
             raise ForgettingError(f"{out}: no finished experiment data (experiment.json and base.json)")
+        exp = records.experiment_record(raw_exp, str(out / "experiment.json"))
         self.config = exp["config"]
         self.sequence = [d["name"] for d in exp["signature"]["sequence"]]
         self.extra = [d["name"] for d in exp["signature"]["extra_eval"]]
@@ -91,37 +88,59 @@ class Results:
         self.seq_len = exp["signature"]["seq_len"]
         windows = {}
         self.domain_info = {}
+        dev_counts = {}
         for name in self.columns:
-            w = _read(self.out / "data" / name / "windows.json")
-            if not isinstance(w, dict) or not isinstance(w.get("info"), dict):  # the bootstrap needs its documents
-                raise ForgettingError(f"{out}: data/{name}/windows.json is missing or damaged (the test windows' "
-                                      f"documents, which the intervals resample)")
+            rel = f"data/{name}/windows.json"
+            w = records.read(out, rel, max_bytes=records.MAX_WINDOWS_BYTES)
+            if w is None:  # the bootstrap needs the test windows' documents
+                raise ForgettingError(f"{out}: {rel} is missing (the test windows' documents, which the "
+                                      "intervals resample)")
+            w = records.windows_record(w, str(out / rel), name, self.seq_len)
             self.domain_info[name] = w["info"]
             windows[name] = DomainWindows(tuple(w["test"]["units"]), tuple(len(x) - 1 for x in w["test"]["ids"]))
+            dev_counts[name] = len(w["dev"]["ids"])
+        self.layout = records.Layout(tuple(self.sequence), tuple(self.columns),
+                                     {d: len(windows[d].units) for d in self.columns}, dev_counts)
+        self.base = records.scores_record(raw_base, str(out / "base.json"), self.layout)
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
         self.base_ppl = {d: self.bs.ppl(d, self.base["test_nll"][d]) for d in self.columns}
-        self.base_yesno = _read(self.out / "base_yesno.json")
+        self.base_yesno = self._yesno("base_yesno.json")
         self.runs: list[Run] = []
-        runs_dir = self.out / "runs"
-        for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
-            info = _read(d / "run.json")
+        runs_dir = out / "runs"
+        for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() and not runs_dir.is_symlink() else []:
+            info = records.read(out, f"runs/{d.name}/run.json")
             if info is None:
                 continue
+            info = records.run_record(info, str(d / "run.json"), d.name)
             stages = []
             for k in range(len(self.sequence)):
-                rec = _read(d / f"stage-{k + 1}.json")
+                rel = f"runs/{d.name}/stage-{k + 1}.json"
+                rec = records.read(out, rel)
                 if rec is None:
                     break
-                stages.append(rec)
+                stages.append(records.stage_record(rec, str(out / rel), self.layout, k + 1))
                 if rec.get("failed"):
                     break
             if not stages or (len(stages) < len(self.sequence) and not stages[-1].get("failed")):
                 continue  # unfinished: not reported
+            if not stages[-1].get("failed") and len(stages[-1]["test_nll"]) < len(self.columns) \
+                    and info["variant"] != "swap":
+                raise ForgettingError(f"{out}/runs/{d.name}/stage-{len(stages)}.json: the last stage must score "
+                                      f"every domain ({', '.join(self.columns)})")
+            for k, st in enumerate(stages[1:], start=1):  # earlier domains are scored at every stage
+                if not st.get("failed") and info["variant"] != "swap" and \
+                        not set(self.sequence[:k + 1]) <= set(st["test_nll"]):
+                    raise ForgettingError(f"{out}/runs/{d.name}/stage-{k + 1}.json: test_nll must score the "
+                                          f"domains trained so far ({', '.join(self.sequence[:k + 1])})")
             run = Run(d.name, info["method"], info["variant"], info["lr_exponent"], info["lr"], info["seed"],
-                      stages, _read(d / "yesno.json"))
+                      stages, self._yesno(f"runs/{d.name}/yesno.json"))
             if not run.failed:
                 run.metrics = self._metrics(run)
             self.runs.append(run)
+
+    def _yesno(self, rel: str) -> dict | None:
+        raw = records.read(self.out, rel)
+        return None if raw is None else records.yesno_record(raw, str(self.out / rel))
 
     # ------------------------------------------------------------------------------ metrics
     def _ppl(self, run: Run, k: int, domain: str) -> Estimate:
@@ -260,8 +279,8 @@ class Results:
         return table
 
     def yesno_row(self, run: Run) -> dict[str, Any] | None:
-        if run.yesno is None or self.base_yesno is None:
-            return None
+        if run.yesno is None or self.base_yesno is None or run.yesno["items"] != self.base_yesno["items"]:
+            return None  # McNemar pairs item by item: only runs scored on the base's items
         n = run.yesno["items"]
         correct = int(np.sum(run.yesno["correct"]))
         lo, hi = wilson_interval(correct, n)
@@ -610,10 +629,15 @@ def write_report(out: Path, resamples: int = 2000) -> list[Path]:
     res = Results(out, resamples=resamples)
     data = res.to_json()
     data["report_seconds"] = round(time.perf_counter() - t0, 1)
-    from gainsurgery.io.outputs import write_file
+    from gainsurgery.io.outputs import check_output, write_file
 
-    write_file(out / "results.json", json.dumps(data, indent=1) + "\n")
-    write_file(out / "results.md", render_markdown(res))
+    # every output checked before the first is written: a report is written whole or not at all
+    names = ["results.json", "results.md", "front.png", *(f"heatmap-{m}.png" for m in res.methods())]
+    for name in names:
+        check_output(out / name, kind="file", what="report file", error=ForgettingError)
+    markdown = render_markdown(res)
+    write_file(out / "results.json", records.dumps(data, indent=1) + "\n", error=ForgettingError)
+    write_file(out / "results.md", markdown, error=ForgettingError)
     return [out / "results.json", out / "results.md", *make_plots(res, out)]
 
 

@@ -33,7 +33,7 @@ until a window is full; such a group is one bootstrap *unit* (see
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,10 +45,25 @@ from gainsurgery.errors import GainSurgeryError
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 VALID_STEMS = ("validation", "valid", "val", "test", "dev")
 MAX_WINDOWS_PER_UNIT = 2
+#: Documents longer than this (characters) are cut into pieces at line boundaries, each a
+#: document: tokenizing one 50 MB line at once takes gigabytes of memory.
+MAX_DOC_CHARS = 1_000_000
 
 
 class ForgettingError(GainSurgeryError):
     """The experiment was asked for something that cannot work."""
+
+
+#: A domain name: it names a folder under ``data/``, so a plain name, never "." or "..".
+DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}", re.ASCII)
+
+
+def check_domain_name(name: Any, where: str) -> str:
+    """``name`` if it is a valid domain name (1-64 of letters, digits, ``-_.``; not starting with ``.``/``-``)."""
+    if not isinstance(name, str) or not DOMAIN_NAME_RE.fullmatch(name):
+        raise ForgettingError(f"{where}: domain name {name!r} must be 1-64 letters, digits, '-', '_' or '.', "
+                              "not starting with '.' or '-'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -59,19 +74,28 @@ class DomainSpec:
     train: Path
     valid: Path | None = None
     builtin: bool = False
+    text_field: str = "text"  # .jsonl field / .parquet column holding the text
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "train": self.train.name, "valid": self.valid.name if self.valid else None,
-                "builtin": self.builtin}
+        d = {"name": self.name, "train": self.train.name, "valid": self.valid.name if self.valid else None,
+             "builtin": self.builtin}
+        if self.text_field != "text":  # only when set: folders made before the option stay comparable
+            d["text_field"] = self.text_field
+        return d
+
+    def files(self) -> list[Path]:
+        return [p for p in (self.train, self.valid) if p is not None]
 
 
-def parse_domain(arg: str, data_dir: Path | None = None) -> DomainSpec:
-    """Parse one ``--domain`` argument (see the module docstring)."""
+def parse_domain(arg: str, data_dir: Path | None = None, text_field: str = "text") -> DomainSpec:
+    """Parse one ``--domain`` argument (see the module docstring).
+
+    A file named in the argument may be a symlink (the user chose it); a file found in a
+    named folder must resolve inside that folder, like every input folder's files.
+    """
     arg = arg.strip()
     name, sep, rest = arg.partition("=")
-    name = name.strip()
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise ForgettingError(f"--domain {arg!r}: the name must be letters, digits, '-', '_' or '.'")
+    name = check_domain_name(name.strip(), f"--domain {arg!r}")
     if not sep:
         return builtin_domain(name, data_dir)
     parts = [p.strip() for p in rest.split(",") if p.strip()]
@@ -79,23 +103,33 @@ def parse_domain(arg: str, data_dir: Path | None = None) -> DomainSpec:
         raise ForgettingError(f"--domain {arg!r}: expected NAME=TRAIN_FILE[,VALID_FILE] or NAME=FOLDER")
     first = Path(parts[0]).expanduser()
     if len(parts) == 1 and first.is_dir():
-        return DomainSpec(name, *_files_in_folder(name, first))
-    files = [Path(p).expanduser() for p in parts]
-    for f in files:
-        if not f.is_file():
-            raise ForgettingError(f"--domain {name}: no such file: {f}")
-        if f.suffix.lower() not in DATA_SUFFIXES:
-            raise ForgettingError(f"--domain {name}: {f.name} is not .txt, .jsonl or .parquet")
-    return DomainSpec(name, files[0], files[1] if len(files) == 2 else None)
+        spec = DomainSpec(name, *_files_in_folder(name, first), text_field=text_field)
+    else:
+        files = [Path(p).expanduser() for p in parts]
+        for f in files:
+            if not f.exists():
+                raise ForgettingError(f"--domain {name}: no such file: {f}")
+            if not f.is_file():
+                raise ForgettingError(f"--domain {name}: {f} is not a regular file")
+            if f.suffix.lower() not in DATA_SUFFIXES:
+                raise ForgettingError(f"--domain {name}: {f.name} is not .txt, .jsonl, .json or .parquet")
+        spec = DomainSpec(name, files[0], files[1] if len(files) == 2 else None, text_field=text_field)
+    if spec.valid is not None and spec.valid.resolve() == spec.train.resolve():
+        raise ForgettingError(f"--domain {name}: the training and validation files are the same file: the test "
+                              "windows would be trained on; give a separate validation file, or only the "
+                              "training file (test and dev windows are then carved from its documents)")
+    return spec
 
 
 def _files_in_folder(name: str, folder: Path) -> tuple[Path, Path | None]:
+    from gainsurgery.io.inputs import resolve_input
+
     def find(stems: Sequence[str]) -> Path | None:
         for stem in stems:
             for suffix in DATA_SUFFIXES:
-                p = folder / f"{stem}{suffix}"
-                if p.is_file():
-                    return p
+                # a link out of the folder, a FIFO or a folder under the name: one line, never followed
+                if resolve_input(folder, f"{stem}{suffix}", missing_ok=True, error=ForgettingError) is not None:
+                    return folder / f"{stem}{suffix}"
         return None
 
     train = find(["train"])
@@ -142,6 +176,8 @@ class PreparedDomain:
     test: Windows
     dev: Windows
     info: dict[str, Any] = field(default_factory=dict)
+    #: the training documents, joined, until :func:`save_domain` writes them to ``train_file``
+    train_text: str | None = None
 
 
 def _shuffled(n: int, key: str) -> list[int]:
@@ -191,17 +227,38 @@ def take_windows(tokenizer: Any, docs: Sequence[str], order: Sequence[int], seq_
     return Windows(ids, units), used
 
 
+def _cut_long(docs: list[str], limit: int = MAX_DOC_CHARS) -> list[str]:
+    """Documents longer than ``limit`` characters cut into pieces at line boundaries (hard cut if none)."""
+    out: list[str] = []
+    for d in docs:
+        while len(d) > limit:
+            cut = d.rfind("\n", 0, limit)
+            cut = cut if cut > 0 else limit
+            piece, d = d[:cut].strip(), d[cut:].strip()
+            if piece:
+                out.append(piece)
+        if d:
+            out.append(d)
+    return out
+
+
 def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows: int, dev_windows: int,
                    work: Path, min_train_windows: int) -> PreparedDomain:
-    """Split ``spec`` (see the module docstring) and write its training documents to ``work``.
+    """Split ``spec`` (see the module docstring), in memory; :func:`save_domain` writes it to ``work``.
+
+    Held-out documents never reach training: a training document whose text equals a
+    test or dev document (a file given twice, a corpus with duplicates) is dropped.
 
     Raises:
         ForgettingError: the domain is empty or too short for the windows asked.
     """
     from gainsurgery.training.data import DOC_SEPARATOR, pack, read_documents
 
-    train_docs = read_documents(spec.train)
-    valid_docs = read_documents(spec.valid) if spec.valid is not None else []
+    try:
+        train_docs = _cut_long(read_documents(spec.train, spec.text_field))
+        valid_docs = _cut_long(read_documents(spec.valid, spec.text_field)) if spec.valid is not None else []
+    except GainSurgeryError as exc:  # the core's message, for this command's option
+        raise ForgettingError(f"domain {spec.name}: {exc}".replace("use --text-field", "see --text-field")) from None
     if spec.builtin:  # pool: several built-in validation files hold only a handful of documents
         train_docs, valid_docs = train_docs + valid_docs, []
     source = valid_docs if valid_docs else train_docs
@@ -219,13 +276,13 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
             f"domain {spec.name}: after the {test_windows} test windows only {len(dev.ids)} dev windows fit "
             f"(need {dev_windows}); give more text or lower --dev-windows")
     held_out = set(used_test) | set(used_dev)
-    remaining = train_docs if valid_docs else [d for i, d in enumerate(train_docs) if i not in held_out]
+    held_text = {source[i] for i in held_out}
+    remaining = [d for i, d in enumerate(train_docs) if (valid_docs or i not in held_out) and d not in held_text]
+    dropped = (len(train_docs) - (0 if valid_docs else len(held_out))) - len(remaining)
     if not remaining and min_train_windows:
         raise ForgettingError(f"domain {spec.name}: no training documents left after the test/dev split")
-    work.mkdir(parents=True, exist_ok=True)
     train_file = work / "train.txt"
     text = DOC_SEPARATOR.join(remaining)
-    train_file.write_text(text, encoding="utf-8")
     try:
         n_train = len(pack(tokenizer, remaining, seq_len).ids)
     except GainSurgeryError:
@@ -239,22 +296,39 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
             "split": "validation file" if valid_docs else ("pooled train+validation" if spec.builtin
                                                          else "carved from the training file"),
             "train_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]}
-    return PreparedDomain(spec.name, train_file, len(remaining), test, dev, info)
+    if dropped:
+        info["duplicates_dropped"] = dropped
+    return PreparedDomain(spec.name, train_file, len(remaining), test, dev, info, train_text=text)
 
 
-def save_windows(path: Path, dom: PreparedDomain) -> None:
-    """Freeze a domain's windows (so every run and every resume scores the same tokens)."""
+def save_domain(dom: PreparedDomain) -> None:
+    """Freeze a prepared domain: its training text, then its windows (so every run and resume scores the same
+    tokens). ``windows.json`` is written last: a domain counts as frozen only when both files are there."""
+    from gainsurgery.io.outputs import write_file
+    from gainsurgery_lab.forgetting import records
+
+    if dom.train_text is None:
+        raise ValueError(f"domain {dom.name}: already saved")
+    dom.train_file.parent.mkdir(parents=True, exist_ok=True)
+    write_file(dom.train_file, dom.train_text, error=ForgettingError)
     obj = {"name": dom.name, "info": dom.info, "test": {"ids": dom.test.ids, "units": dom.test.units},
            "dev": {"ids": dom.dev.ids, "units": dom.dev.units}}
-    from gainsurgery.io.outputs import write_file
+    records.write(dom.train_file.parent / "windows.json", obj)
+    dom.train_text = None
 
-    write_file(path, json.dumps(obj))
 
+def load_domain(out: Path, name: str, seq_len: int) -> PreparedDomain | None:
+    """A domain frozen under ``out/data/<name>/`` (checked), or None when it is not frozen yet."""
+    from gainsurgery.io.inputs import resolve_input
+    from gainsurgery_lab.forgetting import records
 
-def load_windows(path: Path, train_file: Path) -> PreparedDomain:
-    from gainsurgery.io import jsonsafe
-
-    obj = jsonsafe.load(path, error=ForgettingError, max_bytes=1 << 30)
-    return PreparedDomain(obj["name"], train_file, obj["info"]["documents_train"],
+    rel = f"data/{name}"
+    if resolve_input(out, f"{rel}/train.txt", missing_ok=True, error=ForgettingError) is None:
+        return None
+    raw = records.read(out, f"{rel}/windows.json", max_bytes=records.MAX_WINDOWS_BYTES)
+    if raw is None:
+        return None
+    obj = records.windows_record(raw, str(out / rel / "windows.json"), name, seq_len)
+    return PreparedDomain(name, out / rel / "train.txt", obj["info"]["documents_train"],
                           Windows(obj["test"]["ids"], obj["test"]["units"]),
                           Windows(obj["dev"]["ids"], obj["dev"]["units"]), obj["info"])

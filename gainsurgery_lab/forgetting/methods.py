@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+#: The half-decade exponents a learning rate may take: 1e-20 ... 1.
+MIN_EXPONENT = -40
+MAX_EXPONENT = 0
+
+
 def lr_of(e: int) -> float:
     """The learning rate of half-decade exponent ``e``: ``10 ** (e / 2)``."""
     return 10.0 ** (e / 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain
+from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain  # noqa: F401 (ForgettingError: the CLI's)
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label
 from gainsurgery_lab.forgetting.runner import ExperimentConfig
 
@@ -77,7 +77,8 @@ def parse_worker(value: str | None) -> tuple[int, int] | None:
 
 
 def make_config(*, out: str, preset: str | None = None, base: str | None = None, domains: list[str] = (),
-                eval_domains: list[str] = (), data_dir: Path | None = None, **overrides: Any) -> ExperimentConfig:
+                eval_domains: list[str] = (), data_dir: Path | None = None, text_field: str = "text",
+                **overrides: Any) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a preset and flags (flags win; None means "not given")."""
     p = dict(PRESETS.get(preset, {}) if preset else {})
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -96,9 +97,9 @@ def make_config(*, out: str, preset: str | None = None, base: str | None = None,
         from gainsurgery_lab import corpora
 
         settings["yesno_file"] = str(corpora.default_yesno_out() / corpora.YESNO_FILE)
-    cfg = ExperimentConfig(base=base or DEFAULT_BASE, out=out,
-                           sequence=[parse_domain(d, data_dir) for d in seq_names],
-                           extra_eval=[parse_domain(d, data_dir) for d in extra_names], **settings)
+    cfg = ExperimentConfig(base=DEFAULT_BASE if base is None else base, out=out,
+                           sequence=[parse_domain(d, data_dir, text_field) for d in seq_names],
+                           extra_eval=[parse_domain(d, data_dir, text_field) for d in extra_names], **settings)
     cfg.validate()
     return cfg
 

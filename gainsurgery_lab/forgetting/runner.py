@@ -31,7 +31,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,9 +38,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, load_windows, \
-    prepare_domain, save_windows
-from gainsurgery_lab.forgetting.methods import METHODS, Method, lr_label, lr_of
+from gainsurgery_lab.forgetting import records
+from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, load_domain, \
+    prepare_domain, save_domain
+from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT, Method, lr_label, lr_of
 
 FORMAT = "gainsurgery.forgetting/2"
 
@@ -92,29 +92,72 @@ class ExperimentConfig:
             if m not in METHODS or var not in METHODS[m].variants:
                 raise ForgettingError(f"unknown variant {v!r}; e.g. gain-ffn:continue, gain-ffn:swap, lora:continue")
         for m, grid in self.grids.items():
-            if m not in METHODS or not grid or not all(isinstance(e, int) for e in grid):
+            if m not in METHODS or not grid or not all(type(e) is int for e in grid):
                 raise ForgettingError(f"grid for {m!r} must be a non-empty list of integer half-decade exponents")
+            if not all(MIN_EXPONENT <= e <= MAX_EXPONENT for e in grid):
+                raise ForgettingError(f"grid for {m!r}: exponents must lie in {MIN_EXPONENT}..{MAX_EXPONENT} "
+                                      f"(lr = 10^(E/2) from {lr_of(MIN_EXPONENT):.0e} to 1)")
+            if len(set(grid)) != len(grid):
+                raise ForgettingError(f"grid for {m!r} lists an exponent twice: {grid}")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ForgettingError("--batch-size must be a multiple of the gradient accumulation steps")
-        if min(self.steps, self.batch_size, self.test_windows, self.dev_windows, self.seeds) < 1:
-            raise ForgettingError("--steps, --batch-size, --test-windows, --dev-windows and --seeds must be >= 1")
+        for name, value, hi in (("--steps", self.steps, MAX_STEPS), ("--batch-size", self.batch_size, MAX_BATCH),
+                                ("--test-windows", self.test_windows, MAX_WINDOWS),
+                                ("--dev-windows", self.dev_windows, MAX_WINDOWS), ("--seeds", self.seeds, MAX_SEEDS),
+                                ("--seq-len", self.seq_len, MAX_SEQ_LEN), ("--yesno", self.yesno, MAX_WINDOWS),
+                                ("--max-extensions", self.max_extensions, MAX_EXTENSIONS)):
+            if type(value) is not int or not (0 if name in ("--yesno", "--max-extensions") else 1) <= value <= hi:
+                low = 0 if name in ("--yesno", "--max-extensions") else 1
+                raise ForgettingError(f"{name} must be an integer from {low} to {hi:,}, got {value!r}")
+        if self.deadline is not None and not (isinstance(self.deadline, (int, float)) and math.isfinite(self.deadline)):
+            raise ForgettingError("--stop-after must be a finite number of minutes")
+        seen: dict[Path, str] = {}
+        for d in self.sequence + self.extra_eval:
+            for f in d.files():
+                real = f.resolve()
+                if real in seen and seen[real] != d.name:
+                    raise ForgettingError(f"domains {seen[real]} and {d.name} read the same file {f}: one domain's "
+                                          "test windows would be another's training text; give each its own files")
+                seen[real] = d.name
         unknown = set(self.phases) - {"fronts", "seeds", "yesno", "extras"}
         if unknown:
             raise ForgettingError(f"unknown phase(s) {sorted(unknown)}; phases are fronts, seeds, yesno, extras")
         if self.seq_len < 16:
             raise ForgettingError("--seq-len must be at least 16")
+        if not self.base:
+            raise ForgettingError("--base is empty; name a checkpoint folder, embedded:NAME or a Hub repo")
         if self.yesno and not self.yesno_file:
             raise ForgettingError("--yesno needs a yes/no items file (python scripts/fetch_domains.py --yesno)")
 
     def signature(self) -> dict[str, Any]:
         """What makes stored results comparable: changing any of it needs a fresh --out."""
-        return {"format": FORMAT, "base": self.base, "sequence": [d.describe() for d in self.sequence],
+        return {"format": FORMAT, "base": _normal_base(self.base), "sequence": [d.describe() for d in self.sequence],
                 "extra_eval": [d.describe() for d in self.extra_eval], "steps": self.steps,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "test_windows": self.test_windows,
                 "dev_windows": self.dev_windows, "dtype": self.dtype}
 
     def grid(self, method: str) -> list[int]:
         return sorted(self.grids.get(method) or METHODS[method].grid)
+
+
+#: Upper limits of the settings (far above any real run; they keep typos from meaning years).
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_WINDOWS = 1_000_000
+MAX_SEEDS = 1_000
+MAX_SEQ_LEN = 1 << 20
+MAX_EXTENSIONS = 20
+
+
+def _normal_base(base: str) -> str:
+    """A local base path without a trailing slash or ``./`` (the same folder compares equal)."""
+    from gainsurgery.io.inputs import classify_base_spec
+
+    try:
+        local = classify_base_spec(base, error=ForgettingError).kind == "local"
+    except ForgettingError:
+        local = False
+    return os.path.normpath(base) if local else base
 
 
 @dataclass(frozen=True)
@@ -139,24 +182,6 @@ class RunKey:
                 "lr_label": lr_label(self.e), "seed": self.seed}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from gainsurgery.io.outputs import write_file
-
-    write_file(path, json.dumps(obj) + "\n")  # unguessable temp name: parallel workers never share one
-
-
-def _read_json(path: Path) -> Any:
-    from gainsurgery.io import jsonsafe
-
-    if not path.exists():
-        return None
-    return jsonsafe.load(path, error=ForgettingError, max_bytes=MAX_RECORD_BYTES)
-
-
-#: Size limit of the experiment's own JSON records (frozen windows are the largest), in bytes.
-MAX_RECORD_BYTES = 1 << 30
-
-
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -166,6 +191,7 @@ class Experiment:
     """Prepares the data, runs the schedule and keeps every result on disk."""
 
     def __init__(self, cfg: ExperimentConfig, echo: Callable[[str], None] | None = print) -> None:
+        """Check the configuration and the folder; nothing is written until :meth:`prepare` (``write``)."""
         from gainsurgery.sources import resolve_base
 
         cfg.validate()
@@ -180,35 +206,70 @@ class Experiment:
         self.echo = echo
         self.base_folder = resolve_base(cfg.base)
         # The experiment folder is reused (resumable) but never "", ".", the home folder, the
-        # base or a data file, nor around or inside one.
+        # base or a data file, nor around or inside one; and only if it is new, empty or ours.
         from gainsurgery.io.outputs import check_output
 
-        data = [p for d in (*cfg.sequence, *cfg.extra_eval) for p in (d.train, d.valid) if p is not None]
-        check_output(self.out, inputs=[self.base_folder, *data], kind="folder", overwrite=True, what="--out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        data = [p for d in (*cfg.sequence, *cfg.extra_eval) for p in d.files()]
+        check_output(self.out, inputs=[self.base_folder, *data], kind="folder", overwrite=True, what="--out",
+                     error=ForgettingError)
         self.sequence = [d.name for d in cfg.sequence]
         self.columns = self.sequence + [d.name for d in cfg.extra_eval]
-        self._check_signature()
+        self._saved = self._check_folder()
         self._tokenizer = None
         self._device = None
+        self.layout: records.Layout | None = None
         self.domains: dict[str, PreparedDomain] = {}
+        self._fresh: list[PreparedDomain] = []
 
     # ------------------------------------------------------------------------------ bookkeeping
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        with open(self.out / "log.txt", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        if (self.out / "experiment.json").is_file():  # only into a folder that is ours
+            from gainsurgery.io.outputs import open_log_file
+
+            with open_log_file(self.out / "log.txt", append=True, what="the experiment log",
+                               error=ForgettingError) as f:
+                f.write(line + "\n")
         if self.echo:
             self.echo(line)
 
-    def _check_signature(self) -> None:
-        path = self.out / "experiment.json"
-        sig = self.cfg.signature()
-        saved = _read_json(path)
-        if saved is not None and saved.get("signature") != sig:
-            raise ForgettingError(f"{self.out} holds an experiment with other settings; use another --out "
-                                  "(or the same settings to resume)")
-        _write_json(path, {"signature": sig, "config": _jsonable(asdict(self.cfg))})
+    def _check_folder(self) -> dict[str, Any] | None:
+        """The folder's ``experiment.json`` (checked), None for a new or empty folder; anything else refused.
+
+        Resuming needs the same signature (the message names what differs) and the same
+        domain files, by content (a data file edited since the split is refused).
+        """
+        out = self.out
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise ForgettingError(f"--out {out}: is not a folder")
+        saved_raw = records.read(out, "experiment.json") if out.is_dir() else None
+        if saved_raw is None:
+            if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+                raise ForgettingError(f"--out {out}: a folder that is not empty and holds no experiment.json "
+                                      "(not an experiment folder); give a new or empty folder")
+            return None
+        saved = records.experiment_record(saved_raw, str(out / "experiment.json"))
+        sig, old = self.cfg.signature(), saved["signature"]
+        if old != sig:
+            keys = [k for k in sorted(set(sig) | set(old)) if sig.get(k) != old.get(k)]
+            shown = "; ".join(f"{k}: {_short(sig.get(k))} here, {_short(old.get(k))} in the folder" for k in keys)
+            raise ForgettingError(f"{out} holds an experiment with other settings ({shown}); use another --out, "
+                                  "or the same settings to resume")
+        sources = saved.get("sources") or {}
+        for name, digest in self._sources().items():
+            if name in sources and sources[name] != digest:
+                raise ForgettingError(f"domain {name}: its files changed since {out} split them (sha256 "
+                                      f"{_short(sources[name])} then, {_short(digest)} now); use another --out")
+        return saved
+
+    def _sources(self) -> dict[str, list[str]]:
+        """sha256 of each domain's data files, in order (what its frozen split was made from)."""
+        from gainsurgery.io.hashing import sha256_file
+
+        if not hasattr(self, "_source_digests"):
+            self._source_digests = {d.name: [sha256_file(f) for f in d.files()]
+                                    for d in self.cfg.sequence + self.cfg.extra_eval}
+        return self._source_digests
 
     @property
     def tokenizer(self):
@@ -218,29 +279,66 @@ class Experiment:
             self._tokenizer = load_tokenizer(self.base_folder)
         return self._tokenizer
 
-    def prepare(self) -> None:
-        """Split every domain (once; frozen in ``data/<name>/windows.json``)."""
+    def prepare(self, write: bool = True) -> None:
+        """Split every domain and check the yes/no items, before anything trains.
+
+        Every domain is split in memory first (the first bad one is a one-line error and
+        nothing is written); then, with ``write``, the folder becomes ours:
+        ``experiment.json`` and each domain's frozen split (``data/<name>/``). A dry run
+        (``write=False``) writes nothing. A folder resumed keeps its frozen splits.
+        """
         c = self.cfg
-        for spec in c.sequence + c.extra_eval:
-            work = self.out / "data" / spec.name
-            frozen = work / "windows.json"
-            if frozen.is_file() and (work / "train.txt").is_file():
-                self.domains[spec.name] = load_windows(frozen, work / "train.txt")
-                continue
-            trained = spec.name in {d.name for d in c.sequence}  # a domain only scored needs no training text
-            dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows, work,
-                                 min_train_windows=c.batch_size if trained else 0)
-            save_windows(frozen, dom)
-            self.domains[spec.name] = dom
+        if not self.domains:
+            self._split()
+        if not write:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self._saved is None:
+            records.write(self.out / "experiment.json", {"signature": c.signature(), "config": _config_record(c),
+                                                        "sources": self._sources()})
+            self._saved = records.read(self.out, "experiment.json")
+        elif "sources" not in self._saved:  # a folder from before sources were recorded: record them now
+            records.write(self.out / "experiment.json", {**self._saved, "sources": self._sources()})
+        fresh, self._fresh = self._fresh, []
+        for dom in fresh:
+            save_domain(dom)
             i = dom.info
-            self.log(f"domain {spec.name}: {i['test_windows']} test windows ({i['test_units']} documents), "
+            self.log(f"domain {dom.name}: {i['test_windows']} test windows ({i['test_units']} documents), "
                      f"{i['dev_windows']} dev windows ({i['dev_units']}), {i['documents_train']} training "
-                     f"documents ({i['train_windows']} windows); split: {i['split']}")
+                     f"documents ({i['train_windows']} windows); split: {i['split']}"
+                     + (f"; {i['duplicates_dropped']} training documents dropped: they repeat a held-out one"
+                        if i.get("duplicates_dropped") else ""))
             drawn = c.steps * c.batch_size
-            if trained and i["train_windows"] and drawn > 4 * i["train_windows"]:
-                self.log(f"domain {spec.name}: warning: a stage draws {drawn} windows from {i['train_windows']} "
+            if dom.name in self.sequence and i["train_windows"] and drawn > 4 * i["train_windows"]:
+                self.log(f"domain {dom.name}: warning: a stage draws {drawn} windows from {i['train_windows']} "
                          f"({drawn / i['train_windows']:.0f} epochs); expect it to overfit (give more text, "
                          f"or fewer steps or a smaller batch)")
+
+    def _split(self) -> None:
+        """Every domain split in memory (or loaded, when frozen), the yes/no items and the base checked."""
+        c = self.cfg
+        limit = _max_positions(self.base_folder)
+        if limit is not None and c.seq_len > limit:
+            raise ForgettingError(f"--seq-len {c.seq_len} is longer than the base model's {limit} positions")
+        vocab = len(self.tokenizer)
+        fresh: list[PreparedDomain] = []
+        for spec in c.sequence + c.extra_eval:
+            dom = load_domain(self.out, spec.name, c.seq_len) if self._saved is not None else None
+            if dom is None:
+                trained = spec.name in self.sequence  # a domain only scored needs no training text
+                dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows,
+                                     self.out / "data" / spec.name, min_train_windows=c.batch_size if trained else 0)
+                fresh.append(dom)
+            elif max(max(w) for w in dom.test.ids + dom.dev.ids) >= vocab:
+                raise ForgettingError(f"{self.out}/data/{spec.name}/windows.json: holds token ids beyond the "
+                                      f"tokenizer's {vocab}; use another --out")
+            self.domains[spec.name] = dom
+        self.layout = records.Layout(tuple(self.sequence), tuple(self.columns),
+                                     {d: len(self.domains[d].test.ids) for d in self.columns},
+                                     {d: len(self.domains[d].dev.ids) for d in self.columns})
+        if c.yesno:
+            self.yesno_items()  # a missing or short file now, not after hours of training
+        self._fresh = fresh
 
     # ------------------------------------------------------------------------------ evaluation
     @property
@@ -283,7 +381,12 @@ class Experiment:
     def yesno_items(self) -> list[dict[str, str]]:
         from gainsurgery.training.evaluation import read_yesno
 
-        items = read_yesno(self.cfg.yesno_file)
+        from gainsurgery.errors import GainSurgeryError
+
+        try:
+            items = read_yesno(self.cfg.yesno_file)
+        except GainSurgeryError as exc:
+            raise ForgettingError(f"--yesno: {exc}") from None
         if len(items) < self.cfg.yesno:
             raise ForgettingError(f"{self.cfg.yesno_file}: {len(items)} yes/no items, asked for {self.cfg.yesno}")
         pick = np.sort(np.random.default_rng(0).choice(len(items), self.cfg.yesno, replace=False))
@@ -322,27 +425,29 @@ class Experiment:
                 "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
     def base_scores(self) -> dict[str, Any]:
-        path = self.out / "base.json"
-        saved = _read_json(path)
+        saved = records.read(self.out, "base.json")
         if saved is not None:
-            return saved
+            return records.scores_record(saved, str(self.out / "base.json"), self.layout)
         self.log("scoring the base model on every domain (test and dev windows)")
         t0 = time.perf_counter()
         rec = self.score(self.base_folder, self.columns, self.columns)
         rec["seconds"] = round(time.perf_counter() - t0, 1)
-        _write_json(path, rec)
+        records.write(self.out / "base.json", rec)
         return rec
+
+    def _read_yesno(self, rel: str) -> dict[str, Any] | None:
+        saved = records.read(self.out, rel)
+        return None if saved is None else records.yesno_record(saved, str(self.out / rel))
 
     def base_yesno(self) -> dict[str, Any] | None:
         if not self.cfg.yesno:
             return None
-        path = self.out / "base_yesno.json"
-        saved = _read_json(path)
+        saved = self._read_yesno("base_yesno.json")
         if saved is not None and saved.get("items") == self.cfg.yesno:
             return saved
         self.log(f"yes/no: base on {self.cfg.yesno} items")
         rec = self.yesno(self.base_folder)
-        _write_json(path, rec)
+        records.write(self.out / "base_yesno.json", rec)
         self.log(f"yes/no: base accuracy {rec['accuracy']:.3f}, says yes {rec['yes_rate']:.0%} ({rec['seconds']} s)")
         return rec
 
@@ -351,13 +456,13 @@ class Experiment:
         return self.out / "runs" / key.name
 
     def stages_done(self, key: RunKey) -> list[dict]:
-        d = self.run_dir(key)
         done = []
         for k in range(len(self.sequence)):
-            rec = _read_json(d / f"stage-{k + 1}.json")
+            rel = f"runs/{key.name}/stage-{k + 1}.json"
+            rec = records.read(self.out, rel)
             if rec is None:
                 break
-            done.append(rec)
+            done.append(records.stage_record(rec, str(self.out / rel), self.layout, k + 1))
             if rec.get("failed"):
                 break
         return done
@@ -375,25 +480,38 @@ class Experiment:
         Past the config's deadline no further stage is started (the records so far are
         returned): resume later without a deadline to finish the run.
         """
-        method = METHODS[key.method]
-        d = self.run_dir(key)
         done = self.stages_done(key)
         if done and (done[-1].get("failed") or len(done) == len(self.sequence)):
             return done
         if self.out_of_time():
             return done
+        d = self.run_dir(key)
+        if d.is_symlink():
+            raise ForgettingError(f"{d}: is a symbolic link, not a run folder of this experiment; remove it")
         d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / "run.json", key.describe())
+        from gainsurgery.io.outputs import hold_lock
+
+        # parallel workers share the folder (a plain run holds it alone): one runs a sequence, the others skip it
+        with hold_lock(d / ".run.lock", what=f"run {key.name}", busy_ok=True, error=ForgettingError) as mine:
+            if not mine:
+                self.log(f"{key.name}: another worker runs it; skipped")
+                return done
+            return self._run_stages(key, self.stages_done(key))
+
+    def _run_stages(self, key: RunKey, done: list[dict]) -> list[dict]:
+        method = METHODS[key.method]
+        d = self.run_dir(key)
+        records.write(d / "run.json", key.describe())
         for k in range(len(done), len(self.sequence)):
             if k > 0 and self.out_of_time():  # a run cut between stages resumes from its last stage
                 self.log(f"{key.name}: out of time after stage {k}; resume without a deadline to finish it")
                 return done
             rec = self._stage(key, method, k, done)
-            _write_json(d / f"stage-{k + 1}.json", rec)
+            records.write(d / f"stage-{k + 1}.json", rec)
             done.append(rec)
             # only the latest merged model is kept (gains/adapters are the artifacts)
             if k > 0:
-                shutil.rmtree(d / f"merged-{k}", ignore_errors=True)
+                _remove(d / f"merged-{k}")
             if rec.get("failed"):
                 self.log(f"{key.name}: stage {k + 1} failed: {rec['failed']}")
                 break
@@ -401,7 +519,7 @@ class Experiment:
             self.log(f"{key.name}: stage {k + 1}/{len(self.sequence)} ({own}) done in {rec['seconds']['stage']:.0f} s; "
                      f"{own} test PPL {math.exp(sum(rec['test_nll'][own]) / (len(rec['test_nll'][own]) * (self.cfg.seq_len - 1))):.3f}")
         if method.family != "full":  # rebuildable from the artifacts; full fine-tuning keeps its last model
-            shutil.rmtree(d / f"merged-{len(done)}", ignore_errors=True)
+            _remove(d / f"merged-{len(done)}")
         return done
 
     def _artifact(self, key: RunKey, k: int) -> Path:
@@ -420,8 +538,7 @@ class Experiment:
         from_base = key.variant in ("continue", "swap")
         prev = self.base_folder if (k == 0 or from_base) else self.merged(key, k)
         artifact = self._artifact(key, k)
-        if artifact.is_dir():
-            shutil.rmtree(artifact)
+        _remove(artifact)
         tc = TrainConfig(base=str(prev), data=[str(domain.train_file)], output=str(artifact),
                          method=method.train_method, side=method.side, steps=self.cfg.steps, lr=key.lr,
                          batch_size=self.cfg.batch_size // self.cfg.grad_accum, grad_accum=self.cfg.grad_accum,
@@ -454,7 +571,7 @@ class Experiment:
         if method.family == "gain":
             rec["gains"] = self._gain_stats(key, k)
         if method.family == "peft":
-            rec["peft"] = _peft_summary(artifact)
+            rec["peft"] = _peft_summary(self.out, f"runs/{key.name}/{artifact.name}")
         rec["cpu_seconds"] = round(time.process_time() - c0, 1)
         rec["seconds"] = {"train": round(t1 - t0, 1), "merge": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
                           "stage": round(t3 - t0, 1)}
@@ -493,7 +610,7 @@ class Experiment:
 
     def _build_merged(self, key: RunKey, k: int, dst: Path) -> None:
         method = METHODS[key.method]
-        shutil.rmtree(dst, ignore_errors=True)
+        _remove(dst)
         if method.family == "gain":
             if key.variant == "stack":
                 files = [self._artifact(key, i) for i in range(k)]
@@ -513,7 +630,9 @@ class Experiment:
                                       "to rerun it")
             os.replace(art, dst)  # the fine-tuned checkpoint is the merged model
             art.mkdir()
-            (art / "MOVED").write_text(f"moved to {dst.name}\n", encoding="utf-8")
+            from gainsurgery.io.outputs import write_file
+
+            write_file(art / "MOVED", f"moved to {dst.name}\n", error=ForgettingError)
 
     def _apply_gains(self, files: list[Path], dst: Path) -> None:
         """Base + the product of ``files`` (float32), streamed and rounded once: gainsurgery's own apply.
@@ -529,7 +648,7 @@ class Experiment:
 
     def run_yesno(self, key: RunKey) -> dict[str, Any] | None:
         path = self.run_dir(key) / "yesno.json"
-        saved = _read_json(path)
+        saved = self._read_yesno(f"runs/{key.name}/yesno.json")
         if saved is not None and saved.get("items") == self.cfg.yesno:
             return saved
         if self.out_of_time():
@@ -542,9 +661,9 @@ class Experiment:
         self.log(f"yes/no: {key.name} on {self.cfg.yesno} items")
         folder = self.merged(key, len(self.sequence))
         rec = self.yesno(folder)
-        _write_json(path, rec)
+        records.write(path, rec)
         if METHODS[key.method].family != "full":
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove(folder)
         self.log(f"yes/no: {key.name} accuracy {rec['accuracy']:.3f}, says yes {rec['yes_rate']:.0%}")
         return rec
 
@@ -588,7 +707,7 @@ class Experiment:
             if not math.isfinite(scores[best]) or 0 < tried.index(best) < len(tried) - 1:
                 return
             nxt = tried[0] - 1 if best == tried[0] else tried[-1] + 1
-            if len(tried) - len(grid0) >= self.cfg.max_extensions or lr_of(nxt) > 1.0:
+            if len(tried) - len(grid0) >= self.cfg.max_extensions or not MIN_EXPONENT <= nxt <= MAX_EXPONENT:
                 self.log(f"{method}: dev optimum at the edge of the grid (lr {lr_label(best)}); "
                          "not extending further (limit reached)")
                 return
@@ -607,7 +726,7 @@ class Experiment:
         included). Run after every front method's front.
         """
         variant = METHODS[method].default_variant
-        floor = min(self.cfg.grid(method)) - self.cfg.max_extensions
+        floor = max(MIN_EXPONENT, min(self.cfg.grid(method)) - self.cfg.max_extensions)
         while not self.out_of_time():
             tried = sorted(e for e in self.tried_exponents(method) if self.is_finished(RunKey(method, variant, e, 0)))
             if not tried:
@@ -634,10 +753,14 @@ class Experiment:
         variant = METHODS[method].default_variant
         found = []
         runs = self.out / "runs"
-        if runs.is_dir():
-            for p in runs.iterdir():
-                info = _read_json(p / "run.json")
-                if info and info["method"] == method and info["variant"] == variant and info["seed"] == 0:
+        if runs.is_dir() and not runs.is_symlink():
+            for p in sorted(runs.iterdir()):
+                rel = f"runs/{p.name}/run.json"
+                info = records.read(self.out, rel)
+                if info is None:
+                    continue
+                info = records.run_record(info, str(self.out / rel), p.name)
+                if info["method"] == method and info["variant"] == variant and info["seed"] == 0:
                     found.append(info["lr_exponent"])
         return found
 
@@ -682,7 +805,18 @@ class Experiment:
         self.log(f"experiment: {' -> '.join(self.sequence)}; scored on {', '.join(self.columns)}; "
                  f"{c.steps} steps x {c.batch_size} x {c.seq_len} tokens per stage; phases {', '.join(c.phases)}"
                  + (f"; worker {worker[0]}/{worker[1]}" if worker else ""))
-        self.prepare()
+        from gainsurgery.io.outputs import hold_lock
+
+        self.prepare(write=False)  # every domain checked before the folder is touched
+        self.out.mkdir(parents=True, exist_ok=True)
+        # a plain run holds the folder alone; parallel workers share it (each run has its own lock)
+        with hold_lock(self.out / LOCK_NAME, shared=worker is not None, what=f"experiment {self.out}",
+                       error=ForgettingError):
+            self.prepare()
+            self._schedule(worker, t0)
+
+    def _schedule(self, worker: tuple[int, int] | None, t0: float) -> None:
+        c = self.cfg
         base = self.base_scores()
         if worker is not None:
             i, n = worker
@@ -743,30 +877,63 @@ def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
     from gainsurgery.merge.provenance import OUTPUT_FILES
     from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
 
+    from gainsurgery.io.outputs import claim_folder
+
     model = PeftModel.from_pretrained(load_causal_lm(prev, "float32"), adapter)
     merged = model.merge_and_unload().to(getattr(torch, checkpoint_dtype(prev)))
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    # tokenizer, generation config, license... (read safely; those save_pretrained wrote are kept)
-    copy_extra_files(open_checkpoint(prev), tmp, skip=OUTPUT_FILES, keep_existing=True)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    # written into a claimed temp (unguessable, never through a link) and published whole
+    with claim_folder(dst, overwrite=True, what="merged model", error=ForgettingError) as claim:
+        merged.save_pretrained(claim.tmp)
+        # tokenizer, generation config, license... (read safely; those save_pretrained wrote are kept)
+        copy_extra_files(open_checkpoint(prev), claim.tmp, skip=OUTPUT_FILES, keep_existing=True)
+        claim.publish()
     del model, merged
     gc.collect()
 
 
-def _peft_summary(adapter: Path) -> dict[str, Any]:
-    cfg = _read_json(adapter / "adapter_config.json") or {}
+def _peft_summary(out: Path, rel: str) -> dict[str, Any]:
+    """The adapter's shape, from ``out/rel/adapter_config.json`` (written by PEFT in this run's folder)."""
+    cfg = records.read(out, f"{rel}/adapter_config.json") or {}
     keep = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules")
-    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in keep}
+    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in keep} \
+        if isinstance(cfg, dict) else {}
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+#: The experiment folder's lock file (see :meth:`Experiment.execute`).
+LOCK_NAME = ".experiment.lock"
+
+
+def _config_record(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings as stored in ``experiment.json`` (the deadline and progress bars are per call)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("deadline", "progress")}
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder of this experiment's own (a link itself, never what it points to)."""
+    from gainsurgery.io.outputs import remove_tree
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        remove_tree(path)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _max_positions(base: Path) -> int | None:
+    """The base model's position limit from its ``config.json`` (None when it states none)."""
+    from gainsurgery.io import jsonsafe
+    from gainsurgery.io.inputs import open_input
+
+    try:
+        with open_input(base, "config.json", error=ForgettingError) as f:
+            cfg = jsonsafe.load(f, where=f"{base}/config.json", error=ForgettingError)
+    except ForgettingError:
+        return None  # the model loader gives the real error
+    for obj in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if isinstance(obj, dict) and type(obj.get("max_position_embeddings")) is int:
+            return obj["max_position_embeddings"]
+    return None

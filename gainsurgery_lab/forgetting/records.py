@@ -1,0 +1,262 @@
+"""The experiment folder's records: every one read and written here, checked at this boundary.
+
+An experiment folder (``--out``) is ours once it holds ``experiment.json``; it may
+still have been edited, damaged or planted with links by anyone who can write to
+it, and ``report`` is pointed at folders other people made. So every record is
+read as hostile input, the way gainsurgery reads a checkpoint:
+
+- through :func:`gainsurgery.io.inputs.open_input`: a regular file inside the
+  folder, symlinks resolved (a link out of the folder, a FIFO, a device or anything
+  under ``/proc`` is refused without blocking);
+- within size and nesting limits (:mod:`gainsurgery.io.jsonsafe`; NaN refused);
+- checked for shape and type against what the rest of the experiment says (the
+  domains, the number of windows, the methods), failing with one line that names
+  the file and the field.
+
+Downstream code then trusts the returned dicts. Records are written with
+:func:`gainsurgery.io.outputs.write_file` (whole or not at all, never through a
+link), as strict JSON: a non-finite float becomes ``null``.
+
+Layout::
+
+    experiment.json             {"signature", "config", "sources"}   (the folder's marker)
+    base.json                   {"test_nll": {domain: [per-window NLL]}, "dev_nll": {...}, "seconds"}
+    base_yesno.json             yes/no record (see :func:`yesno_record`)
+    data/<domain>/windows.json  {"name", "info", "test": {"ids", "units"}, "dev": {...}}
+    data/<domain>/train.txt     the training documents
+    runs/<run>/run.json         {"method", "variant", "lr", "lr_exponent", "lr_label", "seed"}
+    runs/<run>/stage-<k>.json   one stage (see :func:`stage_record`)
+    runs/<run>/yesno.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.inputs import open_input, resolve_input, show_path
+from gainsurgery_lab.forgetting.data import ForgettingError, check_domain_name
+from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT
+
+#: Size limit of one record, in bytes (a stage of 10,000 windows per domain is ~2 MB).
+MAX_RECORD_BYTES = 64 << 20
+#: Size limit of a domain's frozen windows, in bytes (token ids: ~7 bytes each).
+MAX_WINDOWS_BYTES = 512 << 20
+#: The largest token id a window may hold (vocabularies are far below this).
+MAX_TOKEN_ID = 1 << 24
+MAX_SEED = 1 << 20
+
+
+def read(out: Path, rel: str, *, max_bytes: int = MAX_RECORD_BYTES) -> Any | None:
+    """The parsed JSON of ``out/rel``, or None when it does not exist (checked as described above)."""
+    if resolve_input(out, rel, missing_ok=True, error=ForgettingError) is None:
+        return None
+    with open_input(out, rel, error=ForgettingError) as f:
+        return jsonsafe.load(f, where=show_path(out / rel), error=ForgettingError, max_bytes=max_bytes)
+
+
+def _strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as null, paths as strings)."""
+    return json.dumps(_strict(obj), allow_nan=False, **kw)
+
+
+def write(path: Path, obj: Any, **kw: Any) -> None:
+    """Write ``obj`` as strict JSON to ``path``, whole or not at all (unguessable temp: workers never share one)."""
+    from gainsurgery.io.outputs import write_file
+
+    write_file(path, dumps(obj, **kw) + "\n", error=ForgettingError)
+
+
+# ------------------------------------------------------------------------------------- shapes
+
+
+def _fields(raw: Any, where: str) -> jsonsafe.Fields:
+    return jsonsafe.Fields(raw, where=where, error=ForgettingError)
+
+
+def _numbers(value: Any, where: str, field: str, count: int | None, *, min_value: float | None = None) -> list[float]:
+    if not isinstance(value, list):
+        raise ForgettingError(f"{where}: {field}: expected an array of numbers, got {jsonsafe.type_name(value)}")
+    if count is not None and len(value) != count:
+        raise ForgettingError(f"{where}: {field}: {len(value)} values for {count} windows")
+    out = []
+    for x in value:
+        v = jsonsafe.expect_number(x, where=where, field=field, error=ForgettingError)
+        if min_value is not None and v < min_value:
+            raise ForgettingError(f"{where}: {field}: value {v} is below {min_value}")
+        out.append(v)
+    return out
+
+
+def _bools(value: Any, where: str, field: str, count: int) -> list[bool]:
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(x, bool) for x in value):
+        raise ForgettingError(f"{where}: {field}: expected {count} booleans")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the records of one experiment must agree with.
+
+    Attributes:
+        sequence: the training domains, in order.
+        columns: every scored domain (the sequence, then the never-trained ones).
+        test_windows / dev_windows: windows per domain, as frozen in ``windows.json``.
+    """
+
+    sequence: tuple[str, ...]
+    columns: tuple[str, ...]
+    test_windows: dict[str, int]
+    dev_windows: dict[str, int]
+
+    def nll_map(self, raw: Any, where: str, field: str, split: str, required: tuple[str, ...]
+                ) -> dict[str, list[float]]:
+        counts = self.test_windows if split == "test" else self.dev_windows
+        obj = jsonsafe.expect_object(raw, where=where, field=field, error=ForgettingError)
+        for d in obj:
+            if d not in counts:
+                raise ForgettingError(f"{where}: {field}: unknown domain {d!r} (domains: {', '.join(self.columns)})")
+        for d in required:
+            if d not in obj:
+                raise ForgettingError(f"{where}: {field}: domain {d!r} missing")
+        return {d: _numbers(v, where, f"{field}.{d}", counts[d], min_value=0.0) for d, v in obj.items()}
+
+
+def experiment_record(raw: Any, where: str) -> dict[str, Any]:
+    """``experiment.json``: the signature (what makes results comparable), the config, the sources."""
+    f = _fields(raw, where)
+    sig = f.obj("signature")
+    for key in ("sequence", "extra_eval"):
+        items = sig.raw(key)
+        if not isinstance(items, list) or (key == "sequence" and not items):
+            raise ForgettingError(f"{where}: signature.{key}: expected a{' non-empty' if key == 'sequence' else 'n'} "
+                                  "array of domains")
+        for i, d in enumerate(items):
+            check_domain_name(_fields(d, where).str("name"), f"{where}: signature.{key}[{i}]")
+    names = [d["name"] for d in sig.raw("sequence") + sig.raw("extra_eval")]
+    if len(set(names)) != len(names):
+        raise ForgettingError(f"{where}: a domain appears twice: {names}")
+    sig.int("seq_len", min=2, max=1 << 20)
+    cfg = f.obj("config")
+    for key in ("steps", "batch_size", "test_windows", "dev_windows"):
+        cfg.int(key, min=1)
+    cfg.str("base")
+    if "sources" in f:
+        f.obj("sources")
+    return raw
+
+
+def windows_record(raw: Any, where: str, name: str, seq_len: int) -> dict[str, Any]:
+    """``data/<name>/windows.json``: the frozen test/dev windows and the split's description."""
+    f = _fields(raw, where)
+    if f.str("name") != name:
+        raise ForgettingError(f"{where}: name: {f.str('name')!r}, expected {name!r}")
+    info = f.obj("info")
+    for key in ("test_windows", "test_units", "dev_windows", "dev_units", "documents_train"):
+        info.int(key, min=0)
+    info.int("train_windows", 0, min=0)
+    info.str("split")
+    for split in ("test", "dev"):
+        part = f.obj(split)
+        ids, units = part.raw("ids"), part.raw("units")
+        if not isinstance(ids, list) or not isinstance(units, list) or not ids or len(ids) != len(units):
+            raise ForgettingError(f"{where}: {split}: expected non-empty arrays ids and units of equal length")
+        for w in ids:
+            if (not isinstance(w, list) or len(w) != seq_len
+                    or not all(type(t) is int and 0 <= t < MAX_TOKEN_ID for t in w)):
+                raise ForgettingError(f"{where}: {split}.ids: every window must be {seq_len} token ids")
+        if not all(type(u) is int and u >= 0 for u in units):
+            raise ForgettingError(f"{where}: {split}.units: expected non-negative integers")
+        if info.int(f"{split}_windows") != len(ids):
+            raise ForgettingError(f"{where}: info.{split}_windows says {info.int(f'{split}_windows')}, "
+                                  f"{len(ids)} windows stored")
+    return raw
+
+
+def scores_record(raw: Any, where: str, layout: Layout) -> dict[str, Any]:
+    """``base.json``: per-window NLLs of the base on every domain's test and dev windows."""
+    f = _fields(raw, where)
+    layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", layout.columns)
+    layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", ())
+    f.number("seconds", 0.0)
+    return raw
+
+
+def run_record(raw: Any, where: str, folder_name: str) -> dict[str, Any]:
+    """``runs/<run>/run.json``: which method, variant, lr and seed the folder holds."""
+    f = _fields(raw, where)
+    method = f.str("method")
+    if method not in METHODS:
+        raise ForgettingError(f"{where}: method {method!r} is not one of {', '.join(METHODS)}")
+    variant = f.str("variant")
+    m = METHODS[method]
+    if variant not in (m.default_variant, *m.variants):
+        raise ForgettingError(f"{where}: variant {variant!r} is not one of {method}'s")
+    e = f.int("lr_exponent", min=MIN_EXPONENT, max=MAX_EXPONENT)
+    seed = f.int("seed", min=0, max=MAX_SEED)
+    f.number("lr")
+    expected = f"{method}__{variant}__lr{e}__s{seed}"
+    if folder_name != expected:
+        raise ForgettingError(f"{where}: describes run {expected}, but lies in runs/{folder_name}")
+    return raw
+
+
+def stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]:
+    """``runs/<run>/stage-<k>.json`` (``k`` 1-based): one finished (or failed) stage."""
+    f = _fields(raw, where)
+    if f.int("stage") != k:
+        raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
+    own = layout.sequence[k - 1]
+    if f.str("domain") != own:
+        raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    if "failed" in f:
+        f.str("failed")
+        return raw
+    layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", (own,))
+    layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", (own,))
+    train = f.obj("train")
+    train.int("trainable_parameters", min=0)
+    train.number("final_loss", 0.0)
+    train.number("seconds_per_step")
+    secs = f.obj("seconds")
+    for key in ("train", "merge", "eval", "stage"):
+        secs.number(key)
+    f.number("cpu_seconds", 0.0)
+    f.number("peak_rss_mib", 0.0)
+    if "gains" in f:
+        g = f.obj("gains")
+        g.number("max_abs_s_minus_1_stage")
+        g.number("max_abs_s_minus_1_effective")
+    if "peft" in f:
+        f.obj("peft")
+    return raw
+
+
+def yesno_record(raw: Any, where: str) -> dict[str, Any]:
+    """``base_yesno.json`` / ``runs/<run>/yesno.json``: per-item answers of one model."""
+    f = _fields(raw, where)
+    n = f.int("items", min=1)
+    for key in ("said_yes", "correct", "answers_yes"):
+        _bools(f.raw(key), where, key, n)
+    f.number("accuracy")
+    f.number("yes_rate")
+    f.number("seconds", 0.0)
+    f.number("cpu_seconds", 0.0)
+    return raw
