@@ -17,7 +17,8 @@ import torch
 
 from gainsurgery.errors import GainFileError
 from gainsurgery_lab.forgetting import stats
-from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain, save_domain
+from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain, prepare_domain
+from gainsurgery_lab.forgetting.records import save_domain
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label, lr_of
 from models import TEXT_A, TEXT_B, save_tiny_lm, tiny_tokenizer
 

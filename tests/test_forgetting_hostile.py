@@ -8,7 +8,6 @@ one-line error (no traceback) with nothing of the user's touched, or be harmless
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random

@@ -299,36 +299,3 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
     if dropped:
         info["duplicates_dropped"] = dropped
     return PreparedDomain(spec.name, train_file, len(remaining), test, dev, info, train_text=text)
-
-
-def save_domain(dom: PreparedDomain) -> None:
-    """Freeze a prepared domain: its training text, then its windows (so every run and resume scores the same
-    tokens). ``windows.json`` is written last: a domain counts as frozen only when both files are there."""
-    from gainsurgery.io.outputs import write_file
-    from gainsurgery_lab.forgetting import records
-
-    if dom.train_text is None:
-        raise ValueError(f"domain {dom.name}: already saved")
-    dom.train_file.parent.mkdir(parents=True, exist_ok=True)
-    write_file(dom.train_file, dom.train_text, error=ForgettingError)
-    obj = {"name": dom.name, "info": dom.info, "test": {"ids": dom.test.ids, "units": dom.test.units},
-           "dev": {"ids": dom.dev.ids, "units": dom.dev.units}}
-    records.write(dom.train_file.parent / "windows.json", obj)
-    dom.train_text = None
-
-
-def load_domain(out: Path, name: str, seq_len: int) -> PreparedDomain | None:
-    """A domain frozen under ``out/data/<name>/`` (checked), or None when it is not frozen yet."""
-    from gainsurgery.io.inputs import resolve_input
-    from gainsurgery_lab.forgetting import records
-
-    rel = f"data/{name}"
-    if resolve_input(out, f"{rel}/train.txt", missing_ok=True, error=ForgettingError) is None:
-        return None
-    raw = records.read(out, f"{rel}/windows.json", max_bytes=records.MAX_WINDOWS_BYTES)
-    if raw is None:
-        return None
-    obj = records.windows_record(raw, str(out / rel / "windows.json"), name, seq_len)
-    return PreparedDomain(name, out / rel / "train.txt", obj["info"]["documents_train"],
-                          Windows(obj["test"]["ids"], obj["test"]["units"]),
-                          Windows(obj["dev"]["ids"], obj["dev"]["units"]), obj["info"])

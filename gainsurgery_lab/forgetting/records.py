@@ -39,7 +39,7 @@ from typing import Any
 
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.inputs import open_input, resolve_input, show_path
-from gainsurgery_lab.forgetting.data import ForgettingError, check_domain_name
+from gainsurgery_lab.forgetting.data import ForgettingError, PreparedDomain, Windows, check_domain_name
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT
 
 #: Size limit of one record, in bytes (a stage of 10,000 windows per domain is ~2 MB).
@@ -260,3 +260,35 @@ def yesno_record(raw: Any, where: str) -> dict[str, Any]:
     f.number("seconds", 0.0)
     f.number("cpu_seconds", 0.0)
     return raw
+
+
+# ----------------------------------------------------------------------------- frozen domains
+
+
+def save_domain(dom: PreparedDomain) -> None:
+    """Freeze a prepared domain: its training text, then its windows (so every run and resume scores the same
+    tokens). ``windows.json`` is written last: a domain counts as frozen only when both files are there."""
+    from gainsurgery.io.outputs import write_file
+
+    if dom.train_text is None:
+        raise ValueError(f"domain {dom.name}: already saved")
+    dom.train_file.parent.mkdir(parents=True, exist_ok=True)
+    write_file(dom.train_file, dom.train_text, error=ForgettingError)
+    obj = {"name": dom.name, "info": dom.info, "test": {"ids": dom.test.ids, "units": dom.test.units},
+           "dev": {"ids": dom.dev.ids, "units": dom.dev.units}}
+    write(dom.train_file.parent / "windows.json", obj)
+    dom.train_text = None
+
+
+def load_domain(out: Path, name: str, seq_len: int) -> PreparedDomain | None:
+    """A domain frozen under ``out/data/<name>/`` (checked), or None when it is not frozen yet."""
+    rel = f"data/{name}"
+    if resolve_input(out, f"{rel}/train.txt", missing_ok=True, error=ForgettingError) is None:
+        return None
+    raw = read(out, f"{rel}/windows.json", max_bytes=MAX_WINDOWS_BYTES)
+    if raw is None:
+        return None
+    obj = windows_record(raw, str(out / rel / "windows.json"), name, seq_len)
+    return PreparedDomain(name, out / rel / "train.txt", obj["info"]["documents_train"],
+                          Windows(obj["test"]["ids"], obj["test"]["units"]),
+                          Windows(obj["dev"]["ids"], obj["dev"]["units"]), obj["info"])

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gainsurgery_lab.forgetting import records
-from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, load_domain, \
-    prepare_domain, save_domain
+from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, prepare_domain
+from gainsurgery_lab.forgetting.records import load_domain, save_domain
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT, Method, lr_label, lr_of
 
 FORMAT = "gainsurgery.forgetting/2"
