@@ -79,23 +79,25 @@ def test_interpolation_along_a_front():
     assert got.boot.tolist() == pytest.approx([2.5, 3.0])
 
 
-def test_seed_mean_resamples_documents_and_seeds():
+def test_seed_mean_adds_a_t_interval_over_seeds_to_the_documents():
     # three seeds whose document-level replicates are constant: the spread left is the seeds'
-    seeds = [stats.Estimate(v, np.full(4000, v)) for v in (-10.0, -4.0, -1.0)]
+    seeds = [stats.Estimate(v, np.full(200_000, v)) for v in (-10.0, -4.0, -1.0)]
     m = stats.seed_mean_estimate(seeds, seed=3)
     assert m.point == pytest.approx(-5.0)
-    # every replicate is the mean of three seeds drawn with replacement: a multiple of 1/3 in [-10, -1]
-    assert np.allclose(m.boot * 3, np.round(m.boot * 3)) and m.boot.min() >= -10.0 and m.boot.max() <= -1.0
-    assert m.boot.mean() == pytest.approx(-5.0, abs=0.1)
-    # (n-1)/n of the variance of a seed mean: var over seeds 21 -> sd of the mean sqrt(21 * 2/3 / 3)
-    assert m.boot.std() == pytest.approx(math.sqrt(21 * 2 / 3 / 3), rel=0.05)
+    # a t-interval for the mean of 3 values: mean +- t(2, 0.975) * sd / sqrt(3), sd = sqrt(21)
+    half = 4.302653 * math.sqrt(21) / math.sqrt(3)
     lo, hi = m.interval()
-    assert lo < -7 and hi > -3  # wider than any single seed's (zero-width) document interval
+    assert lo == pytest.approx(-5.0 - half, rel=0.04) and hi == pytest.approx(-5.0 + half, rel=0.04)
     # identical seeds: the document-level replicates pass through unchanged, pairing kept
     docs = np.linspace(-2.0, 2.0, 4000)
     same = stats.seed_mean_estimate([stats.Estimate(0.0, docs)] * 3)
     assert same.boot.tolist() == pytest.approx(docs.tolist())
     assert (same - stats.Estimate(0.0, docs)).boot.tolist() == pytest.approx([0.0] * 4000)
+    # one seed: the documents' interval alone; two methods draw their seed terms independently
+    assert stats.seed_mean_estimate([stats.Estimate(1.0, docs)]).boot.tolist() == pytest.approx(docs.tolist())
+    a = stats.seed_mean_estimate(seeds, seed=1)
+    b = stats.seed_mean_estimate(seeds, seed=2)
+    assert abs(np.corrcoef(a.boot, b.boot)[0, 1]) < 0.05
     assert stats.seed_mean_estimate([]) is None
 
 

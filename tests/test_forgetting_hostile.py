@@ -295,6 +295,7 @@ def _damage(out: Path, rel: str, value) -> None:
      {"method": "gain-ffn", "variant": "stack", "lr_exponent": -3, "seed": 0, "lr": 1.0}, "but lies in runs/"),
     ("runs/gain-ffn__stack__lr-4__s0/stage-1.json", "\"hello\"", "expected object"),
     ("runs/gain-ffn__stack__lr-4__s0/stage-1.json", {"stage": 1, "domain": "a"}, "test_nll"),
+    ("runs/gain-ffn__stack__lr-4__s0/stage-1.json", {"stage": 1, "domain": "a", "failed": " "}, "empty reason"),
 ])
 def test_damaged_records_are_one_line_errors(finished, tmp_path, rel, value, match):
     from gainsurgery_lab.forgetting.analysis import Results
@@ -332,3 +333,69 @@ def test_report_is_strict_json_and_written_whole_or_not_at_all(finished, tmp_pat
     with pytest.raises(ForgettingError):
         write_report(out, resamples=60)
     assert (out / "results.json").read_bytes() == before and not (tmp_path / "elsewhere.md").exists()
+
+
+def _edit(out: Path, rel: str, fn) -> None:
+    obj = json.loads((out / rel).read_text())
+    fn(obj)
+    _damage(out, rel, obj)
+
+
+@pytest.mark.parametrize("rel, fn, match", [
+    ("base.json", lambda o: o.__setitem__("dev_nll", {}), "dev_nll: domain 'a' missing"),
+    ("base.json", lambda o: o["test_nll"]["a"].__setitem__(0, 1e6), "is above"),
+    ("experiment.json", lambda o: o["config"].pop("seq_len"), "config.seq_len: missing"),
+])
+def test_records_that_parse_but_lie_are_refused(finished, tmp_path, rel, fn, match):
+    from gainsurgery_lab.forgetting.analysis import Results
+
+    out = _copy(finished, tmp_path / "out")
+    _edit(out, rel, fn)
+    with pytest.raises(ForgettingError, match=match):
+        Results(out, resamples=50)
+
+
+def test_optional_fields_may_be_null_or_missing(finished, tmp_path):
+    from gainsurgery_lab.forgetting.analysis import write_report
+
+    out = _copy(finished, tmp_path / "out")
+    run = "runs/gain-ffn__stack__lr-4__s0"
+
+    def stage2(o):
+        o["cpu_seconds"] = None
+        o["peak_rss_mib"] = None
+        o.pop("gains")
+    _edit(out, f"{run}/stage-2.json", stage2)
+    _edit(out, "base.json", lambda o: o.pop("seconds"))
+    write_report(out, resamples=50)
+    row = json.loads((out / "results.json").read_text())["runs"][0]
+    assert row["max_abs_s_minus_1"][1] is None and row["max_abs_s_minus_1"][0] > 0
+
+
+def test_a_packed_folder_resumes_only_if_its_data_split_the_same(world, finished, tmp_path):
+    out = _copy(finished, tmp_path / "out")
+    for d in "abc":
+        (out / "data" / d / "train.txt").unlink()  # what a tarball of results leaves out
+    before = (out / "data" / "a" / "windows.json").read_bytes()
+    Experiment(_cfg(world, out), echo=None).execute()  # rebuilt from the same files: resumes, nothing rerun
+    assert (out / "data" / "a" / "windows.json").read_bytes() == before
+    assert (out / "data" / "a" / "train.txt").is_file()
+    (out / "data" / "a" / "train.txt").unlink()
+    exp = json.loads((out / "experiment.json").read_text())
+    exp.pop("sources")  # as folders made before sources were recorded
+    _damage(out, "experiment.json", exp)
+    other = tmp_path / "a.txt"
+    other.write_text(_docs(TEXT_B, 40, 5), encoding="utf-8")
+    changed = _cfg(world, out, sequence=[parse_domain(f"a={other}"), parse_domain(f"b={world['files']['b']}")])
+    with pytest.raises(ForgettingError, match="was split from other data"):
+        Experiment(changed, echo=None).execute()
+
+
+def test_a_folder_made_ours_by_another_run_meanwhile_keeps_its_split(world, tmp_path):
+    out = tmp_path / "o"
+    late = Experiment(_cfg(world, out), echo=None)  # checked the folder while it was still new
+    Experiment(_cfg(world, out), echo=None).prepare()  # another run makes it an experiment folder
+    frozen = out / "data" / "a" / "windows.json"
+    stat0 = frozen.stat()
+    late.execute()  # re-checks under the lock and uses the frozen split instead of writing its own
+    assert frozen.stat().st_ino == stat0.st_ino and frozen.stat().st_mtime_ns == stat0.st_mtime_ns

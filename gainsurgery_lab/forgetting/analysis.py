@@ -100,7 +100,7 @@ class Results:
             windows[name] = DomainWindows(tuple(w["test"]["units"]), tuple(len(x) - 1 for x in w["test"]["ids"]))
             dev_counts[name] = len(w["dev"]["ids"])
         self.layout = records.Layout(tuple(self.sequence), tuple(self.columns),
-                                     {d: len(windows[d].units) for d in self.columns}, dev_counts)
+                                     {d: len(windows[d].units) for d in self.columns}, dev_counts, self.seq_len)
         self.base = records.scores_record(raw_base, str(out / "base.json"), self.layout)
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
         self.base_ppl = {d: self.bs.ppl(d, self.base["test_nll"][d]) for d in self.columns}
@@ -311,7 +311,8 @@ class Results:
                 row["stage_seconds"] = [s["seconds"]["stage"] for s in r.stages]
                 row["peak_rss_mib"] = max(s.get("peak_rss_mib", 0) for s in r.stages)
                 if r.stages[0].get("gains"):
-                    row["max_abs_s_minus_1"] = [s["gains"]["max_abs_s_minus_1_effective"] for s in r.stages]
+                    row["max_abs_s_minus_1"] = [s["gains"]["max_abs_s_minus_1_effective"] if s.get("gains") else None
+                                                for s in r.stages]
                 if r.stages[0].get("peft"):
                     row["peft"] = r.stages[0]["peft"]
                 row["yesno"] = self.yesno_row(r)
@@ -451,8 +452,10 @@ def render_markdown(res: Results) -> str:
     if summary["methods"]:
         lines += ["", "## The chosen points over seeds", "",
                   "Each method at its chosen lr (seed 0's dev optimum) with every seed run there (data order and "
-                  "adapter initialisation): the mean over seeds with a 95% interval that resamples documents and "
-                  "seeds (two-level bootstrap), and the standard deviation over seeds.", "",
+                  "adapter initialisation): the mean over seeds with a 95% interval that combines the documents' "
+                  "bootstrap with a t-interval over the seeds (n − 1 degrees of freedom), and the standard "
+                  "deviation over seeds. Seed 0 is the run whose dev score chose the lr; the others were not "
+                  "selected on anything.", "",
                   "| method | lr | seeds | " + " | ".join(label for _, label in METRICS) + " |",
                   "|---|---:|---:|" + "---:|" * len(METRICS)]
         for m, row in summary["methods"].items():
@@ -460,8 +463,9 @@ def render_markdown(res: Results) -> str:
                      if k in row["metrics"] else "—" for k, _ in METRICS]
             lines.append(f"| {m} | {lr_label(row['lr_exponent'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
         if summary["differences"]:
-            lines += ["", "Differences of the seed means, A − B (documents paired, seeds drawn independently); "
-                          "an interval that excludes 0 is a difference beyond both kinds of noise:", "",
+            lines += ["", "Differences of the seed means, A − B (documents paired, the seed terms independent); an "
+                          "interval that excludes 0 is a difference beyond both the documents' and the seeds' noise "
+                          "(assuming seed effects roughly normal):", "",
                       "| A − B | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
             for pair, row in summary["differences"].items():
                 lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(_f(row.get(k)) for k, _ in METRICS) + " |")

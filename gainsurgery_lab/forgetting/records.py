@@ -91,7 +91,13 @@ def _fields(raw: Any, where: str) -> jsonsafe.Fields:
     return jsonsafe.Fields(raw, where=where, error=ForgettingError)
 
 
-def _numbers(value: Any, where: str, field: str, count: int | None, *, min_value: float | None = None) -> list[float]:
+#: The largest NLL a window may have, in nats per predicted token: exp() of it must stay a float
+#: (a uniform guess over a 262k vocabulary is 12.5).
+MAX_NATS_PER_TOKEN = 700.0
+
+
+def _numbers(value: Any, where: str, field: str, count: int | None, *, min_value: float | None = None,
+             max_value: float | None = None) -> list[float]:
     if not isinstance(value, list):
         raise ForgettingError(f"{where}: {field}: expected an array of numbers, got {jsonsafe.type_name(value)}")
     if count is not None and len(value) != count:
@@ -101,6 +107,8 @@ def _numbers(value: Any, where: str, field: str, count: int | None, *, min_value
         v = jsonsafe.expect_number(x, where=where, field=field, error=ForgettingError)
         if min_value is not None and v < min_value:
             raise ForgettingError(f"{where}: {field}: value {v} is below {min_value}")
+        if max_value is not None and v > max_value:
+            raise ForgettingError(f"{where}: {field}: value {v} is above {max_value}")
         out.append(v)
     return out
 
@@ -125,6 +133,7 @@ class Layout:
     columns: tuple[str, ...]
     test_windows: dict[str, int]
     dev_windows: dict[str, int]
+    seq_len: int
 
     def nll_map(self, raw: Any, where: str, field: str, split: str, required: tuple[str, ...]
                 ) -> dict[str, list[float]]:
@@ -136,7 +145,9 @@ class Layout:
         for d in required:
             if d not in obj:
                 raise ForgettingError(f"{where}: {field}: domain {d!r} missing")
-        return {d: _numbers(v, where, f"{field}.{d}", counts[d], min_value=0.0) for d, v in obj.items()}
+        top = MAX_NATS_PER_TOKEN * (self.seq_len - 1)
+        return {d: _numbers(v, where, f"{field}.{d}", counts[d], min_value=0.0, max_value=top)
+                for d, v in obj.items()}
 
 
 def experiment_record(raw: Any, where: str) -> dict[str, Any]:
@@ -155,7 +166,7 @@ def experiment_record(raw: Any, where: str) -> dict[str, Any]:
         raise ForgettingError(f"{where}: a domain appears twice: {names}")
     sig.int("seq_len", min=2, max=1 << 20)
     cfg = f.obj("config")
-    for key in ("steps", "batch_size", "test_windows", "dev_windows"):
+    for key in ("steps", "batch_size", "test_windows", "dev_windows", "seq_len"):
         cfg.int(key, min=1)
     cfg.str("base")
     if "sources" in f:
@@ -194,9 +205,8 @@ def scores_record(raw: Any, where: str, layout: Layout) -> dict[str, Any]:
     """``base.json``: per-window NLLs of the base on every domain's test and dev windows."""
     f = _fields(raw, where)
     layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", layout.columns)
-    layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", ())
-    f.number("seconds", 0.0)
-    return raw
+    layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", layout.sequence)  # the lr choice reads them
+    return {"test_nll": raw["test_nll"], "dev_nll": raw["dev_nll"], "seconds": f.number("seconds", None)}
 
 
 def run_record(raw: Any, where: str, folder_name: str) -> dict[str, Any]:
@@ -219,47 +229,56 @@ def run_record(raw: Any, where: str, folder_name: str) -> dict[str, Any]:
 
 
 def stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]:
-    """``runs/<run>/stage-<k>.json`` (``k`` 1-based): one finished (or failed) stage."""
+    """``runs/<run>/stage-<k>.json`` (``k`` 1-based): one finished (or failed) stage.
+
+    Returns the checked fields only, optional ones present only when they hold a value,
+    so readers can trust every key they find. A failed stage is ``{stage, domain, failed}``
+    with ``failed`` a non-empty reason.
+    """
     f = _fields(raw, where)
     if f.int("stage") != k:
         raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
     own = layout.sequence[k - 1]
     if f.str("domain") != own:
         raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    rec: dict[str, Any] = {"stage": k, "domain": own}
     if "failed" in f:
-        f.str("failed")
-        return raw
-    layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", (own,))
-    layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", (own,))
+        reason = f.str("failed", max_chars=4096)
+        if not reason.strip():
+            raise ForgettingError(f"{where}: failed: an empty reason")
+        return {**rec, "failed": reason}
+    rec["test_nll"] = layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", (own,))
+    rec["dev_nll"] = layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", (own,))
     train = f.obj("train")
-    train.int("trainable_parameters", min=0)
-    train.number("final_loss", 0.0)
-    train.number("seconds_per_step")
+    rec["train"] = {"trainable_parameters": train.int("trainable_parameters", min=0),
+                    "final_loss": train.number("final_loss", None), "steps": train.int("steps", None, min=0),
+                    "tokens": train.int("tokens", None, min=0), "seconds_per_step": train.number("seconds_per_step")}
     secs = f.obj("seconds")
-    for key in ("train", "merge", "eval", "stage"):
-        secs.number(key)
-    f.number("cpu_seconds", 0.0)
-    f.number("peak_rss_mib", 0.0)
-    if "gains" in f:
+    rec["seconds"] = {key: secs.number(key) for key in ("train", "merge", "eval", "stage")}
+    for key in ("cpu_seconds", "peak_rss_mib"):
+        if f.raw(key, None) is not None:
+            rec[key] = f.number(key)
+    if f.raw("gains", None) is not None:
         g = f.obj("gains")
-        g.number("max_abs_s_minus_1_stage")
-        g.number("max_abs_s_minus_1_effective")
-    if "peft" in f:
-        f.obj("peft")
-    return raw
+        rec["gains"] = {key: g.number(key) for key in ("max_abs_s_minus_1_stage", "max_abs_s_minus_1_effective")}
+    if f.raw("peft", None) is not None:
+        rec["peft"] = f.obj("peft").value
+    return rec
 
 
 def yesno_record(raw: Any, where: str) -> dict[str, Any]:
     """``base_yesno.json`` / ``runs/<run>/yesno.json``: per-item answers of one model."""
     f = _fields(raw, where)
     n = f.int("items", min=1)
+    rec: dict[str, Any] = {"items": n}
     for key in ("said_yes", "correct", "answers_yes"):
-        _bools(f.raw(key), where, key, n)
-    f.number("accuracy")
-    f.number("yes_rate")
-    f.number("seconds", 0.0)
-    f.number("cpu_seconds", 0.0)
-    return raw
+        rec[key] = _bools(f.raw(key), where, key, n)
+    # derived values are recomputed, never trusted
+    rec["accuracy"] = sum(rec["correct"]) / n
+    rec["yes_rate"] = sum(rec["said_yes"]) / n
+    rec["seconds"] = f.number("seconds", 0.0)
+    rec["cpu_seconds"] = f.number("cpu_seconds", 0.0)
+    return rec
 
 
 # ----------------------------------------------------------------------------- frozen domains
@@ -278,6 +297,13 @@ def save_domain(dom: PreparedDomain) -> None:
            "dev": {"ids": dom.dev.ids, "units": dom.dev.units}}
     write(dom.train_file.parent / "windows.json", obj)
     dom.train_text = None
+
+
+def frozen_windows(out: Path, name: str, seq_len: int) -> dict[str, Any] | None:
+    """``data/<name>/windows.json`` checked, or None when there is none."""
+    rel = f"data/{name}/windows.json"
+    raw = read(out, rel, max_bytes=MAX_WINDOWS_BYTES)
+    return None if raw is None else windows_record(raw, str(out / rel), name, seq_len)
 
 
 def load_domain(out: Path, name: str, seq_len: int) -> PreparedDomain | None:

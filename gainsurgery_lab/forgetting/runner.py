@@ -126,6 +126,9 @@ class ExperimentConfig:
             raise ForgettingError("--seq-len must be at least 16")
         if not self.base:
             raise ForgettingError("--base is empty; name a checkpoint folder, embedded:NAME or a Hub repo")
+        if (self.test_windows + self.dev_windows) * self.seq_len > MAX_WINDOW_TOKENS:
+            raise ForgettingError(f"--test-windows + --dev-windows times --seq-len is more than "
+                                  f"{MAX_WINDOW_TOKENS:,} tokens per domain to score; ask for fewer or shorter windows")
         if self.yesno and not self.yesno_file:
             raise ForgettingError("--yesno needs a yes/no items file (python scripts/fetch_domains.py --yesno)")
 
@@ -147,6 +150,8 @@ MAX_WINDOWS = 1_000_000
 MAX_SEEDS = 1_000
 MAX_SEQ_LEN = 1 << 20
 MAX_EXTENSIONS = 20
+#: Tokens of test + dev windows per domain (their frozen ids stay within records.MAX_WINDOWS_BYTES).
+MAX_WINDOW_TOKENS = 50_000_000
 
 
 def _normal_base(base: str) -> str:
@@ -249,7 +254,9 @@ class Experiment:
                                       "(not an experiment folder); give a new or empty folder")
             return None
         saved = records.experiment_record(saved_raw, str(out / "experiment.json"))
-        sig, old = self.cfg.signature(), saved["signature"]
+        sig, old = self.cfg.signature(), dict(saved["signature"])
+        if isinstance(old.get("base"), str):
+            old["base"] = _normal_base(old["base"])  # folders made before bases were normalised
         if old != sig:
             keys = [k for k in sorted(set(sig) | set(old)) if sig.get(k) != old.get(k)]
             shown = "; ".join(f"{k}: {_short(sig.get(k))} here, {_short(old.get(k))} in the folder" for k in keys)
@@ -328,6 +335,13 @@ class Experiment:
                 trained = spec.name in self.sequence  # a domain only scored needs no training text
                 dom = prepare_domain(spec, self.tokenizer, c.seq_len, c.test_windows, c.dev_windows,
                                      self.out / "data" / spec.name, min_train_windows=c.batch_size if trained else 0)
+                frozen = records.frozen_windows(self.out, spec.name, c.seq_len) if self._saved is not None else None
+                if frozen is not None and (frozen["test"]["ids"] != dom.test.ids or frozen["dev"]["ids"] !=
+                                           dom.dev.ids or frozen["info"].get("train_sha256") !=
+                                           dom.info["train_sha256"]):
+                    # a packed folder (windows.json kept, train.txt left out) whose data no longer split the same
+                    raise ForgettingError(f"domain {spec.name}: {self.out}/data/{spec.name}/windows.json was split "
+                                          "from other data than the files given now; use another --out")
                 fresh.append(dom)
             elif max(max(w) for w in dom.test.ids + dom.dev.ids) >= vocab:
                 raise ForgettingError(f"{self.out}/data/{spec.name}/windows.json: holds token ids beyond the "
@@ -335,7 +349,7 @@ class Experiment:
             self.domains[spec.name] = dom
         self.layout = records.Layout(tuple(self.sequence), tuple(self.columns),
                                      {d: len(self.domains[d].test.ids) for d in self.columns},
-                                     {d: len(self.domains[d].dev.ids) for d in self.columns})
+                                     {d: len(self.domains[d].dev.ids) for d in self.columns}, c.seq_len)
         if c.yesno:
             self.yesno_items()  # a missing or short file now, not after hours of training
         self._fresh = fresh
@@ -469,7 +483,7 @@ class Experiment:
 
     def is_finished(self, key: RunKey) -> bool:
         done = self.stages_done(key)
-        return bool(done) and (done[-1].get("failed") is not None or len(done) == len(self.sequence))
+        return bool(done) and (bool(done[-1].get("failed")) or len(done) == len(self.sequence))
 
     def out_of_time(self) -> bool:
         return self.cfg.deadline is not None and time.time() > self.cfg.deadline
@@ -565,6 +579,12 @@ class Experiment:
         own = domain.name
         tests = self.test_domains(key, k)
         rec: dict[str, Any] = {"stage": k + 1, "domain": own, **self.score(merged, tests, [own])}
+        bad = sorted(d for part in ("test_nll", "dev_nll") for d, v in rec[part].items()
+                     if not all(math.isfinite(x) and x <= records.MAX_NATS_PER_TOKEN * (self.cfg.seq_len - 1)
+                                for x in v))
+        if bad:  # a diverged model: the run ends here, as a failed run, never as numbers nobody can read back
+            return {"stage": k + 1, "domain": own, "failed": f"the model after this stage scores a non-finite or "
+                                                              f"overflowing NLL on {', '.join(bad)} (diverged)"}
         t3 = time.perf_counter()
         rec["train"] = {"trainable_parameters": res.trainable_parameters, "final_loss": res.final_loss,
                         "steps": res.steps, "tokens": res.tokens, "seconds_per_step": res.seconds_per_step}
@@ -812,6 +832,9 @@ class Experiment:
         # a plain run holds the folder alone; parallel workers share it (each run has its own lock)
         with hold_lock(self.out / LOCK_NAME, shared=worker is not None, what=f"experiment {self.out}",
                        error=ForgettingError):
+            saved = self._check_folder()  # again, under the lock: another run may have made it ours meanwhile
+            if saved is not None and self._saved is None:
+                self._saved, self.domains, self._fresh = saved, {}, []  # use its frozen splits, not ours
             self.prepare()
             self._schedule(worker, t0)
 
