@@ -64,12 +64,12 @@ FRONT_S=$(( $(left) - RESERVE ))
 stamp "forgetting front: $WORKERS workers, no new stage after $FRONT_S s, killed at $(( FRONT_S + 40 )) s"
 for i in $(seq 0 $((WORKERS - 1))); do
   OMP_NUM_THREADS=2 timeout $(( FRONT_S + 40 )) $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" \
-    --worker "$i/$WORKERS" --stop-after "$($PY -c "print($FRONT_S / 60)")" > "$FRONT.worker$i.log" 2>&1 &
+    --worker "$i/$WORKERS" --stop-after "$($PY -c "print(max(0, $FRONT_S / 60))")" > "$FRONT.worker$i.log" 2>&1 &
 done
 wait
 stamp "forgetting front: yes/no for the base and the chosen runs"
 timeout $(( $(left) - 40 )) $PY scripts/forgetting.py run --preset "$PRESET" --out "$FRONT" --phases yesno \
-  --stop-after "$($PY -c "print(($(left) - 60) / 60)")" > "$FRONT.finish.log" 2>&1
+  --stop-after "$($PY -c "print(max(0, ($(left) - 60) / 60))")" > "$FRONT.finish.log" 2>&1
 timeout 35 $PY scripts/forgetting.py report --out "$FRONT" > "$FRONT.report.log" 2>&1
 tail -3 "$FRONT.report.log"
 stamp "pack"
