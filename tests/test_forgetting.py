@@ -256,6 +256,22 @@ def test_runner_runs_the_schedule(tiny_experiment):
     # stacking: the effective gain after stage 2 moved further than either file alone
     g = runs["gain-ffn__stack__lr-3__s0"][1]["gains"]
     assert g["max_abs_s_minus_1_effective"] > 0
+    # memory: each stage records its own peak (a window reset at its start)
+    assert all(rec["stage_peak_rss_mib"] > 0 for stages in runs.values() for rec in stages)
+
+
+def test_a_stage_peak_memory_window_forgets_an_earlier_bigger_peak():
+    from gainsurgery_lab.forgetting.runner import peak_rss_mib, reset_peak_rss, window_peak_rss_mib
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    big = np.ones(64 * 2**20 // 8 * 4)  # 256 MiB, touched
+    before = window_peak_rss_mib()
+    del big
+    assert reset_peak_rss()
+    after = window_peak_rss_mib()
+    assert before - after > 200  # the new window does not carry the freed 256 MiB
+    assert abs(peak_rss_mib() - after) < 16  # and getrusage's peak follows the same window
 
 
 def test_seed_changes_the_run_and_the_same_seed_reproduces(tiny_experiment, tmp_path):
@@ -347,6 +363,7 @@ def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
     assert yn and all(0.0 <= r["yesno"]["mcnemar"]["p_value"] <= 1.0 for r in yn)
     md = (exp.out / "results.md").read_text()
     assert "## Fronts" in md and "lora-matched" in md and "McNemar" in md
+    assert "peak RSS of a stage (MiB)" in md and row["stage_peak_rss_mib"] > 0
     assert any(p.name == "front.png" for p in paths) and any(p.name.startswith("heatmap-") for p in paths)
 
 

@@ -309,7 +309,9 @@ class Results:
                 row["trainable_parameters"] = r.stages[0]["train"]["trainable_parameters"]
                 row["seconds_per_step"] = float(np.mean([s["train"]["seconds_per_step"] for s in r.stages]))
                 row["stage_seconds"] = [s["seconds"]["stage"] for s in r.stages]
-                row["peak_rss_mib"] = max(s.get("peak_rss_mib", 0) for s in r.stages)
+                row["peak_rss_mib"] = max(s.get("peak_rss_mib", 0) for s in r.stages)  # the process's, so far
+                if all("stage_peak_rss_mib" in s for s in r.stages):
+                    row["stage_peak_rss_mib"] = max(s["stage_peak_rss_mib"] for s in r.stages)
                 if r.stages[0].get("gains"):
                     row["max_abs_s_minus_1"] = [s["gains"]["max_abs_s_minus_1_effective"] if s.get("gains") else None
                                                 for s in r.stages]
@@ -520,16 +522,22 @@ def render_markdown(res: Results) -> str:
                 n = r.stages[0]["train"]["trainable_parameters"]
                 lines.append(f"\n`{r.method}:swap` keeps one gain file per domain: {K} files of {n:,} float32 gains "
                              f"({4 * n:,} bytes of vectors each, plus a header), and serving needs to know the domain.")
-    lines += ["", "## Cost (measured)", "", "| method | trainable params | s/step | s/stage | peak RSS (MiB) |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "## Cost (measured)", "", "| method | trainable params | s/step | s/stage | "
+              "peak RSS of a stage (MiB) |", "|---|---:|---:|---:|---:|"]
+    process_peak_only = False
     for m in res.methods():
         runs = [r for r in res.runs if r.method == m and not r.failed]
         if runs:
             sps = np.mean([s["train"]["seconds_per_step"] for r in runs for s in r.stages])
             sst = np.mean([s["seconds"]["stage"] for r in runs for s in r.stages])
-            rss = max(s.get("peak_rss_mib", 0) for r in runs for s in r.stages)
+            peaks = [s["stage_peak_rss_mib"] for r in runs for s in r.stages if "stage_peak_rss_mib" in s]
+            process_peak_only |= not peaks
+            rss = f"{max(peaks):,.0f}" if peaks else "—"
             lines.append(f"| {m} | {runs[0].stages[0]['train']['trainable_parameters']:,} | {sps:.2f} | {sst:.0f} | "
-                         f"{rss:,} |")
+                         f"{rss} |")
+    if process_peak_only:
+        lines += ["", "—: these stages recorded only their process's peak memory so far (records from before "
+                      "per-stage peaks), which includes every earlier stage of that process."]
     cost = res.cost()
     lines += ["", f"Measured: {cost['stages']} stages took {cost['stage_wall_seconds'] / 3600:.2f} h of wall time "
                   f"(on a shared machine); {cost['stages_with_cpu_seconds']} of them recorded their CPU time: "
@@ -560,11 +568,15 @@ def make_plots(res: Results, out: Path) -> list[Path]:
 
     paths: list[Path] = []
     if len(res.sequence) > 1:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+        # a point that makes its own domains worse than the base is off the front (and one diverged lr
+        # would squash every other point into a corner): such points are named under the plot instead
+        off = [r for m in res.methods() for r in res.front(m)
+               if not r.failed and r.metrics and r.metrics["in_domain"].point > 0]
         for ax, key, title in ((axes[0], "earlier_vs_base", "earlier domains vs base"),
                                (axes[1], "earlier_vs_own", "earlier domains vs own stage (backward transfer)")):
             for m in res.methods():
-                pts = [r for r in res.front(m) if not r.failed and key in r.metrics]
+                pts = [r for r in res.front(m) if not r.failed and key in r.metrics and r not in off]
                 if not pts:
                     continue
                 x = [r.metrics["in_domain"].as_dict() for r in pts]
@@ -588,14 +600,18 @@ def make_plots(res: Results, out: Path) -> list[Path]:
                                 color=line[0].get_color(), markeredgecolor="black", capsize=3, lw=2)
             ax.axhline(0, color="grey", lw=0.8)
             ax.axvline(0, color="grey", lw=0.8)
+            ax.set_yscale("symlog", linthresh=10)  # linear within ±10%, logarithmic beyond: −8% and +600% both read
             ax.set_xlabel("in-domain PPL change at own stage, mean over stages (%)  ← better")
-            ax.set_ylabel("PPL change (%)  ↓ better")
+            ax.set_ylabel("PPL change (%)  ↓ better; symlog, linear within ±10")
             ax.set_title(title, fontsize=10)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{' → '.join(res.sequence)}: one point per lr (label, seed 0), ★ = lr chosen on dev, "
                      "◆ = its mean over seeds; 95% bootstrap CIs",
                      fontsize=10)
-        fig.tight_layout()
+        if off:
+            fig.text(0.01, 0.01, "not shown (in-domain worse than the base): " + ", ".join(
+                f"{r.method} {lr_label(r.e)} ({r.metrics['in_domain'].point:+,.0f}%)" for r in off), fontsize=7)
+        fig.tight_layout(rect=(0, 0.03 if off else 0, 1, 1))
         p = out / "front.png"
         _save_figure(fig, p)
         plt.close(fig)

@@ -255,7 +255,7 @@ def stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]
                     "tokens": train.int("tokens", None, min=0), "seconds_per_step": train.number("seconds_per_step")}
     secs = f.obj("seconds")
     rec["seconds"] = {key: secs.number(key) for key in ("train", "merge", "eval", "stage")}
-    for key in ("cpu_seconds", "peak_rss_mib"):
+    for key in ("cpu_seconds", "peak_rss_mib", "stage_peak_rss_mib"):
         if f.raw(key, None) is not None:
             rec[key] = f.number(key)
     if f.raw("gains", None) is not None:

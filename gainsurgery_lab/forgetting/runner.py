@@ -192,6 +192,34 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for this process (Linux >= 4.0: ``clear_refs`` 5).
+
+    Without it the peak only ever grows over a process's life, so a stage run after a
+    bigger one would report the bigger one's peak; after this reset ``VmHWM`` (see
+    :func:`window_peak_rss_mib`), and ``ru_maxrss`` with it, is the peak since the reset.
+    False where unsupported (then only the process's peak so far is known).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mib() -> float | None:
+    """``VmHWM`` of this process in MiB: its peak since the last :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class Experiment:
     """Prepares the data, runs the schedule and keeps every result on disk."""
 
@@ -549,6 +577,7 @@ class Experiment:
         domain = self.domains[self.sequence[k]]
         t0 = time.perf_counter()
         c0 = time.process_time()  # CPU seconds of this process (all threads): immune to a paused or shared machine
+        windowed = reset_peak_rss()  # so that this stage's peak memory is its own, not an earlier stage's
         from_base = key.variant in ("continue", "swap")
         prev = self.base_folder if (k == 0 or from_base) else self.merged(key, k)
         artifact = self._artifact(key, k)
@@ -596,6 +625,9 @@ class Experiment:
         rec["seconds"] = {"train": round(t1 - t0, 1), "merge": round(t2 - t1, 1), "eval": round(t3 - t2, 1),
                           "stage": round(t3 - t0, 1)}
         rec["peak_rss_mib"] = round(peak_rss_mib())
+        stage_peak = window_peak_rss_mib() if windowed else None
+        if stage_peak is not None:
+            rec["stage_peak_rss_mib"] = round(stage_peak)
         return rec
 
     def test_domains(self, key: RunKey, k: int) -> list[str]:
