@@ -478,7 +478,7 @@ def render_markdown(res: Results) -> str:
             for m, y in yn.items():
                 lines.append(f"| {m} | {100 * y['accuracy_mean']:.1f}% ({', '.join(f'{100 * a:.1f}' for a in y['accuracy_per_seed'])}) | "
                              f"{y['vs_base_points_mean']:+.1f} | {', '.join(f'{100 * r:.0f}%' for r in y['yes_rate_per_seed'])} | "
-                             f"{', '.join(f'{p:.3f}' for p in y['mcnemar_p_per_seed'])} |")
+                             f"{', '.join(_p(p) for p in y['mcnemar_p_per_seed'])} |")
     if res.base_yesno:
         n = res.base_yesno["items"]
         c0 = int(np.sum(res.base_yesno["correct"]))
@@ -497,7 +497,7 @@ def render_markdown(res: Results) -> str:
             t = row["mcnemar"]
             lines.append(f"| {r.name} | {100 * row['accuracy']:.1f}% [{100 * row['lo']:.1f}, {100 * row['hi']:.1f}] | "
                          f"{row['vs_base_points']:+.1f} | {100 * row['yes_rate']:.0f}% | {t['a_only']} / {t['b_only']} | "
-                         f"{t['p_value']:.3f} |")
+                         f"{_p(t['p_value'])} |")
     variants = [r for r in res.runs if r.variant != METHODS[r.method].default_variant and not r.failed]
     if variants:
         lines += ["", "## Staging variants (at the default variant's chosen lr, seed 0)", ""]
@@ -659,6 +659,11 @@ def write_report(out: Path, resamples: int = 2000) -> list[Path]:
     write_file(out / "results.json", records.dumps(data, indent=1) + "\n", error=ForgettingError)
     write_file(out / "results.md", markdown, error=ForgettingError)
     return [out / "results.json", out / "results.md", *make_plots(res, out)]
+
+
+def _p(p: float) -> str:
+    """A p-value for a table: three decimals, or "<0.001" (never a misleading 0.000)."""
+    return "<0.001" if p < 0.0005 else f"{p:.3f}"
 
 
 def _save_figure(fig: Any, path: Path) -> None:
