@@ -46,10 +46,15 @@ def free_port() -> int:
 
 def run_cli(*args, processes: int = 1, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
-    res = subprocess.run([*launcher, "-m", "gainsurgery.cli", *map(str, args)], capture_output=True, text=True,
-                         env=env, cwd=cwd)
+    for _attempt in range(3):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+        res = subprocess.run([*launcher, "-m", "gainsurgery.cli", *map(str, args)], capture_output=True,
+                             text=True, env=env, cwd=cwd)
+        # the port was free when picked, but another test run may bind it before torchrun does:
+        # only that race is retried, on a new port
+        if processes == 1 or res.returncode == 0 or "address already in use" not in res.stderr.lower():
+            break
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
