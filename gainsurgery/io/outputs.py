@@ -9,7 +9,8 @@ Files are written with :func:`atomic_file` / :func:`write_file`: a temp sibling 
 an unguessable name, fsynced, renamed into place, the folder fsynced.
 
 Folders (apply's OUT, export-peft's adapter folder) are claimed and published with
-:func:`claim_folder`. The protocol, for ``OUT = P/N``:
+:func:`claim_folder`; a large file written for minutes (apply's GGUF OUT) with
+:func:`claim_file`, the same protocol with a temp *file*. The protocol, for ``OUT = P/N``:
 
 ``P/.N.gainsurgery.lock``
     An exclusive ``flock`` held for the whole run. ``flock`` belongs to the open file
@@ -21,8 +22,8 @@ Folders (apply's OUT, export-peft's adapter folder) are claimed and published wi
     by its run while the run lives. A claim whose lock can be taken belongs to a dead
     run. Process ids are recorded for people, never trusted.
 ``P/.N.gainsurgery-HEX.tmp``
-    The folder the run fills. Created after its claim, removed before it, so a temp
-    never exists without the marker that proves it is ours.
+    The folder (or file) the run fills. Created after its claim, removed before it, so a
+    temp never exists without the marker that proves it is ours.
 ``P/.N.gainsurgery-HEX.old``
     Only in the fallback below: the old OUT moved aside.
 
@@ -596,6 +597,24 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
+def _is_real_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _remove_ours(path: Path) -> bool:
+    """Delete our temp or aside (a real folder or a regular file, never a link); True if something was there."""
+    if _is_real_dir(path):
+        remove_tree(path)
+        return True
+    if _is_real_file(path):
+        os.unlink(path)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def lock_output(out: str | os.PathLike[str], *, what: str = "output file",
                 error: type[GainSurgeryError] = OutputError) -> Iterator[Path]:
@@ -712,15 +731,14 @@ def clean_leftovers(out: str | os.PathLike[str]) -> list[str]:
                 continue
             tmp, old = parent / names["tmp"], parent / names["old"]
             try:
-                if _is_real_dir(tmp):
-                    remove_tree(tmp)
+                if _remove_ours(tmp):
                     handled.append(names["tmp"])
-                if _is_real_dir(old):
+                if _is_real_dir(old) or _is_real_file(old):
                     try:
                         rename_noreplace(old, target)  # the fallback died mid-overwrite: put the old OUT back
                         handled.append(f"{names['old']} -> {name}")
                     except FileExistsError:
-                        remove_tree(old)
+                        _remove_ours(old)
                         handled.append(names["old"])
             except OSError:
                 continue  # e.g. a mount point inside: leave it, and its marker, alone
@@ -734,18 +752,23 @@ def clean_leftovers(out: str | os.PathLike[str]) -> list[str]:
 
 
 class FolderClaim:
-    """A claimed folder output. Fill :attr:`tmp`, then :meth:`publish`; see :func:`claim_folder`.
+    """A claimed folder (or file) output. Fill :attr:`tmp`, then :meth:`publish`; see :func:`claim_folder`.
 
     Attributes:
-        out: the output folder (parent resolved).
-        tmp: the temp folder to fill; it becomes ``out`` on publish.
+        out: the output folder or file (parent resolved).
+        tmp: the temp folder (or file) to fill; it becomes ``out`` on publish.
+        file: for a file claim, the temp file opened for writing (unbuffered); write through
+            it, never by reopening :attr:`tmp` by name. Closed by :meth:`publish` and :meth:`discard`.
+        kind: ``folder`` or ``file``.
         overwrite: whether publishing may replace an existing ``out``.
-        published: True once ``out`` holds this run's folder.
+        published: True once ``out`` holds this run's output.
     """
 
     def __init__(self, out: Path, *, overwrite: bool, what: str, error: type[GainSurgeryError],
-                 shown: str | None = None) -> None:
+                 shown: str | None = None, kind: OutputKind = "folder") -> None:
         self.out = out
+        self.kind = kind
+        self.file: BinaryIO | None = None
         self.overwrite = overwrite
         self.what = what
         self.error = error
@@ -772,9 +795,9 @@ class FolderClaim:
             lst = None
         if lst is not None and not self.overwrite:
             raise self.error(f"{self.what} already exists: {self._shown} (pass --overwrite to replace it)")
-        if lst is not None and not stat.S_ISDIR(lst.st_mode):
-            raise self.error(f"{self.what} {self._shown} exists and is not a folder; name a new folder")
-        if lst is not None:
+        if lst is not None and not self._right_kind(lst.st_mode):
+            raise self.error(f"{self.what} {self._shown} exists and is not a {self.kind}; name a new {self.kind}")
+        if lst is not None and self.kind == "folder":
             mount = mount_inside(self.out)
             if mount is not None:
                 raise self.error(f"{self.what} {self._shown} holds a mount point ({show_path(mount)}); --overwrite "
@@ -788,8 +811,22 @@ class FolderClaim:
                   "pid": os.getpid(), "host": socket.gethostname()}
         os.write(fd, json.dumps(marker).encode("utf-8"))
         os.fsync(fd)
-        os.mkdir(self.tmp)
+        if self.kind == "folder":
+            os.mkdir(self.tmp)
+        else:
+            # 0o666: open() applies the umask, so the file gets the permissions a plain open gives.
+            tmp_fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self.file = os.fdopen(tmp_fd, "r+b", buffering=0)
         fsync_dir(self.out.parent)
+
+    def _right_kind(self, mode: int) -> bool:
+        return stat.S_ISDIR(mode) if self.kind == "folder" else stat.S_ISREG(mode)
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def _release(self, *, keep_marker: bool = False) -> None:
         """Drop the locks; remove the marker unless something of ours is still left to clean."""
@@ -815,10 +852,10 @@ class FolderClaim:
         """
         keep = False
         try:
+            self._close_file()
             if not self.published:
-                if _is_real_dir(self.tmp):
-                    remove_tree(self.tmp)
-                if _is_real_dir(self._old):
+                _remove_ours(self.tmp)
+                if _is_real_dir(self._old) or _is_real_file(self._old):
                     # Only the fallback creates it; if OUT is missing, put the old one back.
                     # If something else took OUT meanwhile, delete nothing now: the marker
                     # stays and a later run (which was asked to overwrite) removes it.
@@ -853,7 +890,11 @@ class FolderClaim:
         """
         if self._lock_fd is None or self.published:
             raise RuntimeError("publish() on a claim that is released or already published")
-        if fsync:
+        if self.file is not None:
+            if fsync:
+                os.fsync(self.file.fileno())
+            self._close_file()
+        elif fsync:
             fsync_tree(self.tmp)
         try:
             old = self._swap_in()
@@ -869,7 +910,7 @@ class FolderClaim:
         fsync_dir(self.out.parent)
         if old is not None:
             try:
-                remove_tree(old)
+                _remove_ours(old)
             except BaseException:
                 self._release(keep_marker=True)
                 raise
@@ -890,8 +931,8 @@ class FolderClaim:
                     return None
                 except FileExistsError:
                     continue  # appeared just now: replace it, as --overwrite asks
-            if not stat.S_ISDIR(lst.st_mode):
-                raise self.error(f"{self.what} {self._shown} became something other than a folder while this "
+            if not self._right_kind(lst.st_mode):
+                raise self.error(f"{self.what} {self._shown} became something other than a {self.kind} while this "
                                  "run was writing; it was left untouched and this run's result was discarded")
             try:
                 if rename_exchange(self.tmp, self.out):
@@ -932,6 +973,34 @@ def claim_folder(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathL
     # removed, so even a run that stops at "already exists" cleans up after a killed one.
     target = check_output(out, inputs=inputs, kind="folder", overwrite=True, what=what, error=error)
     claim = FolderClaim(target, overwrite=overwrite, what=what, error=error, shown=show_path(out))
+    try:
+        claim._start()
+    except BaseException:
+        claim.discard()
+        raise
+    return claim
+
+
+def claim_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+               overwrite: bool = False, what: str = "OUT", error: type[GainSurgeryError] = OutputError) -> FolderClaim:
+    """Claim the file output ``out`` for a run that writes it for minutes (a GGUF model); use as a context manager.
+
+    :func:`claim_folder`'s protocol with a temp *file*: ``out`` is checked with
+    :func:`check_output` (``kind="file"``: never an input, a hard link to one, a link,
+    a folder), its lock taken, leftovers of dead runs removed, an existing ``out``
+    refused unless ``overwrite`` (a model file is not replaced by accident), the claim
+    marker written, and the temp ``P/.N.gainsurgery-HEX.tmp`` created exclusively and
+    opened as :attr:`FolderClaim.file`. :meth:`FolderClaim.publish` fsyncs it and renames
+    it into place without replacing (an atomic exchange with ``overwrite``); leaving
+    the block without publishing removes it: ``out`` is whole or absent.
+
+    Example:
+        >>> with claim_file("adapted.gguf", inputs=["base.gguf"]) as claim:  # doctest: +SKIP
+        ...     claim.file.write(b"GGUF...")
+        ...     claim.publish()
+    """
+    target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
+    claim = FolderClaim(target, overwrite=overwrite, what=what, error=error, shown=show_path(out), kind="file")
     try:
         claim._start()
     except BaseException:

@@ -1,0 +1,350 @@
+"""Apply, verify, targets and inspect with a GGUF file as BASE: the GGUF sink of an apply.
+
+The engine is :mod:`gainsurgery.formats.gguf` (plan -> measure -> write -> verify);
+this module is the orchestration around it, with the same trust rules as a folder
+apply, from the same places:
+
+1. open the base (:func:`opened_gguf`): a local ``.gguf`` file (pre-checked within
+   limits, opened as a regular file);
+2. load and stack the gains (:func:`gainsurgery.merge.load_gains`);
+3. plan (pure) and measure (reads the tensors the gains touch): routes, types, errors,
+   and each gain's base fingerprint checked — all before OUT is touched;
+4. claim OUT (:func:`gainsurgery.io.outputs.claim_file`: lock, marked temp file, never
+   an input, never a link), write it (:func:`~gainsurgery.formats.gguf.write_gguf`),
+   optionally verify every byte, then publish it with a no-replace rename (an atomic
+   exchange with ``overwrite``). A failure anywhere leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from gainsurgery.errors import GainSurgeryError, OutputError, PlanError
+from gainsurgery.formats.gguf import (GGUFFile, GGUFOptions, GGUFPlan, GGUFVerifyReport, Measured, is_gguf,
+                                      make_plan, measure, open_gguf, verify_file, write_gguf)
+from gainsurgery.formats.gguf.fingerprint import matching_variant
+from gainsurgery.formats.gguf.provenance import build_record, metadata, placeholder, read_record
+from gainsurgery.gainfile import GainFile
+from gainsurgery.io.inputs import show_path
+from gainsurgery.io.outputs import check_output, claim_file
+from gainsurgery.merge import LoadedGains, _writing, load_gains
+
+if TYPE_CHECKING:
+    from gainsurgery.hub.client import HubClient
+
+#: Makes a progress bar from a description and a total in bytes (``tqdm`` fits).
+ProgressFactory = Callable[[str, int], Any]
+Warn = Callable[[str], None]
+
+
+@dataclass
+class OpenedGGUF:
+    """A GGUF base, opened, and what provenance says about where it came from.
+
+    Attributes:
+        spec: the BASE argument as given.
+        file: the opened, pre-checked file.
+        path: the local file it is read from.
+        facts: where it came from beyond the file itself (a Hub repo and commit, an embedded model).
+    """
+
+    spec: str
+    file: GGUFFile
+    path: Path
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The base as messages show it."""
+        return self.spec
+
+    def provenance(self) -> dict[str, Any]:
+        """What the record says about the base (its file name, never its folder)."""
+        return {"name": self.file.name, "bytes": self.file.size, **self.facts}
+
+
+@contextlib.contextmanager
+def opened_gguf(spec: str | os.PathLike[str], hub: HubClient | None = None) -> Iterator[OpenedGGUF]:
+    """Open a GGUF BASE: ``with opened_gguf("model.gguf") as base: ...``.
+
+    Raises:
+        CheckpointError: missing, not a GGUF file, outside the limits.
+    """
+    from gainsurgery.errors import CheckpointError
+
+    text = os.fspath(spec)
+    path = Path(os.path.expanduser(text))
+    if not os.path.lexists(path):
+        raise CheckpointError(f"no such file: {show_path(text)}")
+    with open_gguf(path) as g:
+        yield OpenedGGUF(text, g, path)
+
+
+@dataclass
+class GGUFApplyResult:
+    """What :func:`apply_gguf` did.
+
+    Attributes:
+        plan: the plan (routes per gain key).
+        measured: every rewritten tensor's report.
+        base: the base as given.
+        out: the output file (None for a dry run).
+        dry_run: True when nothing was written.
+        seconds: wall time from claiming OUT to publishing it.
+        bytes_written: the output's size.
+        base_bytes: the base's size.
+        base_sha256: the base's sha256 (hex; empty for a dry run).
+        record: the provenance written into the file.
+        verified: True when every byte was verified before OUT appeared.
+        warnings: the one-line warnings given.
+    """
+
+    plan: GGUFPlan
+    measured: Measured
+    base: str
+    out: Path | None = None
+    dry_run: bool = False
+    seconds: float = 0.0
+    bytes_written: int = 0
+    base_bytes: int = 0
+    base_sha256: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: routes per gain key, a report per rewritten tensor, sizes."""
+        reports = [r.as_dict() for r in self.measured.reports.values()]
+        out_bytes = self.bytes_written or self.expected_bytes()
+        return {"base": self.base, "format": "gguf", "out": str(self.out) if self.out else None,
+                "dry_run": self.dry_run, "tensors_total": len(self.plan.base.tensors),
+                "tensors_touched": len(self.plan.ops), "gain_parameters": self.plan.gain.num_parameters,
+                "bytes_base": self.base_bytes, "bytes_out": out_bytes,
+                "size_ratio": round(out_bytes / self.base_bytes, 6) if self.base_bytes else None,
+                "bytes_rewritten": self.plan.bytes_rewritten, "routes": self.plan.routes(), "tensors": reports,
+                "verified": self.verified, "seconds": round(self.seconds, 3), "base_sha256": self.base_sha256}
+
+    def expected_bytes(self) -> int:
+        """The output's size in bytes, computed from the base's (for a dry run)."""
+        g = self.plan.base
+        delta = sum(self.measured.out_nbytes(t) - t.nbytes for t in g.tensors)
+        return g.size + delta
+
+
+def _default_warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def check_fingerprints(loaded: LoadedGains, measured: Measured, *, allow_base_mismatch: bool, warn: Warn,
+                       written: str = "nothing was written") -> tuple[list[str], dict[str, str]]:
+    """Compare each gain's ``base_tensors_sha256`` with the GGUF base dequantized (see :mod:`..fingerprint`).
+
+    Returns ``(labels of the gains that did not match (only when allowed), label -> the dtype that matched)``.
+
+    Raises:
+        PlanError: a mismatch, unless ``allow_base_mismatch``.
+    """
+    mismatched: list[str] = []
+    matched: dict[str, str] = {}
+    for check in loaded.checks:
+        variant = matching_variant(measured.digests, check.keys, check.expected)
+        if variant is not None:
+            matched[check.label] = variant
+            continue
+        text = (f"{check.label} was trained on other weights: it records base_tensors_sha256 "
+                f"{check.expected[:19]}..., and the base's {len(check.keys)} target tensors, dequantized to "
+                "bf16, f16 or f32, give other values (another model or fine-tune, or a GGUF quantized from "
+                "other weights)")
+        if not allow_base_mismatch:
+            raise PlanError(f"{text}; {written}; pass --allow-base-mismatch to apply it anyway")
+        warn(text + "; applied anyway (--allow-base-mismatch), recorded in gainsurgery.record")
+        mismatched.append(check.label)
+    return mismatched, matched
+
+
+def _plan_and_measure(opened: OpenedGGUF, gains: Sequence[str | os.PathLike[str] | GainFile],
+                      options: GGUFOptions, hub: HubClient | None, progress: ProgressFactory | None
+                      ) -> tuple[LoadedGains, GGUFPlan, Measured]:
+    loaded = load_gains(gains, allow_negative=options.allow_negative, hub=hub)
+    plan = make_plan(opened.file, loaded.gain, loaded.sources, options)
+    bar = progress("measure", plan.bytes_rewritten) if progress is not None else None
+    try:
+        measured = measure(plan, digest_keys={k for c in loaded.checks for k in c.keys},
+                           progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return loaded, plan, measured
+
+
+def apply_gguf(
+    base: str | os.PathLike[str],
+    gains: Sequence[str | os.PathLike[str] | GainFile],
+    out: str | os.PathLike[str] | None,
+    *,
+    options: GGUFOptions | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    allow_base_mismatch: bool = False,
+    progress: ProgressFactory | None = None,
+    hub: HubClient | None = None,
+    warn: Warn | None = None,
+) -> GGUFApplyResult:
+    """Apply (and stack) gain files onto a GGUF file, streaming into the GGUF file ``out``.
+
+    See the module docstring for the steps and docs/gguf.md for the routes. ``out`` is
+    never the base, a gain file, a link or a folder; it appears only when complete (and
+    with ``verify``, verified); an existing one is replaced only with ``overwrite``.
+
+    Args:
+        base: a ``.gguf`` file.
+        gains: gain files (paths, ``ORG/REPO[@REV]:path``, or :class:`GainFile` objects).
+        out: the output ``.gguf`` file.
+        options: tolerance of re-quantization, ``keep_types``, negative gains, saturation.
+        overwrite: replace an existing ``out`` (atomically, on success).
+        verify: recompute every rewritten tensor and compare every byte before ``out`` appears.
+        dry_run: plan and measure (routes, types, errors); write nothing.
+        allow_base_mismatch: apply a gain trained on other weights (warned, recorded).
+        progress: a progress-bar factory, ``progress(description, total_bytes)``.
+        hub: the Hub client for Hub gain files.
+        warn: receives one-line warnings.
+
+    Returns:
+        A :class:`GGUFApplyResult`.
+
+    Raises:
+        GainSurgeryError: anything the user can fix; ``out`` is then left as it was.
+
+    Example:
+        >>> r = apply_gguf("gemma-3-270m-Q4_K_M.gguf", ["legal.safetensors"], "legal.gguf")  # doctest: +SKIP
+        >>> [t["route"] for t in r.summary()["routes"]][:2]  # doctest: +SKIP
+        ['requantize', 'moved']
+    """
+    options = options or GGUFOptions()
+    said: list[str] = []
+    if out is None:
+        raise PlanError("give OUT, the .gguf file to write")
+    if not is_gguf(out):
+        raise PlanError(f"OUT {show_path(out)} must be a .gguf file when BASE is one (the result is a GGUF file)")
+    with opened_gguf(base, hub) as opened:
+        loaded, plan, measured = _plan_and_measure(opened, gains, options, hub, progress)
+        inputs = [opened.path, *loaded.paths]
+        result = GGUFApplyResult(plan, measured, opened.label, base_bytes=opened.file.size)
+        if dry_run:
+            target = check_output(out, inputs=inputs, kind="file", overwrite=overwrite)
+            if os.path.lexists(target) and not overwrite:
+                raise OutputError(f"OUT already exists: {show_path(out)} (pass --overwrite to replace it)")
+            check_fingerprints(loaded, measured, allow_base_mismatch=allow_base_mismatch, warn=said.append,
+                               written="a run would write nothing")
+            result.dry_run = True
+            result.warnings = said
+            return result
+        mismatched, matched = check_fingerprints(loaded, measured, allow_base_mismatch=allow_base_mismatch,
+                                                 warn=said.append)
+        for name in loaded.unchecked:
+            said.append(f"{name} records no base_tensors_sha256 (made before gainsurgery checked it); "
+                        "it cannot be checked against this base's weights")
+        for name, sat in measured.saturation().items():
+            said.append(f"{name}: {sat.became_inf} weights became ±inf and {sat.became_zero} became 0 "
+                        "(--allow-saturation), recorded in gainsurgery.record")
+        sha = placeholder()
+        record = _record(opened, loaded, plan, measured, sha, mismatched, matched)
+        t0 = time.perf_counter()
+        with _writing(out), claim_file(out, inputs=inputs, overwrite=overwrite) as claim:
+            bar = progress("apply", opened.file.size) if progress is not None else None
+            try:
+                written = write_gguf(measured, claim.file, metadata(record), sha_placeholder=sha,
+                                     progress=bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            record["base"]["sha256"] = written.base_sha256
+            if verify:
+                claim.file.flush()
+                with open_gguf(claim.tmp, error=OutputError) as o:
+                    report = verify_file(measured, o, loaded.sources)
+                if not report.ok:
+                    raise GainSurgeryError("verification failed, output discarded: " + report.problems[0])
+            published = claim.publish()
+    for message in said:
+        (warn or _default_warn)(message)
+    result.out, result.seconds, result.bytes_written = published, time.perf_counter() - t0, written.bytes
+    result.base_sha256, result.record, result.verified, result.warnings = written.base_sha256, record, verify, said
+    return result
+
+
+def _record(opened: OpenedGGUF, loaded: LoadedGains, plan: GGUFPlan, measured: Measured, sha: str,
+            mismatched: list[str], matched: dict[str, str]) -> dict[str, Any]:
+    """The provenance record (the base's sha256 still the placeholder ``sha``)."""
+    from gainsurgery.errors import CheckpointError
+
+    extra: dict[str, Any] = {}
+    sat = measured.saturation()
+    if sat:
+        extra["saturation_allowed"] = {n: {"became_inf": s.became_inf, "became_zero": s.became_zero}
+                                       for n, s in sorted(sat.items())}
+    if mismatched:
+        extra["base_mismatch_allowed"] = mismatched
+    if loaded.unchecked:
+        extra["base_not_checked"] = list(loaded.unchecked)
+    if matched:
+        extra["base_checked"] = {label: f"base_tensors_sha256 of the base dequantized to {variant}"
+                                 for label, variant in matched.items()}
+    try:
+        parent = read_record(opened.file)
+    except CheckpointError as exc:
+        parent = {"unreadable": str(exc)[:200]}
+    options = plan.options.as_dict()
+    options["allow_saturation"] = bool(sat)
+    return build_record(base={**opened.provenance(), "sha256": sha}, gains=loaded.sources, options=options,
+                        tensors=[r.as_dict() for r in measured.reports.values()], routes=plan.routes(),
+                        extra=extra, base_record=parent)
+
+
+def verify_gguf(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str] | GainFile],
+                out: str | os.PathLike[str], *, allow_negative: bool = False, hub: HubClient | None = None,
+                progress: ProgressFactory | None = None) -> GGUFVerifyReport:
+    """Check that the GGUF file ``out`` is exactly ``base`` with ``gains`` applied.
+
+    The routes are recomputed with the options ``out`` records (tolerance, ``keep_types``,
+    saturation allowed), so every rewritten tensor is compared byte for byte; every other
+    tensor and key/value must be the base's.
+
+    Example:
+        >>> verify_gguf("base.gguf", ["legal.safetensors"], "legal.gguf").ok  # doctest: +SKIP
+        True
+    """
+    with opened_gguf(base, hub) as opened, open_gguf(out) as o:
+        options = _recorded_options(o, allow_negative)
+        loaded, plan, measured = _plan_and_measure(opened, gains, options, hub, None)
+        bar = progress("verify", opened.file.size) if progress is not None else None
+        try:
+            return verify_file(measured, o, loaded.sources, progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _recorded_options(o: GGUFFile, allow_negative: bool) -> GGUFOptions:
+    """The options an adapted file says it was made with (defaults when it says nothing usable)."""
+    from gainsurgery.errors import CheckpointError
+
+    try:
+        record = read_record(o) or {}
+    except CheckpointError:
+        record = {}
+    opts = record.get("options") if isinstance(record.get("options"), dict) else {}
+    tol = opts.get("tolerance")
+    tolerance = float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) \
+        and tol >= 0 else GGUFOptions().tolerance
+    return GGUFOptions(tolerance=tolerance, keep_types=opts.get("keep_types") is True,
+                       allow_negative=allow_negative, allow_saturation=opts.get("allow_saturation") is True)
+
