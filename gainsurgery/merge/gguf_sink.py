@@ -348,3 +348,125 @@ def _recorded_options(o: GGUFFile, allow_negative: bool) -> GGUFOptions:
     return GGUFOptions(tolerance=tolerance, keep_types=opts.get("keep_types") is True,
                        allow_negative=allow_negative, allow_saturation=opts.get("allow_saturation") is True)
 
+
+
+@dataclass
+class GGUFTargets:
+    """The GAIN targets of a GGUF base (see :func:`gguf_targets`).
+
+    Attributes:
+        model_type: the transformers model type the file's architecture is.
+        targets: the targets, keyed by checkpoint names (what a gain file holds).
+        where: gain key -> the GGUF tensor, its type, and the route a gain there takes.
+        structure: a short identity of the file's tensors (names, types, shapes).
+        content: ``base_tensors_sha256`` of the targets (the F32 dequantization), when asked for.
+        path: the local file read.
+    """
+
+    model_type: str
+    targets: list[Any]
+    where: dict[str, dict[str, Any]]
+    structure: str
+    content: str | None
+    path: Path
+
+
+def gguf_targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = "in", *,
+                 hub: HubClient | None = None, fingerprint: bool = False) -> GGUFTargets:
+    """Which tensors a GAIN method scales on a GGUF base, under their checkpoint names, and each one's route.
+
+    The route is the one a gain with distinct values per feature would take (moved
+    exactly onto another tensor's rows, folded, or re-quantized).
+
+    Raises:
+        ArchitectureError: an architecture the registry does not support as GGUF, or
+            a block without the expected tensors.
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from gainsurgery.architectures import Target
+    from gainsurgery.architectures.registry import METHODS, SIDES
+    from gainsurgery.errors import ArchitectureError
+    from gainsurgery.formats.gguf.engine import digest_tensor
+    from gainsurgery.formats.gguf.names import NameMap
+    from gainsurgery.io.fingerprint import combine
+
+    if method not in METHODS:
+        raise ArchitectureError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if side not in SIDES:
+        raise ArchitectureError(f"unknown side {side!r}; choose 'in' or 'out'")
+    with opened_gguf(base, hub) as opened:
+        g = opened.file
+        names = NameMap(g)
+        kinds = {"attn_out": "ATTN_OUT", **({"ffn_down": "FFN_DOWN"} if method == "gain-ffn" else {})}
+        targets, vectors, dims = [], {}, {}
+        for block in range(names.blocks):
+            for kind, tensor_kind in kinds.items():
+                name = names.gguf_name(tensor_kind, block)
+                entry = g.by_name.get(name)
+                if entry is None or len(entry.ne) != 2:
+                    raise ArchitectureError(f"{g.name}: block {block} has no 2-D {name}")
+                key = names.checkpoint_name(entry, kind)
+                dim = 1 if side == "in" else 0
+                targets.append(Target(key, dim, entry.shape[dim], kind, block, "linear"))
+                # Distinct values per feature: the general case a trained gain is.
+                vectors[key] = np.linspace(0.9, 1.1, entry.shape[dim], dtype=np.float32)
+                dims[key] = dim
+        plan = make_plan(g, GainFile(vectors, dims, {}))
+        where = {line["key"]: {k: v for k, v in line.items() if k != "key"} for line in plan.routes()}
+        spec = {t.name: [t.type_name, list(t.shape)] for t in g.tensors}
+        structure = "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
+                                               .encode()).hexdigest()[:16]
+        content = None
+        if fingerprint:
+            digests = {t.key: digest_tensor(g, g.by_name[plan.keys[t.key]]).digests()["F32"] for t in targets}
+            content = combine(digests)
+        return GGUFTargets(names.arch.model_type, targets, where, structure, content, opened.path)
+
+
+def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a GGUF file holds: architecture, tensor types and sizes, metadata, and its gainsurgery record.
+
+    Long values are summarized (arrays by their length and item type, strings cut at
+    200 characters); nothing is decoded beyond that.
+
+    Example:
+        >>> inspect_gguf("legal.gguf")["types"]["Q4_K"]  # doctest: +SKIP
+        {'tensors': 18, 'bytes': 6635520}
+    """
+    from gainsurgery.formats.gguf.provenance import is_ours
+
+    with opened_gguf(path) as opened:
+        g = opened.file
+        types: dict[str, dict[str, int]] = {}
+        for t in g.tensors:
+            entry = types.setdefault(t.type_name, {"tensors": 0, "bytes": 0, "weights": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += t.nbytes
+            entry["weights"] += t.n_elements
+        meta: dict[str, Any] = {}
+        for key in g.keys:
+            if is_ours(key):
+                continue
+            meta[key] = _summary(g, key)
+        return {"file": g.name, "bytes": g.size, "version": g.version, "architecture": g.arch,
+                "tensors": len(g.tensors), "weights": sum(t.n_elements for t in g.tensors),
+                "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])), "metadata": meta,
+                "gainsurgery": read_record(g)}
+
+
+def _summary(g: GGUFFile, key: str) -> Any:
+    f = g.field(key)
+    kinds = [int(t) for t in f.types]
+    if kinds[0] == 8:
+        text = g.string(key) or ""
+        return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
+    if kinds[0] == 9:
+        from gainsurgery.formats.gguf.library import gguf_module
+
+        item = gguf_module().GGUFValueType(int(f.parts[3][0])).name
+        return f"[{len(f.data)} {item} items]"
+    return f.parts[-1].tolist()[0]

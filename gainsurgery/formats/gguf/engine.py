@@ -192,7 +192,7 @@ def measure(plan: GGUFPlan, *, digest_keys: set[str] | frozenset[str] = frozense
     digests = {}
     for key in sorted(digest_keys):
         entry = g.by_name[plan.keys[key]]
-        digests[key] = _digest(g, entry, chunk_elems)
+        digests[key] = digest_tensor(g, entry, chunk_elems)
     return Measured(plan, reports, digests)
 
 
@@ -256,13 +256,13 @@ def _added_error(g: GGUFFile, op: TensorOp, type_out: str, chunk_elems: int,
     return added2, sat, True
 
 
-def _digest(g: GGUFFile, entry: TensorEntry, chunk_elems: int) -> DigestSet:
-    """The base tensor's digests as the checkpoint dequantizing it to each float dtype would hold it."""
+def digest_tensor(g: GGUFFile, entry: TensorEntry, chunk_elems: int = CHUNK_ELEMS) -> DigestSet:
+    """A base tensor's digests as the checkpoint dequantizing it to each float dtype would hold it."""
     digests = DigestSet(entry.shape)
     for first, count in _chunks(entry, chunk_elems):
         digests.update(dequantize(read_rows(g, entry, first, count), entry.type_name, entry.ne[0]))
     return digests
 
 
-__all__ = ["CHUNK_ELEMS", "Measured", "TensorReport", "VARIANTS", "measure", "output_chunks", "read_rows",
-           "rows_per_chunk", "transform"]
+__all__ = ["CHUNK_ELEMS", "Measured", "TensorReport", "VARIANTS", "digest_tensor", "measure", "output_chunks",
+           "read_rows", "rows_per_chunk", "transform"]

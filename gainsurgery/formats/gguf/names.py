@@ -155,11 +155,12 @@ class NameMap:
             ArchitectureError: none or several spellings fit.
         """
         family = family_of(self.arch.model_type)
-        patterns = [re.compile(r"(?:^|\.)" + p + "$") for p in getattr(family, kind)]
+        # transformers' decoder-only models name their layers model.layers.N.
+        patterns = [re.compile(r"model\." + p) for p in getattr(family, kind)]
         stem = entry.name[: -len(".weight")]
         candidates = sorted({hf + ".weight" for hf, (_, name) in self.tmap.mapping.items()
                              if name == stem and hf.startswith("model.layers.")})
-        fits = [c for c in candidates if any(p.search(c) for p in patterns)]
+        fits = [c for c in candidates if any(p.fullmatch(c) for p in patterns)]
         if len(fits) != 1:
             raise ArchitectureError(f"{entry.name}: cannot tell its checkpoint name for {self.arch.model_type} "
                                     f"(candidates: {fits or candidates[:4]})")
