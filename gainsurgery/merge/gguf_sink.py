@@ -65,6 +65,11 @@ class OpenedGGUF:
         """The base as messages show it."""
         return self.spec
 
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub repo the base comes from, if any (a card's ``base_model``)."""
+        return self.facts.get("hub")
+
     def provenance(self) -> dict[str, Any]:
         """What the record says about the base (its file name, never its folder)."""
         return {"name": self.file.name, "bytes": self.file.size, **self.facts}
@@ -74,17 +79,45 @@ class OpenedGGUF:
 def opened_gguf(spec: str | os.PathLike[str], hub: HubClient | None = None) -> Iterator[OpenedGGUF]:
     """Open a GGUF BASE: ``with opened_gguf("model.gguf") as base: ...``.
 
+    ``spec`` is a local ``.gguf`` file; ``embedded:NAME.gguf``, an embedded model's
+    original GGUF (assembled once into the cache, its sha256 checked by its package);
+    or ``ORG/NAME[@REV]:path/model.gguf``, a file of a Hub repo, downloaded into the
+    Hugging Face cache. Anything that reads like a local path is never sent to the Hub.
+
     Raises:
         CheckpointError: missing, not a GGUF file, outside the limits.
+        HubError: a Hub file cannot be downloaded.
     """
     from gainsurgery.errors import CheckpointError
+    from gainsurgery.hub.refs import parse_file_ref
+    from gainsurgery.io.inputs import EMBEDDED_PREFIX
 
     text = os.fspath(spec)
-    path = Path(os.path.expanduser(text))
-    if not os.path.lexists(path):
-        raise CheckpointError(f"no such file: {show_path(text)}")
+    facts: dict[str, Any] = {}
+    if text.startswith(EMBEDDED_PREFIX):
+        from gainsurgery.sources.embedded import GGUF_SUFFIX, embedded_gguf, embedded_model
+
+        name = text[len(EMBEDDED_PREFIX):]
+        model = embedded_model(name[: -len(GGUF_SUFFIX)] if name.endswith(GGUF_SUFFIX) else name)
+        path = embedded_gguf(model.name)
+        facts = {**model.facts(), "embedded": text, "description": f"{model.upstream} (the original GGUF file)"}
+    else:
+        path = Path(os.path.expanduser(text))
+        ref = None if os.path.lexists(path) else parse_file_ref(text)
+        if ref is not None:
+            from gainsurgery.hub.client import HubClient
+            from gainsurgery.sources import fetch_gain_file
+
+            path = fetch_gain_file(ref, hub if hub is not None else HubClient.from_env())
+            facts = {"hub": ref.repo_id, "revision": ref.revision or "main", "path": ref.path}
+            parts = path.parts
+            if "snapshots" in parts[:-1]:
+                facts["commit"] = parts[parts.index("snapshots") + 1]
+        elif not os.path.lexists(path):
+            raise CheckpointError(f"no such file: {show_path(text)} (a GGUF BASE is a .gguf file, "
+                                  "embedded:NAME.gguf or ORG/NAME[@REV]:path/model.gguf)")
     with open_gguf(path) as g:
-        yield OpenedGGUF(text, g, path)
+        yield OpenedGGUF(text, g, path, facts)
 
 
 @dataclass

