@@ -301,7 +301,9 @@ def apply(
         return _apply_gguf(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
                            allow_negative=allow_negative, allow_saturation=allow_saturation,
                            allow_base_mismatch=allow_base_mismatch, progress=progress, push_to=push_to, hub=hub,
-                           warn=warn, keep_types=keep_types, requant_tolerance=requant_tolerance)
+                           warn=warn, keep_types=keep_types, requant_tolerance=requant_tolerance,
+                           private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+                           base_model=base_model, work_dir=work_dir)
     if keep_types or requant_tolerance is not None:
         from gainsurgery.errors import GainSurgeryError
 
@@ -346,19 +348,46 @@ def _apply_gguf(base: str | os.PathLike[str], gains: Sequence[GainFile | str | o
                 allow_negative: bool, allow_saturation: bool, allow_base_mismatch: bool,
                 progress: ProgressFactory | None, push_to: str | None, hub: HubClient | None,
                 warn: Callable[[str], None] | None, keep_types: bool,
-                requant_tolerance: float | None) -> GGUFApplyResult:
+                requant_tolerance: float | None, private: bool, revision: str | None, create_pr: bool,
+                commit_message: str | None, base_model: str | None,
+                work_dir: str | os.PathLike[str] | None) -> GGUFApplyResult:
     """:func:`apply` with a GGUF BASE (see :func:`gainsurgery.merge.gguf_sink.apply_gguf`)."""
     from gainsurgery.errors import GainSurgeryError
     from gainsurgery.formats.gguf import DEFAULT_TOLERANCE, GGUFOptions
     from gainsurgery.merge.gguf_sink import apply_gguf
 
+    if work_dir is not None:
+        raise GainSurgeryError("--work-dir is for a safetensors BASE pushed without OUT; a GGUF result is "
+                               "written to OUT (and pushed from there)")
+    if base_model is not None:
+        from gainsurgery.hub.refs import check_repo_id
+
+        check_repo_id(base_model, what="--base-model")
+    publisher = None
     if push_to:
-        raise GainSurgeryError("--push of a GGUF result is not supported yet; push the .gguf file with "
-                               "`hf upload` meanwhile")
+        from gainsurgery.hub.client import HubClient
+        from gainsurgery.hub.publish import HubPublisher
+        from gainsurgery.hub.refs import check_repo_id, parse_file_ref
+
+        check_repo_id(push_to)
+        if out is None:
+            raise GainSurgeryError("give OUT, the .gguf file to write; --push uploads it once it is verified")
+        ref = parse_file_ref(str(base))
+        if ref is not None and ref.repo_id.lower() == push_to.lower() and not create_pr \
+                and (revision or "main") == (ref.revision or "main"):
+            raise GainSurgeryError(f"--push {push_to} would commit the adapted model into its own base's repo and "
+                                   "branch; push to another repo, another branch (--revision) or a pull request "
+                                   "(--create-pr)")
+        hub = hub if hub is not None else HubClient.from_env()
+        publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {Path(out).name} (gainsurgery apply)")
+    elif revision or create_pr or commit_message:
+        raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
     options = GGUFOptions(tolerance=DEFAULT_TOLERANCE if requant_tolerance is None else requant_tolerance,
                           keep_types=keep_types, allow_negative=allow_negative, allow_saturation=allow_saturation)
     return apply_gguf(base, gains, out, options=options, overwrite=overwrite, verify=verify, dry_run=dry_run,
-                      allow_base_mismatch=allow_base_mismatch, progress=progress, hub=hub, warn=warn)
+                      allow_base_mismatch=allow_base_mismatch, progress=progress, hub=hub, warn=warn,
+                      publish=publisher, base_model=base_model)
 
 
 def _refuse_pushing_over_the_base(base: str, push_to: str, revision: str | None, create_pr: bool) -> None:
@@ -544,10 +573,11 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
 
     A folder must be complete: index (or ``model.safetensors``), every shard with
     the sha256 its ``gainsurgery.json`` records, ``config.json``; a model card is
-    added when it has none. A gain file goes up with a generated model card.
+    added when it has none. A gain file goes up with a generated model card, and so
+    does a GGUF file adapted by ``apply`` (its card made from its ``gainsurgery.record``).
 
     Args:
-        source: a merged checkpoint folder or a gain file.
+        source: a merged checkpoint folder, a gain file, or an adapted ``.gguf`` file.
         repo_id: ``org/name``.
         private: create the repo private (if it does not exist yet).
         revision: branch to commit to (created if missing).
@@ -584,7 +614,14 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     if base_model is not None:
         check_repo_id(base_model, what="--base-model")
     path = Path(source)
-    if path.is_dir():
+    from gainsurgery.formats.gguf import is_gguf
+
+    if is_gguf(source) and not path.is_dir():
+        from gainsurgery.merge.gguf_sink import gguf_upload
+
+        items = gguf_upload(path, base_model=base_model)
+        kind = "GGUF file"
+    elif path.is_dir():
         items = pub.folder_upload(path)  # a complete checkpoint: index, shards, config; every file safe
         provenance = check_recorded_shards(path, list(open_checkpoint(path).shards))
         has_card = any(i.path_in_repo == CARD_NAME for i in items)

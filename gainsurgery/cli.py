@@ -338,6 +338,10 @@ def _print_gguf_apply(result: Any, as_json: bool) -> None:
     else:
         click.echo(f"wrote {_shown(result.out)} ({summary['tensors_touched']} tensors rewritten, "
                    f"{result.seconds:.1f} s){' - verified' if result.verified else ''}")
+        if result.pushed:
+            where = (f"pull request {result.pushed.pr_url}" if result.pushed.pr_url
+                     else result.pushed.commit_url or result.pushed.revision)
+            click.echo(f"pushed to {result.pushed.repo_id}: {where}")
 
 
 @main.command()
@@ -392,11 +396,12 @@ def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as
 @_base_model
 @_json
 def push(source, repo_id, private, revision, create_pr, commit_message, dry_run, base_model, as_json):
-    """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
+    """Publish a merged folder, a gain file or an adapted GGUF file to the Hugging Face Hub, in one commit.
 
     A folder must be complete: index (or model.safetensors), every shard with
     the sha256 recorded in gainsurgery.json, config.json. A gain file goes up
-    with a generated model card (README.md). The token comes from HF_TOKEN or
+    with a generated model card (README.md), and so does a GGUF file adapted by
+    apply (its card made from its gainsurgery.record metadata). The token comes from HF_TOKEN or
     `hf auth login`; no file that holds its value is uploaded, nor a link out of
     the folder.
 

@@ -459,3 +459,51 @@ def test_split_files_and_non_gguf_out_are_refused(files, tmp_path):
 
 def test_mixed_types_cover_what_q4_k_m_uses():
     assert {t for _, t in MIXED} >= {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+
+
+# ------------------------------------------------------------------------------- the Hub
+
+
+def _remote(hub, repo_id: str) -> dict[str, bytes]:
+    if repo_id not in hub.repos:
+        return {}
+    return {p: b for p, b in hub.repos[repo_id].files_at("main").items() if p != ".gitattributes"}
+
+
+def test_a_hub_gguf_as_base_and_push_of_the_result(hub, files, tmp_path, cli):
+    """BASE ORG/NAME:file.gguf is downloaded into the HF cache; --push uploads the verified file and a card."""
+    hub.add_repo("testuser/tiny-gguf", {"models/tiny-Q4_K_M.gguf": Path(files["gqa"])})
+    g = save(gain(), tmp_path / "legal.safetensors")
+    out = tmp_path / "legal.gguf"
+    r = cli("apply", "testuser/tiny-gguf:models/tiny-Q4_K_M.gguf", g, out, "--push", "testuser/tiny-legal")
+    assert r.exit_code == 0, r.output
+    assert "verified" in r.output and "pushed to testuser/tiny-legal" in r.output
+    remote = _remote(hub, "testuser/tiny-legal")
+    assert set(remote) == {"legal.gguf", "README.md"} and remote["legal.gguf"] == out.read_bytes()
+    card = remote["README.md"].decode()
+    assert 'base_model: "testuser/tiny-gguf"' in card and '- "gguf"' in card
+    assert "llama-cli -m legal.gguf" in card and "legal.safetensors" in card
+    record = api.inspect_gguf(out)["gainsurgery"]
+    assert record["base"]["hub"] == "testuser/tiny-gguf" and record["base"]["path"] == "models/tiny-Q4_K_M.gguf"
+    assert len(record["base"]["commit"]) == 40
+    r = cli("verify", "testuser/tiny-gguf:models/tiny-Q4_K_M.gguf", g, out)
+    assert r.exit_code == 0, r.output
+    # push of an adapted file on its own; a plain GGUF is refused; pushing over the base's own repo is refused
+    r = cli("push", out, "testuser/again", "--json")
+    assert r.exit_code == 0, r.output
+    assert _remote(hub, "testuser/again")["legal.gguf"] == out.read_bytes()
+    r = cli("push", files["gqa"], "testuser/plain")
+    assert r.exit_code == 1 and "not adapted by gainsurgery" in r.output
+    r = cli("apply", "testuser/tiny-gguf:models/tiny-Q4_K_M.gguf", g, tmp_path / "x.gguf", "--push",
+            "testuser/tiny-gguf")
+    assert r.exit_code == 1 and "its own base's repo" in r.output
+
+
+def test_push_never_uploads_a_header_carrying_the_token(hub, files, tmp_path, cli):
+    model = files["gqa_model"]
+    leaky = write_gguf(model, tmp_path / "leaky.gguf", extra_kv={"general.description": hub.token})
+    g = save(gain(), tmp_path / "g.safetensors")
+    out = tmp_path / "out.gguf"
+    r = cli("apply", leaky, g, out, "--push", "testuser/leak")
+    assert r.exit_code == 1 and "contains the value of your Hub token" in r.output
+    assert hub.token not in r.output and not out.exists() and _remote(hub, "testuser/leak") == {}

@@ -137,6 +137,7 @@ class GGUFApplyResult:
         record: the provenance written into the file.
         verified: True when every byte was verified before OUT appeared.
         warnings: the one-line warnings given.
+        pushed: what the publisher returned (a :class:`~gainsurgery.hub.publish.PushResult`), if any.
     """
 
     plan: GGUFPlan
@@ -151,6 +152,7 @@ class GGUFApplyResult:
     record: dict[str, Any] = field(default_factory=dict)
     verified: bool = False
     warnings: list[str] = field(default_factory=list)
+    pushed: Any = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: routes per gain key, a report per rewritten tensor, sizes."""
@@ -162,7 +164,8 @@ class GGUFApplyResult:
                 "bytes_base": self.base_bytes, "bytes_out": out_bytes,
                 "size_ratio": round(out_bytes / self.base_bytes, 6) if self.base_bytes else None,
                 "bytes_rewritten": self.plan.bytes_rewritten, "routes": self.plan.routes(), "tensors": reports,
-                "verified": self.verified, "seconds": round(self.seconds, 3), "base_sha256": self.base_sha256}
+                "verified": self.verified, "seconds": round(self.seconds, 3), "base_sha256": self.base_sha256,
+                **({"pushed": self.pushed.as_dict()} if self.pushed is not None else {})}
 
     def expected_bytes(self) -> int:
         """The output's size in bytes, computed from the base's (for a dry run)."""
@@ -230,6 +233,8 @@ def apply_gguf(
     progress: ProgressFactory | None = None,
     hub: HubClient | None = None,
     warn: Warn | None = None,
+    publish: Any = None,
+    base_model: str | None = None,
 ) -> GGUFApplyResult:
     """Apply (and stack) gain files onto a GGUF file, streaming into the GGUF file ``out``.
 
@@ -249,6 +254,10 @@ def apply_gguf(
         progress: a progress-bar factory, ``progress(description, total_bytes)``.
         hub: the Hub client for Hub gain files.
         warn: receives one-line warnings.
+        publish: the push step (a :class:`~gainsurgery.hub.publish.HubPublisher`): the
+            verified file and its model card go up in one commit before ``out`` appears;
+            a failed push discards it.
+        base_model: the Hub repo id the model card names as ``base_model`` (default: a Hub base's).
 
     Returns:
         A :class:`GGUFApplyResult`.
@@ -292,6 +301,8 @@ def apply_gguf(
         record = _record(opened, loaded, plan, measured, sha, mismatched, matched)
         t0 = time.perf_counter()
         with _writing(out), claim_file(out, inputs=inputs, overwrite=overwrite) as claim:
+            if publish is not None:
+                publish.prepare()  # a bad token fails before any work
             bar = progress("apply", opened.file.size) if progress is not None else None
             try:
                 written = write_gguf(measured, claim.file, metadata(record), sha_placeholder=sha,
@@ -300,18 +311,61 @@ def apply_gguf(
                 if bar is not None:
                     bar.close()
             record["base"]["sha256"] = written.base_sha256
-            if verify:
-                claim.file.flush()
+            checked = verify or publish is not None
+            if checked:
                 with open_gguf(claim.tmp, error=OutputError) as o:
                     report = verify_file(measured, o, loaded.sources)
                 if not report.ok:
                     raise GainSurgeryError("verification failed, output discarded: " + report.problems[0])
+            pushed = None
+            if publish is not None:
+                items = gguf_upload_items(claim.tmp, Path(out).name, record, written.header_bytes,
+                                          base_model=base_model or opened.hub_id)
+                pushed = publish.publish_items(items)
             published = claim.publish()
     for message in said:
         (warn or _default_warn)(message)
     result.out, result.seconds, result.bytes_written = published, time.perf_counter() - t0, written.bytes
-    result.base_sha256, result.record, result.verified, result.warnings = written.base_sha256, record, verify, said
+    result.base_sha256, result.record, result.verified, result.warnings = written.base_sha256, record, checked, said
+    result.pushed = pushed
     return result
+
+
+def gguf_upload_items(path: Path, name: str, record: dict[str, Any], header_bytes: int, *,
+                      base_model: str | None = None) -> list[Any]:
+    """What pushing an adapted GGUF uploads: the file under ``name`` and a model card made from its record.
+
+    Only the file's header (``header_bytes``: every key/value, where text can be) is
+    scanned for the token before the upload; its tensor data is numbers.
+
+    Raises:
+        GainSurgeryError: ``name`` is not a plain ``.gguf`` file name.
+    """
+    from gainsurgery.hub.cards import CARD_NAME, gguf_model_card
+    from gainsurgery.hub.publish import UploadItem, text_item
+
+    if not is_gguf(name) or name.startswith(".") or "/" in name or not name.isprintable():
+        raise GainSurgeryError(f"{show_path(name)}: a GGUF file is pushed under its own name, which must end in "
+                               ".gguf and not be hidden; rename it")
+    size = os.stat(path).st_size
+    return [UploadItem(name, size, local=Path(path), text_bytes=header_bytes),
+            text_item(CARD_NAME, gguf_model_card(record, name, base_model=base_model))]
+
+
+def gguf_upload(path: str | os.PathLike[str], *, base_model: str | None = None) -> list[Any]:
+    """The upload of an adapted GGUF file the user names (``gainsurgery push legal.gguf ORG/NAME``).
+
+    Raises:
+        CheckpointError: not a GGUF file, or one gainsurgery did not adapt (no record).
+    """
+    from gainsurgery.errors import CheckpointError
+
+    with open_gguf(path) as g:
+        record = read_record(g)
+        if record is None:
+            raise CheckpointError(f"{show_path(path)} carries no gainsurgery.record (not adapted by gainsurgery); "
+                                  "upload a plain GGUF with `hf upload`")
+        return gguf_upload_items(Path(path), g.name, record, g.data_offset, base_model=base_model)
 
 
 def _record(opened: OpenedGGUF, loaded: LoadedGains, plan: GGUFPlan, measured: Measured, sha: str,
