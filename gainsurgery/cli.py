@@ -155,8 +155,11 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 
 def _names_a_gain(spec: str) -> bool:
     """True when a positional argument of ``apply`` can only be a gain, never OUT (a folder)."""
+    from gainsurgery.formats.gguf import is_gguf
     from gainsurgery.hub.refs import parse_file_ref
 
+    if is_gguf(spec):  # a .gguf argument after BASE is OUT (a GGUF BASE's result), never a gain
+        return False
     return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
 
 
