@@ -45,22 +45,33 @@ def load(path: Path):
                                                 quantization_config=GgufConfig(dequantize=True)).eval()
 
 
-def logits(model, windows, batch: int = 4):
+def compare(models: dict, windows, batch: int = 2) -> dict:
+    """Batch by batch (logits of a 262k vocabulary do not all fit in memory): the sums of squares of
+    (float route - base) and (OUT - float route) over positions and vocabulary, and each model's NLL."""
     import torch
 
-    out = []
+    sums: dict[str, float] = {}
+    nll = {n: 0.0 for n in models}
+    count = tokens = 0
     with torch.no_grad():
         for i in range(0, len(windows), batch):
-            out.append(model(input_ids=torch.tensor(windows[i:i + batch])).logits.double())
-    return torch.cat(out)
-
-
-def ppl_from_logits(lg, windows) -> float:
-    import torch
-
-    ids = torch.tensor(windows)
-    nll = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1))
-    return math.exp(nll.item())
+            ids = torch.tensor(windows[i:i + batch])
+            lg = {n: m(input_ids=ids).logits.float() for n, m in models.items()}
+            for n, x in lg.items():
+                nll[n] += torch.nn.functional.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), ids[:, 1:].reshape(-1),
+                                                            reduction="sum").item()
+                if n.startswith("OUT"):
+                    sums[n] = sums.get(n, 0.0) + (x.double() - lg["float route"].double()).pow(2).sum().item()
+            sums["effect"] = sums.get("effect", 0.0) + (lg["float route"].double() - lg["base"].double()).pow(2).sum().item()
+            count += lg["base"].numel()
+            tokens += ids[:, 1:].numel()
+            del lg
+    out = {"gain_effect_rms": math.sqrt(sums["effect"] / count), "ppl": {n: math.exp(v / tokens) for n, v in nll.items()}}
+    for n in models:
+        if n.startswith("OUT"):
+            out[f"deviation_rms[{n[4:]}]"] = math.sqrt(sums[n] / count)
+            out[f"ratio[{n[4:]}]"] = out[f"deviation_rms[{n[4:]}]"] / out["gain_effect_rms"]
+    return out
 
 
 def llama_cpp_ppl(path: Path, windows) -> float | None:
@@ -137,14 +148,7 @@ def main() -> int:
         corpora.fetch([domain], log=lambda m: None)
         docs = read_documents(corpora.split_path(domain, "validation"))
         windows = pack(tokenizer, docs, args.seq_len, args.windows).ids
-        lg = {n: logits(m, windows) for n, m in models.items()}
-        effect = (lg["float route"] - lg["base"]).pow(2).mean().sqrt().item()
-        row: dict = {"windows": len(windows), "tokens": len(windows) * args.seq_len,
-                     "gain_effect_rms": effect, "ppl": {n: ppl_from_logits(x, windows) for n, x in lg.items()}}
-        for n in outs:
-            dev = (lg[f"OUT {n}"] - lg["float route"]).pow(2).mean().sqrt().item()
-            row[f"deviation_rms[{n}]"] = dev
-            row[f"ratio[{n}]"] = dev / effect
+        row: dict = {"windows": len(windows), "tokens": len(windows) * args.seq_len, **compare(models, windows)}
         for n, p in (("base", args.base), *((f"OUT {k}", v) for k, v in outs.items())):
             value = llama_cpp_ppl(p, windows)
             if value is not None:

@@ -121,3 +121,35 @@ def test_float_types_round_to_nearest_even_once():
     assert Q.dequantize(bf, "BF16", 4)[0, :2].tolist() == [1.0, 1.0 + 2.0 ** -6] and not sat
     f16, sat = Q.encode(x, "F16")
     assert sat.became_inf == 1 and sat.became_zero == 1
+
+
+def test_k_quant_quantizers_match_llama_cpp(tmp_path):
+    """Our K-quant quantizers against llama.cpp's own (through llama-cpp-python), on the same float weights:
+    RMS errors within 3%, per type."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    import gguf
+
+    from gguf_models import tiny_model, write_gguf
+
+    src = write_gguf(tiny_model("llama", kv_heads=2, seed=3, intermediate_size=1024), tmp_path / "f32.gguf",
+                     types=(), default="F32")
+    floats = {t.name: np.asarray(t.data, np.float32) for t in gguf.GGUFReader(src).tensors}
+    seen: dict[str, list[float]] = {}
+    for ftype in (10, 12, 15, 17, 18):  # Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 2
+        out = tmp_path / f"q{ftype}.gguf"
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        for t in gguf.GGUFReader(out).tensors:
+            qtype = t.tensor_type.name
+            if not qtype.endswith("_K"):
+                continue
+            x = floats[t.name].reshape(-1, int(t.shape[0]))
+            theirs = Q.dequantize(np.asarray(t.data), qtype, x.shape[1])
+            ours = Q.dequantize(Q.encode(x, qtype)[0], qtype, x.shape[1])
+            seen.setdefault(qtype, []).append(np.sqrt(np.mean((ours - x) ** 2) / np.mean((theirs - x) ** 2)))
+    assert set(seen) == {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    for qtype, ratios in seen.items():
+        assert 0.9 < min(ratios) and max(ratios) < 1.03, (qtype, ratios)

@@ -154,12 +154,17 @@ def _chunks(entry: TensorEntry, chunk_elems: int) -> Iterator[tuple[int, int]]:
         yield first, min(step, entry.rows - first)
 
 
-def transform(op: TensorOp, raw: np.ndarray, first: int, type_out: str) -> tuple[np.ndarray, Saturation]:
-    """The output bytes of rows ``first...`` of ``op``'s tensor (raw base bytes ``raw``) in ``type_out``."""
+def transform(op: TensorOp, raw: np.ndarray, first: int, type_out: str,
+              base: np.ndarray | None = None) -> tuple[np.ndarray, Saturation]:
+    """The output bytes of rows ``first...`` of ``op``'s tensor (raw base bytes ``raw``) in ``type_out``.
+
+    ``base``: those rows already dequantized (saves dequantizing them again).
+    """
     entry = op.entry
     if op.route == "fold":
         return fold_rows(raw, entry.type_name, op.rows[first:first + raw.shape[0]])  # type: ignore[index]
-    base = dequantize(raw, entry.type_name, entry.ne[0])
+    if base is None:
+        base = dequantize(raw, entry.type_name, entry.ne[0])
     old = raw if type_out == entry.type_name else None
     return encode(op.target(base, first), type_out, old=old)
 
@@ -200,8 +205,13 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
                 progress: Progress | None) -> TensorReport:
     entry = op.entry
     n = entry.n_elements
-    weight2 = change2 = 0.0
+    requant = op.route == "requantize"
+    # One pass gives the base's size, the gain's change, the tensor's own error and, for a
+    # route with one candidate (float, fold), that candidate's error too. Re-quantization
+    # needs the whole change first (the tolerance is relative to it), then tries its ladder.
+    weight2 = change2 = added2 = 0.0
     own2: float | None = 0.0
+    sat = Saturation()
     for first, count in _chunks(entry, chunk_elems):
         raw = read_rows(g, entry, first, count)
         base = dequantize(raw, entry.type_name, entry.ne[0])
@@ -210,30 +220,41 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
         change2 += float(np.sum((target.astype(np.float64) - base) ** 2))
         own = own_error(raw, entry.type_name)
         own2 = None if own is None or own2 is None else own2 + own[0]
+        if not requant:
+            out, s = transform(op, raw, first, entry.type_name, base)
+            added2 += _squared_error(out, entry.type_name, target)
+            sat.add(s)
     report = TensorReport(entry.name, op.route, entry.type_name, entry.type_name, n, entry.nbytes, entry.nbytes,
                           weight_rms=math.sqrt(weight2 / n), change_rms=math.sqrt(change2 / n),
-                          own_rms=None if own2 is None else math.sqrt(own2 / n), note=op.note, keys=list(op.keys))
-    candidates = op.ladder if op.route == "requantize" else [entry.type_name]
-    budget = tolerance * tolerance * change2
-    for i, type_out in enumerate(candidates):
-        last = i == len(candidates) - 1 or op.route != "requantize"
-        added2, sat, complete = _added_error(g, op, type_out, chunk_elems, None if last else budget)
-        report.tried[type_out] = math.sqrt(added2 / n)
-        if sat and not last:
-            continue  # a type that cannot hold the scaled weights (float16 overflow): try the next one
-        if complete and (last or added2 <= budget):
-            report.type_out, report.added_rms, report.saturation = type_out, math.sqrt(added2 / n), sat
-            break
-    if op.route != "requantize":
-        report.tried = {}
-    if report.type_out != entry.type_name:
-        from gainsurgery.formats.gguf.quants import _sizes
+                          own_rms=None if own2 is None else math.sqrt(own2 / n), note=op.note, keys=list(op.keys),
+                          added_rms=math.sqrt(added2 / n), saturation=sat)
+    if requant:
+        budget = tolerance * tolerance * change2
+        for i, type_out in enumerate(op.ladder):
+            last = i == len(op.ladder) - 1
+            added2, sat, complete = _added_error(g, op, type_out, chunk_elems, None if last else budget)
+            report.tried[type_out] = math.sqrt(added2 / n)
+            if sat and not last:
+                continue  # a type that cannot hold the scaled weights (float16 overflow): try the next one
+            if complete and (last or added2 <= budget):
+                report.type_out, report.added_rms, report.saturation = type_out, math.sqrt(added2 / n), sat
+                break
+        if report.type_out != entry.type_name:
+            from gainsurgery.formats.gguf.quants import _sizes
 
-        block, size = _sizes(report.type_out)
-        report.bytes_out = n // block * size
+            block, size = _sizes(report.type_out)
+            report.bytes_out = n // block * size
     if progress is not None:
         progress(entry.nbytes)
     return report
+
+
+def _squared_error(out: np.ndarray, type_out: str, target: np.ndarray) -> float:
+    """Sum of squared (stored - target) over finite stored weights (±inf is counted as saturation instead)."""
+    back = dequantize(out, type_out, target.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.where(np.isfinite(back), back.astype(np.float64) - target, 0.0)
+    return float(np.sum(diff * diff))
 
 
 def _added_error(g: GGUFFile, op: TensorOp, type_out: str, chunk_elems: int,
@@ -244,12 +265,9 @@ def _added_error(g: GGUFFile, op: TensorOp, type_out: str, chunk_elems: int,
     sat = Saturation()
     for first, count in _chunks(entry, chunk_elems):
         raw = read_rows(g, entry, first, count)
-        out, s = transform(op, raw, first, type_out)
-        target = op.target(dequantize(raw, entry.type_name, entry.ne[0]), first)
-        back = dequantize(out, type_out, entry.ne[0])
-        with np.errstate(over="ignore", invalid="ignore"):
-            diff = np.where(np.isfinite(back), back.astype(np.float64) - target, 0.0)
-        added2 += float(np.sum(diff * diff))
+        base = dequantize(raw, entry.type_name, entry.ne[0])
+        out, s = transform(op, raw, first, type_out, base)
+        added2 += _squared_error(out, type_out, op.target(base, first))
         sat.add(s)
         if budget is not None and added2 > budget:
             return added2, sat, False
