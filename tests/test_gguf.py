@@ -507,3 +507,12 @@ def test_push_never_uploads_a_header_carrying_the_token(hub, files, tmp_path, cl
     r = cli("apply", leaky, g, out, "--push", "testuser/leak")
     assert r.exit_code == 1 and "contains the value of your Hub token" in r.output
     assert hub.token not in r.output and not out.exists() and _remote(hub, "testuser/leak") == {}
+
+
+def test_the_demo_step_skips_a_base_without_a_gguf(tmp_path):
+    from gainsurgery.demo import DemoConfig, _gguf_step
+
+    said: list[str] = []
+    assert _gguf_step(DemoConfig(workdir=tmp_path, model=str(tmp_path)), tmp_path / "g.safetensors", tmp_path,
+                      said.append) is None
+    assert said == ["[7/7] GGUF: skipped (the base is not an embedded model shipped as a GGUF)"]

@@ -115,3 +115,15 @@ def test_llama_cpp_loads_and_runs_the_result(trained_like_gain, embedded_cache, 
         del llm
     # The adapted file runs and predicts this text about as well as the base (the gain is small, not trained here).
     assert 0.5 < results["out"] / results["base"] < 1.5, results
+
+
+def test_the_demo_ends_with_the_adapted_gguf(trained_like_gain, embedded_cache, tmp_path):
+    from gainsurgery.demo import DemoConfig, _gguf_step
+
+    said: list[str] = []
+    info = _gguf_step(DemoConfig(workdir=tmp_path), trained_like_gain, tmp_path, said.append)
+    out = tmp_path / "legal-gain-ffn-gemma-3-270m.gguf"
+    assert info["path"] == str(out) and out.is_file() and info["size_ratio"] <= 1.10 and info["moved"] == 18
+    assert said[0].startswith("[7/7] GGUF") and "verified" in said[1]
+    assert said[-1].strip() == f'run it:  llama-cli -m {out} -p "The court held that"'
+    assert api.verify(BASE, [str(trained_like_gain)], str(out)).ok

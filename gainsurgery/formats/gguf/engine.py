@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gainsurgery.errors import PlanError
-from gainsurgery.formats.gguf.fingerprint import VARIANTS, DigestSet
+from gainsurgery.formats.gguf.fingerprint import DigestSet
 from gainsurgery.formats.gguf.opening import GGUFFile, TensorEntry
 from gainsurgery.formats.gguf.plan import GGUFPlan, TensorOp
 from gainsurgery.formats.gguf.quants import Saturation, dequantize, encode, fold_rows, own_error
@@ -230,9 +230,11 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
                           added_rms=math.sqrt(added2 / n), saturation=sat)
     if requant:
         budget = tolerance * tolerance * change2
+        # Small chunks while trying types: a type that fails usually shows it in the first one.
+        trial_elems = max(1, chunk_elems // 8)
         for i, type_out in enumerate(op.ladder):
             last = i == len(op.ladder) - 1
-            added2, sat, complete = _added_error(g, op, type_out, chunk_elems, None if last else budget)
+            added2, sat, complete = _added_error(g, op, type_out, trial_elems, None if last else budget)
             report.tried[type_out] = math.sqrt(added2 / n)
             if sat and not last:
                 continue  # a type that cannot hold the scaled weights (float16 overflow): try the next one
@@ -282,5 +284,5 @@ def digest_tensor(g: GGUFFile, entry: TensorEntry, chunk_elems: int = CHUNK_ELEM
     return digests
 
 
-__all__ = ["CHUNK_ELEMS", "Measured", "TensorReport", "VARIANTS", "digest_tensor", "measure", "output_chunks",
-           "read_rows", "rows_per_chunk", "transform"]
+__all__ = ["CHUNK_ELEMS", "Measured", "TensorReport", "digest_tensor", "measure", "output_chunks", "read_rows",
+           "rows_per_chunk", "transform"]

@@ -31,8 +31,6 @@ puts next to the error a route adds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 #: Elements per K-quant super-block.
@@ -640,6 +638,3 @@ def promotion_ladder(type_name: str, ne0: int) -> list[str]:
             out.append(t)
     return out
 
-
-#: Quantizes rows of float32 weights to raw bytes (for tests and the benchmark).
-Encoder = Callable[[np.ndarray, str], tuple[np.ndarray, Saturation]]
