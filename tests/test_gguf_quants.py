@@ -29,7 +29,10 @@ def test_codecs_pack_what_the_library_unpacks(qtype):
     assert not sat
     block, size = SIZES[qtype]
     assert out.shape == (x.shape[0], x.shape[1] // block * size)
-    lib = Q.dequantize(out, qtype, x.shape[1])
+    import gguf
+
+    lib = np.asarray(gguf.quants.dequantize(out, gguf.GGMLQuantizationType[qtype])).reshape(x.shape)
+    assert np.array_equal(Q.dequantize(out, qtype, x.shape[1]), lib)  # our fast path is the library's values
     codec = Q.CODECS[qtype]
     params, levels = codec.unpack(out.reshape(-1, size))
     assert np.array_equal(codec.values(params, levels).reshape(lib.shape), lib)
@@ -41,6 +44,22 @@ def test_codecs_pack_what_the_library_unpacks(qtype):
     err = np.abs(lib - x)
     assert np.all(err[inside.reshape(lib.shape)] <= a[inside.reshape(lib.shape)] * 0.5001 + 1e-12)
     assert np.all(lib[1] == 0)
+
+
+@pytest.mark.parametrize("qtype", sorted(Q.CODECS))
+def test_our_dequantization_is_the_librarys_on_any_bytes(qtype):
+    """Random bytes (with finite float16 fields) are valid blocks: our reading equals gguf's bit for bit."""
+    import gguf
+
+    block, size = SIZES[qtype]
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (64, 4 * size), dtype=np.uint8)
+    f16 = raw.reshape(-1, size)
+    fields = [0, 2] if qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else list(Q.SCALE_FIELDS[qtype])
+    for off in fields:
+        f16[:, off:off + 2] = rng.normal(0, 0.01, f16.shape[0]).astype("<f2").view(np.uint8).reshape(-1, 2)
+    lib = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])).reshape(64, -1)
+    assert np.array_equal(Q.dequantize(raw, qtype, 4 * block), lib)
 
 
 @pytest.mark.parametrize("qtype", sorted(Q.CODECS))

@@ -216,8 +216,8 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
         raw = read_rows(g, entry, first, count)
         base = dequantize(raw, entry.type_name, entry.ne[0])
         target = op.target(base, first)
-        weight2 += float(np.sum(base.astype(np.float64) ** 2))
-        change2 += float(np.sum((target.astype(np.float64) - base) ** 2))
+        weight2 += _sum_squares(base)
+        change2 += _sum_squares(target - base)
         own = own_error(raw, entry.type_name)
         own2 = None if own is None or own2 is None else own2 + own[0]
         if not requant:
@@ -251,12 +251,20 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
     return report
 
 
+def _sum_squares(values: np.ndarray) -> float:
+    """Sum of squares of float32 values (a BLAS dot product: the reports need 4 digits, not 16)."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return float(np.dot(flat, flat))
+
+
 def _squared_error(out: np.ndarray, type_out: str, target: np.ndarray) -> float:
     """Sum of squared (stored - target) over finite stored weights (±inf is counted as saturation instead)."""
     back = dequantize(out, type_out, target.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
-        diff = np.where(np.isfinite(back), back.astype(np.float64) - target, 0.0)
-    return float(np.sum(diff * diff))
+        diff = back - target
+    if not np.isfinite(diff).all():
+        diff = np.where(np.isfinite(diff), diff, 0.0)
+    return _sum_squares(diff)
 
 
 def _added_error(g: GGUFFile, op: TensorOp, type_out: str, chunk_elems: int,

@@ -77,11 +77,22 @@ def _qtype(type_name: str):  # noqa: ANN202 - a gguf enum member
 
 
 def dequantize(raw: np.ndarray, type_name: str, ne0: int) -> np.ndarray:
-    """Rows of raw tensor bytes (``(rows, row_bytes)`` uint8) as float32 ``(rows, ne0)``, by the library."""
+    """Rows of raw tensor bytes (``(rows, row_bytes)`` uint8) as float32 ``(rows, ne0)``.
+
+    The values are the ``gguf`` library's dequantization. For the types of :data:`CODECS`
+    they are computed here, vectorized over the whole chunk (several times faster than the
+    library's 16-row groups) with the library's own float32 operations in its order:
+    ``tests/test_gguf_quants.py`` checks bit-for-bit equality with the library for each.
+    """
     from gainsurgery.formats.gguf.library import gguf_module
 
-    gguf = gguf_module()
     raw = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1] if raw.ndim > 1 else raw.size)
+    codec = CODECS.get(type_name)
+    if codec is not None:
+        size = _sizes(type_name)[1]
+        params, levels = codec.unpack(raw.reshape(-1, size))
+        return codec.values(params, levels).reshape(-1, ne0)
+    gguf = gguf_module()
     if type_name == "F32":
         return raw.view("<f4").reshape(-1, ne0).astype(np.float32, copy=False)
     if type_name == "F16":
