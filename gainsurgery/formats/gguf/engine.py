@@ -28,7 +28,7 @@ from gainsurgery.errors import PlanError
 from gainsurgery.formats.gguf.fingerprint import DigestSet
 from gainsurgery.formats.gguf.opening import GGUFFile, TensorEntry
 from gainsurgery.formats.gguf.plan import GGUFPlan, TensorOp
-from gainsurgery.formats.gguf.quants import Saturation, dequantize, encode, fold_rows, own_error
+from gainsurgery.formats.gguf.quants import CODECS, Saturation, dequantize, encode, fold_rows, own_error
 
 #: float32 weights held per working chunk (each route holds a few arrays this size).
 CHUNK_ELEMS = 1 << 21
@@ -212,9 +212,15 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
     weight2 = change2 = added2 = 0.0
     own2: float | None = 0.0
     sat = Saturation()
+    codec = CODECS.get(entry.type_name) if op.route == "fold" else None
     for first, count in _chunks(entry, chunk_elems):
         raw = read_rows(g, entry, first, count)
-        base = dequantize(raw, entry.type_name, entry.ne[0])
+        if codec is not None:  # unpack the levels once: the fold leaves them as they are
+            blocks = raw.reshape(-1, entry.nbytes // max(1, entry.n_elements // codec.block))
+            params, levels = codec.unpack(blocks)
+            base = codec.values(params, levels).reshape(count, entry.ne[0])
+        else:
+            base = dequantize(raw, entry.type_name, entry.ne[0])
         target = op.target(base, first)
         weight2 += _sum_squares(base)
         change2 += _sum_squares(target - base)
@@ -222,7 +228,11 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
         own2 = None if own is None or own2 is None else own2 + own[0]
         if not requant:
             out, s = transform(op, raw, first, entry.type_name, base)
-            added2 += _squared_error(out, entry.type_name, target)
+            if codec is not None:
+                folded = codec.values(codec.scales(out.reshape(blocks.shape)), levels).reshape(target.shape)
+                added2 += _squared_diff(folded, target)
+            else:
+                added2 += _squared_error(out, entry.type_name, target)
             sat.add(s)
     report = TensorReport(entry.name, op.route, entry.type_name, entry.type_name, n, entry.nbytes, entry.nbytes,
                           weight_rms=math.sqrt(weight2 / n), change_rms=math.sqrt(change2 / n),
@@ -259,7 +269,10 @@ def _sum_squares(values: np.ndarray) -> float:
 
 def _squared_error(out: np.ndarray, type_out: str, target: np.ndarray) -> float:
     """Sum of squared (stored - target) over finite stored weights (±inf is counted as saturation instead)."""
-    back = dequantize(out, type_out, target.shape[1])
+    return _squared_diff(dequantize(out, type_out, target.shape[1]), target)
+
+
+def _squared_diff(back: np.ndarray, target: np.ndarray) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
         diff = back - target
     if not np.isfinite(diff).all():

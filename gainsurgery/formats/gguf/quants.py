@@ -180,6 +180,14 @@ class Codec:
 
     def unpack(self, blocks: np.ndarray) -> tuple[Params, np.ndarray]:
         """(scales, levels ``(n, block)`` int32) of ``blocks`` (``(n, type_size)`` uint8)."""
+        return self.scales(blocks), self.levels_of(blocks)
+
+    def scales(self, blocks: np.ndarray) -> Params:
+        """The scales of ``blocks`` alone (cheap: the levels are not unpacked)."""
+        raise NotImplementedError
+
+    def levels_of(self, blocks: np.ndarray) -> np.ndarray:
+        """The levels ``(n, block)`` int32 of ``blocks``."""
         raise NotImplementedError
 
     def pack(self, params: Params, levels: np.ndarray) -> np.ndarray:
@@ -213,7 +221,7 @@ class Codec:
         lv = self.levels(x, params)
         out = self.pack(params, lv)
         if old is not None:
-            kept, _ = self.unpack(old)
+            kept = self.scales(old)
             lk = self.levels(x, kept)
             err_new = np.sum((self.values(params, lv) - x) ** 2, axis=1)
             err_old = np.sum((self.values(kept, lk) - x) ** 2, axis=1)
@@ -262,19 +270,20 @@ class _Simple32(Codec):
         base = 4 if self.has_min else 2
         return (base + 4, base) if self.high_bit else (base, -1)
 
-    def unpack(self, blocks: np.ndarray) -> tuple[Params, np.ndarray]:
+    def scales(self, blocks: np.ndarray) -> Params:
         d = _read_f16(blocks, 0)
         m = _read_f16(blocks, 2) if self.has_min else np.zeros_like(d)
+        return Params({"d": d, "m": m}, d[:, None], -m[:, None])
+
+    def levels_of(self, blocks: np.ndarray) -> np.ndarray:
         if self.name == "Q8_0":
-            levels = blocks[:, 2:34].view(np.int8).astype(np.int32)
-        else:
-            ql_at, qh_at = self._layout()
-            levels = _nibbles_split(blocks[:, ql_at:ql_at + 16], 16)
-            if qh_at >= 0:
-                qh = np.ascontiguousarray(blocks[:, qh_at:qh_at + 4]).view("<u4").reshape(-1, 1)
-                levels |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
-        fields = {"d": d, "m": m}
-        return Params(fields, d[:, None], -m[:, None]), levels
+            return blocks[:, 2:34].view(np.int8).astype(np.int32)
+        ql_at, qh_at = self._layout()
+        levels = _nibbles_split(blocks[:, ql_at:ql_at + 16], 16)
+        if qh_at >= 0:
+            qh = np.ascontiguousarray(blocks[:, qh_at:qh_at + 4]).view("<u4").reshape(-1, 1)
+            levels |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+        return levels
 
     def pack(self, params: Params, levels: np.ndarray) -> np.ndarray:
         parts = [_f16_bytes(params.fields["d"])]
@@ -293,7 +302,7 @@ class _Simple32(Codec):
         from gainsurgery.formats.gguf.library import gguf_module
 
         blocks = np.asarray(gguf_module().quants.quantize(x.astype(np.float32), _qtype(self.name)))
-        return self.unpack(blocks.reshape(x.shape[0], -1))[0]
+        return self.scales(blocks.reshape(x.shape[0], -1))
 
 
 def _affine_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
@@ -458,18 +467,20 @@ class _AffineK(Codec):
         return Params({"d": d, "dmin": dmin, "sc": sc, "mn": mn}, d[:, None] * sc.astype(np.float32),
                       dmin[:, None] * mn.astype(np.float32))
 
-    def unpack(self, blocks: np.ndarray) -> tuple[Params, np.ndarray]:
+    def scales(self, blocks: np.ndarray) -> Params:
         if self.name == "Q2_K":
             scales = blocks[:, 0:16]
-            levels = _bits2_split(blocks[:, 16:80])
             return self._params(_read_f16(blocks, 80), _read_f16(blocks, 82), (scales & 0x0F).astype(np.int32),
-                                (scales >> 4).astype(np.int32)), levels
+                                (scales >> 4).astype(np.int32))
         sc, mn = _unpack_6bit_pairs(blocks[:, 4:16])
+        return self._params(_read_f16(blocks, 0), _read_f16(blocks, 2), sc, mn)
+
+    def levels_of(self, blocks: np.ndarray) -> np.ndarray:
+        if self.name == "Q2_K":
+            return _bits2_split(blocks[:, 16:80])
         if self.name == "Q4_K":
-            levels = _nibbles_k_split(blocks[:, 16:144])
-        else:
-            levels = _nibbles_k_split(blocks[:, 48:176]) | (_bit_planes_split(blocks[:, 16:48]) << 4)
-        return self._params(_read_f16(blocks, 0), _read_f16(blocks, 2), sc, mn), levels
+            return _nibbles_k_split(blocks[:, 16:144])
+        return _nibbles_k_split(blocks[:, 48:176]) | (_bit_planes_split(blocks[:, 16:48]) << 4)
 
     def pack(self, params: Params, levels: np.ndarray) -> np.ndarray:
         f = params.fields
@@ -510,22 +521,24 @@ class _SymmetricK(Codec):
     def _params(self, d: np.ndarray, sc: np.ndarray) -> Params:
         return Params({"d": d, "sc": sc}, d[:, None] * sc.astype(np.float32), np.zeros(sc.shape, np.float32))
 
-    def unpack(self, blocks: np.ndarray) -> tuple[Params, np.ndarray]:
+    def scales(self, blocks: np.ndarray) -> Params:
         if self.name == "Q6_K":
-            n = blocks.shape[0]
-            ql, qh = blocks[:, 0:128], blocks[:, 128:192]
-            low = ((ql.reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F)
-            high = ((qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3)
-            levels = (low.reshape(n, 256).astype(np.int32) | (high.reshape(n, 256).astype(np.int32) << 4))
-            sc = blocks[:, 192:208].view(np.int8).astype(np.int32)
-            return self._params(_read_f16(blocks, 208), sc), levels
+            return self._params(_read_f16(blocks, 208), blocks[:, 192:208].view(np.int8).astype(np.int32))
         n = blocks.shape[0]
-        levels = _bits2_split(blocks[:, 32:96]) | (_bit_planes_split(blocks[:, 0:32]) << 2)
         raw = blocks[:, 96:108]
         low = ((raw[:, 0:8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F)
         high = ((raw[:, 8:12].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 3)
         sc = (low.reshape(n, 16).astype(np.int32) | (high.reshape(n, 16).astype(np.int32) << 4)) - 32
-        return self._params(_read_f16(blocks, 108), sc), levels
+        return self._params(_read_f16(blocks, 108), sc)
+
+    def levels_of(self, blocks: np.ndarray) -> np.ndarray:
+        n = blocks.shape[0]
+        if self.name == "Q6_K":
+            ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+            low = ((ql.reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F)
+            high = ((qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3)
+            return low.reshape(n, 256).astype(np.int32) | (high.reshape(n, 256).astype(np.int32) << 4)
+        return _bits2_split(blocks[:, 32:96]) | (_bit_planes_split(blocks[:, 0:32]) << 2)
 
     def pack(self, params: Params, levels: np.ndarray) -> np.ndarray:
         f = params.fields
@@ -630,7 +643,7 @@ def own_error(raw: np.ndarray, type_name: str) -> tuple[float, int] | None:
         return None
     _, size = _sizes(type_name)
     blocks = np.ascontiguousarray(raw).reshape(-1, size)
-    params, _ = codec.unpack(blocks)
+    params = codec.scales(blocks)
     step2 = (params.a.astype(np.float64) ** 2).sum() * codec.group
     return float(step2 / 12.0), blocks.shape[0] * codec.block
 
