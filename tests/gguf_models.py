@@ -46,7 +46,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(model, path: Path, types=MIXED, default: str = "F32", arch: str | None = None,
-               extra_kv: dict | None = None) -> Path:
+               extra_kv: dict | None = None, alignment: int | None = None) -> Path:
     """Write ``model`` as a GGUF file at ``path``; 2-D weights take the first type in ``types`` that matches."""
     import gguf
 
@@ -60,6 +60,8 @@ def write_gguf(model, path: Path, types=MIXED, default: str = "F32", arch: str |
     tmap = gguf.get_tensor_name_map(model_arch, layers)
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny {model_type}")
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(layers)

@@ -516,3 +516,37 @@ def test_the_demo_step_skips_a_base_without_a_gguf(tmp_path):
     assert _gguf_step(DemoConfig(workdir=tmp_path, model=str(tmp_path)), tmp_path / "g.safetensors", tmp_path,
                       said.append) is None
     assert said == ["[7/7] GGUF: skipped (the base is not an embedded model shipped as a GGUF)"]
+
+
+def test_alignment_and_version_2_bases(files, tmp_path):
+    """A base aligned to 64 bytes keeps its alignment; a version-2 base becomes a version-3 file."""
+    from gainsurgery.formats.gguf import open_gguf
+
+    g = save(gain(), tmp_path / "g.safetensors")
+    aligned = write_gguf(files["gqa_model"], tmp_path / "a64.gguf", alignment=64)
+    out = tmp_path / "a64-out.gguf"
+    apply(aligned, [g], out, verify=True)
+    with open_gguf(out) as o:
+        assert o.alignment == 64 and all(t.offset % 64 == 0 for t in o.tensors)
+    v2 = tmp_path / "v2.gguf"
+    raw = bytearray(Path(files["gqa"]).read_bytes())
+    raw[4:8] = (2).to_bytes(4, "little")
+    v2.write_bytes(bytes(raw))
+    out2 = tmp_path / "v2-out.gguf"
+    apply(v2, [g], out2, verify=True)
+    assert reader(out2).fields["GGUF.version"].parts[0][0] == 3
+    assert tensor_bytes(out2) == tensor_bytes(out)  # the same tensors, whatever the base's version and alignment
+
+
+def test_gains_that_leave_float16_are_refused_or_recorded(files, tmp_path):
+    """A gain of 1e8 takes folded block scales past float16: refused naming the tensor, or recorded if allowed."""
+    g = gain(o_proj=False)
+    g.vectors["model.layers.0.mlp.down_proj.weight"][:] = 1e8
+    path = save(g, tmp_path / "huge.safetensors")
+    with pytest.raises(PlanError, match=r"blk\.0\.ffn_up\.weight: .* became ±inf .*--allow-saturation"):
+        apply(files["gqa"], [path], tmp_path / "no.gguf")
+    assert not (tmp_path / "no.gguf").exists()
+    said = []
+    result = apply(files["gqa"], [path], tmp_path / "yes.gguf", allow_saturation=True, warn=said.append)
+    assert "blk.0.ffn_up.weight" in result.record["saturation_allowed"] and "ffn_up" in said[-1]
+    assert api.verify(str(files["gqa"]), [path], str(tmp_path / "yes.gguf")).ok

@@ -213,7 +213,8 @@ class Codec:
         """The weights the blocks hold, in the library's own float32 order of operations."""
         n = levels.shape[0]
         lg = (levels.reshape(n, -1, self.group) - self.zero).astype(np.float32)
-        return (params.a[..., None] * lg - params.c[..., None]).reshape(n, self.block)
+        with np.errstate(over="ignore", invalid="ignore"):  # a saturated (infinite) scale: the library's inf/nan
+            return (params.a[..., None] * lg - params.c[..., None]).reshape(n, self.block)
 
     def encode(self, x: np.ndarray, old: np.ndarray | None = None) -> np.ndarray:
         """Blocks for ``x``: fresh scales, or (per block, when closer) the ``old`` blocks' own scales."""
