@@ -23,16 +23,10 @@ from pathlib import Path
 import pytest
 
 from gainsurgery.errors import GainFileError, OutputError
-from gainsurgery.io import outputs
-from gainsurgery.io.outputs import (
-    atomic_file,
-    check_output,
-    claim_folder,
-    clean_leftovers,
-    rename_exchange,
-    rename_noreplace,
-    write_file,
-)
+from gainsurgery.io import atomic, checks, claims, locks
+from gainsurgery.io.atomic import atomic_file, rename_exchange, rename_noreplace, write_file
+from gainsurgery.io.checks import check_output
+from gainsurgery.io.claims import claim_folder, clean_leftovers
 
 SAFETY_S = 120  # only so a regression cannot hang the suite
 
@@ -310,7 +304,7 @@ def test_rename_noreplace_fallback(tmp_path, monkeypatch):
     def refuse(src, dst, flags):
         raise OSError(errno.EINVAL, "not supported by this filesystem")
 
-    monkeypatch.setattr(outputs, "renameat2", refuse)
+    monkeypatch.setattr(atomic, "renameat2", refuse)
     a = tmp_path / "a"
     a.mkdir()
     (tmp_path / "b").mkdir()
@@ -324,14 +318,14 @@ def test_rename_noreplace_fallback(tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
 def test_renameat2_through_the_raw_syscall(tmp_path, monkeypatch):
     import platform
-    if platform.machine().lower() not in outputs._SYS_RENAMEAT2:
+    if platform.machine().lower() not in atomic._SYS_RENAMEAT2:
         pytest.skip(f"no known renameat2 syscall number for {platform.machine()}")
-    real = outputs._libc()
+    real = atomic._libc()
 
     class NoWrapper:  # a libc without the renameat2 wrapper (glibc < 2.28)
         syscall = real.syscall
 
-    monkeypatch.setattr(outputs, "_libc", lambda: NoWrapper())
+    monkeypatch.setattr(atomic, "_libc", lambda: NoWrapper())
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -341,14 +335,14 @@ def test_renameat2_through_the_raw_syscall(tmp_path, monkeypatch):
     assert rename_exchange(a, b) is True
     assert (b / "x").read_text() == "a"
     with pytest.raises(OSError) as e:
-        outputs.renameat2(tmp_path / "missing", tmp_path / "c", outputs.RENAME_NOREPLACE)
+        atomic.renameat2(tmp_path / "missing", tmp_path / "c", atomic.RENAME_NOREPLACE)
     assert e.value.errno == errno.ENOENT
 
 
 def test_no_renameat2_at_all_falls_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "_libc", lambda: None)  # not Linux, or no libc to load
+    monkeypatch.setattr(atomic, "_libc", lambda: None)  # not Linux, or no libc to load
     with pytest.raises(OSError) as e:
-        outputs.renameat2(tmp_path, tmp_path / "x", outputs.RENAME_NOREPLACE)
+        atomic.renameat2(tmp_path, tmp_path / "x", atomic.RENAME_NOREPLACE)
     assert e.value.errno == errno.ENOSYS
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -398,7 +392,7 @@ def test_claim_discarded_on_error(ws):
 def test_out_created_by_someone_else_meanwhile_is_kept(ws, monkeypatch):
     for fallback in (False, True):
         if fallback:
-            monkeypatch.setattr(outputs, "renameat2", _einval)
+            monkeypatch.setattr(atomic, "renameat2", _einval)
         with claim_folder("merged") as claim:
             (claim.tmp / "ours").write_text("ours")
             (ws / "merged").mkdir()
@@ -430,10 +424,10 @@ def _einval(src, dst, flags):
 @pytest.mark.parametrize("fallback", [False, True])
 def test_overwrite_replaces_and_cleans(ws, monkeypatch, fallback):
     calls = []
-    real = outputs.rename_exchange
-    monkeypatch.setattr(outputs, "rename_exchange", lambda a, b: calls.append(1) or real(a, b))
+    real = claims.rename_exchange
+    monkeypatch.setattr(claims, "rename_exchange", lambda a, b: calls.append(1) or real(a, b))
     if fallback:
-        monkeypatch.setattr(outputs, "renameat2", _einval)
+        monkeypatch.setattr(atomic, "renameat2", _einval)
     (ws / "merged").mkdir()
     (ws / "merged" / "old").write_text("old")
     with claim_folder("merged", overwrite=True) as claim:
@@ -487,24 +481,24 @@ def test_second_claim_in_process_sees_the_lock(ws):
 
 def test_lock_output_excludes_a_second_holder_and_a_folder_claim(ws):
     """A file output held for a run (a trained gain file, a log) uses the folder claim's lock."""
-    with outputs.lock_output("g.safetensors", what="-o") as target:
+    with locks.lock_output("g.safetensors", what="-o") as target:
         assert target == ws / "g.safetensors" and (ws / ".g.safetensors.gainsurgery.lock").is_file()
         with pytest.raises(OutputError) as e:
-            with outputs.lock_output("g.safetensors", what="-o"):
+            with locks.lock_output("g.safetensors", what="-o"):
                 pass
         assert one_line(e) == ("-o g.safetensors is being written by another gainsurgery run (it holds "
                                ".g.safetensors.gainsurgery.lock); wait for it to finish or choose another -o")
         assert (ws / "g.safetensors").read_bytes() == b"gain"  # nothing written by holding it
-    with outputs.lock_output("fresh"):
+    with locks.lock_output("fresh"):
         with pytest.raises(OutputError, match="being written by another gainsurgery run"):
             claim_folder("fresh")
     assert not (ws / ".g.safetensors.gainsurgery.lock").exists()  # gone with its holder
-    with outputs.lock_output("g.safetensors"):
+    with locks.lock_output("g.safetensors"):
         pass
 
 
 def test_check_apart_refuses_outputs_that_overlap(ws):
-    outputs.check_apart([("-o", "g.safetensors"), ("the log", "g.train.jsonl"), ("--checkpoint-dir", None)])
+    checks.check_apart([("-o", "g.safetensors"), ("the log", "g.train.jsonl"), ("--checkpoint-dir", None)])
     cases = [
         ([("-o", "out"), ("--checkpoint-dir", "./out/")], "--checkpoint-dir ./out/ is also -o"),
         ([("-o", "out/g.safetensors"), ("--checkpoint-dir", "out")],
@@ -514,7 +508,7 @@ def test_check_apart_refuses_outputs_that_overlap(ws):
     (ws / "x").mkdir()
     for pairs, message in cases:
         with pytest.raises(OutputError) as e:
-            outputs.check_apart(pairs)
+            checks.check_apart(pairs)
         assert one_line(e) == message + "; give each output its own path"
 
 
@@ -560,7 +554,7 @@ WORKER = r'''
 import json, os, sys, time
 from pathlib import Path
 from gainsurgery.errors import GainSurgeryError
-from gainsurgery.io import outputs
+from gainsurgery.io import atomic, claims
 
 a = json.loads(sys.argv[1])
 status = Path(a["status"])
@@ -586,22 +580,22 @@ if "start" in a:
 try:
     if mode == "overwrite-many":
         for k in range(a["n"]):
-            with outputs.claim_folder(a["out"], overwrite=True) as c:
+            with claims.claim_folder(a["out"], overwrite=True) as c:
                 (c.tmp / f"id-{k}").write_text(str(k))
                 c.publish()
         say("done")
         sys.exit(0)
-    claim = outputs.claim_folder(a["out"], overwrite=a.get("overwrite", False))
+    claim = claims.claim_folder(a["out"], overwrite=a.get("overwrite", False))
     (claim.tmp / "id").write_text(a["id"])
     if mode == "try":
         say("claimed " + json.dumps(sorted(os.listdir(claim.out.parent))) + f" pid={os.getpid()}")
         claim.discard()
         sys.exit(0)
     if mode == "kill-after-exchange":
-        outputs.shutil.rmtree = lambda *x, **k: (say("exchanged"), hang())
+        claims.remove_tree = lambda *x, **k: (say("exchanged"), hang())
     if mode == "kill-in-fallback":
-        outputs.renameat2 = lambda *x: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
-        outputs.rename_noreplace = lambda *x: (say("aside"), hang())
+        atomic.renameat2 = lambda *x: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
+        claims.rename_noreplace = lambda *x: (say("aside"), hang())
     say(f"claimed {claim.tmp.name} pid={os.getpid()}")
     if "go" in a:
         wait_file(a["go"])
@@ -834,7 +828,7 @@ MOUNT_SCRIPT = r'''
 import os, subprocess, sys, json
 from pathlib import Path
 from gainsurgery.errors import OutputError
-from gainsurgery.io import outputs
+from gainsurgery.io import claims, mounts
 ws = Path(sys.argv[1])
 os.chdir(ws)
 (ws / "merged" / "cache").mkdir(parents=True)
@@ -842,12 +836,12 @@ subprocess.run(["mount", "-t", "tmpfs", "none", str(ws / "merged" / "cache")], c
 (ws / "merged" / "cache" / "precious").write_text("mounted data")
 out = {}
 try:
-    outputs.claim_folder("merged", overwrite=True)
+    claims.claim_folder("merged", overwrite=True)
     out["claim"] = "claimed"
 except OutputError as e:
     out["claim"] = str(e)
 try:
-    outputs.remove_tree(ws / "merged")
+    mounts.remove_tree(ws / "merged")
     out["remove"] = "removed"
 except OSError as e:
     out["remove"] = f"{e.strerror}: {e.filename}"

@@ -542,7 +542,8 @@ def test_checkpoint_folder_output_and_log_are_kept_apart(lm, tmp_path, cli):
 
 def test_two_runs_into_one_output_or_log_the_second_fails_at_once(lm, tmp_path, cli):
     """A run holds -o (gain file or folder), its log and its checkpoint folder for its whole life."""
-    from gainsurgery.io.outputs import claim_folder, lock_output
+    from gainsurgery.io.claims import claim_folder
+    from gainsurgery.io.locks import lock_output
 
     base, data = lm
     (tmp_path / "g.safetensors").write_bytes(b"the first run's result")
@@ -568,7 +569,7 @@ def test_two_runs_into_one_output_or_log_the_second_fails_at_once(lm, tmp_path, 
 def test_when_the_main_process_cannot_claim_its_outputs_every_process_stops_in_one_line(lm, tmp_path):
     """2 processes, -o held by another run: rank 0 fails to claim it and tells rank 1, which stops with
     the same message instead of dying in the next collective on a closed connection."""
-    from gainsurgery.io.outputs import lock_output
+    from gainsurgery.io.locks import lock_output
 
     base, data = lm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -50,9 +50,9 @@ from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryErro
 from gainsurgery.gainfile import BASE_TENSORS_KEY, GainFile, check_values, first_line, natural_key
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.inputs import open_input, resolve_input, show_path
-from gainsurgery.io.outputs import claim_folder
 from gainsurgery.io.safetensors import parse_header
 from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
@@ -324,7 +324,7 @@ def export_peft(
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``;
     ``PeftModel.from_pretrained(model, adapter_dir)`` on BASE then computes what the
     gain applied to BASE computes. It is claimed and published with
-    :func:`gainsurgery.io.outputs.claim_folder`: never BASE or a folder around an
+    :func:`gainsurgery.io.claims.claim_folder`: never BASE or a folder around an
     input (``--overwrite`` cannot delete the base), appears whole or not at all.
 
     Args:

@@ -18,7 +18,7 @@ its own under ``$TMPDIR`` (or ``--work-dir``), which other users may share:
   and opened with :func:`open_private` (``O_EXCL`` / ``O_NOFOLLOW``, mode ``0600``):
   nobody else can create or swap anything in a ``0700`` folder of ours, and a link
   is never followed even so. (The folder itself is an output the caller checks with
-  :func:`gainsurgery.io.outputs.check_output` before claiming it.)
+  :func:`gainsurgery.io.checks.check_output` before claiming it.)
 
 Example:
     >>> with WorkFolder.claim(Path("/tmp"), "gainsurgery-push-1a2b") as work:  # doctest: +SKIP
@@ -40,7 +40,7 @@ from typing import Any
 
 from gainsurgery.errors import GainSurgeryError, OutputError
 from gainsurgery.io.inputs import show_path
-from gainsurgery.io.outputs import remove_tree
+from gainsurgery.io.mounts import remove_tree
 
 LOCK_NAME = ".lock"
 STATE_NAME = "state.json"

@@ -1,7 +1,7 @@
 """Streaming a plan into a folder in constant memory.
 
 :func:`execute` writes every shard of the base into a folder (the temp folder of
-a claimed OUT, see :func:`gainsurgery.io.outputs.claim_folder`): bytes no gain
+a claimed OUT, see :func:`gainsurgery.io.claims.claim_folder`): bytes no gain
 touches are copied by the kernel (``copy_file_range``); target tensors are read,
 scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks while
 a writer thread keeps file order, and a hasher thread records each shard's

@@ -51,8 +51,9 @@ from typing import Any, Mapping, Sequence
 
 from gainsurgery.errors import TrainingError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import fsync_dir, fsync_tree
 from gainsurgery.io.inputs import allowed_roots, open_input, resolve_input, show_path
-from gainsurgery.io.outputs import fsync_dir, fsync_tree, remove_tree
+from gainsurgery.io.mounts import remove_tree
 from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.train-state/1"
