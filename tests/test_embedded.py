@@ -72,8 +72,7 @@ def test_missing_weights_package_names_the_pip_install(monkeypatch, tmp_path):
         resolve_embedded(NAME, cache_dir=tmp_path)
     # A failed conversion leaves nothing behind that looks complete.
     folder = tmp_path / "embedded"
-    assert not (folder / NAME).exists()
-    assert not list(folder.glob(f".{NAME}.tmp-*"))
+    assert list(folder.iterdir()) == []  # no folder, temp, claim or lock
 
 
 def _fake_convert(calls: list):
@@ -89,16 +88,21 @@ def test_publish_is_atomic_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "_convert", _fake_convert(calls))
     parent = tmp_path / "embedded"
     parent.mkdir()
-    # Leftovers of a killed conversion and a half-written final folder.
+    # Leftovers of killed conversions (one before claims, one claimed) and a half-written final folder.
     (parent / f".{NAME}.tmp-dead").mkdir()
+    killed = ("import os, sys; from gainsurgery.io.claims import claim_folder; "
+              "c = claim_folder(sys.argv[1], overwrite=True); (c.tmp / 'config.json').write_text('half'); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", killed, str(parent / NAME)]).returncode == 9
+    assert len(list(parent.glob(f".{NAME}.gainsurgery-*.tmp"))) == 1
     (parent / NAME).mkdir()
     (parent / NAME / "config.json").write_text("{}")
 
     folder = resolve_embedded(NAME, cache_dir=tmp_path)
     assert folder == parent / NAME
     assert (folder / MARKER_NAME).is_file()
-    assert len(calls) == 1 and calls[0].parent == parent and calls[0].name.startswith(f".{NAME}.tmp-")
-    assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, f".{NAME}.lock"])
+    assert len(calls) == 1 and calls[0].parent == parent
+    assert calls[0].name.startswith(f".{NAME}.gainsurgery-") and calls[0].name.endswith(".tmp")
+    assert sorted(p.name for p in parent.iterdir()) == [NAME]
 
     assert resolve_embedded(NAME, cache_dir=tmp_path) == folder
     assert len(calls) == 1  # cache hit: no second conversion
@@ -169,7 +173,7 @@ def test_conversion_layout(converted):
     assert config["num_hidden_layers"] == 18
     assert (folder / "generation_config.json").is_file()
     assert (folder / "tokenizer.json").is_file()
-    assert not list(folder.parent.glob(f".{NAME}.tmp-*"))
+    assert not list(folder.parent.glob(f".{NAME}.*"))  # no temp, claim or lock left
 
 
 @pytest.mark.slow
@@ -179,7 +183,7 @@ def test_cache_hit_returns_the_folder_without_converting(converted, monkeypatch)
     marker = folder / MARKER_NAME
     before = marker.stat().st_mtime_ns
     monkeypatch.setattr(embedded, "_convert", lambda *a: pytest.fail("converted twice"))
-    monkeypatch.setattr(embedded, "exclusive_lock", lambda *a: pytest.fail("took the conversion lock"))
+    monkeypatch.setattr(embedded, "claim_folder", lambda *a, **k: pytest.fail("took the conversion lock"))
     assert resolve_embedded(NAME, cache_dir=cache) == folder
     assert marker.stat().st_mtime_ns == before
 

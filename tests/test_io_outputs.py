@@ -27,6 +27,7 @@ from gainsurgery.io import atomic, checks, claims, locks
 from gainsurgery.io.atomic import atomic_file, rename_exchange, rename_noreplace, write_file
 from gainsurgery.io.checks import check_output
 from gainsurgery.io.claims import claim_folder, clean_leftovers
+from gainsurgery.io.pausepoints import ENV_FILE, ENV_STEP
 
 SAFETY_S = 120  # only so a regression cannot hang the suite
 
@@ -591,11 +592,8 @@ try:
         say("claimed " + json.dumps(sorted(os.listdir(claim.out.parent))) + f" pid={os.getpid()}")
         claim.discard()
         sys.exit(0)
-    if mode == "kill-after-exchange":
-        claims.remove_tree = lambda *x, **k: (say("exchanged"), hang())
-    if mode == "kill-in-fallback":
+    if a.get("fallback"):  # a filesystem that refuses renameat2's flags
         atomic.renameat2 = lambda *x: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
-        claims.rename_noreplace = lambda *x: (say("aside"), hang())
     say(f"claimed {claim.tmp.name} pid={os.getpid()}")
     if "go" in a:
         wait_file(a["go"])
@@ -610,13 +608,26 @@ except GainSurgeryError as e:
 
 
 class Worker:
-    """A real process running WORKER; it reports one line at a time in a status file."""
+    """A real process running WORKER; it reports one line at a time in a status file.
 
-    def __init__(self, tmp: Path, name: str, prefix: list[str] | None = None, **args):
+    ``pause``: a step (gainsurgery.io.pausepoints) where it waits; see :meth:`wait_paused`.
+    """
+
+    def __init__(self, tmp: Path, name: str, prefix: list[str] | None = None, pause: str | None = None, **args):
         self.status = tmp / f"status-{name}"
+        self.flag = tmp / f"paused-{name}"
         args = {"status": str(self.status), "id": name, **args}
+        env = {**os.environ, ENV_STEP: pause, ENV_FILE: str(self.flag)} if pause else None
         self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-c", WORKER, json.dumps(args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def wait_paused(self) -> None:
+        deadline = time.monotonic() + SAFETY_S
+        while not self.flag.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, "the worker never reached its pause step"
+            time.sleep(0.005)
 
     def wait_status(self, prefix: str = "") -> str:
         deadline = time.monotonic() + SAFETY_S
@@ -748,9 +759,9 @@ def test_overwrite_observed_old_or_new_at_every_instant(ws, tmp_path):
 def test_kill_between_exchange_and_delete_next_run_cleans(ws, tmp_path):
     (ws / "merged").mkdir()
     (ws / "merged" / "id").write_text("old")
-    w = Worker(tmp_path, "new", mode="kill-after-exchange", out="merged", cwd=str(ws), overwrite=True)
+    w = Worker(tmp_path, "new", pause="claim.swapped", mode="race", out="merged", cwd=str(ws), overwrite=True)
     tmp_name = w.wait_status("claimed").split()[1]
-    w.wait_status("exchanged")
+    w.wait_paused()
     assert (ws / "merged" / "id").read_text() == "new"       # OUT is already the new folder
     assert (ws / tmp_name / "id").read_text() == "old"       # the old one waits at our marked name
     assert w.kill9() == -signal.SIGKILL
@@ -765,9 +776,10 @@ def test_kill_between_exchange_and_delete_next_run_cleans(ws, tmp_path):
 def test_kill_inside_fallback_overwrite_next_run_restores_old(ws, tmp_path):
     (ws / "merged").mkdir()
     (ws / "merged" / "id").write_text("old")
-    w = Worker(tmp_path, "new", mode="kill-in-fallback", out="merged", cwd=str(ws), overwrite=True)
+    w = Worker(tmp_path, "new", pause="claim.aside", fallback=True, mode="race", out="merged", cwd=str(ws),
+               overwrite=True)
     tmp_name = w.wait_status("claimed").split()[1]
-    w.wait_status("aside")
+    w.wait_paused()
     assert w.kill9() == -signal.SIGKILL
     old_name = tmp_name[: -len(".tmp")] + ".old"
     assert not (ws / "merged").exists()                      # the one window the fallback has...
@@ -775,6 +787,30 @@ def test_kill_inside_fallback_overwrite_next_run_restores_old(ws, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         claim_folder("merged")                               # ...which the next run repairs first
     assert snapshot(ws / "merged") == {"id": b"old"}
+    assert names(ws) == ["base", "g.safetensors", "merged"]
+
+
+@pytest.mark.parametrize("step", ["claim.publishing", "claim.aside", "claim.swapped", "claim.old-half-deleted",
+                                  "claim.published", "claim.unmarked"])
+def test_kill_9_at_each_step_of_the_fallback_overwrite(ws, tmp_path, step):
+    """Where renameat2's flags are refused: after a kill at any step OUT is old or new, or (only between
+    the fallback's two renames) missing until the next run, which puts the old one back; nothing stays."""
+    (ws / "merged").mkdir()
+    for k in range(3):
+        (ws / "merged" / f"old-{k}").write_text("old")
+    old = snapshot(ws / "merged")
+    w = Worker(tmp_path, "new", pause=step, fallback=True, mode="race", out="merged", cwd=str(ws), overwrite=True)
+    w.wait_paused()
+    assert w.kill9() == -signal.SIGKILL
+    if step == "claim.publishing":
+        assert snapshot(ws / "merged") == old
+    elif step == "claim.aside":
+        assert not (ws / "merged").exists()
+    else:
+        assert snapshot(ws / "merged") == {"id": b"new"}
+    with pytest.raises(OutputError, match="already exists"):
+        claim_folder("merged")  # removes the proven leftovers first
+    assert snapshot(ws / "merged") == (old if step in ("claim.publishing", "claim.aside") else {"id": b"new"})
     assert names(ws) == ["base", "g.safetensors", "merged"]
 
 

@@ -412,6 +412,27 @@ def test_resume_after_a_kill_trims_the_log_and_clears_temporaries(lm, tmp_path):
     assert not list((tmp_path / "g.checkpoints").glob(".step-*.tmp"))
 
 
+def test_a_run_killed_while_saving_a_checkpoint_leaves_nothing_half_made(lm, tmp_path, tmp_path_factory):
+    """kill -9 with step 3's checkpoint half made (its claim and temp exist): no step folder appears, and
+    the next run on the folder removes what the killed one left (proved by its claim)."""
+    import signal
+
+    from pausing import PausedRun
+
+    base, data = lm
+    ck = tmp_path / "g.checkpoints"
+    args = ["train", base, "--data", data, *COMMON, "-o", tmp_path / "g.safetensors", "--save-every", "3",
+            "--checkpoint-dir", ck]
+    paused = PausedRun(args, "claim.temp-made", tmp_path_factory.mktemp("flags")).wait_paused()
+    assert paused.kill() == -signal.SIGKILL
+    left = sorted(p.name for p in ck.iterdir() if p.name.startswith(".step-00000003"))
+    assert sorted(n.rsplit(".", 1)[-1] for n in left) == ["claim", "lock", "tmp"], left
+    assert not list(ck.glob("step-*"))
+    # A run that saves other steps: the folder's lock, not step 3's claim, is what cleans up.
+    api_train(base, data, tmp_path / "g.safetensors", save_every=2, checkpoint_dir=str(ck))
+    assert sorted(p.name for p in ck.iterdir()) == [".lock", "step-00000002", "step-00000004"]
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no double close of its lock
 def test_one_run_at_a_time_per_checkpoint_folder(lm, tmp_path):
     from gainsurgery.errors import TrainingError

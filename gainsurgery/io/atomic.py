@@ -227,7 +227,7 @@ def fsync_tree(folder: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def _written_whole(target: Path, mode: int, cannot_create: Callable[[OSError], BaseException]) -> Iterator[BinaryIO]:
-    """Yield a temp sibling of ``target``; once the block ends, fsync it, rename it over ``target``, fsync the folder."""
+    """Yield a temp sibling of ``target``; after the block: fsync it, rename it over ``target``, fsync the folder."""
     tmp = target.parent / f".{sibling_stem(target.name)}.{TAG}-{secrets.token_hex(16)}.part"
     try:
         fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
