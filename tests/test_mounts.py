@@ -73,10 +73,21 @@ elif scenario == "identity":
     from gainsurgery.io import mounts
     target = work / "merged" / "mnt"
     bind(target)
+    fd = os.open(target, os.O_RDONLY)
+    said["mnt_id"] = mounts._identity(fd).mnt_id is not None  # this kernel gives mount ids (Linux 5.8+)
+    os.close(fd)
     said["ismount"] = os.path.ismount(target)
     said["same_dev"] = os.stat(target).st_dev == os.stat(target.parent).st_dev
     said["statx"] = mounts.is_mount_point(target)
     said["inside"] = str(mounts.mount_inside(work / "merged"))
+    import ctypes, platform
+    machine = platform.machine().lower()
+    if machine in mounts._SYS_STATX:  # a libc without the statx wrapper: the raw syscall
+        mounts._statx_fn[:] = [mounts._raw_statx(ctypes.CDLL(None, use_errno=True), mounts._SYS_STATX[machine])]
+        fd = os.open(target, os.O_RDONLY)
+        said["syscall"] = (mounts._identity(fd).mnt_id is not None and mounts.is_mount_point(target)
+                           and not mounts.is_mount_point(work / "merged"))
+        os.close(fd)
     mounts._statx_fn[:] = [None]  # a kernel without statx: /proc/self/mountinfo
     said["mountinfo"] = mounts.is_mount_point(target)
     said["mountinfo_inside"] = str(mounts.mount_inside(work / "merged"))
@@ -133,6 +144,8 @@ def test_mount_identity_sees_a_bind_mount_that_st_dev_and_ismount_miss(world):
     work = world[2].resolve()
     assert got["same_dev"] is True and got["ismount"] is False  # why mount identity is needed
     assert got["statx"] is True and got["mountinfo"] is True and got["plain_folder"] is False
+    if got["mnt_id"] and "syscall" in got:  # Linux 5.8+: the raw syscall gives mount ids as libc's wrapper does
+        assert got["syscall"] is True
     assert got["inside"] == got["mountinfo_inside"] == str(work / "merged" / "mnt")
     assert got["remove"] == f"holds a mount point; not deleted: {work / 'merged' / 'mnt'}"
     shared_intact(world[2])

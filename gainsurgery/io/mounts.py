@@ -80,24 +80,31 @@ def _statx_call():  # noqa: ANN202 - a ctypes function, or None
     """libc's statx, or a caller of the raw syscall; None where there is neither."""
     if not _statx_fn:
         fn = None
+        libc = None
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
             except OSError:
                 libc = None
-            if libc is not None and getattr(libc, "statx", None) is not None:
-                fn = libc.statx
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
-                fn.restype = ctypes.c_int
-            elif libc is not None and platform.machine().lower() in _SYS_STATX:
-                nr = _SYS_STATX[platform.machine().lower()]
-                libc.syscall.restype = ctypes.c_long
-
-                def fn(dirfd, path, flags, mask, buf):  # noqa: ANN001, ANN202
-                    return libc.syscall(ctypes.c_long(nr), ctypes.c_int(dirfd), ctypes.c_char_p(path),
-                                        ctypes.c_int(flags), ctypes.c_uint(mask), buf)
+        if libc is not None and getattr(libc, "statx", None) is not None:
+            fn = libc.statx
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+            fn.restype = ctypes.c_int
+        elif libc is not None and platform.machine().lower() in _SYS_STATX:
+            fn = _raw_statx(libc, _SYS_STATX[platform.machine().lower()])
         _statx_fn.append(fn)
     return _statx_fn[0]
+
+
+def _raw_statx(libc: ctypes.CDLL, nr: int):  # noqa: ANN202 - a function like libc's statx
+    """statx through ``syscall(nr, ...)``, for a libc without the wrapper (glibc < 2.28)."""
+    libc.syscall.restype = ctypes.c_long
+
+    def statx(dirfd: int, path: bytes, flags: int, mask: int, buf) -> int:  # noqa: ANN001
+        return libc.syscall(ctypes.c_long(nr), ctypes.c_int(dirfd), ctypes.c_char_p(path), ctypes.c_int(flags),
+                            ctypes.c_uint(mask), buf)
+
+    return statx
 
 
 @dataclass(frozen=True)
