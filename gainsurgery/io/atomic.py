@@ -96,6 +96,17 @@ def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o666, *
         raise
 
 
+def open_folder_nofollow(path: str | os.PathLike[str]) -> int:
+    """Open the folder ``path`` itself, never through a link (ELOOP or ENOTDIR for one); return the descriptor.
+
+    For ``*at`` calls inside a folder someone could swap for a link after it was checked.
+
+    Example:
+        >>> dir_fd = open_folder_nofollow("legal.checkpoints")  # doctest: +SKIP
+    """
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
+
+
 def create_file(path: str | os.PathLike[str], *, mode: int = 0o666, replace: bool = False,
                 read: bool = False) -> BinaryIO:
     """Create a file inside a folder this run holds (a claimed temp); never through a link.
@@ -214,7 +225,7 @@ def fsync_tree(folder: str | os.PathLike[str]) -> None:
         for name in files:
             p = os.path.join(here, name)
             if stat.S_ISREG(os.lstat(p).st_mode):
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC)
+                fd = open_nofollow(p, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:

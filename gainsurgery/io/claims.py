@@ -56,7 +56,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -72,7 +71,7 @@ from gainsurgery.io.atomic import (TAG, fsync_dir, fsync_tree, open_nofollow, re
 from gainsurgery.io.checks import check_output, output_path
 from gainsurgery.io.inputs import show_path
 from gainsurgery.io.jsonsafe import loads
-from gainsurgery.io.locks import lock_file, output_lock_path, release_output_lock, take_output_lock
+from gainsurgery.io.locks import lock_file, output_lock_path, release_output_lock, take_output_lock, try_lock
 from gainsurgery.io.mounts import MountPointError, mount_inside, remove_tree
 from gainsurgery.io.pausepoints import pause_point
 
@@ -191,9 +190,7 @@ def _clean(parent: Path, stem: str | None, name: str | None) -> list[str]:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(fd):
                 continue  # its run is alive
             content = read_claim(fd) if st.st_size else None
             out_name = content.get("out") if content is not None else None
@@ -321,7 +318,7 @@ class FolderClaim:
         # marker is written and locked under its temp name, then renamed into place whole.
         fd = open_nofollow(self._marker_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._marker_fd = fd
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try_lock(fd)  # a new file of ours, with a name nobody can guess: free
         pause_point("claim.marker-created")
         marker = {"format": _CLAIM_FORMAT, "out": self.out.name, "token": self.token,
                   # For a person reading a leftover; never used to judge staleness.

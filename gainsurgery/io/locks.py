@@ -61,9 +61,7 @@ def lock_file(path: str | os.PathLike[str], *, shared: bool = False, wait: bool 
     try:
         if not _is_regular(fd):
             raise NotAPlainFile(errno.EINVAL, "not a plain file", os.fspath(path))
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        if not try_lock(fd, shared=shared, wait=wait):
             os.close(fd)
             return None
         return fd
@@ -71,6 +69,20 @@ def lock_file(path: str | os.PathLike[str], *, shared: bool = False, wait: bool 
         with contextlib.suppress(OSError):
             os.close(fd)
         raise
+
+
+def try_lock(fd: int, *, shared: bool = False, wait: bool = False) -> bool:
+    """``flock`` the open file ``fd``; False when another holder has it and ``wait`` is false.
+
+    Example:
+        >>> try_lock(marker_fd)  # doctest: +SKIP
+        True
+    """
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _is_regular(fd: int) -> bool:

@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 
 from gainsurgery.errors import TrainingError
 from gainsurgery.io import jsonsafe
-from gainsurgery.io.atomic import create_file
+from gainsurgery.io.atomic import create_file, open_folder_nofollow
 from gainsurgery.io.claims import claim_folder, clean_leftovers_in
 from gainsurgery.io.inputs import allowed_roots, open_input, resolve_input, show_path
 from gainsurgery.io.locks import NotAPlainFile, lock_file
@@ -154,8 +154,7 @@ class CheckpointLock:
         try:
             self.folder.mkdir(exist_ok=True)  # its parent exists: checked with the other outputs
             # The folder itself, never through a link (one may have been planted since the check).
-            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | getattr(os, "O_CLOEXEC", 0))
+            dir_fd = open_folder_nofollow(self.folder)
         except OSError as e:
             raise TrainingError(f"--checkpoint-dir {shown} cannot be used ({e.strerror}); it must be a real "
                                 "folder, not a link") from None
