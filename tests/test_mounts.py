@@ -49,6 +49,10 @@ if scenario == "overwrite-refused":
     bind(work / "merged" / "mnt")
     res = run("apply", base, gain, work / "merged", "--overwrite")
     said = {"code": res.returncode, "stderr": res.stderr}
+elif scenario == "out-is-a-mount":
+    bind(work / "merged")
+    res = run("apply", base, gain, work / "merged", "--overwrite")
+    said = {"code": res.returncode, "stderr": res.stderr}
 elif scenario == "appears-in-old-out":
     paused = PausedRun(["apply", base, gain, work / "merged", "--overwrite"], "claim.publishing", flags).wait_paused()
     bind(work / "merged" / "mnt")
@@ -162,6 +166,17 @@ def test_overwrite_of_an_out_holding_a_bind_mount_is_refused_and_deletes_nothing
             "delete what is mounted there; unmount it or choose another OUT")
     shared_intact(work)
     assert tree(work) == before  # OUT, shared/ and no leftovers
+
+
+def test_an_out_that_is_itself_a_bind_mount_is_never_replaced(world):
+    base, gain, work = world
+    before = tree(work)
+    got = inside("out-is-a-mount", base, gain, work)
+    refused(subprocess.CompletedProcess([], got["code"], "", got["stderr"]),
+            f"OUT {work / 'merged'} is a mount point (a filesystem root), which is never replaced; name a new "
+            "folder inside it")
+    shared_intact(work)
+    assert tree(work) == before
 
 
 def test_a_mount_that_appears_in_the_old_out_mid_run_is_left_and_said(world):
