@@ -112,6 +112,55 @@ def test_publish_is_atomic_and_cached(monkeypatch, tmp_path):
     assert len(calls) == 1
 
 
+CONVERTER = r"""
+import json, os, sys, time
+from pathlib import Path
+from gainsurgery.sources import embedded
+cache, log, gate = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+def convert(model, out):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not gate.exists():  # the test opens the gate once a second process waits
+        time.sleep(0.01)
+    (out / "config.json").write_text("{}")
+    (out / embedded.MARKER_NAME).write_text(json.dumps({"conversion_version": embedded.CONVERSION_VERSION}))
+
+embedded._convert = convert
+print(embedded.resolve_embedded(sys.argv[4], cache_dir=cache))
+"""
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def test_two_processes_convert_once_and_the_second_waits_for_the_first(tmp_path):
+    import time
+
+    log, gate = tmp_path / "calls", tmp_path / "gate"
+    cmd = [sys.executable, "-c", CONVERTER, str(tmp_path / "cache"), str(log), str(gate), NAME]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not log.exists():  # the first one is converting (it holds the claim)
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    lock = tmp_path / "cache" / "embedded" / f".{NAME}.gainsurgery.lock"
+    while not _holds_open(second.pid, lock):  # it opened the claim's lock file and waits on it
+        assert second.poll() is None and time.monotonic() < deadline, "the second process did not wait"
+        time.sleep(0.01)
+    gate.touch()
+    outs = [p.communicate(timeout=120)[0].strip() for p in (first, second)]
+    folder = tmp_path / "cache" / "embedded" / NAME
+    assert outs == [str(folder)] * 2 and [p.returncode for p in (first, second)] == [0, 0]
+    assert len(log.read_text().splitlines()) == 1  # converted once
+    assert sorted(p.name for p in folder.parent.iterdir()) == [NAME]
+
+
 def test_outdated_marker_triggers_reconversion(monkeypatch, tmp_path):
     calls: list[Path] = []
     monkeypatch.setattr(embedded, "_convert", _fake_convert(calls))
