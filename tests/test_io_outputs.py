@@ -911,3 +911,29 @@ def test_parent_that_is_a_file(ws):
     with pytest.raises(OutputError) as e:
         check_output("g.safetensors/out", kind="folder")
     assert one_line(e) == f"the path that should hold OUT is not a folder: {ws.resolve() / 'g.safetensors'}"
+
+
+# -- remove_tree: the one deletion ---------------------------------------------------------------
+
+def test_remove_tree_never_follows_a_link_and_takes_odd_entries_as_names(tmp_path):
+    from gainsurgery.io.mounts import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    doomed = tmp_path / "doomed"
+    deep = doomed
+    for k in range(300):  # deeper than any recursion would like
+        deep = deep / f"d{k}"
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_text("x")
+    (doomed / "link-to-outside").symlink_to(outside)
+    (doomed / "d0" / "link-to-file").symlink_to(outside / "keep.txt")
+    os.mkfifo(doomed / "fifo")  # never opened: a FIFO would block a reader
+    (tmp_path / "link-to-doomed").symlink_to(doomed)
+    with pytest.raises(OSError):
+        remove_tree(tmp_path / "link-to-doomed")  # a link is not a folder we may delete
+    assert doomed.is_dir()
+    remove_tree(doomed)
+    assert not doomed.exists() and (outside / "keep.txt").read_text() == "precious"
+    assert names(tmp_path) == ["link-to-doomed", "outside"]
