@@ -439,6 +439,39 @@ def test_overwrite_replaces_and_cleans(ws, monkeypatch, fallback):
     assert names(ws) == ["base", "g.safetensors", "merged"]
 
 
+def test_fallback_overwrite_that_cannot_put_the_old_out_back_says_where_it_is(ws, monkeypatch):
+    """Without RENAME_EXCHANGE, OUT is moved aside first; if someone takes OUT before the new folder
+    goes in, the old one cannot go back: the error says where it is, and the next run restores it."""
+    real_renameat2, real = atomic.renameat2, claims.rename_noreplace
+    monkeypatch.setattr(atomic, "renameat2", _einval)
+    (ws / "merged").mkdir()
+    (ws / "merged" / "id").write_text("old")
+
+    def racing(src, dst):
+        if str(src).endswith(".tmp"):  # the new folder going in: someone takes OUT just now
+            (ws / "merged").mkdir()
+        return real(src, dst)
+
+    monkeypatch.setattr(claims, "rename_noreplace", racing)
+    with pytest.raises(OutputError) as e:
+        with claim_folder("merged", overwrite=True) as claim:
+            (claim.tmp / "id").write_text("new")
+            aside = ws.resolve() / (claim.tmp.name[: -len(".tmp")] + ".old")
+            claim.publish()
+    assert one_line(e) == (
+        "OUT merged appeared while this run was writing it (made by someone else); it was left untouched and "
+        "this run's result was discarded; choose another OUT or pass --overwrite; and the folder OUT merged held "
+        f"was moved aside to {aside} and could not be put back (something else is at OUT now); it was left there "
+        "with its claim marker")
+    assert snapshot(aside) == {"id": b"old"} and names(ws / "merged") == []
+    os.rmdir(ws / "merged")  # theirs goes; the next run puts the old OUT back before anything else
+    monkeypatch.setattr(atomic, "renameat2", real_renameat2)
+    monkeypatch.setattr(claims, "rename_noreplace", real)
+    with pytest.raises(OutputError, match="already exists"):
+        claim_folder("merged")
+    assert snapshot(ws / "merged") == {"id": b"old"} and names(ws) == ["base", "g.safetensors", "merged"]
+
+
 def test_overwrite_refuses_out_that_became_a_file(ws):
     (ws / "merged").mkdir()
     with claim_folder("merged", overwrite=True) as claim:

@@ -380,6 +380,9 @@ class FolderClaim:
                         rename_noreplace(self._old, self.out)
                     except FileExistsError:
                         keep = True
+                        raise LeftBehind(f"the folder {self.what} {self._shown} held was moved aside to "
+                                         f"{show_path(self._old)} and could not be put back (something else is "
+                                         f"at {self.what} now); it was left there with its claim marker") from None
         except BaseException:
             keep = True  # a leftover remains: the marker lets the next run prove it is ours
             raise
