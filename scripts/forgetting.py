@@ -56,14 +56,20 @@ def main() -> None:
 @click.option("--variants", default=None, help="Staging variants at the dev-optimal lr, e.g. gain-ffn:continue.")
 @click.option("--grid", "grids", multiple=True, metavar="METHOD=E1,E2,...",
               help="Override a method's lr grid: half-decade exponents (lr = 10^(E/2)).")
-@click.option("--seeds", type=int, default=None, help="Seeds at the chosen lr (data order and adapter init).")
+@click.option("--seeds", type=int, default=None,
+              help="Seeds at the chosen lr, in all (a seed changes the data order; LoRA's initialisation too).")
+@click.option("--select-seeds", type=int, default=None,
+              help="Seeds at every lr of a front; the lr is chosen on their mean dev score (tie rule: the "
+                   "smallest lr within one seed sd of the best).")
 @click.option("--steps", type=int, default=None, help="Training steps per stage.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seq-len", type=int, default=None)
 @click.option("--test-windows", type=int, default=None, help="Reported windows per domain (<= 2 per document).")
 @click.option("--dev-windows", type=int, default=None, help="Selection windows per domain (other documents).")
 @click.option("--yesno", type=int, default=None, help="Yes/no items (CoQA) for the chosen runs; 0 to skip.")
-@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,extras.")
+@click.option("--probes/--no-probes", "use_probes", default=None,
+              help="Knowledge probes (python scripts/fetch_domains.py --probes) for the base and the chosen runs.")
+@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,probes,extras (or none).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built-in corpora cache (default ~/.cache/gainsurgery/domains).")
 @click.option("--text-field", default="text", show_default=True,
@@ -77,7 +83,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
 def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
-        steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
+        select_seeds, use_probes, steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
         max_extensions, stop_after, dry_run, progress):
     """Run (or resume) the experiment into OUT."""
     from gainsurgery_lab.forgetting.runner import Experiment
@@ -89,7 +95,8 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             out=out, preset=preset, base=base, domains=list(domains), eval_domains=list(eval_domains),
             text_field=text_field,
             front_methods=_csv(methods), seed_methods=_csv(seed_methods), extra_methods=_csv(extra_methods),
-            variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds, steps=steps,
+            variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds,
+            select_seeds=select_seeds, probes=use_probes, steps=steps,
             batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
             yesno=yesno, phases=[] if phases == "none" else _csv(phases), data_dir=data_dir, progress=progress,
             max_extensions=max_extensions,

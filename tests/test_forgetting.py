@@ -138,9 +138,20 @@ def test_lr_grid_is_half_decades():
 
 
 def _docs(text: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` documents of varied length, each opening with a unique marker ``[doc i]``."""
+    """``n`` documents of varied length, each opening with a unique marker ``(doc i)``.
+
+    Each is a random draw of ``text``'s words, so no two share a run of 13 words (the
+    split drops training documents that share one with a held-out window).
+    """
     rng = random.Random(seed)
-    return [f"(doc {i:b}) " + text[(i * 53) % len(text):][: rng.randint(60, 700)] for i in range(n)]
+    words = text.split()
+    docs = []
+    for i in range(n):
+        body, size = [], rng.randint(60, 700)
+        while sum(len(w) + 1 for w in body) < size:
+            body.append(rng.choice(words))
+        docs.append(f"(doc {i:b}) " + " ".join(body))
+    return docs
 
 
 def _write(path: Path, docs: list[str]) -> Path:

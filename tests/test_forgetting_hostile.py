@@ -28,8 +28,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "forgetting.py"
 
 
 def _docs(text: str, n: int, seed: int = 0) -> str:
+    """``n`` documents, random draws of ``text``'s words (no two share a 13-word run: see data.NGRAM)."""
     rng = random.Random(seed)
-    return "\n\n\n".join(f"(doc {i:b}) " + text[(i * 53) % len(text):][: rng.randint(200, 700)] for i in range(n))
+    words = text.split()
+    docs = []
+    for i in range(n):
+        body, size = [], rng.randint(200, 700)
+        while sum(len(w) + 1 for w in body) < size:
+            body.append(rng.choice(words))
+        docs.append(f"(doc {i:b}) " + " ".join(body))
+    return "\n\n\n".join(docs)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import numpy as np
 from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
+from gainsurgery_lab.forgetting.selection import TIE_RULE, Selection, choose
 from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
                                               interpolate_estimate, mcnemar_exact, mean_estimate,
                                               seed_mean_estimate, wilson_interval)
@@ -64,6 +65,7 @@ class Run:
     stages: list[dict]
     yesno: dict | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    probes: dict | None = None
 
     @property
     def failed(self) -> str | None:
@@ -105,6 +107,7 @@ class Results:
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
         self.base_ppl = {d: self.bs.ppl(d, self.base["test_nll"][d]) for d in self.columns}
         self.base_yesno = self._yesno("base_yesno.json")
+        self.base_probes = self._probes("base_probes.json")
         self.runs: list[Run] = []
         runs_dir = out / "runs"
         for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() and not runs_dir.is_symlink() else []:
@@ -136,7 +139,63 @@ class Results:
                       stages, self._yesno(f"runs/{d.name}/yesno.json"))
             if not run.failed:
                 run.metrics = self._metrics(run)
+                run.probes = self._probes(f"runs/{d.name}/probes.json")
             self.runs.append(run)
+
+    def _probes(self, rel: str) -> dict | None:
+        raw = records.read(self.out, rel)
+        return None if raw is None else records.probes_record(raw, str(self.out / rel))
+
+    # ------------------------------------------------------------------------------ knowledge probes
+    def probe_names(self) -> list[str]:
+        """The probes the base was scored on, in the order they first appear."""
+        return list(dict.fromkeys(self.base_probes["probe"])) if self.base_probes else []
+
+    def probe_base(self) -> dict[str, Any]:
+        """Per probe: chance, the base's dev accuracy (which decides whether the probe carries signal) and test.
+
+        A probe is *informative* when the lower end of the Wilson 95% interval of the base's
+        accuracy on its **dev** items lies above chance; the test items, which are reported,
+        take no part in that decision.
+        """
+        bp = self.base_probes
+        out: dict[str, Any] = {}
+        for name in self.probe_names():
+            row: dict[str, Any] = {}
+            for split in ("dev", "test"):
+                idx = [i for i, (p, sp) in enumerate(zip(bp["probe"], bp["split"])) if p == name and sp == split]
+                if not idx:
+                    continue
+                chance = float(np.mean([1 / bp["choices"][i] for i in idx]))
+                row[split] = _accuracy([bp["correct"][i] for i in idx], chance)
+                row["chance"] = chance
+            row["informative"] = bool("dev" in row and row["dev"]["lo"] > row["chance"])
+            out[name] = row
+        return out
+
+    def probe_row(self, run: Run) -> dict[str, Any] | None:
+        """A run's accuracy per probe on the test items, with κ and an exact McNemar test against the base."""
+        if run.probes is None or self.base_probes is None:
+            return None
+        bp = self.base_probes
+        base_by_id = {i: c for i, c, sp in zip(bp["ids"], bp["correct"], bp["split"]) if sp == "test"}
+        info = self.probe_base()
+        out: dict[str, Any] = {}
+        groups = {name: [name] for name in info}
+        groups["informative"] = [n for n, row in info.items() if row["informative"]]
+        for label, names in groups.items():
+            idx = [i for i, (p, sp, item) in enumerate(zip(run.probes["probe"], run.probes["split"], run.probes["ids"]))
+                   if p in names and sp == "test" and item in base_by_id]
+            if not idx:
+                continue
+            chance = float(np.mean([1 / run.probes["choices"][i] for i in idx]))
+            mine = [run.probes["correct"][i] for i in idx]
+            theirs = [base_by_id[run.probes["ids"][i]] for i in idx]
+            row = _accuracy(mine, chance)
+            row["vs_base_points"] = 100 * (np.mean(mine) - np.mean(theirs))
+            row["mcnemar"] = mcnemar_exact(mine, theirs)
+            out[label] = row
+        return out
 
     def _yesno(self, rel: str) -> dict | None:
         raw = records.read(self.out, rel)
@@ -189,14 +248,38 @@ class Results:
         return sorted([r for r in self.runs if r.method == method and r.variant == variant and r.seed == 0],
                       key=lambda r: r.e)
 
+    @property
+    def select_seeds(self) -> int:
+        """Seeds at every lr of a front (1 in folders made before seeds were part of the choice)."""
+        n = self.config.get("select_seeds", 1)
+        return n if type(n) is int and n >= 1 else 1
+
+    def selection(self, method: str) -> Selection:
+        """The runner's lr choice, recomputed from the records (the same rule, :mod:`.selection`)."""
+        variant = METHODS[method].default_variant
+        by_lr: dict[int, dict[int, float]] = {}
+        for r in self.runs:
+            if r.method == method and r.variant == variant and r.seed < self.select_seeds:
+                by_lr.setdefault(r.e, {})[r.seed] = math.inf if r.failed else r.metrics["dev_score"]
+        scores = {e: [v[s] for s in sorted(v)] for e, v in by_lr.items() if len(v) == self.select_seeds}
+        return choose(scores, self.select_seeds)
+
+    def _seed0(self, method: str, e: int | None) -> Run | None:
+        return next((r for r in self.front(method) if r.e == e), None) if e is not None else None
+
     def chosen(self, method: str) -> Run | None:
-        ok = [r for r in self.front(method) if not r.failed]
-        return min(ok, key=lambda r: r.metrics["dev_score"]) if ok else None
+        """Seed 0 of the lr the tie rule chose (see :meth:`selection`)."""
+        return self._seed0(method, self.selection(method).chosen)
+
+    def best(self, method: str) -> Run | None:
+        """Seed 0 of the lr with the best mean dev score (the chosen one unless the tie rule moved off it)."""
+        return self._seed0(method, self.selection(method).best)
 
     def interior(self, method: str) -> bool:
-        front = [r for r in self.front(method)]
-        best = self.chosen(method)
-        return best is not None and 0 < front.index(best) < len(front) - 1
+        """Whether both the best and the chosen lr have a tried lr on either side."""
+        sel = self.selection(method)
+        lrs = sorted(sel.scores)
+        return sel.best is not None and all(0 < lrs.index(e) < len(lrs) - 1 for e in (sel.best, sel.chosen))
 
     def seeds(self, method: str) -> list[Run]:
         best = self.chosen(method)
@@ -241,6 +324,13 @@ class Results:
                                 "vs_base_points_mean": float(np.mean([y["vs_base_points"] for y in yn])),
                                 "yes_rate_per_seed": [y["yes_rate"] for y in yn],
                                 "mcnemar_p_per_seed": [y["mcnemar"]["p_value"] for y in yn]}
+            pr = [self.probe_row(r) for r in runs]
+            if all(pr):
+                row["probes"] = {name: {"accuracy_mean": float(np.mean([p[name]["accuracy"] for p in pr])),
+                                        "accuracy_per_seed": [p[name]["accuracy"] for p in pr],
+                                        "vs_base_points_mean": float(np.mean([p[name]["vs_base_points"] for p in pr])),
+                                        "mcnemar_p_per_seed": [p[name]["mcnemar"]["p_value"] for p in pr]}
+                                 for name in pr[0] if all(name in p for p in pr)}
             summary["methods"][m] = row
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
@@ -318,6 +408,7 @@ class Results:
                 if r.stages[0].get("peft"):
                     row["peft"] = r.stages[0]["peft"]
                 row["yesno"] = self.yesno_row(r)
+                row["probes"] = self.probe_row(r)
             runs.append(row)
         base_yn = None
         if self.base_yesno:
@@ -331,6 +422,8 @@ class Results:
             "domains": self.domain_info,
             "base_ppl": {d: self.base_ppl[d].as_dict() for d in self.columns}, "base_yesno": base_yn,
             "chosen": {m: (self.chosen(m).name if self.chosen(m) else None) for m in self.methods()},
+            "selection": {m: self.selection(m).as_dict() for m in self.methods()},
+            "probes_base": self.probe_base() if self.base_probes else None,
             "interior": {m: self.interior(m) for m in self.methods()},
             "matched_earlier_vs_base": self.matched("earlier_vs_base") if len(self.sequence) > 1 else None,
             "matched_earlier_vs_own": self.matched("earlier_vs_own") if len(self.sequence) > 1 else None,
@@ -346,6 +439,7 @@ class Results:
         """
         stages = [s for r in self.runs for s in r.stages if "seconds" in s]
         passes = [r.yesno for r in self.runs if r.yesno] + ([self.base_yesno] if self.base_yesno else [])
+        probe_passes = [r.probes for r in self.runs if r.probes] + ([self.base_probes] if self.base_probes else [])
         with_cpu = [s for s in stages if "cpu_seconds" in s]
         return {"stages": len(stages), "stage_wall_seconds": round(sum(s["seconds"]["stage"] for s in stages)),
                 "stages_with_cpu_seconds": len(with_cpu),
@@ -354,10 +448,22 @@ class Results:
                 if with_cpu else None,
                 "yesno_passes": len(passes), "yesno_wall_seconds": round(sum(p.get("seconds", 0) for p in passes)),
                 "yesno_cpu_seconds": round(sum(p.get("cpu_seconds", 0) for p in passes)),
+                "probe_passes": len(probe_passes),
+                "probe_wall_seconds": round(sum(p.get("seconds", 0) for p in probe_passes)),
+                "probe_cpu_seconds": round(sum(p.get("cpu_seconds", 0) for p in probe_passes)),
                 "base_seconds": self.base.get("seconds")}
 
 
 # ---------------------------------------------------------------------------------- rendering
+
+
+def _accuracy(correct: list[bool], chance: float) -> dict[str, Any]:
+    """Accuracy with its Wilson 95% interval and Cohen's κ against a chance level (the choices' 1/k)."""
+    n, k = len(correct), int(np.sum(correct))
+    lo, hi = wilson_interval(k, n)
+    acc = k / n
+    return {"items": n, "accuracy": acc, "lo": lo, "hi": hi, "chance": chance,
+            "kappa": (acc - chance) / (1 - chance) if chance < 1 else math.nan}
 
 
 def _f(e: Any, digits: int = 1, ci: bool = True) -> str:
@@ -426,6 +532,7 @@ def render_markdown(res: Results) -> str:
         if res.front(m) and METHODS[m].extend:
             lines.append(f"- {m}: dev optimum {'interior' if res.interior(m) else 'AT AN EDGE'} of "
                          f"{len(res.front(m))} lrs.")
+    lines += _selection_lines(res)
     if K > 1:
         for key, title in (("earlier_vs_base", "earlier domains vs base"),
                            ("earlier_vs_own", "earlier domains vs their own stage (backward transfer)")):
@@ -498,6 +605,7 @@ def render_markdown(res: Results) -> str:
             lines.append(f"| {r.name} | {100 * row['accuracy']:.1f}% [{100 * row['lo']:.1f}, {100 * row['hi']:.1f}] | "
                          f"{row['vs_base_points']:+.1f} | {100 * row['yes_rate']:.0f}% | {t['a_only']} / {t['b_only']} | "
                          f"{_p(t['p_value'])} |")
+    lines += _probe_lines(res, summary)
     variants = [r for r in res.runs if r.variant != METHODS[r.method].default_variant and not r.failed]
     if variants:
         lines += ["", "## Staging variants (at the default variant's chosen lr, seed 0)", ""]
@@ -557,6 +665,81 @@ def render_markdown(res: Results) -> str:
                                                                          for x in row) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(res: Results) -> list[str]:
+    """The lr choice per method: every lr's dev score per selection seed, mean and sd; best, chosen, margin."""
+    if res.select_seeds < 2:
+        return []
+    lines = ["", "## How each lr was chosen", "",
+             f"Dev score (mean in-domain dev NLL change, nats/token) of every selection seed at every lr. "
+             f"Rule, fixed before any forgetting was looked at and applied to every method: {TIE_RULE}. "
+             "best: the lowest mean; margin: how much worse the chosen lr's mean is than the best's. Where the "
+             "next lr's mean lies within one sd of the chosen one's, the seeds cannot tell them apart: read "
+             "both rows of the fronts.", "",
+             "| method | lr | dev score per seed | mean | sd over seeds | |", "|---|---:|---:|---:|---:|---|"]
+    for m in res.methods():
+        sel = res.selection(m)
+        for e in sorted(sel.scores):
+            mark = " ".join(x for x, hit in (("best", e == sel.best), ("✓ chosen", e == sel.chosen)) if hit)
+            seeds = ", ".join(f"{v:+.4f}" if math.isfinite(v) else "failed" for v in sel.scores[e])
+            mean = f"{sel.mean[e]:+.4f}" if math.isfinite(sel.mean[e]) else "—"
+            sd = f"{sel.sd[e]:.4f}" if math.isfinite(sel.sd[e]) else "—"
+            lines.append(f"| {m} | {lr_label(e)} | {seeds} | {mean} | {sd} | {mark} |")
+        if sel.best is not None:
+            lines.append(f"| {m} | | | threshold {sel.threshold:+.4f} | sd at best {sel.sd_best:.4f} | "
+                         f"margin {sel.margin:.4f} |")
+    return lines
+
+
+def _probe_lines(res: Results, summary: dict[str, Any]) -> list[str]:
+    """The knowledge probes: which carry signal on the base (dev items), and every probed run (test items)."""
+    if not res.base_probes:
+        return []
+    info = res.probe_base()
+    lines = ["", "## Knowledge probes", "",
+             "Multiple-choice factual statements (gainsurgery_lab/probes.py), answered by the choice of highest "
+             "mean log-probability per token. A probe is informative when the base's accuracy on its dev items "
+             "is above chance with a 95% Wilson interval that excludes chance; the test items are reported. "
+             "κ = (accuracy − chance) / (1 − chance). A probe at chance is uninformative and draws no conclusion.",
+             "", "| probe | chance | base, dev items | base, test items | κ (test) | informative |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, row in info.items():
+        cells = []
+        for split in ("dev", "test"):
+            a = row.get(split)
+            cells.append(f"{100 * a['accuracy']:.1f}% [{100 * a['lo']:.1f}, {100 * a['hi']:.1f}] (n={a['items']})"
+                         if a else "—")
+        kappa = f"{row['test']['kappa']:+.2f}" if "test" in row else "—"
+        lines.append(f"| {name} | {100 * row['chance']:.0f}% | {cells[0]} | {cells[1]} | {kappa} | "
+                     f"{'yes' if row['informative'] else 'NO: uninformative'} |")
+    rows = [(r, res.probe_row(r)) for r in res.runs]
+    rows = [(r, p) for r, p in rows if p]
+    if rows:
+        lines += ["", "Every probed run, test items, informative probes pooled (accuracy [95% CI], κ, change vs "
+                      "the base in points, exact McNemar p against the base on the same items):", "",
+                  "| run | accuracy | κ | vs base | only run right / only base right | McNemar p |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r, p in rows:
+            a = p.get("informative")
+            if a is None:
+                continue
+            t = a["mcnemar"]
+            lines.append(f"| {r.name} | {100 * a['accuracy']:.1f}% [{100 * a['lo']:.1f}, {100 * a['hi']:.1f}] | "
+                         f"{a['kappa']:+.2f} | {a['vs_base_points']:+.1f} | {t['a_only']} / {t['b_only']} | "
+                         f"{_p(t['p_value'])} |")
+    per_method = {m: row["probes"] for m, row in summary.get("methods", {}).items() if "probes" in row}
+    if per_method:
+        lines += ["", "At the chosen lrs, mean over seeds (per seed), points vs base, McNemar p per seed:", "",
+                  "| method | probe | accuracy | vs base | McNemar p |", "|---|---|---:|---:|---:|"]
+        for m, probes in per_method.items():
+            for name, y in probes.items():
+                if name != "informative" and not info.get(name, {}).get("informative"):
+                    continue
+                lines.append(f"| {m} | {name} | {100 * y['accuracy_mean']:.1f}% "
+                             f"({', '.join(f'{100 * a:.1f}' for a in y['accuracy_per_seed'])}) | "
+                             f"{y['vs_base_points_mean']:+.1f} | {', '.join(_p(p) for p in y['mcnemar_p_per_seed'])} |")
+    return lines
 
 
 def make_plots(res: Results, out: Path) -> list[Path]:

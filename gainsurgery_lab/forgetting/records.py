@@ -22,11 +22,13 @@ Layout::
     experiment.json             {"signature", "config", "sources"}   (the folder's marker)
     base.json                   {"test_nll": {domain: [per-window NLL]}, "dev_nll": {...}, "seconds"}
     base_yesno.json             yes/no record (see :func:`yesno_record`)
+    base_probes.json            knowledge probes, dev and test items (see :func:`probes_record`)
     data/<domain>/windows.json  {"name", "info", "test": {"ids", "units"}, "dev": {...}}
     data/<domain>/train.txt     the training documents
     runs/<run>/run.json         {"method", "variant", "lr", "lr_exponent", "lr_label", "seed"}
     runs/<run>/stage-<k>.json   one stage (see :func:`stage_record`)
     runs/<run>/yesno.json
+    runs/<run>/probes.json      knowledge probes, test items
 """
 
 from __future__ import annotations
@@ -276,6 +278,31 @@ def yesno_record(raw: Any, where: str) -> dict[str, Any]:
     # derived values are recomputed, never trusted
     rec["accuracy"] = sum(rec["correct"]) / n
     rec["yes_rate"] = sum(rec["said_yes"]) / n
+    rec["seconds"] = f.number("seconds", 0.0)
+    rec["cpu_seconds"] = f.number("cpu_seconds", 0.0)
+    return rec
+
+
+def probes_record(raw: Any, where: str) -> dict[str, Any]:
+    """``base_probes.json`` / ``runs/<run>/probes.json``: per-item answers of one model on the probe items."""
+    f = _fields(raw, where)
+    n = f.int("items", min=1)
+    rec: dict[str, Any] = {"items": n}
+    for key in ("ids", "probe", "split"):
+        v = f.raw(key)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in v):
+            raise ForgettingError(f"{where}: {key}: expected {n} short strings")
+        rec[key] = v
+    if not set(rec["split"]) <= {"dev", "test"}:
+        raise ForgettingError(f"{where}: split: expected only 'dev' and 'test'")
+    for key, lo in (("choices", 2), ("answer", 0), ("pred", 0)):
+        v = f.raw(key)
+        if not isinstance(v, list) or len(v) != n or not all(type(x) is int and lo <= x <= 64 for x in v):
+            raise ForgettingError(f"{where}: {key}: expected {n} small non-negative integers")
+        rec[key] = v
+    if any(a >= c or p >= c for a, p, c in zip(rec["answer"], rec["pred"], rec["choices"])):
+        raise ForgettingError(f"{where}: an answer or prediction beyond its item's choices")
+    rec["correct"] = [a == p for a, p in zip(rec["answer"], rec["pred"])]  # derived, never trusted
     rec["seconds"] = f.number("seconds", 0.0)
     rec["cpu_seconds"] = f.number("cpu_seconds", 0.0)
     return rec

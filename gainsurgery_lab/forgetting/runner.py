@@ -8,14 +8,17 @@ computed afterwards (:mod:`gainsurgery_lab.forgetting.analysis`).
 
 The schedule, in order of importance (a run that is cut short keeps what matters):
 
-1. **fronts**: every method of ``front_methods`` at every lr of its grid (seed 0); a
-   grid whose dev-optimal lr is at an edge is extended by one half-decade on that
-   side, until the optimum is interior (or ``max_extensions`` is reached); then a
-   front whose smallest lr adapts more than another method's chosen point gets
-   smaller lrs, so that every chosen point can be compared at matched in-domain change;
-2. **seeds**: ``seeds - 1`` more seeds at each ``seed_methods`` method's dev-optimal lr;
-3. **yes/no** for the base and those runs;
-4. **extras**: the staging ``variants`` at the dev-optimal lr, the fronts of
+1. **fronts**: every method of ``front_methods`` at every lr of its grid, with
+   ``select_seeds`` seeds each (seed 0 of every front first); the lr is chosen on the mean
+   dev score over those seeds with the tie rule of :mod:`~gainsurgery_lab.forgetting.selection`.
+   A grid whose best lr is its largest, or whose chosen lr is its smallest, is extended by
+   one half-decade on that side (up to ``max_extensions``); then a front whose smallest lr
+   adapts more than another method's chosen point gets smaller lrs, so that every chosen
+   point can be compared at matched in-domain change;
+2. **seeds**: more seeds (up to ``seeds`` in all) at each ``seed_methods`` method's chosen lr;
+3. **yes/no** for the base and those runs; **probes** (knowledge probes, see
+   :mod:`gainsurgery_lab.probes`) for the base and every seed at each chosen and best lr;
+4. **extras**: the staging ``variants`` at the chosen lr, the fronts of
    ``extra_methods``, and their yes/no.
 
 Resumable: a finished stage is written atomically to ``runs/<run>/stage-<k>.json``
@@ -42,6 +45,7 @@ from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError, PreparedDomain, prepare_domain
 from gainsurgery_lab.forgetting.records import load_domain, save_domain
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT, Method, lr_label, lr_of
+from gainsurgery_lab.forgetting.selection import Selection, choose
 
 FORMAT = "gainsurgery.forgetting/2"
 
@@ -61,6 +65,8 @@ class ExperimentConfig:
     grids: dict[str, list[int]] = field(default_factory=dict)  # method -> half-decade exponents (override)
     max_extensions: int = 3
     seeds: int = 3
+    #: seeds run at every lr of a front; the lr is chosen on their mean dev score (selection.py)
+    select_seeds: int = 1
     steps: int = 30
     batch_size: int = 4
     grad_accum: int = 1  # micro-batches per step (same global batch; bounds activation memory)
@@ -71,8 +77,10 @@ class ExperimentConfig:
     yesno: int = 400
     yesno_file: str | None = None
     yesno_max_tokens: int = 384
+    #: knowledge probe items (gainsurgery_lab.probes); None: no probes
+    probe_file: str | None = None
     dtype: str = "float32"
-    phases: list[str] = field(default_factory=lambda: ["fronts", "seeds", "yesno", "extras"])
+    phases: list[str] = field(default_factory=lambda: ["fronts", "seeds", "yesno", "probes", "extras"])
     progress: bool = False
     #: Wall-clock time (``time.time()``) after which no new run starts; None: no limit. Not part of
     #: the signature: a later call without it resumes and finishes the schedule.
@@ -119,9 +127,12 @@ class ExperimentConfig:
                     raise ForgettingError(f"domains {seen[real]} and {d.name} read the same file {f}: one domain's "
                                           "test windows would be another's training text; give each its own files")
                 seen[real] = d.name
-        unknown = set(self.phases) - {"fronts", "seeds", "yesno", "extras"}
+        unknown = set(self.phases) - set(PHASES)
         if unknown:
-            raise ForgettingError(f"unknown phase(s) {sorted(unknown)}; phases are fronts, seeds, yesno, extras")
+            raise ForgettingError(f"unknown phase(s) {sorted(unknown)}; phases are {', '.join(PHASES)}")
+        if type(self.select_seeds) is not int or not 1 <= self.select_seeds <= self.seeds:
+            raise ForgettingError(f"--select-seeds must be an integer from 1 to --seeds ({self.seeds}), "
+                                  f"got {self.select_seeds!r}")
         if self.seq_len < 16:
             raise ForgettingError("--seq-len must be at least 16")
         if not self.base:
@@ -142,6 +153,8 @@ class ExperimentConfig:
     def grid(self, method: str) -> list[int]:
         return sorted(self.grids.get(method) or METHODS[method].grid)
 
+
+PHASES = ("fronts", "seeds", "yesno", "probes", "extras")
 
 #: Upper limits of the settings (far above any real run; they keep typos from meaning years).
 MAX_STEPS = 10_000_000
@@ -380,6 +393,8 @@ class Experiment:
                                      {d: len(self.domains[d].dev.ids) for d in self.columns}, c.seq_len)
         if c.yesno:
             self.yesno_items()  # a missing or short file now, not after hours of training
+        if c.probe_file:
+            self.probe_items()
         self._fresh = fresh
 
     # ------------------------------------------------------------------------------ evaluation
@@ -719,6 +734,66 @@ class Experiment:
         self.log(f"yes/no: {key.name} accuracy {rec['accuracy']:.3f}, says yes {rec['yes_rate']:.0%}")
         return rec
 
+    # ------------------------------------------------------------------------------ knowledge probes
+    def probe_items(self) -> list[dict]:
+        """The probe items (checked), in file order."""
+        from gainsurgery_lab.probes import read_items
+
+        from gainsurgery.errors import GainSurgeryError
+
+        try:
+            return read_items(self.cfg.probe_file)
+        except GainSurgeryError as exc:
+            raise ForgettingError(f"--probes: {exc}") from None
+
+    def probe(self, folder: Path, splits: tuple[str, ...]) -> dict[str, Any]:
+        """Per-item answers of the checkpoint in ``folder`` on the probe items of ``splits``."""
+        from gainsurgery_lab.forgetting.probing import score_items
+
+        items = [it for it in self.probe_items() if it["split"] in splits]
+        model = self._load(folder)
+        try:
+            res = score_items(model, self.tokenizer, items, self.device)
+        finally:
+            del model
+            gc.collect()
+        return {"items": len(items), "ids": [it["id"] for it in items], "probe": [it["probe"] for it in items],
+                "split": [it["split"] for it in items], "choices": [len(it["choices"]) for it in items],
+                "answer": [it["answer"] for it in items], "pred": res["pred"],
+                "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"]}
+
+    def base_probes(self) -> dict[str, Any] | None:
+        """The base on every probe item, dev and test (dev decides which probes carry signal)."""
+        saved = records.read(self.out, "base_probes.json")
+        if saved is not None:
+            return records.probes_record(saved, str(self.out / "base_probes.json"))
+        self.log("probes: base on every item (dev and test)")
+        rec = self.probe(self.base_folder, ("dev", "test"))
+        records.write(self.out / "base_probes.json", rec)
+        self.log(f"probes: base done in {rec['seconds']} s ({rec['items']} items)")
+        return rec
+
+    def run_probes(self, key: RunKey) -> dict[str, Any] | None:
+        """A finished run's final model on the test items of every probe (resumable, skipped when stored)."""
+        rel = f"runs/{key.name}/probes.json"
+        saved = records.read(self.out, rel)
+        if saved is not None:
+            return records.probes_record(saved, str(self.out / rel))
+        if self.out_of_time():
+            return None
+        done = self.stages_done(key)
+        if not done or done[-1].get("failed") or len(done) < len(self.sequence) or key.variant == "swap":
+            return None
+        self.log(f"probes: {key.name}")
+        folder = self.merged(key, len(self.sequence))
+        rec = self.probe(folder, ("test",))
+        records.write(self.run_dir(key) / "probes.json", rec)
+        if METHODS[key.method].family != "full":
+            _remove(folder)
+        acc = sum(p == a for p, a in zip(rec["pred"], rec["answer"])) / max(rec["items"], 1)
+        self.log(f"probes: {key.name} accuracy {acc:.3f} over {rec['items']} test items ({rec['seconds']} s)")
+        return rec
+
     # ------------------------------------------------------------------------------ selection
     def dev_score(self, key: RunKey, base: dict[str, Any]) -> float:
         """Mean over stages of the in-domain dev NLL change at the stage's own step (nats/token).
@@ -736,36 +811,58 @@ class Experiment:
             diffs.append((sum(rec["dev_nll"][dom]) - sum(base["dev_nll"][dom])) / tok)
         return float(np.mean(diffs))
 
-    def front_keys(self, method: str, base: dict[str, Any]) -> Iterator[RunKey]:
-        """Seed-0 runs of ``method`` over its grid, extended until the dev optimum is interior.
+    def selection(self, method: str, base: dict[str, Any]) -> Selection:
+        """The lr choice of ``method``'s default variant: the tie rule over the selection seeds' mean dev score.
 
-        At most ``max_extensions`` lrs are added beyond the initial grid, counted over
-        the whole life of the experiment folder (a resumed run does not extend again).
-        The caller runs each key before asking for the next: extensions depend on results.
+        Only lrs where every selection seed has finished count; see :mod:`~gainsurgery_lab.forgetting.selection`.
         """
         variant = METHODS[method].default_variant
+        scores: dict[int, list[float]] = {}
+        for e in self.tried_exponents(method):
+            keys = [RunKey(method, variant, e, s) for s in range(self.cfg.select_seeds)]
+            if all(self.is_finished(k) for k in keys):
+                scores[e] = [self.dev_score(k, base) for k in keys]
+        return choose(scores, self.cfg.select_seeds)
+
+    def _lr_keys(self, method: str, e: int) -> list[RunKey]:
+        variant = METHODS[method].default_variant
+        return [RunKey(method, variant, e, s) for s in range(self.cfg.select_seeds)]
+
+    def front_keys(self, method: str, base: dict[str, Any]) -> Iterator[RunKey]:
+        """The runs of ``method``'s front: its grid at every selection seed, extended at the edges.
+
+        A grid whose best lr is its largest grows by one half-decade above; one whose chosen
+        lr (the tie rule's) is its smallest grows by one below. At most ``max_extensions`` lrs
+        are added beyond the initial grid, counted over the whole life of the experiment folder
+        (a resumed run does not extend again). The caller runs each key before asking for the
+        next: extensions depend on results.
+        """
         grid0 = self.cfg.grid(method)
-        for e in grid0:
-            yield RunKey(method, variant, e, 0)
+        for s in range(self.cfg.select_seeds):  # seed 0 of the whole front first: a cut run stays a front
+            for e in grid0:
+                yield self._lr_keys(method, e)[s]
         if not METHODS[method].extend:
             return
         while not self.out_of_time():
             tried = sorted(set(grid0) | set(self.tried_exponents(method)))
             for e in tried:  # an extension interrupted by a kill is finished first
-                if not self.is_finished(RunKey(method, variant, e, 0)):
-                    yield RunKey(method, variant, e, 0)
-            scores = {e: self.dev_score(RunKey(method, variant, e, 0), base) for e in tried}
-            best = min(tried, key=lambda e: scores[e])
-            if not math.isfinite(scores[best]) or 0 < tried.index(best) < len(tried) - 1:
+                for key in self._lr_keys(method, e):
+                    if not self.is_finished(key):
+                        yield key
+            sel = self.selection(method, base)
+            if sel.best is None:
                 return
-            nxt = tried[0] - 1 if best == tried[0] else tried[-1] + 1
+            if sel.best == tried[-1] and len(tried) > 1:
+                nxt, why = tried[-1] + 1, f"best lr {lr_label(sel.best)} at the upper edge"
+            elif sel.chosen == tried[0] and len(tried) > 1:
+                nxt, why = tried[0] - 1, f"chosen lr {lr_label(sel.chosen)} at the lower edge"
+            else:
+                return
             if len(tried) - len(grid0) >= self.cfg.max_extensions or not MIN_EXPONENT <= nxt <= MAX_EXPONENT:
-                self.log(f"{method}: dev optimum at the edge of the grid (lr {lr_label(best)}); "
-                         "not extending further (limit reached)")
+                self.log(f"{method}: {why} of the grid; not extending further (limit reached)")
                 return
-            self.log(f"{method}: dev optimum at the {'lower' if nxt < best else 'upper'} edge of the grid "
-                     f"(lr {lr_label(best)}); extending to lr {lr_label(nxt)}")
-            yield RunKey(method, variant, nxt, 0)
+            self.log(f"{method}: {why} of the grid; extending to lr {lr_label(nxt)}")
+            yield from self._lr_keys(method, nxt)
 
     def matching_keys(self, method: str, base: dict[str, Any]) -> Iterator[RunKey]:
         """Smaller lrs for ``method`` until its front reaches down to the other methods' chosen points.
@@ -773,22 +870,24 @@ class Experiment:
         The matched comparison reads each front at another method's chosen in-domain
         change. A front whose smallest lr already adapts more than that point cannot be
         read there (nothing is extrapolated), so it gets one more lr below its smallest
-        while that is so. Judged on dev scores, never on the reported windows; at most
-        ``max_extensions`` lrs below the initial grid in all (the optimum's extensions
-        included). Run after every front method's front.
+        while that is so. Judged on mean dev scores over the selection seeds, never on the
+        reported windows; at most ``max_extensions`` lrs below the initial grid in all (the
+        optimum's extensions included). Run after every front method's front.
         """
-        variant = METHODS[method].default_variant
         floor = max(MIN_EXPONENT, min(self.cfg.grid(method)) - self.cfg.max_extensions)
         while not self.out_of_time():
-            tried = sorted(e for e in self.tried_exponents(method) if self.is_finished(RunKey(method, variant, e, 0)))
+            sel = self.selection(method, base)
+            tried = sorted(sel.mean)
             if not tried:
                 return
-            lowest = self.dev_score(RunKey(method, variant, tried[0], 0), base)
+            lowest = sel.mean[tried[0]]
             others = {}
             for other in self.cfg.front_methods:
-                e = self.chosen(other, base) if other != method else None
-                if e is not None:
-                    others[other] = self.dev_score(RunKey(other, METHODS[other].default_variant, e, 0), base)
+                if other == method:
+                    continue
+                o = self.selection(other, base)
+                if o.chosen is not None:
+                    others[other] = o.mean[o.chosen]
             short = sorted(o for o, score in others.items() if math.isfinite(lowest) and score > lowest)
             if not short:
                 return
@@ -799,9 +898,10 @@ class Experiment:
                 return
             self.log(f"{method}: its smallest lr ({lr_label(tried[0])}) adapts more than the chosen point of "
                      f"{', '.join(short)}; adding lr {lr_label(nxt)} to compare at matched in-domain change")
-            yield RunKey(method, variant, nxt, 0)
+            yield from self._lr_keys(method, nxt)
 
     def tried_exponents(self, method: str) -> list[int]:
+        """The lrs (exponents) of ``method``'s default variant that have a seed-0 run folder."""
         variant = METHODS[method].default_variant
         found = []
         runs = self.out / "runs"
@@ -817,11 +917,13 @@ class Experiment:
         return found
 
     def chosen(self, method: str, base: dict[str, Any]) -> int | None:
-        """The dev-optimal lr exponent among the finished seed-0 runs of ``method``'s default variant."""
-        variant = METHODS[method].default_variant
-        scores = {e: self.dev_score(RunKey(method, variant, e, 0), base) for e in self.tried_exponents(method)}
-        scores = {e: s for e, s in scores.items() if math.isfinite(s)}
-        return min(scores, key=scores.get) if scores else None
+        """The lr exponent the tie rule picks for ``method`` (see :meth:`selection`)."""
+        return self.selection(method, base).chosen
+
+    def probed_lrs(self, method: str, base: dict[str, Any]) -> list[int]:
+        """The lrs whose runs get the probes: the chosen one and, when the tie rule moved off it, the best."""
+        sel = self.selection(method, base)
+        return sorted({e for e in (sel.chosen, sel.best) if e is not None})
 
     # ------------------------------------------------------------------------------ the schedule
     def static_keys(self) -> list[RunKey]:
@@ -840,8 +942,9 @@ class Experiment:
         extras = [m for m in self.cfg.extra_methods if m not in self.cfg.front_methods]
         for group in (self.cfg.front_methods, extras):
             grids = {m: middle_out(self.cfg.grid(m)) for m in group}
-            for i in range(max((len(g) for g in grids.values()), default=0)):
-                keys.extend(RunKey(m, METHODS[m].default_variant, g[i], 0) for m, g in grids.items() if i < len(g))
+            for s in range(self.cfg.select_seeds):  # every front at seed 0 first, then the next seed
+                for i in range(max((len(g) for g in grids.values()), default=0)):
+                    keys.extend(RunKey(m, METHODS[m].default_variant, g[i], s) for m, g in grids.items() if i < len(g))
         return keys
 
     def execute(self, worker: tuple[int, int] | None = None) -> None:
@@ -880,6 +983,9 @@ class Experiment:
             self.log(f"worker {i}/{n} done ({time.perf_counter() - t0:.0f} s)")
             return
         if "fronts" in c.phases:
+            for key in self.static_keys():  # the initial grids, methods interleaved: a cut run stays balanced
+                if key.method in c.front_methods:
+                    self.run(key)
             for m in c.front_methods:
                 for key in self.front_keys(m, base):
                     self.run(key)
@@ -891,7 +997,7 @@ class Experiment:
                 e = self.chosen(m, base)
                 if e is None:
                     continue
-                for s in range(1, c.seeds):
+                for s in range(c.select_seeds, c.seeds):
                     self.run(RunKey(m, METHODS[m].default_variant, e, s))
         if "yesno" in c.phases and c.yesno:
             self.base_yesno()
@@ -900,6 +1006,12 @@ class Experiment:
                 if e is not None:
                     for s in range(c.seeds):
                         self.run_yesno(RunKey(m, METHODS[m].default_variant, e, s))
+        if "probes" in c.phases and c.probe_file:
+            self.base_probes()
+            for m in c.seed_methods:
+                for e in self.probed_lrs(m, base):
+                    for s in range(c.seeds):
+                        self.run_probes(RunKey(m, METHODS[m].default_variant, e, s))
         if "extras" in c.phases:
             for v in c.variants:
                 m, _, var = v.partition(":")
