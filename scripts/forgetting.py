@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 from gainsurgery_lab.forgetting import presets  # noqa: E402
 
+#: Exit status of ``run`` when --stop-after cut the schedule short (0: complete, 1: an error).
+EXIT_MORE_TO_DO = 3
+
 
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
@@ -107,10 +110,14 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             exp.prepare(write=False)  # every domain split and checked; nothing written
             click.echo(presets.describe_plan(cfg))
             return
-        exp.execute(worker=share)
+        complete = exp.execute(worker=share)
     except GainSurgeryError as exc:
         click.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(1)
+    if not complete:  # a driver running pieces of --stop-after minutes tells "more to do" from "done"
+        click.echo(f"stopped at --stop-after; rerun the same command to continue (tables so far: "
+                   f"python scripts/forgetting.py report --out {out})")
+        sys.exit(EXIT_MORE_TO_DO)
     click.echo(f"done; tables and plots: python scripts/forgetting.py report --out {out}")
 
 

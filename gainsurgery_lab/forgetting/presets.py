@@ -136,8 +136,8 @@ def describe_plan(cfg: ExperimentConfig) -> str:
     for m in cfg.front_methods:
         grid = cfg.grid(m)
         runs += len(grid)
-        lines.append(f"front {m}: lrs {', '.join(lr_label(e) for e in grid)} (extended while the dev optimum "
-                     f"is at an edge, up to {cfg.max_extensions} more)")
+        lines.append(f"front {m}: lrs {', '.join(lr_label(e) for e in grid)} (extended while the best lr is the "
+                     f"largest or the chosen lr the smallest, up to {cfg.max_extensions} more)")
     runs *= cfg.select_seeds
     if cfg.select_seeds > 1:
         lines.append(f"every lr with {cfg.select_seeds} seeds; the lr is chosen on their mean dev score: "

@@ -947,8 +947,8 @@ class Experiment:
                     keys.extend(RunKey(m, METHODS[m].default_variant, g[i], s) for m, g in grids.items() if i < len(g))
         return keys
 
-    def execute(self, worker: tuple[int, int] | None = None) -> None:
-        """Run the whole schedule (resuming whatever is on disk).
+    def execute(self, worker: tuple[int, int] | None = None) -> bool:
+        """Run the whole schedule (resuming whatever is on disk); False when the deadline cut it short.
 
         ``worker=(i, n)``: run only every n-th of :meth:`static_keys`, starting at i, so
         that n processes (on one GPU, say) share the fixed part of the schedule; a
@@ -972,6 +972,7 @@ class Experiment:
                 self._saved, self.domains, self._fresh = saved, {}, []  # use its frozen splits, not ours
             self.prepare()
             self._schedule(worker, t0)
+        return not self.out_of_time()
 
     def _schedule(self, worker: tuple[int, int] | None, t0: float) -> None:
         c = self.cfg
@@ -1032,7 +1033,11 @@ class Experiment:
                     e = self.chosen(m, base)
                     if e is not None:
                         self.run_yesno(RunKey(m, var, e, 0))
-        self.log(f"schedule complete ({time.perf_counter() - t0:.0f} s in this process)")
+        if self.out_of_time():
+            self.log(f"stopped at the deadline ({time.perf_counter() - t0:.0f} s in this process); rerun the same "
+                     "command to continue")
+        else:
+            self.log(f"schedule complete ({time.perf_counter() - t0:.0f} s in this process)")
 
 
 def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
