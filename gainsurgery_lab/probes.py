@@ -41,7 +41,8 @@ from gainsurgery.io import jsonsafe
 from gainsurgery.io.cache import cache_root, exclusive_lock
 from gainsurgery.io.hashing import sha256_file
 from gainsurgery.io.outputs import write_file
-from gainsurgery_lab.corpora import DomainError, npm_pack, pip_download, unpack, _find_one
+from gainsurgery.corpora.download import find_one, npm_pack, pip_download, unpack
+from gainsurgery.errors import DomainError
 
 ITEMS_FILE = "items.jsonl"
 MANIFEST_FORMAT = "gainsurgery.probes/1"
@@ -182,13 +183,13 @@ def fetch(out: Path | None = None, *, force: bool = False, log: Callable[[str], 
             say(f"probes: fetching {COUNTRIES_SPEC} (npm)")
             root = unpack(npm_pack(COUNTRIES_SPEC, work / "dl-npm"), work / "x-npm",
                           lambda n: n.endswith(".min.json"))
-            read = lambda name: jsonsafe.load(_find_one(root, f"**/package/{name}"), error=ProbeError)  # noqa: E731
+            read = lambda name: jsonsafe.load(find_one(root, f"**/package/{name}"), error=ProbeError)  # noqa: E731
             items = country_items(read("countries.min.json"), read("continents.min.json"),
                                   read("languages.min.json"), read("currencies.min.json"))
             say(f"probes: fetching {ELEMENTS_SPEC} (PyPI)")
             wheel = pip_download(ELEMENTS_SPEC, work / "dl-pypi")
             root = unpack(wheel, work / "x-pypi", lambda n: n.endswith("periodictable/core.py"))
-            items += element_items(parse_element_base(_find_one(root, "**/periodictable/core.py")
+            items += element_items(parse_element_base(find_one(root, "**/periodictable/core.py")
                                                       .read_text(encoding="utf-8")))
         write_file(target, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), error=ProbeError)
         counts = {p: {s: sum(1 for it in items if it["probe"] == p and it["split"] == s) for s in ("dev", "test")}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fetch the eight domain corpora (and optionally the knowledge probes or the CoQA yes/no items).
 
-Thin command line over :mod:`gainsurgery_lab.corpora`; see its docstring for the
+Thin command line over :mod:`gainsurgery.corpora`; see its docstring for the
 sources, the cache layout and the split-file format. Examples::
 
     python scripts/fetch_domains.py                      # all eight domains
@@ -23,7 +23,8 @@ import click
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gainsurgery_lab import corpora as dom  # noqa: E402
+from gainsurgery import corpora as dom  # noqa: E402
+from gainsurgery_lab import probes, yesno as coqa  # noqa: E402
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 
 
@@ -69,15 +70,13 @@ def main(domain_list: str, out: Path | None, train_chars: int, val_chars: int,
             click.echo(dom.summary_table(entries))
             click.echo(f"written to {Path(out or dom.default_out())}")
         if want_probes:
-            from gainsurgery_lab import probes
-
             info = probes.fetch(force=force, log=log)
             click.echo(f"probes: {info['items']} items -> {probes.default_out() / probes.ITEMS_FILE}")
         if yesno:
-            info = dom.fetch_yesno(yesno_out, force=force, log=log)
+            info = coqa.fetch_yesno(yesno_out, force=force, log=log)
             click.echo(f"yes/no: {info['items']} items ({info['yes']} yes, {info['no']} no, "
                        f"{info['unanimous']} unanimous) from {info['stories']} CoQA stories -> "
-                       f"{Path(yesno_out or dom.default_yesno_out()) / dom.YESNO_FILE}")
+                       f"{Path(yesno_out or coqa.default_yesno_out()) / coqa.YESNO_FILE}")
     except GainSurgeryError as exc:
         try:
             fetched = dom.read_manifest(out)["domains"]

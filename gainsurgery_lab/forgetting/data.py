@@ -2,7 +2,7 @@
 
 A domain is given as
 
-- a built-in name (``legal``, ``code``, ... — the corpora of :mod:`gainsurgery.domains`,
+- a built-in name (``legal``, ``code``, ... — the corpora of :mod:`gainsurgery.corpora`,
   fetched once by ``scripts/fetch_domains.py``);
 - ``NAME=TRAIN_FILE[,VALID_FILE]`` with .txt (documents separated by two blank
   lines), .jsonl or .parquet files (``text`` field/column);
@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gainsurgery import corpora
 from gainsurgery.errors import GainSurgeryError
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -147,7 +148,6 @@ def _files_in_folder(name: str, folder: Path) -> tuple[Path, Path | None]:
 
 def builtin_domain(name: str, data_dir: Path | None = None) -> DomainSpec:
     """A built-in corpus (train + validation pooled; see the module docstring)."""
-    from gainsurgery_lab import corpora
 
     if name not in corpora.DOMAINS:
         raise ForgettingError(f"unknown built-in domain {name!r}; built-ins: {', '.join(corpora.DOMAINS)} "

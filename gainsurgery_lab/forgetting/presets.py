@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gainsurgery_lab import corpora, probes
+from gainsurgery_lab import probes, yesno
 from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain  # noqa: F401 (ForgettingError: the CLI's)
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label
 from gainsurgery_lab.forgetting.runner import ExperimentConfig
@@ -115,7 +115,7 @@ def make_config(*, out: str, preset: str | None = None, base: str | None = None,
     if "yesno" not in settings:
         settings["yesno"] = 0
     if settings.get("yesno"):
-        settings["yesno_file"] = str(corpora.default_yesno_out() / corpora.YESNO_FILE)
+        settings["yesno_file"] = str(yesno.default_yesno_out() / yesno.YESNO_FILE)
     if settings.pop("probes", False) and not settings.get("probe_file"):
         settings["probe_file"] = str(probes.default_out() / probes.ITEMS_FILE)
     cfg = ExperimentConfig(base=DEFAULT_BASE if base is None else base, out=out,
