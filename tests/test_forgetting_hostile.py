@@ -21,7 +21,8 @@ import torch
 from gainsurgery.io import jsonsafe
 from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.data import ForgettingError, _cut_long, parse_domain
-from gainsurgery_lab.forgetting.runner import Experiment, ExperimentConfig
+from gainsurgery_lab.forgetting.config import ExperimentConfig
+from gainsurgery_lab.forgetting.runner import Experiment
 from models import TEXT_A, TEXT_B, save_tiny_lm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "forgetting.py"
@@ -251,15 +252,15 @@ def test_two_plain_runs_never_share_a_folder_but_workers_do(world, tmp_path):
             Experiment(cfg, echo=None).execute()  # a plain run while workers hold it
         exp = Experiment(cfg, echo=None)
         exp.execute(worker=(0, 1))  # a worker shares the folder with other workers
-    key = exp.static_keys()[0]
-    assert exp.is_finished(key)
+    key = exp.plan.static_keys()[0]
+    assert exp.runs.is_finished(key)
     # a run another worker holds is skipped, not run twice
-    from gainsurgery_lab.forgetting.runner import RunKey
+    from gainsurgery_lab.forgetting.config import RunKey
 
     other = RunKey("gain-ffn", "stack", -3, 0)
-    exp.run_dir(other).mkdir(parents=True)
-    with hold_lock(exp.run_dir(other) / ".run.lock", what="test", error=ForgettingError):
-        assert exp.run(other) == [] and not (exp.run_dir(other) / "stage-1.json").exists()
+    exp.runs.run_dir(other).mkdir(parents=True)
+    with hold_lock(exp.runs.run_dir(other) / ".run.lock", what="test", error=ForgettingError):
+        assert exp.runs.run(other) == [] and not (exp.runs.run_dir(other) / "stage-1.json").exists()
 
 
 def test_planted_links_in_the_run_folder_are_never_written_through(world, tmp_path):
@@ -269,13 +270,13 @@ def test_planted_links_in_the_run_folder_are_never_written_through(world, tmp_pa
     exp.prepare()
     victim = tmp_path / "victim"
     victim.mkdir()
-    run = exp.run_dir(exp.static_keys()[0])
+    run = exp.runs.run_dir(exp.plan.static_keys()[0])
     run.mkdir(parents=True)
     (run / ".merged-1.tmp").symlink_to(victim)  # the temp name an older version used
     (run / "merged-1").symlink_to(victim)
     exp.execute()
     assert os.listdir(victim) == []
-    assert exp.is_finished(exp.static_keys()[0])
+    assert exp.runs.is_finished(exp.plan.static_keys()[0])
 
 
 # ------------------------------------------------------------------------------ damaged records

@@ -233,7 +233,8 @@ def test_probe_scoring_is_the_mean_log_probability_of_each_choice(tmp_path):
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """A tiny experiment with two selection seeds at every lr, a third at the chosen one, and the probes."""
-    from gainsurgery_lab.forgetting.runner import Experiment, ExperimentConfig
+    from gainsurgery_lab.forgetting.config import ExperimentConfig
+    from gainsurgery_lab.forgetting.runner import Experiment
 
     root = tmp_path_factory.mktemp("seeded")
     base = save_tiny_lm(root / "base", "llama", torch.bfloat16)
@@ -255,17 +256,17 @@ def seeded(tmp_path_factory):
 
 def test_every_lr_runs_with_the_selection_seeds_and_the_chosen_one_gets_the_third(seeded):
     exp = seeded
-    base = exp.base_scores()
+    base = exp.runs.base_scores()
     names = {p.name for p in (exp.out / "runs").iterdir()}
     for m, grid in (("gain-ffn", [-4, -3]), ("lora-matched", [-5, -4])):
         variant = "stack" if m == "gain-ffn" else "merge"
         for e in grid:
             assert {f"{m}__{variant}__lr{e}__s0", f"{m}__{variant}__lr{e}__s1"} <= names
-        sel = exp.selection(m, base)
+        sel = exp.plan.selection(m, base)
         # the runner's choice is the rule applied to the two seeds' dev scores
-        from gainsurgery_lab.forgetting.runner import RunKey
+        from gainsurgery_lab.forgetting.config import RunKey
 
-        scores = {e: [exp.dev_score(RunKey(m, variant, e, s), base) for s in (0, 1)] for e in grid}
+        scores = {e: [exp.plan.dev_score(RunKey(m, variant, e, s), base) for s in (0, 1)] for e in grid}
         assert sel.chosen == choose(scores, 2).chosen and sel.scores == scores
         third = {n for n in names if n.startswith(f"{m}__") and n.endswith("__s2")}
         assert third == {f"{m}__{variant}__lr{sel.chosen}__s2"}
@@ -283,7 +284,7 @@ def test_probes_score_the_base_on_every_item_and_the_chosen_runs_on_the_test_ite
     assert base["correct"] == [p == it["answer"] for p, it in zip(base["pred"], items)]
     probed = sorted(p.parent.name for p in (exp.out / "runs").glob("*/probes.json"))
     expect = sorted(f"{m}__{v}__lr{e}__s{s}" for m, v in (("gain-ffn", "stack"), ("lora-matched", "merge"))
-                    for e in exp.probed_lrs(m, exp.base_scores()) for s in range(3))
+                    for e in exp.plan.probed_lrs(m, exp.runs.base_scores()) for s in range(3))
     assert probed == expect
     rec = json.loads((exp.out / "runs" / probed[0] / "probes.json").read_text())
     assert set(rec["split"]) == {"test"} and rec["items"] == sum(it["split"] == "test" for it in items)
@@ -301,7 +302,7 @@ def test_report_shows_the_choice_and_the_probes_from_the_records(seeded, tmp_pat
     data = json.loads((out / "results.json").read_text())
     res = Results(out, resamples=200)
     for m in ("gain-ffn", "lora-matched"):
-        assert data["selection"][m]["chosen"] == seeded.chosen(m, seeded.base_scores())
+        assert data["selection"][m]["chosen"] == seeded.plan.chosen(m, seeded.runs.base_scores())
         assert data["chosen"][m] == res.chosen(m).name and res.chosen(m).seed == 0
     base = json.loads((out / "base_probes.json").read_text())
     info = data["probes_base"]
@@ -323,3 +324,62 @@ def test_report_shows_the_choice_and_the_probes_from_the_records(seeded, tmp_pat
     assert got["mcnemar"] == mcnemar_exact(mine, theirs)
     md = (out / "results.md").read_text()
     assert "## How each lr was chosen" in md and "## Knowledge probes" in md and "✓ chosen" in md
+
+
+# ------------------------------------------------------------------------------------ the matched curve
+
+
+def test_the_matched_curve_reads_both_seed_mean_fronts_at_the_same_in_domain_change(seeded, tmp_path):
+    import shutil
+
+    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.curves import front_points, matched_curve
+    from gainsurgery_lab.forgetting.stats import interpolate_at
+
+    out = tmp_path / "out"
+    shutil.copytree(seeded.out, out)
+    res = Results(out, resamples=200)
+    fa, fb = front_points(res, "gain-ffn"), front_points(res, "lora-matched")
+    for f, m in ((fa, "gain-ffn"), (fb, "lora-matched")):
+        for p in f:  # each point is the mean over every seed run at that lr
+            runs = [r for r in res.runs if r.method == m and r.e == p.e and not r.failed]
+            assert p.seeds == tuple(sorted(r.seed for r in runs)) and len(p.seeds) >= 2
+            assert p.x.point == pytest.approx(np.mean([r.metrics["in_domain"].point for r in runs]))
+    curve = matched_curve(res, "gain-ffn", "lora-matched", "earlier_vs_base", points=9)
+    print("CURVE", len(fa), len(fb), curve and curve["range"], curve and curve["fronts"])
+    if len(fa) < 2 or len(fb) < 2:
+        assert curve is None
+        return
+    if curve["range"] is None:  # the fronts do not overlap: said so, nothing read
+        assert curve["segments"] == []
+        return
+    lo, hi = curve["range"]
+    assert lo == pytest.approx(max(min(p.x.point for p in fa), min(p.x.point for p in fb)))
+    assert hi == pytest.approx(min(max(p.x.point for p in fa), max(p.x.point for p in fb)))
+    for x, d in zip(curve["x"], curve["diff"]):
+        ya = interpolate_at([p.x.point for p in fa], [p.ys["earlier_vs_base"].point for p in fa], x)
+        yb = interpolate_at([p.x.point for p in fb], [p.ys["earlier_vs_base"].point for p in fb], x)
+        assert d["value"] == pytest.approx(ya - yb)
+        assert d["lo"] <= d["value"] <= d["hi"]
+    for s in curve["segments"]:
+        inside = [d for x, d in zip(curve["x"], curve["diff"]) if s["from"] <= x <= s["to"]]
+        if s["better"] == "gain-ffn":
+            assert all(d["hi"] < 0 for d in inside)
+        elif s["better"] == "lora-matched":
+            assert all(d["lo"] > 0 for d in inside)
+        else:
+            assert all(d["lo"] <= 0 <= d["hi"] for d in inside)
+    paths = write_report(out, resamples=200)
+    assert (out / "matched.png") in paths
+    assert "## Matched curves" in (out / "results.md").read_text()
+
+
+def test_matched_curve_segments_name_who_is_better_where():
+    from gainsurgery_lab.forgetting.curves import _segments
+
+    xs = np.array([-20.0, -18.0, -16.0, -14.0])
+    diffs = [{"value": -5, "lo": -7, "hi": -3}, {"value": -4, "lo": -6, "hi": -1},
+             {"value": -1, "lo": -3, "hi": 1}, {"value": 3, "lo": 1, "hi": 5}]
+    segs = _segments(xs, diffs, "a", "b")
+    assert [(s["from"], s["to"], s["better"]) for s in segs] == [(-20, -18, "a"), (-16, -16, None), (-14, -14, "b")]
+    assert segs[0]["diff_min"] == -5 and segs[0]["diff_max"] == -4

@@ -8,7 +8,7 @@ from typing import Any
 from gainsurgery_lab import probes, yesno
 from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain  # noqa: F401 (ForgettingError: the CLI's)
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label
-from gainsurgery_lab.forgetting.runner import ExperimentConfig
+from gainsurgery_lab.forgetting.config import ExperimentConfig
 from gainsurgery_lab.forgetting.selection import TIE_RULE
 
 DEFAULT_BASE = "embedded:gemma-3-270m"
