@@ -39,6 +39,12 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _alphas(text: str) -> list[float]:
+    from gainsurgery_lab.forgetting.alpha import parse_alphas
+
+    return parse_alphas(text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Sequential adaptation over several domains: how much does each method forget, at matched gain?"""
@@ -72,7 +78,10 @@ def main() -> None:
 @click.option("--yesno", type=int, default=None, help="Yes/no items (CoQA) for the chosen runs; 0 to skip.")
 @click.option("--probes/--no-probes", "use_probes", default=None,
               help="Knowledge probes (python scripts/fetch_domains.py --probes) for the base and the chosen runs.")
-@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,probes,extras (or none).")
+@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,probes,extras,alpha (or none).")
+@click.option("--alphas", default=None, metavar="A1,A2,...",
+              help="The α-front (phase alpha): the chosen run of each seed method scored at s^α (gains) or "
+                   "base + α·delta (adapters), no training; e.g. 0.25,0.5,0.75,1.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built-in corpora cache (default ~/.cache/gainsurgery/domains).")
 @click.option("--text-field", default="text", show_default=True,
@@ -86,7 +95,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
 def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
-        select_seeds, use_probes, steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
+        select_seeds, use_probes, alphas, steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
         max_extensions, stop_after, dry_run, progress):
     """Run (or resume) the experiment into OUT."""
     from gainsurgery_lab.forgetting.runner import Experiment
@@ -100,6 +109,7 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             front_methods=_csv(methods), seed_methods=_csv(seed_methods), extra_methods=_csv(extra_methods),
             variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds,
             select_seeds=select_seeds, probes=use_probes, steps=steps,
+            alphas=None if alphas is None else _alphas(alphas),
             batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
             yesno=yesno, phases=[] if phases == "none" else _csv(phases), data_dir=data_dir, progress=progress,
             max_extensions=max_extensions,
@@ -125,7 +135,7 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
 @click.option("--out", required=True, help="Experiment folder.")
 def report(out):
     """Write results.json, results.md and the plots from what has finished so far."""
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     try:
         paths = write_report(Path(out))
@@ -145,7 +155,7 @@ def compare(out, run_a, run_b):
     RUN_A and RUN_B are run folder names under OUT/runs (e.g. gain-ffn__stack__lr-5__s0):
     any two, also off the chosen lrs, e.g. to compare at nearly equal in-domain change.
     """
-    from gainsurgery_lab.forgetting.analysis import compare_runs
+    from gainsurgery_lab.forgetting.report import compare_runs
 
     try:
         click.echo(compare_runs(Path(out), run_a, run_b))

@@ -361,7 +361,7 @@ def test_changed_settings_refuse_the_folder(tiny_experiment):
 
 
 def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     exp = tiny_experiment
     paths = write_report(exp.out, resamples=200)
@@ -395,7 +395,8 @@ def test_report_averages_the_chosen_points_over_seeds_and_pairs_methods(tiny_exp
     import dataclasses
     import shutil
 
-    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import write_report
     from gainsurgery_lab.forgetting.runner import Experiment
 
     out = tmp_path / "out"
@@ -502,7 +503,8 @@ def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
 def test_compare_two_runs_with_paired_intervals(tiny_experiment):
     import re
 
-    from gainsurgery_lab.forgetting.analysis import Results, compare_runs
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import compare_runs
     from gainsurgery_lab.forgetting.data import ForgettingError
 
     exp = tiny_experiment

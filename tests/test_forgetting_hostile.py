@@ -330,7 +330,7 @@ def test_report_cli_on_a_damaged_folder_and_links_out(finished, tmp_path):
 
 
 def test_report_is_strict_json_and_written_whole_or_not_at_all(finished, tmp_path):
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     out = _copy(finished, tmp_path / "out")
     write_report(out, resamples=50)
@@ -365,7 +365,7 @@ def test_records_that_parse_but_lie_are_refused(finished, tmp_path, rel, fn, mat
 
 
 def test_optional_fields_may_be_null_or_missing(finished, tmp_path):
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     out = _copy(finished, tmp_path / "out")
     run = "runs/gain-ffn__stack__lr-4__s0"

@@ -293,7 +293,8 @@ def test_probes_score_the_base_on_every_item_and_the_chosen_runs_on_the_test_ite
 def test_report_shows_the_choice_and_the_probes_from_the_records(seeded, tmp_path):
     import shutil
 
-    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import write_report
     from gainsurgery_lab.forgetting.stats import mcnemar_exact, wilson_interval
 
     out = tmp_path / "out"
@@ -332,7 +333,8 @@ def test_report_shows_the_choice_and_the_probes_from_the_records(seeded, tmp_pat
 def test_the_matched_curve_reads_both_seed_mean_fronts_at_the_same_in_domain_change(seeded, tmp_path):
     import shutil
 
-    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import write_report
     from gainsurgery_lab.forgetting.curves import front_points, matched_curve
     from gainsurgery_lab.forgetting.stats import interpolate_at
 
@@ -346,7 +348,6 @@ def test_the_matched_curve_reads_both_seed_mean_fronts_at_the_same_in_domain_cha
             assert p.seeds == tuple(sorted(r.seed for r in runs)) and len(p.seeds) >= 2
             assert p.x.point == pytest.approx(np.mean([r.metrics["in_domain"].point for r in runs]))
     curve = matched_curve(res, "gain-ffn", "lora-matched", "earlier_vs_base", points=9)
-    print("CURVE", len(fa), len(fb), curve and curve["range"], curve and curve["fronts"])
     if len(fa) < 2 or len(fb) < 2:
         assert curve is None
         return
@@ -383,3 +384,59 @@ def test_matched_curve_segments_name_who_is_better_where():
     segs = _segments(xs, diffs, "a", "b")
     assert [(s["from"], s["to"], s["better"]) for s in segs] == [(-20, -18, "a"), (-16, -16, None), (-14, -14, "b")]
     assert segs[0]["diff_min"] == -5 and segs[0]["diff_max"] == -4
+
+
+# ------------------------------------------------------------------------------------ the α-front
+
+
+def test_the_alpha_front_scales_a_finished_run_and_alpha_one_is_the_run_itself(seeded, tmp_path):
+    import dataclasses
+    import shutil
+
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.config import RunKey
+    from gainsurgery_lab.forgetting.curves import alpha_fronts
+    from gainsurgery_lab.forgetting.report import write_report
+    from gainsurgery_lab.forgetting.runner import Experiment
+
+    out = tmp_path / "out"
+    shutil.copytree(seeded.out, out)
+    cfg = dataclasses.replace(seeded.cfg, out=str(out), phases=["alpha"], alphas=[0.5, 1.0])
+    exp = Experiment(cfg, echo=None)
+    exp.execute()
+    base = exp.runs.base_scores()
+    for m, variant in (("gain-ffn", "stack"), ("lora-matched", "merge")):
+        key = RunKey(m, variant, exp.plan.chosen(m, base), 0)
+        stages = exp.runs.stages_done(key)
+        for k, st in enumerate(stages, start=1):
+            one = json.loads((out / "alpha" / key.name / "a1" / f"stage-{k}.json").read_text())
+            half = json.loads((out / "alpha" / key.name / "a0.5" / f"stage-{k}.json").read_text())
+            assert set(one["test_nll"]) == set(st["test_nll"]) and one["alpha"] == 1.0
+            for d, v in st["test_nll"].items():
+                # gains: s^1 is s, the same merged model; adapters: base + 1·delta, rounded once more
+                assert one["test_nll"][d] == pytest.approx(v, rel=1e-9 if m == "gain-ffn" else 2e-3)
+                assert half["test_nll"][d] != pytest.approx(v, rel=1e-6)
+        assert not list((out / "alpha" / key.name).glob("*/merged-*"))  # scaled models are not kept
+    res = Results(out, resamples=200)
+    fronts = alpha_fronts(res)
+    assert len(fronts) == 2
+    for name, f in fronts.items():
+        assert [row["alpha"] for row in f["rows"]] == [0.5, 1.0]
+        run = next(r for r in res.runs if r.name == name)
+        one = f["rows"][1]
+        assert one["in_domain"]["value"] == pytest.approx(run.metrics["in_domain"].point, abs=0.5)
+    write_report(out, resamples=200)
+    assert "## The α-front" in (out / "results.md").read_text()
+    scored = (out / "log.txt").read_text().count("alpha: ")
+    assert scored == 2 * 2 * 2  # two runs, two α, two stages
+    Experiment(cfg, echo=None).execute()  # resumable: nothing is scored twice
+    assert (out / "log.txt").read_text().count("alpha: ") == scored
+
+
+def test_alphas_are_checked():
+    from gainsurgery_lab.forgetting.alpha import alpha_label, parse_alphas
+
+    assert parse_alphas("0.25, 0.5,1") == [0.25, 0.5, 1.0] and alpha_label(0.5) == "a0.5" and alpha_label(1.0) == "a1"
+    for bad in ("", "0", "-1", "nan", "0.5,0.5", "x", "17"):
+        with pytest.raises(ForgettingError, match="--alphas"):
+            parse_alphas(bad)

@@ -16,6 +16,7 @@ from typing import Any
 
 from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT, lr_label, lr_of
+from gainsurgery.io.inputs import classify_base_spec
 
 FORMAT = "gainsurgery.forgetting/2"
 
@@ -49,6 +50,8 @@ class ExperimentConfig:
     yesno_max_tokens: int = 384
     #: knowledge probe items (gainsurgery_lab.probes); None: no probes
     probe_file: str | None = None
+    #: strengths of the α-front (alpha.py): the chosen run of each seed method dialled to s^α, scored
+    alphas: list[float] = field(default_factory=list)
     dtype: str = "float32"
     phases: list[str] = field(default_factory=lambda: ["fronts", "seeds", "yesno", "probes", "extras"])
     progress: bool = False
@@ -100,6 +103,10 @@ class ExperimentConfig:
         unknown = set(self.phases) - set(PHASES)
         if unknown:
             raise ForgettingError(f"unknown phase(s) {sorted(unknown)}; phases are {', '.join(PHASES)}")
+        if not isinstance(self.alphas, list) or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and 0 < a <= 16
+                for a in self.alphas) or len(set(self.alphas)) != len(self.alphas):
+            raise ForgettingError("--alphas: give distinct numbers in (0, 16]")
         if type(self.select_seeds) is not int or not 1 <= self.select_seeds <= self.seeds:
             raise ForgettingError(f"--select-seeds must be an integer from 1 to --seeds ({self.seeds}), "
                                   f"got {self.select_seeds!r}")
@@ -128,7 +135,7 @@ class ExperimentConfig:
         return self.deadline is not None and time.time() > self.deadline
 
 
-PHASES = ("fronts", "seeds", "yesno", "probes", "extras")
+PHASES = ("fronts", "seeds", "yesno", "probes", "extras", "alpha")
 
 #: Upper limits of the settings (far above any real run; they keep typos from meaning years).
 MAX_STEPS = 10_000_000
@@ -143,7 +150,6 @@ MAX_WINDOW_TOKENS = 50_000_000
 
 def _normal_base(base: str) -> str:
     """A local base path without a trailing slash or ``./`` (the same folder compares equal)."""
-    from gainsurgery.io.inputs import classify_base_spec
 
     try:
         local = classify_base_spec(base, error=ForgettingError).kind == "local"

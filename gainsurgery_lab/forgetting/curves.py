@@ -27,6 +27,7 @@ import numpy as np
 
 from gainsurgery_lab.forgetting.methods import METHODS
 from gainsurgery_lab.forgetting.stats import Estimate, efficient_prefix, interpolate_estimate, seed_mean_estimate
+from gainsurgery.io.outputs import atomic_file
 
 if TYPE_CHECKING:
     from gainsurgery_lab.forgetting.analysis import Results
@@ -142,6 +143,63 @@ def all_curves(res: "Results") -> dict[str, dict[str, Any]]:
     return out
 
 
+def alpha_fronts(res: "Results") -> dict[str, Any]:
+    """Each α-front (alpha.py) against the lr-front of its own method and seed, at the same in-domain change.
+
+    For every α of a source run: its in-domain change and forgetting metrics, and the
+    difference y_α − y_lr(x_α) to the lr-front (that method's runs of the same seed, over
+    its lrs up to the best in-domain one) read at the α point's own in-domain change,
+    paired over documents (one seed: no seed term). ``matches`` is True where the 95%
+    interval holds 0; None where the lr-front does not reach that in-domain change.
+    """
+    out: dict[str, Any] = {}
+    for name, by_alpha in res.alpha_runs.items():
+        src = next(r for r in res.runs if r.name == name)
+        variant = METHODS[src.method].default_variant
+        front = sorted([r for r in res.runs if r.method == src.method and r.variant == variant
+                        and r.seed == src.seed and not r.failed and r.metrics], key=lambda r: r.e)
+        front = front[:efficient_prefix([r.metrics["in_domain"].point for r in front])]
+        rows = []
+        for alpha, run in sorted(by_alpha.items()):
+            row: dict[str, Any] = {"alpha": alpha, "in_domain": run.metrics["in_domain"].as_dict(), "metrics": {}}
+            for key, _ in CURVE_METRICS:
+                if key not in run.metrics:
+                    continue
+                cell: dict[str, Any] = {"value": run.metrics[key].as_dict(), "vs_lr_front": None, "matches": None}
+                pts = [r for r in front if key in r.metrics]
+                if len(pts) >= 2:
+                    y_lr = interpolate_estimate([r.metrics["in_domain"] for r in pts], [r.metrics[key] for r in pts],
+                                                run.metrics["in_domain"])
+                    if math.isfinite(y_lr.point):
+                        d = (run.metrics[key] - y_lr).as_dict()
+                        cell["vs_lr_front"] = d
+                        cell["matches"] = bool(d["lo"] <= 0 <= d["hi"])
+                row["metrics"][key] = cell
+            rows.append(row)
+        out[name] = {"method": src.method, "lr_exponent": src.e, "seed": src.seed, "lr_front": [r.e for r in front],
+                     "rows": rows}
+    return out
+
+
+def alpha_lines(fronts: dict[str, Any]) -> list[str]:
+    """Markdown rows: per source run and α, in-domain change, each metric and its difference to the lr-front."""
+    lines = []
+    for name, f in fronts.items():
+        for row in f["rows"]:
+            cells = []
+            for key, _ in CURVE_METRICS:
+                c = row["metrics"].get(key)
+                if c is None:
+                    cells.append("—")
+                    continue
+                v = c["value"]["value"]
+                d = c["vs_lr_front"]
+                cells.append(f"{v:+.1f} (vs lr-front " + ("n/r" if d is None else
+                             f"{d['value']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]") + ")")
+            lines.append(f"| {name} | {row['alpha']:g} | {row['in_domain']['value']:+.1f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdict_lines(curves: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown: per pair and metric, the stretches of in-domain change where each method forgets less."""
     labels = dict(CURVE_METRICS)
@@ -172,8 +230,6 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Any) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gainsurgery.io.outputs import atomic_file
 
     fig, axes = plt.subplots(len(pairs), len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.2 * len(pairs)),
                              squeeze=False)

@@ -46,6 +46,8 @@ import numpy as np
 
 from gainsurgery import corpora
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.io.inputs import resolve_input
+from gainsurgery.training.data import DOC_SEPARATOR, adds_bos, pack, read_documents
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 VALID_STEMS = ("validation", "valid", "val", "test", "dev")
@@ -130,7 +132,6 @@ def parse_domain(arg: str, data_dir: Path | None = None, text_field: str = "text
 
 
 def _files_in_folder(name: str, folder: Path) -> tuple[Path, Path | None]:
-    from gainsurgery.io.inputs import resolve_input
 
     def find(stems: Sequence[str]) -> Path | None:
         for stem in stems:
@@ -199,7 +200,6 @@ def take_windows(tokenizer: Any, docs: Sequence[str], order: Sequence[int], seq_
     At most two windows per unit; a unit is one long document or a group of short
     ones packed EOS-joined into one window.
     """
-    from gainsurgery.training.data import adds_bos
 
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     eos = tokenizer.eos_token_id
@@ -288,7 +288,6 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
     Raises:
         ForgettingError: the domain is empty or too short for the windows asked.
     """
-    from gainsurgery.training.data import DOC_SEPARATOR, pack, read_documents
 
     try:
         train_docs = _cut_long(read_documents(spec.train, spec.text_field))

@@ -14,6 +14,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from gainsurgery.training.data import adds_bos
 
 
 def encode(tokenizer: Any, items: Sequence[dict], bos: list[int]) -> list[tuple[int, int, list[int], int]]:
@@ -36,8 +37,6 @@ def score_items(model: Any, tokenizer: Any, items: Sequence[dict], device: str =
     with ``seconds`` and ``cpu_seconds``.
     """
     import torch
-
-    from gainsurgery.training.data import adds_bos
 
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     seqs = encode(tokenizer, items, bos)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gainsurgery_lab.forgetting import records
+from gainsurgery_lab.forgetting.alpha import AlphaFront
 from gainsurgery_lab.forgetting.config import ExperimentConfig, RunKey, _config_record, _normal_base
 from gainsurgery_lab.forgetting.data import ForgettingError, PreparedDomain, prepare_domain
 from gainsurgery_lab.forgetting.methods import METHODS
@@ -42,6 +43,12 @@ from gainsurgery_lab.forgetting.plan import Plan
 from gainsurgery_lab.forgetting.records import load_domain, save_domain
 from gainsurgery_lab.forgetting.scoring import Scorer
 from gainsurgery_lab.forgetting.stages import Runs
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.hashing import sha256_file
+from gainsurgery.io.inputs import open_input
+from gainsurgery.io.outputs import check_output, hold_lock, open_log_file
+from gainsurgery.sources import resolve_base
+from gainsurgery.training.modeling import load_tokenizer
 
 
 class Experiment:
@@ -55,7 +62,6 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, echo: Callable[[str], None] | None = print) -> None:
         """Check the configuration and the folder; nothing is written until :meth:`prepare` (``write``)."""
-        from gainsurgery.sources import resolve_base
 
         cfg.validate()
         if not cfg.progress:  # the log says what runs; per-load bars would drown it
@@ -70,7 +76,6 @@ class Experiment:
         self.base_folder = resolve_base(cfg.base)
         # The experiment folder is reused (resumable) but never "", ".", the home folder, the
         # base or a data file, nor around or inside one; and only if it is new, empty or ours.
-        from gainsurgery.io.outputs import check_output
 
         data = [p for d in (*cfg.sequence, *cfg.extra_eval) for p in d.files()]
         check_output(self.out, inputs=[self.base_folder, *data], kind="folder", overwrite=True, what="--out",
@@ -94,7 +99,6 @@ class Experiment:
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         if (self.out / "experiment.json").is_file():  # only into a folder that is ours
-            from gainsurgery.io.outputs import open_log_file
 
             with open_log_file(self.out / "log.txt", append=True, what="the experiment log",
                                error=ForgettingError) as f:
@@ -135,7 +139,6 @@ class Experiment:
 
     def _sources(self) -> dict[str, list[str]]:
         """sha256 of each domain's data files, in order (what its frozen split was made from)."""
-        from gainsurgery.io.hashing import sha256_file
 
         if not hasattr(self, "_source_digests"):
             self._source_digests = {d.name: [sha256_file(f) for f in d.files()]
@@ -145,7 +148,6 @@ class Experiment:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from gainsurgery.training.modeling import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.base_folder)
         return self._tokenizer
@@ -233,7 +235,6 @@ class Experiment:
         self.log(f"experiment: {' -> '.join(self.sequence)}; scored on {', '.join(self.columns)}; "
                  f"{c.steps} steps x {c.batch_size} x {c.seq_len} tokens per stage; phases {', '.join(c.phases)}"
                  + (f"; worker {worker[0]}/{worker[1]}" if worker else ""))
-        from gainsurgery.io.outputs import hold_lock
 
         self.prepare(write=False)  # every domain checked before the folder is touched
         self.out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +287,12 @@ class Experiment:
                 for e in self.plan.probed_lrs(m, base):
                     for s in range(c.seeds):
                         self.runs.run_probes(RunKey(m, METHODS[m].default_variant, e, s))
+        if "alpha" in c.phases and c.alphas:
+            front = AlphaFront(self)
+            for m in c.seed_methods:
+                e = self.plan.chosen(m, base)
+                if e is not None:
+                    front.run(RunKey(m, METHODS[m].default_variant, e, 0), sorted(c.alphas))
         if "extras" in c.phases:
             for v in c.variants:
                 m, _, var = v.partition(":")
@@ -323,8 +330,6 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def _max_positions(base: Path) -> int | None:
     """The base model's position limit from its ``config.json`` (None when it states none)."""
-    from gainsurgery.io import jsonsafe
-    from gainsurgery.io.inputs import open_input
 
     try:
         with open_input(base, "config.json", error=ForgettingError) as f:

@@ -15,6 +15,12 @@ import numpy as np
 
 from gainsurgery_lab.forgetting.config import Room
 from gainsurgery_lab.forgetting.data import ForgettingError
+from gainsurgery.errors import GainSurgeryError
+from gainsurgery.training.data import adds_bos
+from gainsurgery.training.evaluation import read_yesno, yesno_prompt
+from gainsurgery.training.modeling import load_causal_lm
+from gainsurgery_lab.forgetting.probing import score_items
+from gainsurgery_lab.probes import read_items
 
 
 class Scorer(Room):
@@ -32,7 +38,6 @@ class Scorer(Room):
         return self._device
 
     def _load(self, folder: Path) -> Any:
-        from gainsurgery.training.modeling import load_causal_lm
 
         return load_causal_lm(folder, self.cfg.dtype).to(self.device)
 
@@ -60,9 +65,6 @@ class Scorer(Room):
             gc.collect()
 
     def yesno_items(self) -> list[dict[str, str]]:
-        from gainsurgery.training.evaluation import read_yesno
-
-        from gainsurgery.errors import GainSurgeryError
 
         try:
             items = read_yesno(self.cfg.yesno_file)
@@ -76,9 +78,6 @@ class Scorer(Room):
     def yesno(self, folder: Path) -> dict[str, Any]:
         """Per-item yes/no predictions (" yes" vs " no" next-token log-likelihood)."""
         import torch
-
-        from gainsurgery.training.data import adds_bos
-        from gainsurgery.training.evaluation import yesno_prompt
 
         tok = self.tokenizer
         yes = tok(" yes", add_special_tokens=False)["input_ids"][0]
@@ -107,9 +106,6 @@ class Scorer(Room):
 
     def probe_items(self) -> list[dict]:
         """The probe items (checked), in file order."""
-        from gainsurgery_lab.probes import read_items
-
-        from gainsurgery.errors import GainSurgeryError
 
         try:
             return read_items(self.cfg.probe_file)
@@ -118,7 +114,6 @@ class Scorer(Room):
 
     def probe(self, folder: Path, splits: tuple[str, ...]) -> dict[str, Any]:
         """Per-item answers of the checkpoint in ``folder`` on the probe items of ``splits``."""
-        from gainsurgery_lab.forgetting.probing import score_items
 
         items = [it for it in self.probe_items() if it["split"] in splits]
         model = self._load(folder)

@@ -25,6 +25,14 @@ from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.config import Room, RunKey
 from gainsurgery_lab.forgetting.data import ForgettingError
 from gainsurgery_lab.forgetting.methods import METHODS, Method
+from gainsurgery.errors import TrainingError
+from gainsurgery.gainfile import load, stack
+from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
+from gainsurgery.io.outputs import claim_folder, hold_lock, remove_tree, write_file
+from gainsurgery.merge import apply
+from gainsurgery.merge.provenance import OUTPUT_FILES
+from gainsurgery.training import TrainConfig, train
+from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
 
 
 def peak_rss_mib() -> float:
@@ -128,7 +136,6 @@ class Runs(Room):
         if d.is_symlink():
             raise ForgettingError(f"{d}: is a symbolic link, not a run folder of this experiment; remove it")
         d.mkdir(parents=True, exist_ok=True)
-        from gainsurgery.io.outputs import hold_lock
 
         # parallel workers share the folder (a plain run holds it alone): one runs a sequence, the others skip it
         with hold_lock(d / ".run.lock", what=f"run {key.name}", busy_ok=True, error=ForgettingError) as mine:
@@ -167,8 +174,6 @@ class Runs(Room):
         return self.run_dir(key) / (name + ".safetensors" if method.family == "gain" else name)
 
     def _stage(self, key: RunKey, method: Method, k: int, done: list[dict]) -> dict[str, Any]:
-        from gainsurgery.errors import TrainingError
-        from gainsurgery.training import TrainConfig, train
 
         d = self.run_dir(key)
         domain = self.domains[self.sequence[k]]
@@ -241,7 +246,6 @@ class Runs(Room):
         return self.columns if k == len(self.sequence) - 1 else self.sequence[:k + 1]
 
     def _gain_stats(self, key: RunKey, k: int) -> dict[str, float]:
-        from gainsurgery.gainfile import load, stack
 
         this = load(self._artifact(key, k), allow_negative=True)
         files = [load(self._artifact(key, i), allow_negative=True) for i in range(k + 1)]
@@ -279,7 +283,6 @@ class Runs(Room):
                                       "to rerun it")
             os.replace(art, dst)  # the fine-tuned checkpoint is the merged model
             art.mkdir()
-            from gainsurgery.io.outputs import write_file
 
             write_file(art / "MOVED", f"moved to {dst.name}\n", error=ForgettingError)
 
@@ -290,7 +293,6 @@ class Runs(Room):
         records those weights as its base: applying the product of the stages to the base
         is the design here, so the base fingerprints are not required to match.
         """
-        from gainsurgery.merge import apply
 
         apply(str(self.base_folder), files, dst, overwrite=True, allow_negative=True, allow_base_mismatch=True,
               warn=lambda message: None)
@@ -354,12 +356,6 @@ def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
     import torch
     from peft import PeftModel
 
-    from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
-    from gainsurgery.merge.provenance import OUTPUT_FILES
-    from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
-
-    from gainsurgery.io.outputs import claim_folder
-
     model = PeftModel.from_pretrained(load_causal_lm(prev, "float32"), adapter)
     merged = model.merge_and_unload().to(getattr(torch, checkpoint_dtype(prev)))
     # written into a claimed temp (unguessable, never through a link) and published whole
@@ -382,7 +378,6 @@ def _peft_summary(out: Path, rel: str) -> dict[str, Any]:
 
 def _remove(path: Path) -> None:
     """Delete a file, link or folder of this experiment's own (a link itself, never what it points to)."""
-    from gainsurgery.io.outputs import remove_tree
 
     if path.is_symlink() or path.is_file():
         path.unlink()
