@@ -440,3 +440,23 @@ def test_alphas_are_checked():
     for bad in ("", "0", "-1", "nan", "0.5,0.5", "x", "17"):
         with pytest.raises(ForgettingError, match="--alphas"):
             parse_alphas(bad)
+
+
+def test_run_exits_3_when_stop_after_cuts_it_and_0_when_complete(seeded, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "forgetting.py"
+    cfg = seeded.cfg
+    args = [sys.executable, str(script), "run", "--out", str(tmp_path / "out"), "--base", cfg.base,
+            "--domain", f"a={cfg.sequence[0].train}", "--domain", f"b={cfg.sequence[1].train}",
+            "--methods", "gain-ffn", "--seed-methods", "gain-ffn", "--extra-methods", "", "--variants", "",
+            "--grid", "gain-ffn=-4", "--seeds", "1", "--max-extensions", "0", "--steps", "1", "--batch-size", "2",
+            "--seq-len", "32", "--test-windows", "6", "--dev-windows", "4", "--yesno", "0", "--no-probes"]
+    cut = subprocess.run([*args, "--stop-after", "0"], capture_output=True, text=True, timeout=600)
+    assert cut.returncode == 3, cut.stderr
+    assert "rerun the same command to continue" in cut.stdout
+    assert not list((tmp_path / "out").glob("runs/*/stage-1.json"))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "runs" / "gain-ffn__stack__lr-4__s0" / "stage-2.json").is_file()

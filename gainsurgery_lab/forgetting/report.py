@@ -269,7 +269,21 @@ def _selection_lines(res: Results) -> list[str]:
         if sel.best is not None:
             lines.append(f"| {m} | | | threshold {sel.threshold:+.4f} | sd at best {sel.sd_best:.4f} | "
                          f"margin {sel.margin:.4f} |")
-    return lines
+    notes = []
+    for m in res.methods():
+        sel = res.selection(m)
+        if sel.chosen is None:
+            continue
+        for side, e in sel.neighbours(sel.chosen).items():
+            if e is None or not math.isfinite(sel.mean[e]):
+                continue
+            gap = sel.mean[e] - sel.mean[sel.chosen]
+            noise = max(sel.sd[sel.chosen], sel.sd[e])
+            verdict = ("within noise: the seeds cannot tell them apart, read both rows" if abs(gap) <= noise
+                       else "beyond the seeds' sd")
+            notes.append(f"- {m}: the {side} neighbour {lr_label(e)} scores {gap:+.4f} against the chosen "
+                         f"{lr_label(sel.chosen)} (seed sd {noise:.4f}): {verdict}.")
+    return lines + ([""] + notes if notes else [])
 
 
 def _probe_lines(res: Results, summary: dict[str, Any]) -> list[str]:
