@@ -49,6 +49,8 @@ MANIFEST_FORMAT = "gainsurgery.probes/1"
 #: Bumped when items change, so a cached file is rebuilt.
 ITEMS_VERSION = 2
 CHOICES = 4
+#: periodictable's core.py is about 40 KB; anything far larger is not the file we know.
+MAX_SOURCE_BYTES = 4 << 20
 COUNTRIES_SPEC = "countries-list@3.4.1"
 ELEMENTS_SPEC = "periodictable==2.1.0"
 PROBES = ("capital", "continent", "language", "currency", "element")
@@ -145,7 +147,7 @@ def parse_element_base(source: str) -> dict[int, tuple]:
     """
     try:
         body = ast.parse(source).body
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
         raise ProbeError("periodictable/core.py: not Python (layout changed?)") from None
     for node in body:
         target = node.target if isinstance(node, ast.AnnAssign) else (
@@ -189,8 +191,10 @@ def fetch(out: Path | None = None, *, force: bool = False, log: Callable[[str], 
             say(f"probes: fetching {ELEMENTS_SPEC} (PyPI)")
             wheel = pip_download(ELEMENTS_SPEC, work / "dl-pypi")
             root = unpack(wheel, work / "x-pypi", lambda n: n.endswith("periodictable/core.py"))
-            items += element_items(parse_element_base(find_one(root, "**/periodictable/core.py")
-                                                      .read_text(encoding="utf-8")))
+            core = find_one(root, "**/periodictable/core.py")
+            if core.stat().st_size > MAX_SOURCE_BYTES:
+                raise ProbeError(f"periodictable/core.py: {core.stat().st_size:,} bytes, more than a table needs")
+            items += element_items(parse_element_base(core.read_text(encoding="utf-8", errors="replace")))
         write_file(target, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), error=ProbeError)
         counts = {p: {s: sum(1 for it in items if it["probe"] == p and it["split"] == s) for s in ("dev", "test")}
                   for p in PROBES}

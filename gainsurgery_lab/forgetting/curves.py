@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +29,8 @@ from gainsurgery_lab.forgetting.methods import METHODS
 from gainsurgery_lab.forgetting.stats import Estimate, efficient_prefix, interpolate_estimate, seed_mean_estimate
 from gainsurgery.io.outputs import atomic_file
 
-if TYPE_CHECKING:
-    from gainsurgery_lab.forgetting.analysis import Results
+#: ``res`` below is a :class:`gainsurgery_lab.forgetting.analysis.Results` (which imports this module).
+Results = Any
 
 #: The forgetting metrics a curve is drawn for (key, label).
 CURVE_METRICS = (("earlier_vs_base", "earlier vs base"), ("earlier_vs_own", "earlier vs own stage"),
@@ -56,7 +56,7 @@ def method_seed(method: str) -> int:
     return zlib.crc32(method.encode())
 
 
-def front_points(res: "Results", method: str) -> list[FrontPoint]:
+def front_points(res: Results, method: str) -> list[FrontPoint]:
     """``method``'s front over every seed run at each lr, up to its lr of best mean in-domain change."""
     variant = METHODS[method].default_variant
     by_lr: dict[int, list] = {}
@@ -74,7 +74,7 @@ def front_points(res: "Results", method: str) -> list[FrontPoint]:
     return points[:efficient_prefix([p.x.point for p in points])]
 
 
-def matched_curve(res: "Results", a: str, b: str, key: str, points: int = CURVE_POINTS) -> dict[str, Any] | None:
+def matched_curve(res: Results, a: str, b: str, key: str, points: int = CURVE_POINTS) -> dict[str, Any] | None:
     """D(x) = y_A(x) − y_B(x) for metric ``key`` over the in-domain range both fronts cover.
 
     Returns None when either front has fewer than two points with ``key``; otherwise
@@ -131,7 +131,7 @@ def _segments(xs: np.ndarray, diffs: list[dict[str, float]], a: str, b: str) -> 
     return segs
 
 
-def all_curves(res: "Results") -> dict[str, dict[str, Any]]:
+def all_curves(res: Results) -> dict[str, dict[str, Any]]:
     """Every pair of front methods (in METHODS order) and every curve metric: ``"A - B" -> key -> curve``."""
     methods = [m for m in res.methods() if METHODS[m].extend]
     out: dict[str, dict[str, Any]] = {}
@@ -143,7 +143,7 @@ def all_curves(res: "Results") -> dict[str, dict[str, Any]]:
     return out
 
 
-def alpha_fronts(res: "Results") -> dict[str, Any]:
+def alpha_fronts(res: Results) -> dict[str, Any]:
     """Each α-front (alpha.py) against the lr-front of its own method and seed, at the same in-domain change.
 
     For every α of a source run: its in-domain change and forgetting metrics, and the
