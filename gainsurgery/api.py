@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from gainsurgery.training import TrainConfig, TrainResult
     from gainsurgery.training.hooks import GainHooks
 
-__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "invert_gain", "load_gain",
+__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "invert_gain", "load_gain", "power_gain",
            "push", "save_gain", "stack_gains", "targets", "train", "verify"]
 
 
@@ -159,6 +159,29 @@ def invert_gain(gain: GainFile | str | os.PathLike[str]) -> GainFile:
     if path is not None:
         inv.metadata["parents"] = [{"name": name, "sha256": sha256_file(path), "op": "invert"}]
     return inv
+
+
+def power_gain(gain: GainFile | str | os.PathLike[str], alpha: float) -> GainFile:
+    """The gain s^α: the same adaptation, weaker (0 < α < 1) or stronger (α > 1), without retraining.
+
+    Args:
+        gain: a gain file (path) or a :class:`GainFile`.
+        alpha: the power; 0 gives the identity, 1 the gain itself, −1 its inverse.
+
+    Returns:
+        s^α in float32; for a file, ``metadata["parents"]`` records its name, sha256 and the power.
+
+    Raises:
+        GainFileError: α not finite, a non-integer α on negative gains, or a float32 overflow.
+
+    Example:
+        >>> save_gain(power_gain("legal.safetensors", 0.5), "legal-half.safetensors")  # doctest: +SKIP
+    """
+    (g, name, path), = _load_each([gain], allow_negative=True)
+    out = gf.power(g, alpha)
+    if path is not None:
+        out.metadata["parents"] = [{"name": name, "sha256": sha256_file(path), "op": "power", "power": float(alpha)}]
+    return out
 
 
 def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.PathLike[str] | None = None

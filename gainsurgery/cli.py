@@ -157,6 +157,9 @@ def _names_a_gain(spec: str) -> bool:
     """True when a positional argument of ``apply`` can only be a gain, never OUT (a folder)."""
     from gainsurgery.hub.refs import parse_file_ref
 
+    from gainsurgery.gainfile import split_power
+
+    spec = split_power(spec)[0]
     return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
 
 
@@ -396,6 +399,30 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
             "parents": len(gains)}
     _emit_json(info) if as_json else click.echo(
         f"wrote {_shown(output)}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
+
+
+@main.command()
+@click.argument("gain")
+@click.option("--power", "alpha", required=True, type=float, metavar="α",
+              help="Write s^α: 0 < α < 1 weakens the adaptation, α > 1 strengthens it, 0 is the identity.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
+@_json
+def scale(gain, alpha, output, as_json):
+    """Write the gain file s^α: dial a trained adaptation down (or up) without retraining.
+
+    apply reads the same thing from a suffix: GAIN.safetensors@α.
+
+    \b
+    Example:
+      gainsurgery scale legal.safetensors --power 0.5 -o legal-half.safetensors
+      gainsurgery apply BASE legal.safetensors@0.5 OUT
+    """
+    from gainsurgery import api
+
+    out = api.power_gain(gain, alpha)
+    out.save(output, inputs=[gain])
+    _emit_json({"output": output, "parameters": out.num_parameters, "power": alpha}) if as_json else click.echo(
+        f"wrote {_shown(output)}: s^{alpha:g} of {out.num_parameters:,} gains")
 
 
 @main.command()

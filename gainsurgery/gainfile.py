@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -387,6 +388,69 @@ def invert(gain: GainFile) -> GainFile:
     metadata = dict(gain.metadata)
     metadata["description"] = "inverse of " + gain.metadata.get("description", "a gain file")
     return GainFile(vectors, dict(gain.dims), metadata)
+
+
+#: Largest |α| accepted by :func:`power`: far beyond any useful strength (s^1000 overflows for s > 1.09).
+MAX_POWER = 1000.0
+
+
+def power(gain: GainFile, alpha: float) -> GainFile:
+    """Return the gain s^α, computed in float64 and stored in float32: a post-hoc strength knob.
+
+    α = 1 is ``gain`` itself, α = 0 the identity (the base unchanged), α = −1 its inverse,
+    0 < α < 1 a weaker version of the same adaptation and α > 1 a stronger one. A negative
+    gain (a sign flip) has a real power only for an integer α.
+
+    Raises:
+        GainFileError: α is not finite or beyond ±:data:`MAX_POWER`, a non-integer α meets a
+            negative gain, or a power overflows float32 or reaches zero.
+
+    Example:
+        >>> g = GainFile({"w": np.array([4.0, 0.25], np.float32)}, {"w": 0})
+        >>> power(g, 0.5).vectors["w"].tolist()
+        [2.0, 0.5]
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) \
+            or abs(alpha) > MAX_POWER:
+        raise GainFileError(f"power {alpha!r}: give a finite number between -{MAX_POWER:g} and {MAX_POWER:g}")
+    alpha = float(alpha)
+    vectors = {}
+    for key, vec in gain.vectors.items():
+        check_values(vec, key, allow_negative=True)
+        v = vec.astype(np.float64)
+        if np.any(v < 0) and not alpha.is_integer():
+            raise GainFileError(f"{key!r}: holds negative gains (sign flips), which have no real power "
+                                f"{alpha:g}; use an integer power")
+        with np.errstate(over="ignore", under="ignore"):
+            out = (np.sign(v) ** alpha * np.abs(v) ** alpha).astype(np.float32)
+        if not np.all(np.isfinite(out)) or np.any(out == 0):
+            raise GainFileError(f"{key!r}: s^{alpha:g} overflows float32 or reaches zero")
+        vectors[key] = out
+    metadata = dict(gain.metadata)
+    metadata["description"] = f"s^{alpha:g} of " + gain.metadata.get("description", "a gain file")
+    return GainFile(vectors, dict(gain.dims), metadata)
+
+
+_POWER_SUFFIX = re.compile(r"(?P<file>.+\.safetensors)@(?P<alpha>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)",
+                           re.ASCII | re.DOTALL)
+
+
+def split_power(spec: str) -> tuple[str, float | None]:
+    """``G.safetensors@α`` -> (``G.safetensors``, α); any other spec -> (spec, None).
+
+    The suffix is a plain number after the last ``@`` of a name ending in ``.safetensors``,
+    so it never reads a Hub revision (``ORG/NAME@REV:path.safetensors`` puts ``@REV`` before
+    the ``:``, and ``ORG/NAME@REV:path.safetensors@0.5`` is that file at power 0.5). A file
+    that exists under the full name, suffix included, is that file.
+
+    Example:
+        >>> split_power("legal.safetensors@0.5"), split_power("org/gains@v1.5:legal.safetensors")
+        (('legal.safetensors', 0.5), ('org/gains@v1.5:legal.safetensors', None))
+    """
+    m = _POWER_SUFFIX.fullmatch(spec)
+    if m is None or os.path.lexists(spec):
+        return spec, None
+    return m["file"], float(m["alpha"])
 
 
 def identity(targets: Mapping[str, tuple[int, int]], metadata: Mapping[str, Any] | None = None) -> GainFile:

@@ -163,8 +163,10 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
     gains = list(gains)
     if not gains:
         raise GainFileError("give at least one gain file")
-    specs = [g for g in gains if not isinstance(g, GainFile)]
-    paths, refs = resolve_gain_specs(specs, hub)
+    # GAIN.safetensors@α: that file at power α (gf.split_power; never read as a Hub revision)
+    powers = [gf.split_power(str(g)) for g in gains if not isinstance(g, GainFile)]
+    paths, refs = resolve_gain_specs([spec for spec, _ in powers], hub)
+    alphas = iter(alpha for _, alpha in powers)
     local = iter(zip(paths, refs))
     loaded: list[GainFile] = []
     names: list[str] = []
@@ -179,12 +181,18 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
             source = gf.describe(g, name)
         else:
             path, ref = next(local)
+            alpha = next(alphas)
             name = Path(path).name
             g = gf.load(path, allow_negative=allow_negative)
             source = gf.describe(g, name, path)
             read.append(path)
             if ref is not None:
                 source["hub"] = str(ref)
+            if alpha is not None:
+                g = gf.power(g, alpha)
+                g.validate(allow_negative=allow_negative, source=f"{name}@{alpha:g}")
+                name = f"{name}@{alpha:g}"
+                source["power"] = alpha
         checks = gf.base_checks(g, name)
         all_checks.extend(checks)
         if not checks:
