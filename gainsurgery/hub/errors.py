@@ -117,6 +117,28 @@ def hub_errors(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iter
         _quiet_exit()
 
 
+@contextlib.contextmanager
+def hub_answer(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[None]:
+    """Around code that reads what the Hub answered: a malformed answer is one :class:`HubError` line.
+
+    The Hub is trusted to serve the files it lists, not to answer well-formed:
+    huggingface_hub turns an answer that is not JSON, or JSON of another shape, into
+    ``ValueError``/``KeyError``/``TypeError``/``AttributeError`` while parsing it (and a
+    deeply nested one into ``RecursionError``: its JSON parser has no depth limit). Put
+    only the request and the reading of its answer inside (nothing of ours that
+    could hide a bug).
+
+    Example:
+        >>> with hub_answer("org/name", "list the files of", client.endpoint):  # doctest: +SKIP
+        ...     entries = list(client.api.list_repo_tree("org/name"))
+    """
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        raise HubError(f"the Hub at {redact_url(endpoint)} sent a malformed answer while trying to {action} "
+                       f"{what} ({type(exc).__name__}); try again, or check HF_ENDPOINT") from None
+
+
 # Like our own bars: huggingface_hub's show on a terminal only, so logs and captured stderr
 # hold just the result (or the one error line). Its switch is process-wide and the Hub-to-Hub
 # pipeline talks to the Hub from several threads at once, so the blocks are counted: the bars

@@ -1,0 +1,162 @@
+"""Fuzzing what the Hub sends: repo info, tree listings (sizes, LFS pointers), LFS batch answers, files.
+
+The configured Hub is trusted to serve the files it lists, not to answer well-formed:
+everything it sends is parsed as hostile. Each test makes a repo on the loopback Hub
+(tests/hubserver.py), then has the server mutate the *real* answer of one route
+(``HubServer.rewrite``) or serve a mutated file, and runs the real client code
+against it: a result, or one line (see tests/fuzzing.py).
+
+CI runs a bounded number of examples; ``GAINSURGERY_FUZZ_EXAMPLES=N`` runs N per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fuzzing import (
+    CONFIG,
+    SHARDS,
+    base_files,
+    failed,
+    fuzz_settings,
+    index_doc,
+    json_text,
+    mutated,
+    outcome,
+    render,
+    safetensors_file,
+    shard_parts,
+)
+from gainsurgery import api
+from gainsurgery.hub.client import HubClient
+from gainsurgery.hub.refs import HubRef
+from gainsurgery.hub.transfer import lfs_objects_present
+from gainsurgery.sources.remote import open_remote_base
+from hubserver import HubServer
+
+#: The loopback Hub's threads and the HTTP client map memory of their own: a looser budget.
+HUB_MEMORY = 1 << 30
+
+_repo_numbers = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def fuzz_hub(tmp_path_factory):
+    """One loopback Hub for the module (hypothesis runs many examples per test), reached through the environment."""
+    server = HubServer().start()
+    home = tmp_path_factory.mktemp("fuzz-hub-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"HF_ENDPOINT": server.endpoint, "HF_TOKEN": server.token, "HF_HOME": str(home),
+                           "HF_HUB_CACHE": str(home / "hub"), "NO_PROXY": "127.0.0.1,localhost",
+                           "no_proxy": "127.0.0.1,localhost"}.items():
+            mp.setenv(key, value)
+        mp.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def identity_gain(tmp_path_factory) -> Path:
+    """A gain of ones over two tensors of the synthetic base (applies to any well-formed copy of it)."""
+    from gainsurgery.gainfile import GainFile
+
+    keys = {"model.layers.0.self_attn.o_proj.weight": 4, "model.layers.1.mlp.down_proj.weight": 6}
+    path = tmp_path_factory.mktemp("fuzz-hub-gain") / "g.safetensors"
+    GainFile({k: np.ones(n, np.float32) for k, n in keys.items()}, {k: 1 for k in keys}, {"method": "gain-ffn"}
+             ).save(path)
+    return path
+
+
+def _get_json(server: HubServer, path: str) -> object:
+    request = urllib.request.Request(server.endpoint + path, headers={"Authorization": f"Bearer {server.token}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+PARTS = ["none", "info", "tree", "tree", "index", "config", "shard", "shard"]
+
+
+@fuzz_settings(40)
+@given(data=st.data())
+def test_hub_base_opens_or_one_line_and_applies_when_it_opens(data, fuzz_hub, identity_gain):
+    part = data.draw(st.sampled_from(PARTS), label="part")
+    repo_id = f"fuzz/base-{next(_repo_numbers)}"
+    replace: dict = {}
+    if part == "index":
+        replace["index"] = data.draw(json_text(index_doc(), keys=["weight_map", "metadata"]), label="index")
+    elif part == "config":
+        replace["config"] = data.draw(json_text(CONFIG, keys=list(CONFIG) + ["quantization_config"]), label="config")
+    elif part == "shard":
+        name = data.draw(st.sampled_from(list(SHARDS)), label="shard")
+        header, body = shard_parts(SHARDS[name])
+        replace["shard"] = (name, data.draw(safetensors_file(header, body), label="bytes"))
+    repo = fuzz_hub.add_repo(repo_id, base_files(**replace))
+    if part == "info":
+        real = _get_json(fuzz_hub, f"/api/models/{repo_id}")
+        body = data.draw(json_text(real, 2, keys=["sha", "siblings", "id"]), label="info")
+        fuzz_hub.rewrite(rf"/api/models/{repo_id}(/revision/.*)?", lambda _obj: body, method="GET")
+    elif part == "tree":
+        real = _get_json(fuzz_hub, f"/api/models/{repo_id}/tree/{repo.head.sha}")
+        doc = data.draw(mutated(real, 2, keys=["type", "path", "size", "oid", "lfs", "pointerSize"]), label="tree")
+        body = render(doc).encode("utf-8", "surrogatepass")
+        fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda _obj: body, method="GET")
+    work = Path(tempfile.mkdtemp(prefix="gainsurgery-fuzz-hub-"))
+    try:
+        client = HubClient.from_env()
+        remote = outcome(open_remote_base, HubRef(repo_id), client, memory_bytes=HUB_MEMORY)
+        if failed(remote):
+            return
+        with remote:
+            assert set(remote.checkpoint.shards) <= set(SHARDS)
+            assert all(len(v) == 64 for v in remote.shard_sha256.values())
+        # What opens, applies (the shards are downloaded, checked and streamed), or fails in one line.
+        outcome(api.apply, repo_id, [identity_gain], work / "out", verify=True, hub=client, warn=lambda _m: None,
+                memory_bytes=HUB_MEMORY)
+    finally:
+        fuzz_hub.clear_rewrites()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@st.composite
+def lfs_objects(draw) -> dict[str, int]:
+    count = draw(st.integers(1, 3))
+    return {hashlib.sha256(bytes([i, draw(st.integers(0, 255))])).hexdigest(): draw(st.integers(0, 1 << 40))
+            for i in range(count)}
+
+
+@fuzz_settings(60)
+@given(objects=lfs_objects(), data=st.data())
+def test_lfs_batch_answer_gives_present_objects_or_one_line(objects, data, fuzz_hub):
+    repo_id = "fuzz/batch"
+    fuzz_hub.add_repo(repo_id)
+    stored = data.draw(st.sets(st.sampled_from(sorted(objects))), label="stored")
+    real = {"transfer": "basic", "hash_algo": "sha256", "objects": [
+        {"oid": oid, "size": size, "authenticated": True,
+         **({} if oid in stored else {"actions": {"upload": {"href": f"{fuzz_hub.endpoint}/_lfs/upload/{oid}"},
+                                                  "verify": {"href": f"{fuzz_hub.endpoint}/_lfs/verify"}}})}
+        for oid, size in objects.items()]}
+    body = data.draw(json_text(real, 2, keys=["objects", "oid", "size", "actions", "error", "transfer"]),
+                     label="answer")
+    fuzz_hub.rewrite(rf"/{repo_id}\.git/info/lfs/objects/batch", lambda _obj: body, method="POST")
+    try:
+        got = outcome(lfs_objects_present, HubClient.from_env(), repo_id, objects, memory_bytes=HUB_MEMORY)
+    finally:
+        fuzz_hub.clear_rewrites()
+    if not failed(got):
+        # Only objects we asked about can be present; an unmutated answer is believed exactly.
+        assert got <= set(objects)
+        if body == json.dumps(real).encode() or body == render(real).encode():
+            assert got == stored
