@@ -145,6 +145,11 @@ def header_files(draw):
 @example(raw=struct.pack("<Q", 2) + b"{}")
 @example(raw=struct.pack("<Q", 80) + b'{"a":{"dtype":"F32","shape":[0,18446744073709551616],"data_offsets":[0,0]}}'
          + b" " * 2)
+# Regressions: a metadata key that is a control character, or 5,000 characters long, was
+# printed raw in "__metadata__.KEY: expected string" (two lines; an unbounded line).
+@example(raw=safetensors_bytes({"__metadata__": {"\x00": None}}, b""))
+@example(raw=safetensors_bytes({"__metadata__": {"k" * 5000: 1}}, b""))
+@example(raw=safetensors_bytes({"x" * 5000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, bytes(8)))
 def test_safetensors_header_gives_tiling_tensors_or_one_line(raw):
     got = outcome(parse_header, io.BytesIO(raw), len(raw), "x.safetensors")
     if failed(got):
@@ -218,6 +223,14 @@ def gain_files(draw):
 
 @fuzz_settings(120)
 @given(raw=gain_files(), negative=st.booleans())
+# Regression: a dim that is a 5,000-character string was quoted whole in the error.
+@example(raw=safetensors_bytes(*header_for(
+    [(GAIN_KEYS[0], "F32", [4], np.ones(4, "<f4").tobytes())],
+    {"format": gf.FORMAT, "dims": json.dumps({GAIN_KEYS[0]: "x" * 5000})})), negative=False)
+# A key of 5,000 characters that is no tensor of the base: the plan's error names it by its ends.
+@example(raw=safetensors_bytes(*header_for(
+    [("k" * 5000, "F32", [4], np.ones(4, "<f4").tobytes())],
+    {"format": gf.FORMAT, "dims": json.dumps({"k" * 5000: 1})})), negative=False)
 def test_gain_file_loads_or_one_line_and_every_command_takes_what_loads(raw, negative, base, scratch):
     work = scratch()
     path = work / "g.safetensors"
@@ -250,6 +263,19 @@ def test_gain_file_loads_or_one_line_and_every_command_takes_what_loads(raw, neg
     if not failed(plan) and not failed(result):
         assert result.verified
     assert not failed(plan) or failed(result)
+
+
+@pytest.mark.parametrize("value", [3e38, 1e-30])
+def test_stacking_gains_whose_product_leaves_float32_is_one_line(value):
+    """Regression (fuzz): the product overflowed to inf (or underflowed to 0) with numpy's RuntimeWarning
+    on stderr, and only saving the stack refused it."""
+    import warnings
+
+    g = gf.GainFile({"w": np.full(3, value, np.float32)}, {"w": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(GainFileError, match="overflows or underflows float32"):
+            gf.stack([g, g], ["a.safetensors", "b.safetensors"])
 
 
 # --------------------------------------------------------------------------- checkpoints: index, config, shards
@@ -322,6 +348,18 @@ def test_provenance_gives_a_card_or_one_line(data, merged, scratch):
     if not failed(got):
         card = [i for i in got.items if i.path_in_repo == "README.md"]
         assert len(card) == 1
+
+
+def test_provenance_whose_gains_is_not_a_list_gives_a_card(merged, tmp_path):
+    """Regression (fuzz): "gains": 1 in gainsurgery.json made the card's loop a TypeError traceback."""
+    folder = tmp_path / "merged"
+    shutil.copytree(merged, folder)
+    (folder / "README.md").unlink()
+    record = json.loads((folder / "gainsurgery.json").read_text())
+    for odd in (1, "x", {"a": 1}, None):
+        write(folder / "gainsurgery.json", json.dumps({**record, "gains": odd}).encode())
+        card = next(i for i in api.push(folder, "me/merged", dry_run=True).items if i.path_in_repo == "README.md")
+        assert card is not None
 
 
 # --------------------------------------------------------------------------- claim files

@@ -160,3 +160,67 @@ def test_lfs_batch_answer_gives_present_objects_or_one_line(objects, data, fuzz_
         assert got <= set(objects)
         if body == json.dumps(real).encode() or body == render(real).encode():
             assert got == stored
+
+
+# --------------------------------------------------------------------------- regressions (bugs the fuzzer found)
+
+
+@pytest.mark.parametrize("route,body,expected", [
+    # The repo info was not JSON: json's JSONDecodeError came out of model_info as a traceback.
+    ("info", b"", "sent a malformed answer while trying to read fuzz/"),
+    # A listing entry without a size: huggingface_hub's KeyError.
+    ("tree", b'[{"type": "file", "path": "config.json", "oid": "0"}]', "sent a malformed answer"),
+    # A size that is not a number: compared with an int further on (TypeError).
+    ("tree", b'[{"type": "file", "path": "model.safetensors.index.json", "oid": "0", "size": "12"}]',
+     "not a path and a size"),
+    # A commit that is not a commit id was used to build every later URL.
+    ("info", b'{"id": "x", "sha": "../../other"}', "not a commit id"),
+])
+def test_a_malformed_hub_answer_about_a_base_is_one_line(fuzz_hub, route, body, expected):
+    from gainsurgery.errors import HubError
+
+    repo_id = f"fuzz/base-{next(_repo_numbers)}"
+    fuzz_hub.add_repo(repo_id, base_files())
+    pattern = rf"/api/models/{repo_id}(/revision/.*)?" if route == "info" else rf"/api/models/{repo_id}/tree/.*"
+    fuzz_hub.rewrite(pattern, lambda _obj: body, method="GET")
+    try:
+        with pytest.raises(HubError) as e:
+            open_remote_base(HubRef(repo_id), HubClient.from_env())
+    finally:
+        fuzz_hub.clear_rewrites()
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("body", [b"", b"[" * 100_000, b'{"objects": [7]}', b'{"objects": [{"oid": 1}]}'])
+def test_a_malformed_lfs_batch_answer_is_one_line(fuzz_hub, body):
+    """Not JSON, nested past Python's recursion limit, objects that are not objects: one HubError line each."""
+    from gainsurgery.errors import HubError
+
+    fuzz_hub.add_repo("fuzz/batch")
+    fuzz_hub.rewrite(r"/fuzz/batch\.git/info/lfs/objects/batch", lambda _obj: body, method="POST")
+    try:
+        oid = hashlib.sha256(b"x").hexdigest()
+        try:
+            got = lfs_objects_present(HubClient.from_env(), "fuzz/batch", {oid: 1})
+        except HubError as e:
+            assert "malformed answer" in str(e) and "\n" not in str(e)
+        else:
+            assert got == set()  # an entry without a usable oid is simply not present
+    finally:
+        fuzz_hub.clear_rewrites()
+
+
+def test_a_listed_file_with_a_long_name_is_named_by_its_ends(fuzz_hub):
+    """Regression (fuzz): a listing naming a 5,000-character file that is not there gave a 5,000-character line."""
+    from gainsurgery.errors import HubError
+
+    repo_id = f"fuzz/base-{next(_repo_numbers)}"
+    fuzz_hub.add_repo(repo_id, base_files())
+    extra = {"type": "file", "path": "n" * 5000, "oid": "0" * 40, "size": 3}
+    fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda obj: json.dumps([*obj, extra]).encode(), method="GET")
+    try:
+        with pytest.raises(HubError) as e:
+            open_remote_base(HubRef(repo_id), HubClient.from_env())
+    finally:
+        fuzz_hub.clear_rewrites()
+    assert "404: file not found" in str(e.value) and len(str(e.value)) < 1000

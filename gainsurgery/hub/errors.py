@@ -15,6 +15,7 @@ from typing import Iterator
 
 from gainsurgery.errors import HubError
 from gainsurgery.hub.client import DEFAULT_ENDPOINT
+from gainsurgery.io.inputs import show_path
 from gainsurgery.io.secrets import redact_url
 
 
@@ -50,6 +51,7 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
         RevisionNotFoundError,
     )
 
+    what = show_path(what)  # a repo file's name comes from the Hub's listing: bounded, control characters escaped
     chain = list(_chain(exc))
     for e in chain:
         if isinstance(e, OfflineModeIsEnabled):
@@ -136,7 +138,7 @@ def hub_answer(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iter
         yield
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         raise HubError(f"the Hub at {redact_url(endpoint)} sent a malformed answer while trying to {action} "
-                       f"{what} ({type(exc).__name__}); try again, or check HF_ENDPOINT") from None
+                       f"{show_path(what)} ({type(exc).__name__}); try again, or check HF_ENDPOINT") from None
 
 
 # Like our own bars: huggingface_hub's show on a terminal only, so logs and captured stderr

@@ -92,6 +92,22 @@ def show_path(path: str | os.PathLike[str]) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def show_name(name: object) -> str:
+    """A name or value someone else chose (a tensor key, a recorded setting), quoted for a one-line message.
+
+    ``repr`` (control characters escaped), cut to its two ends past :data:`MAX_SHOWN_CHARS`.
+
+    Example:
+        >>> show_name("w\\n"), show_name(3), len(show_name("x" * 10_000)) < 600
+        ("'w\\\\n'", '3', True)
+    """
+    text = repr(name)
+    if len(text) > MAX_SHOWN_CHARS:
+        half = MAX_SHOWN_CHARS // 2 - 20
+        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
+    return text
+
+
 def _kind(mode: int) -> str:
     return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
 

@@ -356,7 +356,7 @@ def expect_str_map(value: Any, *, where: str, field: str = "",
         raise _fail(error, where, field, "object of strings", value)
     for key, item in value.items():
         if not isinstance(item, str):
-            raise _fail(error, where, f"{field}.{key}" if field else key, "string", item)
+            raise _fail(error, where, f"{field}.{show_path(key)}" if field else show_path(key), "string", item)
     return value
 
 

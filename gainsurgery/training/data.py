@@ -177,9 +177,18 @@ class MemoryBatches:
         """Windows of the global order consumed so far."""
         return {"consumed": self.consumed}
 
-    def restore(self, position: dict[str, int]) -> None:
-        """Continue after ``position["consumed"]`` windows."""
-        self.consumed = int(position["consumed"])
+    def restore(self, position: Any, *, max_windows: int) -> None:
+        """Continue after ``position["consumed"]`` windows (a hostile checkpoint's word: checked).
+
+        Raises:
+            ValueError: the position is not a whole number of global batches within
+                ``max_windows`` (the windows the whole run consumes: the order is
+                built up to it, so a larger number would cost unbounded memory).
+        """
+        consumed = position.get("consumed") if isinstance(position, dict) else None
+        if type(consumed) is not int or not 0 <= consumed <= max_windows or consumed % self.global_batch:
+            raise ValueError(f"consumed must be a multiple of {self.global_batch} in 0..{max_windows}")
+        self.consumed = consumed
 
     def next(self):
         """The next micro-batch of this process: ``[global_batch / world, seq_len]`` int64."""
