@@ -107,7 +107,7 @@ def test_checkpoint_resumes_or_one_line_and_what_resumes_trains(data, checkpoint
         record, tensors, _sha = loaded
         model, named, optimizer, scheduler, batches = _setup(seed=1)
         got = outcome(state.resume, record, tensors, named, optimizer, scheduler, None, batches, rank=0,
-                      streaming=False, max_windows=STEPS * BATCH, folder=work)
+                      streaming=False, steps=STEPS, max_windows=STEPS * BATCH, folder=work)
         if failed(got):
             assert isinstance(got, TrainingError), got
             return
@@ -213,3 +213,82 @@ def test_a_bare_json_value_is_not_a_checkpoint(tmp_path):
         (tmp_path / "state.safetensors").write_bytes(b"")
         with pytest.raises(TrainingError, match="not a gainsurgery.train-state/1 checkpoint"):
             state.load(tmp_path)
+
+
+def _edited(checkpoint: Path, tmp: Path, edit) -> Path:
+    work = tmp / checkpoint.name
+    shutil.copytree(checkpoint, work)
+    record = json.loads((work / "state.json").read_text())
+    edit(record)
+    (work / "state.json").write_text(json.dumps(record))
+    return work
+
+
+def _set(path: str, value):
+    def edit(record):
+        *head, last = path.split(".")
+        target = record
+        for p in head:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,why", [
+    # windows consumed far past the run: the batch order was built up to it (unbounded memory, a hang)
+    (_set("data.consumed", 10**15), "data"),
+    (_set("data.consumed", -2), "data"),
+    # LambdaLR.load_state_dict sets every key as an attribute: "step" would shadow the method
+    (_set("scheduler.step", 5), "scheduler"),
+    (_set("scheduler.last_epoch", "3"), "scheduler"),
+    (_set("scheduler.last_epoch", 10**400), "scheduler"),  # float() of it was an OverflowError traceback
+    # a learning rate that is a string loaded fine and failed at the first step
+    (_set("optimizer.param_groups.0.lr", "0.1"), "optimizer.param_groups"),
+    (_set("optimizer.param_groups.0.params", ["0.weight"]), "optimizer.param_groups"),
+    (_set("optimizer.scalars", {"0.weight": {"step": "x"}}), "optimizer.scalars"),
+    (_set("last_loss", 10**400), "last_loss"),
+    (_set("evals", [1]), "evals"),
+    (_set("step", 10**9), "step"),
+])
+def test_a_damaged_checkpoint_is_refused_before_the_run_uses_it(checkpoint, tmp_path, edit, why):
+    """Regressions: each of these loaded, then crashed or misbehaved later (outside any error handling)."""
+    work = _edited(checkpoint, tmp_path, edit)
+    record, tensors, _ = state.load(work)
+    model, named, optimizer, scheduler, batches = _setup(seed=1)
+    with pytest.raises(TrainingError, match=f"the checkpoint is damaged .*{why.split('.')[0]}"):
+        state.resume(record, tensors, named, optimizer, scheduler, None, batches, rank=0, streaming=False,
+                     steps=STEPS, max_windows=STEPS * BATCH, folder=work)
+
+
+def test_an_untouched_checkpoint_resumes_exactly(checkpoint):
+    """The seed resumes: same parameters, the step and data position it recorded."""
+    record, tensors, _ = state.load(checkpoint)
+    model, named, optimizer, scheduler, batches = _setup(seed=1)
+    step, evals, last_loss, seconds = state.resume(record, tensors, named, optimizer, scheduler, None, batches,
+                                                   rank=0, streaming=False, steps=STEPS, max_windows=STEPS * BATCH,
+                                                   folder=checkpoint)
+    assert (step, batches.consumed, seconds, evals) == (2, 2 * BATCH, 1.5, [{"step": 0, "ppl": 3.0}])
+    assert all(torch.equal(p, tensors[f"param/{n}"]) for n, p in named)
+
+
+@pytest.mark.parametrize("pattern,refused", [
+    ("(a*)*b", "a repetition inside a repetition"),  # 2**len(name) steps: a hostile adapter hung import-peft
+    ("(.*x)+y", "a repetition inside a repetition"),
+    (".*.*.*.*.*.*.*.*z", "8 repetitions"),  # len(name)**8 steps
+    (r".*\.(down_proj|mlp\.c_proj)$", None),
+    (r"(.*\.)?(q|v)_proj", None),
+])
+def test_a_feedforward_regex_that_backtracks_without_end_is_refused(tmp_path, pattern, refused):
+    """Regression (reading the code while fuzzing): PEFT's feedforward_modules regex is matched against every
+    module name; Python's re backtracks, so a pattern with nested or many repetitions hangs the import."""
+    from fuzzing import safetensors_bytes
+    from gainsurgery.interop.peft import read_adapter
+
+    header, body = header_for([(IA3, "F32", [1, 4], np.full(4, 1.5, "<f4").tobytes())], {"format": "pt"})
+    write(tmp_path / "adapter_model.safetensors", safetensors_bytes(header, body))
+    write(tmp_path / "adapter_config.json", json.dumps({**ADAPTER_CONFIG, "feedforward_modules": pattern}).encode())
+    if refused is None:
+        assert read_adapter(tmp_path)[0]["feedforward_modules"] == pattern
+    else:
+        with pytest.raises(GainFileError, match=refused):
+            read_adapter(tmp_path)

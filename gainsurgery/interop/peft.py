@@ -449,13 +449,51 @@ def _feedforward_rule(cfg: jsonsafe.Fields) -> str | list[str] | None:
     return value
 
 
+#: Repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a ``feedforward_modules`` regex may hold. Python's
+#: ``re`` backtracks: k repetitions cost up to len(name)**k steps on a module name, and a repetition
+#: inside a repetition ``(a*)*`` costs 2**len(name). Real patterns (``.*\.(down_proj|c_proj)$``) have 1-2.
+MAX_REGEX_REPEATS = 4
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern[str]:
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        repeats, nested = _repeats(_sre_parse.parse(pattern))
     except (re.error, RecursionError, OverflowError) as exc:
         raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is not a valid regular expression "
                             f"({first_line(exc)[:120]})") from None
+    if nested or repeats > MAX_REGEX_REPEATS:
+        # A hostile adapter's regex would take hours to match a module name (catastrophic backtracking).
+        raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is a regular expression with "
+                            f"{'a repetition inside a repetition' if nested else f'{repeats} repetitions'}; "
+                            f"at most {MAX_REGEX_REPEATS}, none nested, are accepted (or give a list of names)")
+    return compiled
+
+
+try:  # the parser re.compile uses (renamed in Python 3.11)
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEAT_OPS = {op for op in (_sre_parse.MAX_REPEAT, _sre_parse.MIN_REPEAT, getattr(_sre_parse, "POSSESSIVE_REPEAT", None))
+               if op is not None}
+
+
+def _repeats(node: Any, inside: bool = False) -> tuple[int, bool]:
+    """(repetitions, whether one lies inside another) in a parsed regular expression."""
+    count, nested = 0, False
+    if isinstance(node, (list, tuple, _sre_parse.SubPattern)):
+        items = list(node)
+        if len(items) == 2 and items[0] in _REPEAT_OPS and isinstance(items[1], tuple):  # (op, (min, max, sub))
+            _, high, sub = items[1]
+            many = high > 1
+            inner, deeper = _repeats(sub, inside or many)
+            return inner + many, deeper or (many and inside)
+        for item in items:
+            c, n = _repeats(item, inside)
+            count, nested = count + c, nested or n
+    return count, nested
 
 
 def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:

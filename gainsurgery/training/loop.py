@@ -231,7 +231,8 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
     if resume_record is not None:
         step, evals, last_loss, elapsed = state.resume(
             resume_record, resume_tensors, named_trainable, optimizer, scheduler, scaler, batches, rank=rank,
-            streaming=cfg.streaming, max_windows=cfg.steps * cfg.grad_accum * cfg.batch_size, folder=resume_folder)
+            streaming=cfg.streaming, steps=cfg.steps, max_windows=cfg.steps * cfg.grad_accum * cfg.batch_size,
+            folder=resume_folder)
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
     if log:
         log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,

@@ -360,7 +360,7 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
     opt = record["optimizer"]
     scalars = opt.get("scalars", {})
     if not isinstance(scalars, dict) or not all(
-            n in index and isinstance(v, dict) and all(_same_shape(x, 0.0) for x in v.values())
+            n in index and isinstance(v, dict) and all(_fits(x, 0.0) for x in v.values())
             for n, v in scalars.items()):
         raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer.scalars)")
     for name, values in scalars.items():
@@ -372,11 +372,12 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
     loaded = []
     for g, mine in zip(groups, live):
         template = {k: v for k, v in _jsonable(mine).items() if k != "params"}
-        if (not isinstance(g, dict) or not _same_shape({k: v for k, v in g.items() if k != "params"}, template)
+        if (not isinstance(g, dict) or not _fits({k: v for k, v in g.items() if k != "params"}, template)
                 or sorted(g.get("params") if isinstance(g.get("params"), list) else [None], key=str)
                 != sorted(names[i] for i in mine["params"])):
             raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer.param_groups)")
-        group = {**g, "params": [index[n] for n in g["params"]]}
+        # A field this torch has and the checkpoint's did not keeps this run's value.
+        group = {**template, **g, "params": [index[n] for n in g["params"]]}
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
         loaded.append(group)
@@ -392,35 +393,44 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
 _ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _same_shape(value: Any, template: Any) -> bool:
-    """True when parsed JSON ``value`` has the shape of ``template``: the same keys, list lengths and JSON types.
+def _fits(value: Any, template: Any) -> bool:
+    """True when parsed JSON ``value`` has the shape of ``template`` (a live object's state, as JSON).
 
-    Numbers match numbers (an integer where a float is, and back: JSON does not tell
-    ``1.0`` from ``1``), never booleans; ``null`` matches only ``null``.
+    Objects: only keys the template has (a field missing from ``value`` is allowed: an
+    older torch may not have written it), each fitting; arrays: the same length, each
+    item fitting. An integer matches an integer below 2**62; a float any number that is
+    a finite float (JSON writes ``1.0`` as ``1.0``, but a person may write ``1``); never a
+    boolean. Strings, booleans and ``null`` match only their own kind.
     """
     if isinstance(template, bool) or template is None or isinstance(template, str):
         return type(value) is type(template)
-    if isinstance(template, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(template, int):  # a count or a step: an integer torch can hold
+        return type(value) is int and abs(value) < 2**62
+    if isinstance(template, float):
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+        except OverflowError:  # an integer past any float
+            return False
     if isinstance(template, list):
         return isinstance(value, list) and len(value) == len(template) and all(
-            _same_shape(v, t) for v, t in zip(value, template))
+            _fits(v, t) for v, t in zip(value, template))
     if isinstance(template, dict):
-        return isinstance(value, dict) and value.keys() == template.keys() and all(
-            _same_shape(value[k], t) for k, t in template.items())
+        return isinstance(value, dict) and value.keys() <= template.keys() and all(
+            _fits(v, template[k]) for k, v in value.items())
     return False
 
 
 def resume(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params: Sequence[tuple[str, Any]],
-           optimizer: Any, scheduler: Any, scaler: Any, batches: Any, *, rank: int, streaming: bool,
+           optimizer: Any, scheduler: Any, scaler: Any, batches: Any, *, rank: int, streaming: bool, steps: int,
            max_windows: int, folder: Path) -> tuple[int, list[dict[str, Any]], float, float]:
     """Continue a run from a checkpoint read by :func:`load`: restore everything, return where it stood.
 
     Restores the parameters and optimizer (:func:`restore`), the schedule, the fp16
     scaler and the data position. The checkpoint is hostile input: the scheduler's and
-    scaler's state must have the shape of this run's own (same fields, same JSON
-    types: a hostile ``state_dict`` would otherwise set arbitrary attributes), the data
-    position must lie within the run (at most ``max_windows`` windows consumed).
+    scaler's state must have the shape of this run's own (only its fields, with their
+    JSON types: a hostile ``state_dict`` would otherwise set arbitrary attributes), the data
+    position must lie within the run (at most ``steps`` steps done, ``max_windows`` windows consumed).
+    Fields a newer torch added and an older checkpoint lacks keep this run's values.
 
     Returns:
         (step, evaluations so far, last loss, seconds of training so far).
@@ -431,13 +441,15 @@ def resume(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params: 
     def damaged(what: str) -> TrainingError:
         return TrainingError(f"--resume {folder}: the checkpoint is damaged ({what})")
 
+    if record["step"] > steps:
+        raise damaged(f"step {record['step']} of a {steps}-step run")
     restore(record, tensors, named_params, optimizer, folder)
     sched = record["scheduler"]
-    if not _same_shape(sched, _jsonable(scheduler.state_dict())):
+    if not _fits(sched, _jsonable(scheduler.state_dict())):
         raise damaged("scheduler")
     scheduler.load_state_dict(sched)
     if scaler is not None and record.get("scaler"):
-        if not _same_shape(record["scaler"], _jsonable(scaler.state_dict())):
+        if not _fits(record["scaler"], _jsonable(scaler.state_dict())):
             raise damaged("scaler")
         scaler.load_state_dict(record["scaler"])
     data_pos = record["data"]
@@ -454,7 +466,7 @@ def resume(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params: 
     if not all(isinstance(e, dict) for e in evals):
         raise damaged("evals")
     last_loss, seconds = record.get("last_loss"), record.get("seconds", 0)
-    if not (last_loss is None or _same_shape(last_loss, 0.0)) or not _same_shape(seconds, 0.0):
+    if not (last_loss is None or _fits(last_loss, 0.0)) or not _fits(seconds, 0.0):
         raise damaged("last_loss, seconds")
     return record["step"], list(evals), float("nan") if last_loss is None else float(last_loss), float(seconds)
 
