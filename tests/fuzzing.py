@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 import numpy as np
 
@@ -58,9 +59,19 @@ MEMORY_BUDGET = 512 << 20
 WATCHDOG_SECONDS = 30.0
 
 
-def deep() -> bool:
-    """True when this is a deep run (``GAINSURGERY_FUZZ_EXAMPLES`` set)."""
-    return bool(os.environ.get(EXAMPLES_ENV))
+def _private_home() -> str:
+    """A temporary folder of this process for what hypothesis stores besides its database (a cache of the
+    constants it finds in the code under test): by default it would write ``.hypothesis/`` into the repo."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gainsurgery-hypothesis-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+set_hypothesis_home_dir(_private_home())
 
 
 def fuzz_settings(ci_examples: int) -> settings:

@@ -90,11 +90,16 @@ JSON_SEED = {"a": [1, 2.5, "x", None, True], "b": {"c": {"d": []}}, "e": "text"}
 @example(data=b'{"a": 1e999}', unique=False, depth=64, limit=1 << 20)
 @example(data=b"[" * 200_000, unique=True, depth=256, limit=1 << 20)
 @example(data=b"1" * 5000, unique=False, depth=64, limit=1 << 20)
+# Regression: a lone surrogate escape parsed into a str no file, card or upload could encode (found through
+# gainsurgery.json: push --dry-run crashed writing the card).
+@example(data=b'{"name": "\\ud800"}', unique=False, depth=64, limit=1 << 20)
+@example(data=b'{"\\udfff": 1}', unique=True, depth=64, limit=1 << 20)
 def test_json_loads_gives_a_value_or_one_line(data, unique, depth, limit):
     got = outcome(jsonsafe.loads, data, where="doc.json", max_bytes=limit, max_depth=depth, unique_keys=unique)
     if not failed(got):
-        # What parsed is plain JSON again: strict, finite, within the depth asked.
-        text = json.dumps(got, allow_nan=False)
+        # What parsed is plain JSON again: strict, finite, Unicode, within the depth asked.
+        text = json.dumps(got, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
         assert jsonsafe.nesting_depth(text, depth) <= depth
 
 

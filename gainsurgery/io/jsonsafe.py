@@ -49,6 +49,8 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20
 _TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
 _MISSING: Any = object()
+# Where a lone surrogate can come from: an escape of one (or, in a str, the character itself).
+_SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 class _Refused(ValueError):
@@ -79,6 +81,24 @@ def nesting_depth(text: str, limit: int) -> int:
         elif c in "]}":
             depth -= 1
     return deepest
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """True when a string anywhere in parsed ``value`` (keys too) cannot be encoded as UTF-8. Flat, no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -136,8 +156,13 @@ def loads(data: str | bytes | bytearray, *, where: str, error: type[GainSurgeryE
     if depth > max_depth:
         raise error(f"{where}: JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, object_pairs_hook=_unique_pairs if unique_keys else None,
-                          parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, object_pairs_hook=_unique_pairs if unique_keys else None,
+                           parse_constant=_refuse_constant, parse_float=_finite_float)
+        # JSON may spell half of a UTF-16 pair alone ("\ud800"); Python keeps it as a lone surrogate,
+        # which no file, message or upload can encode later. safetensors (serde_json) refuses it too.
+        if _SURROGATE_RE.search(text) and _lone_surrogate(value):
+            raise _Refused("a string holds a lone UTF-16 surrogate, which is not Unicode text")
+        return value
     except _Refused as e:
         raise error(f"{where}: not valid JSON ({e})") from None
     except json.JSONDecodeError as e:
