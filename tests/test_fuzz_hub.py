@@ -210,17 +210,41 @@ def test_a_malformed_lfs_batch_answer_is_one_line(fuzz_hub, body):
         fuzz_hub.clear_rewrites()
 
 
-def test_a_listed_file_with_a_long_name_is_named_by_its_ends(fuzz_hub):
-    """Regression (fuzz): a listing naming a 5,000-character file that is not there gave a 5,000-character line."""
-    from gainsurgery.errors import HubError
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_long_shard_name_is_named_by_its_ends(fuzz_hub, listed):
+    """Regression (fuzz): names the Hub or its index gives went whole into messages (a 5,000-character line;
+    a listed one made a URL too long for the HTTP client, an httpx2.InvalidURL traceback)."""
+    from gainsurgery.errors import CheckpointError, HubError
 
     repo_id = f"fuzz/base-{next(_repo_numbers)}"
-    fuzz_hub.add_repo(repo_id, base_files())
-    extra = {"type": "file", "path": "n" * 5000, "oid": "0" * 40, "size": 3}
-    fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda obj: json.dumps([*obj, extra]).encode(), method="GET")
+    shard = "s" * (100_000 if listed else 5000) + ".safetensors"
+    index = {"weight_map": {"model.norm.weight": shard}}
+    fuzz_hub.add_repo(repo_id, base_files(index=json.dumps(index).encode()))
+    extra = {"type": "file", "path": shard, "oid": "0" * 40, "size": 300}
+    if listed:
+        fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda obj: json.dumps([*obj, extra]).encode(),
+                         method="GET")
     try:
-        with pytest.raises(HubError) as e:
+        with pytest.raises((CheckpointError, HubError)) as e:
             open_remote_base(HubRef(repo_id), HubClient.from_env())
     finally:
         fuzz_hub.clear_rewrites()
-    assert "404: file not found" in str(e.value) and len(str(e.value)) < 1000
+    message = str(e.value)
+    assert len(message) < 1000 and message.isprintable()
+    assert ("URL is not valid" if listed else "which the repo does not have") in message
+
+
+def test_a_listed_file_whose_name_no_file_can_have_is_not_fetched(fuzz_hub, identity_gain, tmp_path):
+    """Regression (fuzz): a listing naming a 100,000-character file made its URL too long for the HTTP client
+    (httpx2.InvalidURL, a traceback). No file system holds such a name: it is not fetched, the base opens."""
+    repo_id = f"fuzz/base-{next(_repo_numbers)}"
+    fuzz_hub.add_repo(repo_id, base_files())
+    extra = {"type": "file", "path": "n" * 100_000, "oid": "0" * 40, "size": 3}
+    fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda obj: json.dumps([*obj, extra]).encode(), method="GET")
+    try:
+        with open_remote_base(HubRef(repo_id), HubClient.from_env()) as remote:
+            assert "n" * 100 not in " ".join(p.name for p in remote.staging.iterdir())
+        api.apply(repo_id, [identity_gain], tmp_path / "out", hub=HubClient.from_env(), warn=lambda _m: None)
+    finally:
+        fuzz_hub.clear_rewrites()
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -84,6 +84,8 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
             server = (getattr(e, "server_message", None) or "").strip().splitlines()
             return f"{code}: the Hub refused to {action} {what}" + (f" ({server[0]})" if server else "")
     for e in chain:
+        if isinstance(e, httpx2.InvalidURL):  # built from names the Hub listed: too long, or not a URL's text
+            return f"cannot {action} {what}: its URL is not valid ({show_path(str(e).strip()[:80])})"
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return (f"could not reach the Hub at {redact_url(endpoint)} to {action} {what} "
                     f"({type(e).__name__}); check your network, proxy or HF_ENDPOINT and try again")

@@ -35,6 +35,8 @@ from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_na
 
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
+#: Longest file name, in bytes, a file system holds (a listing may name longer ones: never fetched).
+_NAME_MAX = 255
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
 #: Top-level non-weight files larger than this are not fetched with a Hub base.
@@ -174,12 +176,13 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
                                   "gainsurgery reads safetensors checkpoints only")
         for name in shard_names:
             if name not in sizes:
-                raise CheckpointError(f"{ref}: the index names shard {name}, which the repo does not have")
+                raise CheckpointError(f"{ref}: the index names shard {show_path(name)}, which the repo does not have")
             _write_header_stub(client, ref, commit, name, sizes[name], staging / name)
         skipped = {}
         for path, size in sorted(sizes.items()):
             if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
-                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")):
+                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")
+                    or len(path.encode("utf-8", "surrogatepass")) > _NAME_MAX):  # no file can have that name
                 continue
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
