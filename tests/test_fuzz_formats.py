@@ -103,6 +103,17 @@ def test_json_loads_gives_a_value_or_one_line(data, unique, depth, limit):
         assert jsonsafe.nesting_depth(text, depth) <= depth
 
 
+def test_reading_a_small_json_file_costs_what_it_holds_not_its_limit(tmp_path):
+    """Regression (fuzz, through the experiment's windows.json, read with a 512 MiB limit): the reader
+    allocated the whole limit up front, a MemoryError under a 512 MiB budget for a 1-byte file."""
+    from fuzzing import bounded
+
+    path = tmp_path / "windows.json"
+    path.write_bytes(b'{"a": 1}')
+    with bounded(memory_bytes=128 << 20):
+        assert jsonsafe.load(path, max_bytes=1 << 30) == {"a": 1}
+
+
 @fuzz_settings(60)
 @given(lines=st.lists(json_text({"text": "a document", "n": 1}, max_mutations=2), max_size=6),
        sep=st.sampled_from([b"\n", b"\r\n", b"\n\n"]), max_line=st.sampled_from([16, 1 << 20]))

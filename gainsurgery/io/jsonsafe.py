@@ -174,11 +174,22 @@ def loads(data: str | bytes | bytearray, *, where: str, error: type[GainSurgeryE
         raise error(f"{where}: not valid JSON ({reason})") from None
 
 
+#: Bytes read at a time: ``read(max_bytes + 1)`` would allocate the whole limit up front (512 MiB to
+#: read a 1 KiB record with a 512 MiB limit); reading in pieces costs what the file holds.
+_READ_PIECE = 1 << 20
+
+
 def _read_limited(f: BinaryIO, max_bytes: int, where: str, error: type[GainSurgeryError]) -> bytes:
-    data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
+    pieces, total = [], 0
+    while total <= max_bytes:
+        piece = f.read(min(_READ_PIECE, max_bytes + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    if total > max_bytes:
         raise error(f"{where}: more than the {max_bytes} bytes allowed for this JSON file")
-    return data
+    return b"".join(pieces)
 
 
 def load(source: str | os.PathLike[str] | BinaryIO, *, where: str | None = None,
