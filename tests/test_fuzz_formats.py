@@ -84,7 +84,7 @@ def scratch():
 JSON_SEED = {"a": [1, 2.5, "x", None, True], "b": {"c": {"d": []}}, "e": "text"}
 
 
-@fuzz_settings(150)
+@fuzz_settings(100)
 @given(data=json_text(JSON_SEED, max_mutations=4), unique=st.booleans(), depth=st.integers(1, 256),
        limit=st.sampled_from([64, 4096, 1 << 20]))
 @example(data=b'{"a": 1e999}', unique=False, depth=64, limit=1 << 20)
