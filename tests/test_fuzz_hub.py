@@ -39,7 +39,7 @@ from fuzzing import (
     shard_parts,
 )
 from gainsurgery import api
-from gainsurgery.hub.client import HubClient
+from gainsurgery.hub.client import HubClient, HubConfig
 from gainsurgery.hub.refs import HubRef
 from gainsurgery.hub.transfer import lfs_objects_present
 from gainsurgery.sources.remote import open_remote_base
@@ -53,19 +53,25 @@ _repo_numbers = itertools.count()
 
 @pytest.fixture(scope="module")
 def fuzz_hub(tmp_path_factory):
-    """One loopback Hub for the module (hypothesis runs many examples per test), reached through the environment."""
+    """One loopback Hub for the module (hypothesis runs many examples per test call)."""
     server = HubServer().start()
-    home = tmp_path_factory.mktemp("fuzz-hub-home")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"HF_ENDPOINT": server.endpoint, "HF_TOKEN": server.token, "HF_HOME": str(home),
-                           "HF_HUB_CACHE": str(home / "hub"), "NO_PROXY": "127.0.0.1,localhost",
-                           "no_proxy": "127.0.0.1,localhost"}.items():
-            mp.setenv(key, value)
-        mp.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-        try:
-            yield server
-        finally:
-            server.stop()
+    server.cache_dir = str(tmp_path_factory.mktemp("fuzz-hub-cache"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_without_proxy(monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+def client_of(server: HubServer) -> HubClient:
+    """A client of the loopback Hub with its write token, built explicitly (tests get no token from the
+    environment, and the environment is reset for every test)."""
+    return HubClient(HubConfig(server.endpoint, token=server.token, cache_dir=server.cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,7 @@ def _get_json(server: HubServer, path: str) -> object:
         return json.loads(r.read())
 
 
-PARTS = ["none", "info", "tree", "tree", "index", "config", "shard", "shard"]
+PARTS = ["none", "none", "info", "tree", "tree", "index", "config", "shard", "shard"]
 
 
 @fuzz_settings(40)
@@ -102,7 +108,7 @@ def test_hub_base_opens_or_one_line_and_applies_when_it_opens(data, fuzz_hub, id
     elif part == "shard":
         name = data.draw(st.sampled_from(list(SHARDS)), label="shard")
         header, body = shard_parts(SHARDS[name])
-        replace["shard"] = (name, data.draw(safetensors_file(header, body), label="bytes"))
+        replace["shard"] = (name, data.draw(safetensors_file(header, body, 2), label="bytes"))
     repo = fuzz_hub.add_repo(repo_id, base_files(**replace))
     if part == "info":
         real = _get_json(fuzz_hub, f"/api/models/{repo_id}")
@@ -115,7 +121,7 @@ def test_hub_base_opens_or_one_line_and_applies_when_it_opens(data, fuzz_hub, id
         fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda _obj: body, method="GET")
     work = Path(tempfile.mkdtemp(prefix="gainsurgery-fuzz-hub-"))
     try:
-        client = HubClient.from_env()
+        client = client_of(fuzz_hub)
         remote = outcome(open_remote_base, HubRef(repo_id), client, memory_bytes=HUB_MEMORY)
         if failed(remote):
             return
@@ -152,7 +158,7 @@ def test_lfs_batch_answer_gives_present_objects_or_one_line(objects, data, fuzz_
                      label="answer")
     fuzz_hub.rewrite(rf"/{repo_id}\.git/info/lfs/objects/batch", lambda _obj: body, method="POST")
     try:
-        got = outcome(lfs_objects_present, HubClient.from_env(), repo_id, objects, memory_bytes=HUB_MEMORY)
+        got = outcome(lfs_objects_present, client_of(fuzz_hub), repo_id, objects, memory_bytes=HUB_MEMORY)
     finally:
         fuzz_hub.clear_rewrites()
     if not failed(got):
@@ -185,7 +191,7 @@ def test_a_malformed_hub_answer_about_a_base_is_one_line(fuzz_hub, route, body, 
     fuzz_hub.rewrite(pattern, lambda _obj: body, method="GET")
     try:
         with pytest.raises(HubError) as e:
-            open_remote_base(HubRef(repo_id), HubClient.from_env())
+            open_remote_base(HubRef(repo_id), client_of(fuzz_hub))
     finally:
         fuzz_hub.clear_rewrites()
     assert expected in str(e.value) and "\n" not in str(e.value)
@@ -201,7 +207,7 @@ def test_a_malformed_lfs_batch_answer_is_one_line(fuzz_hub, body):
     try:
         oid = hashlib.sha256(b"x").hexdigest()
         try:
-            got = lfs_objects_present(HubClient.from_env(), "fuzz/batch", {oid: 1})
+            got = lfs_objects_present(client_of(fuzz_hub), "fuzz/batch", {oid: 1})
         except HubError as e:
             assert "malformed answer" in str(e) and "\n" not in str(e)
         else:
@@ -226,7 +232,7 @@ def test_a_long_shard_name_is_named_by_its_ends(fuzz_hub, listed):
                          method="GET")
     try:
         with pytest.raises((CheckpointError, HubError)) as e:
-            open_remote_base(HubRef(repo_id), HubClient.from_env())
+            open_remote_base(HubRef(repo_id), client_of(fuzz_hub))
     finally:
         fuzz_hub.clear_rewrites()
     message = str(e.value)
@@ -242,9 +248,28 @@ def test_a_listed_file_whose_name_no_file_can_have_is_not_fetched(fuzz_hub, iden
     extra = {"type": "file", "path": "n" * 100_000, "oid": "0" * 40, "size": 3}
     fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", lambda obj: json.dumps([*obj, extra]).encode(), method="GET")
     try:
-        with open_remote_base(HubRef(repo_id), HubClient.from_env()) as remote:
+        with open_remote_base(HubRef(repo_id), client_of(fuzz_hub)) as remote:
             assert "n" * 100 not in " ".join(p.name for p in remote.staging.iterdir())
-        api.apply(repo_id, [identity_gain], tmp_path / "out", hub=HubClient.from_env(), warn=lambda _m: None)
+        api.apply(repo_id, [identity_gain], tmp_path / "out", hub=client_of(fuzz_hub), warn=lambda _m: None)
     finally:
         fuzz_hub.clear_rewrites()
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_shard_listed_larger_than_any_file_is_one_line(fuzz_hub):
+    """Regression (fuzz): a listing that gives a shard 2**62 bytes made its sparse stand-in fail with
+    OSError EFBIG (a traceback from the Python API, "File too large" from the CLI)."""
+    from gainsurgery.errors import CheckpointError
+
+    repo_id = f"fuzz/base-{next(_repo_numbers)}"
+    fuzz_hub.add_repo(repo_id, base_files())
+
+    def huge(obj):
+        return json.dumps([{**e, "size": 2**62} if e["path"].endswith(".safetensors") else e for e in obj]).encode()
+
+    fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", huge, method="GET")
+    try:
+        with pytest.raises(CheckpointError, match="more than a file here can hold"):
+            open_remote_base(HubRef(repo_id), client_of(fuzz_hub))
+    finally:
+        fuzz_hub.clear_rewrites()

@@ -258,4 +258,8 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
         raise CheckpointError(f"{what}: the Hub sent {len(head)} bytes of a {8 + header_len}-byte header; try again")
     with open(dst, "wb") as f:
         f.write(head[: 8 + header_len])
-        f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        try:
+            f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        except OSError as e:  # EFBIG: a size the Hub lists that no file here can have
+            raise CheckpointError(f"{what}: the Hub lists it as {size} bytes, more than a file here can hold "
+                                  f"({e.strerror})") from None
