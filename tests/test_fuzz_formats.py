@@ -155,7 +155,7 @@ def header_files(draw):
     return draw(safetensors_file(header, data, keys=["__metadata__", "dtype", "shape", "data_offsets"]))
 
 
-@fuzz_settings(250)
+@fuzz_settings(200)
 @given(raw=header_files())
 @example(raw=struct.pack("<Q", 2**64 - 1) + b"{}")
 @example(raw=struct.pack("<Q", 2) + b"{}")
@@ -237,7 +237,7 @@ def gain_files(draw):
     return draw(corrupted(raw)) if part == "bytes" else raw
 
 
-@fuzz_settings(120)
+@fuzz_settings(100)
 @given(raw=gain_files(), negative=st.booleans())
 # Regression: a dim that is a 5,000-character string was quoted whole in the error.
 @example(raw=safetensors_bytes(*header_for(
