@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 
 from fuzzing import (
     BASE_TENSORS,
-    corrupted,
     CONFIG,
     DOWN,
     O_PROJ,
     SHARDS,
     Dup,
     Raw,
+    corrupted,
     failed,
     fuzz_settings,
     header_for,
@@ -59,8 +59,10 @@ from gainsurgery.io.outputs import clean_leftovers
 from gainsurgery.io.safetensors import DTYPE_BITS, parse_header
 from gainsurgery.merge.plan import make_plan
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
+    """The synthetic two-shard llama-shaped checkpoint (tests/fuzzing.py), unmutated."""
     return make_base(tmp_path_factory.mktemp("fuzz-base") / "base")
 
 
