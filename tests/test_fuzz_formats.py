@@ -320,6 +320,10 @@ def checkpoint_parts(draw):
 @given(parts=checkpoint_parts())
 @example(parts=(json.dumps({"weight_map": {"x": "../model.safetensors"}}).encode(), None, None))
 @example(parts=(None, json.dumps({"model_type": "llama", "text_config": "x"}).encode(), None))
+# Regression: a config claiming 2**31 layers made the target check build range(2**31) (a MemoryError under
+# the budget, tens of GB without it); 2**63 an OverflowError.
+@example(parts=(None, json.dumps({**CONFIG, "num_hidden_layers": 2**31 - 1}).encode(), None))
+@example(parts=(None, json.dumps({**CONFIG, "num_hidden_layers": 2**63}).encode(), None))
 def test_checkpoint_opens_or_one_line_and_commands_take_what_opens(parts, scratch):
     index, config, shard = parts
     folder = make_base(scratch() / "base", index=index, config=config, shard=shard)
@@ -411,3 +415,15 @@ def test_claim_file_is_judged_without_error_and_only_ours_is_removed(raw, scratc
             and content.get("out") == "merged" and content.get("token") == TOKEN)
     if not ours:  # not provably ours: the temp is never touched
         assert tmp.is_dir() and (tmp / "data").exists(), handled
+
+
+def test_a_layer_number_of_5000_digits_is_one_line():
+    """Regression (reading the code the fuzzer drives): int() of a 5,000-digit layer number in a tensor
+    name is a ValueError (Python's digit limit); a name with a newline broke the message in two."""
+    from gainsurgery.architectures import resolve_targets
+    from gainsurgery.errors import ArchitectureError
+
+    for name in (f"model.layers.{'9' * 5000}.self_attn.o_proj.weight", "x\nmodel.layers.0.self_attn.o_proj.weight"):
+        with pytest.raises(ArchitectureError) as e:
+            resolve_targets({name: [4] if "\n" in name else [4, 4]}, "llama", "gain")
+        assert str(e.value).isprintable() and len(str(e.value)) < 600

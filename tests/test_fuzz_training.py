@@ -127,6 +127,9 @@ def test_checkpoint_resumes_or_one_line_and_what_resumes_trains(data, checkpoint
 @given(lines=st.lists(json_text({"text": "a document", "meta": {"n": 1}}, 2, keys=["text"]), max_size=5),
        sep=st.sampled_from([b"\n", b"\r\n"]), suffix=st.sampled_from([".jsonl", ".txt", ".json"]))
 @example(lines=[b'{"text": "a"}', b"\xff\xfe"], sep=b"\n", suffix=".txt")
+# Regression: a lone carriage return ended a line for the whole-file reader, not for the streamed one:
+# the same file gave in-memory and streamed training different documents.
+@example(lines=[b'{"text":"a document"}', b'\r"text":"x"}', b"", b"", b"b\r\r", b"c"], sep=b"\n", suffix=".txt")
 def test_data_file_gives_documents_or_one_line(lines, sep, suffix):
     work = Path(tempfile.mkdtemp(prefix="gainsurgery-fuzz-data-"))
     try:
@@ -249,6 +252,10 @@ def _set(path: str, value):
     (_set("last_loss", 10**400), "last_loss"),
     (_set("evals", [1]), "evals"),
     (_set("step", 10**9), "step"),
+    # Adam with beta2 > 1 takes the root of a negative number at the first step (a RuntimeError mid-run)
+    (_set("optimizer.param_groups.0.betas", [0.9, 1.5]), "optimizer.param_groups"),
+    (_set("optimizer.param_groups.0.eps", 0.0), "optimizer.param_groups"),
+    (_set("optimizer.param_groups.0.lr", -1.0), "optimizer.param_groups"),
 ])
 def test_a_damaged_checkpoint_is_refused_before_the_run_uses_it(checkpoint, tmp_path, edit, why):
     """Regressions: each of these loaded, then crashed or misbehaved later (outside any error handling)."""
@@ -256,6 +263,26 @@ def test_a_damaged_checkpoint_is_refused_before_the_run_uses_it(checkpoint, tmp_
     record, tensors, _ = state.load(work)
     model, named, optimizer, scheduler, batches = _setup(seed=1)
     with pytest.raises(TrainingError, match=f"the checkpoint is damaged .*{why.split('.')[0]}"):
+        state.resume(record, tensors, named, optimizer, scheduler, None, batches, rank=0, streaming=False,
+                     steps=STEPS, max_windows=STEPS * BATCH, folder=work)
+
+
+@pytest.mark.parametrize("tensor,value", [("optim/0.weight/exp_avg_sq", -1.0), ("optim/0.weight/exp_avg", float("nan")),
+                                          ("param/1.bias", float("inf"))])
+def test_a_checkpoint_holding_numbers_adam_never_makes_is_refused(checkpoint, tmp_path, tensor, value):
+    """Regression (fuzz): a negative second moment made the first step a complex-number RuntimeError; NaN
+    weights trained for the whole run before the output refused them."""
+    from safetensors.torch import save_file
+
+    work = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, work)
+    record, tensors, _ = state.load(work)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors[tensor].fill_(value)
+    save_file(tensors, str(work / "state.safetensors"), metadata={"format": state.FORMAT})
+    record, tensors, _ = state.load(work)
+    model, named, optimizer, scheduler, batches = _setup(seed=1)
+    with pytest.raises(TrainingError, match="the checkpoint is damaged"):
         state.resume(record, tensors, named, optimizer, scheduler, None, batches, rank=0, streaming=False,
                      steps=STEPS, max_windows=STEPS * BATCH, folder=work)
 

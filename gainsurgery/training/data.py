@@ -66,9 +66,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 text = f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{shown}: not UTF-8 text") from None
-            # Universal newlines, as text mode reads: a CRLF file splits into the same documents
-            # (and the streamed reader, which ends lines at \n or \r\n, finds the same ones).
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            # Lines end at \n, and carriage returns ending a line are dropped (a CRLF file splits into
+            # the same documents), exactly as the streamed reader reads them: both find the same
+            # documents in any file (a lone \r inside a line is text to both).
+            text = "\n".join(line.rstrip("\r") for line in text.split("\n"))
             docs = [d for d in text.split(DOC_SEPARATOR)]
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:

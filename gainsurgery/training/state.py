@@ -342,6 +342,8 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
         if value.shape != p.shape:
             raise TrainingError(f"--resume {folder}: {name} has shape {tuple(value.shape)}, "
                                 f"this model {tuple(p.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise TrainingError(f"--resume {folder}: the checkpoint is damaged ({name} holds NaN or infinity)")
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -351,6 +353,10 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
                     or value.shape != (() if slot == "step" else params[name].shape):
                 raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer tensor "
                                     f"{show_path(key)} is not one of this run's)")
+            # Adam's step count and second moments are never negative (a square root is taken of them).
+            if not bool(torch.isfinite(value).all()) or (slot != "exp_avg" and bool((value < 0).any())):
+                raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer tensor "
+                                    f"{show_path(key)} holds values Adam never makes)")
             state.setdefault(index[name], {})[slot] = value
         elif key == "rng/cpu":
             if value.dtype != torch.uint8 or value.shape != torch.get_rng_state().shape:
@@ -372,7 +378,12 @@ def restore(record: Mapping[str, Any], tensors: Mapping[str, Any], named_params:
     loaded = []
     for g, mine in zip(groups, live):
         template = {k: v for k, v in _jsonable(mine).items() if k != "params"}
+        # The run's settings (checked equal) made both optimizers: every hyperparameter is this run's
+        # (betas of 1.5 would make Adam take the root of a negative number), except the scheduled lr.
+        ceiling = template.get("initial_lr", template.get("lr"))
         if (not isinstance(g, dict) or not _fits({k: v for k, v in g.items() if k != "params"}, template)
+                or any(g[k] != v for k, v in template.items() if k != "lr" and k in g)
+                or ("lr" in g and not 0 <= g["lr"] <= ceiling * (1 + 1e-6))
                 or sorted(g.get("params") if isinstance(g.get("params"), list) else [None], key=str)
                 != sorted(names[i] for i in mine["params"])):
             raise TrainingError(f"--resume {folder}: the checkpoint is damaged (optimizer.param_groups)")
