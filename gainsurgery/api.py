@@ -181,7 +181,7 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
     (g, name, path), = _load_each([gain], allow_negative=True)
     if plot is not None:
         from gainsurgery.extras import require_extra
-        from gainsurgery.io.outputs import atomic_file
+        from gainsurgery.io.atomic import atomic_file
 
         require_extra("plots", "inspect_gain(plot=...)")
         from gainsurgery.plots import plot_gain_distributions

@@ -615,7 +615,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         domains[name] = path
     require_extra("train", "gainsurgery eval")
     from gainsurgery import api
-    from gainsurgery.io.outputs import check_output
+    from gainsurgery.io.checks import check_output
 
     from gainsurgery.sources import local_folder_of
 
@@ -633,7 +633,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         y = results["yesno"]
         click.echo(f"yes/no accuracy: {y['accuracy']:.3f} on {y['items']} items (said yes {y['predicted_yes']:.0%})")
     if json_out:
-        from gainsurgery.io.outputs import write_json
+        from gainsurgery.io.atomic import write_json
 
         write_json(json_out, results, inputs=inputs, what="--json file")
 

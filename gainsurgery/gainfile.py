@@ -22,10 +22,10 @@ import numpy as np
 
 from gainsurgery.errors import GainFileError, OutputError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import write_file
 from gainsurgery.io.fingerprint import is_fingerprint
 from gainsurgery.io.hashing import sha256_file
 from gainsurgery.io.inputs import open_regular, show_name, show_path
-from gainsurgery.io.outputs import write_file
 from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.gain/1"
@@ -96,7 +96,7 @@ class GainFile:
     def save(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
         """Write the file atomically (temp file, fsync, rename) and return its path.
 
-        ``path`` is checked first (:func:`gainsurgery.io.outputs.check_output`): it is
+        ``path`` is checked first (:func:`gainsurgery.io.checks.check_output`): it is
         never, never contains and never lies inside any of ``inputs`` (the files and
         folders the command read), and never an existing folder.
         """

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gainsurgery.io import jsonsafe
-from gainsurgery.io.outputs import write_file as write_text
+from gainsurgery.io.atomic import write_file as write_text
 from gainsurgery.io.cache import cache_root, exclusive_lock
 from gainsurgery.io.hashing import sha256_file
 from gainsurgery.errors import GainSurgeryError

@@ -229,7 +229,7 @@ def test_resume_names_what_differs_and_refuses_changed_data(world, tmp_path):
 
 
 def test_two_plain_runs_never_share_a_folder_but_workers_do(world, tmp_path):
-    from gainsurgery.io.outputs import hold_lock
+    from gainsurgery.io.locks import hold_lock
 
     out = tmp_path / "o"
     cfg = _cfg(world, out)
@@ -405,7 +405,7 @@ def test_parallel_workers_share_a_folder_and_a_plain_run_waits_its_turn(world, t
     """The flow of scripts/gpu_session.sh, as real processes: base, two workers, then a plain run."""
     import time
 
-    from gainsurgery.io.outputs import hold_lock
+    from gainsurgery.io.locks import hold_lock
 
     out = tmp_path / "o"
     f = world["files"]

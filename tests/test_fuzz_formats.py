@@ -55,7 +55,7 @@ from gainsurgery.errors import CheckpointError, GainFileError
 from gainsurgery.hub.cards import gain_model_card
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import fingerprint, open_checkpoint, quantization_note
-from gainsurgery.io.outputs import clean_leftovers
+from gainsurgery.io.claims import clean_leftovers
 from gainsurgery.io.safetensors import DTYPE_BITS, parse_header
 from gainsurgery.merge.plan import make_plan
 

@@ -40,6 +40,7 @@ from urllib.parse import quote
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_answer, hub_errors
+from gainsurgery.io.atomic import open_nofollow
 
 #: Bytes handed over per network read while streaming a download.
 DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -215,7 +216,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
     h = hashlib.sha256() if sha256 else None
     have = 0
     # The file may exist, empty, created by the caller (so a reader can open it first); never a link.
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    fd = open_nofollow(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with hub_errors(what, "download", client.endpoint):
             for attempt in range(DOWNLOAD_ATTEMPTS):
@@ -282,10 +283,8 @@ class ProgressReader(io.BufferedReader):
 
     def __init__(self, path: Path, on_read: Callable[[int], Any] | None = None,
                  stop: threading.Event | None = None) -> None:
-        from gainsurgery.io.workdir import open_private
-
         # Our own output shard in the claimed work folder: never through a link.
-        super().__init__(io.FileIO(open_private(path), "rb", closefd=True), buffer_size=1 << 20)
+        super().__init__(io.FileIO(open_nofollow(path, os.O_RDONLY), "rb", closefd=True), buffer_size=1 << 20)
         self._on_read = on_read
         self._stop = stop
         self._furthest = 0

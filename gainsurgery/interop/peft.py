@@ -49,10 +49,11 @@ from gainsurgery.architectures.modules import find_module
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, OutputError
 from gainsurgery.gainfile import BASE_TENSORS_KEY, GainFile, check_values, first_line, natural_key
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import create_file
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.inputs import open_input, resolve_input, show_name, show_path
-from gainsurgery.io.outputs import claim_folder
 from gainsurgery.io.safetensors import parse_header
 from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
@@ -325,7 +326,7 @@ def export_peft(
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``;
     ``PeftModel.from_pretrained(model, adapter_dir)`` on BASE then computes what the
     gain applied to BASE computes. It is claimed and published with
-    :func:`gainsurgery.io.outputs.claim_folder`: never BASE or a folder around an
+    :func:`gainsurgery.io.claims.claim_folder`: never BASE or a folder around an
     input (``--overwrite`` cannot delete the base), appears whole or not at all.
 
     Args:
@@ -360,11 +361,11 @@ def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, np.n
     from safetensors.numpy import save
 
     try:
-        with open(folder / CONFIG_NAME, "x", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with create_file(folder / CONFIG_NAME) as f:
+            f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                     metadata={"format": "pt"})
-        with open(folder / WEIGHTS_NAME, "xb") as f:
+        with create_file(folder / WEIGHTS_NAME) as f:
             f.write(data)
     except OSError as exc:
         raise OutputError(f"could not write the adapter folder: {exc.strerror or exc}; nothing was left behind") \

@@ -6,7 +6,7 @@ API, the demo, the lab experiments and ``apply --push``):
 1. open the base (local folder, embedded model, or a Hub repo read from its headers);
 2. load the gain files (local or ``ORG/REPO:path`` on the Hub) and stack them;
 3. make the plan (:mod:`~gainsurgery.merge.plan`, pure: headers only);
-4. claim OUT (:func:`~gainsurgery.io.outputs.claim_folder`: lock, marked temp folder)
+4. claim OUT (:func:`~gainsurgery.io.claims.claim_folder`: lock, marked temp folder)
    and prepare the push target;
 5. stream the shards into the temp folder (:mod:`~gainsurgery.merge.stream`,
    scaling with :mod:`~gainsurgery.merge.kernel`, counting saturation and hashing
@@ -38,9 +38,10 @@ from gainsurgery import gainfile as gf
 from gainsurgery.errors import GainFileError, GainSurgeryError, OutputError, PlanError
 from gainsurgery.gainfile import BaseCheck, GainFile
 from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
+from gainsurgery.io.checks import check_output
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import combine
 from gainsurgery.io.inputs import show_path
-from gainsurgery.io.outputs import check_output, claim_folder
 from gainsurgery.merge.plan import Plan, TensorOp, make_plan
 from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
                                           write_provenance)
@@ -252,7 +253,7 @@ def apply(
 
     See the module docstring for the steps. OUT appears only when complete (and,
     with ``verify`` or ``publish``, verified; with ``publish``, published). OUT is
-    claimed with :func:`gainsurgery.io.outputs.claim_folder`: it is never, never
+    claimed with :func:`gainsurgery.io.claims.claim_folder`: it is never, never
     holds and never lies inside BASE or a gain file; a second run on the same OUT
     fails at once; without ``overwrite`` a folder that appears at OUT meanwhile is
     left alone and this run fails. With ``publish`` and ``out=None``, nothing is
@@ -366,7 +367,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
                   work_dir: str | os.PathLike[str] | None) -> ApplyResult:
     """Apply without OUT: the Hub-to-Hub pipeline into ``publish`` (see :mod:`~gainsurgery.merge.hub_pipeline`).
 
-    The work folder is an output like OUT (:func:`~gainsurgery.io.outputs.check_output`:
+    The work folder is an output like OUT (:func:`~gainsurgery.io.checks.check_output`:
     never ``""``, ``/``, home, never a link, never in or around the base or a gain
     file) and is claimed for the run (:class:`~gainsurgery.io.workdir.WorkFolder`).
     """

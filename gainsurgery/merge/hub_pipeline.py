@@ -43,7 +43,7 @@ pipeline points it into its work folder (and turns the chunk cache off unless
 removed with, the work folder.
 
 **Trust boundaries** (docs/security.md). The work folder is an output: checked
-like OUT (:func:`~gainsurgery.io.outputs.check_output`: never in or around the base
+like OUT (:func:`~gainsurgery.io.checks.check_output`: never in or around the base
 or a gain file, never a link, never ``""``, ``/`` or home) and claimed for the run
 (:class:`~gainsurgery.io.workdir.WorkFolder`: ``0700``, ours, locked). The files in
 it (downloads, output shards, the journal) are private temp files of that claimed

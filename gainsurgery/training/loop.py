@@ -44,11 +44,13 @@ from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import CheckpointError, TrainingError
 from gainsurgery.extras import require_extra
 from gainsurgery.gainfile import BASE_TENSORS_KEY
+from gainsurgery.io.atomic import open_log_file, write_file, write_json
 from gainsurgery.io.checkpoint import copy_extra_files, fingerprint, open_checkpoint
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.hashing import file_records
 from gainsurgery.io.inputs import check_input_folder
-from gainsurgery.io.outputs import claim_folder, lock_output, open_log_file, write_file, write_json
+from gainsurgery.io.locks import lock_output
 from gainsurgery.sources import base_model_name, resolve_base
 from gainsurgery.training.config import TrainConfig, TrainResult
 from gainsurgery.training.data import fingerprint_files, pack, read_documents
@@ -348,7 +350,7 @@ def _trim_log(path: Path, step: int, inputs: list[str]) -> None:
     old log is read like any file someone else may have swapped (no FIFO, nothing under
     ``/proc``) and rewritten through the output helper (checked against ``inputs``,
     atomic, never through a link). A link at the log's name is left for
-    :func:`~gainsurgery.io.outputs.open_log_file` to refuse.
+    :func:`~gainsurgery.io.atomic.open_log_file` to refuse.
     """
     from gainsurgery.io import jsonsafe
     from gainsurgery.io.inputs import open_regular

@@ -18,7 +18,7 @@ A checkpoint folder holds two files, no pickles:
   position (windows consumed, or each process's place in its streamed blocks), the
   loss, token count and evaluations so far.
 
-Folders are written under a temporary name and renamed into place when complete,
+Folders are claimed and published whole (:func:`gainsurgery.io.claims.claim_folder`),
 so a kill mid-write leaves the previous checkpoint as the latest; the newest
 :data:`KEEP` are kept.
 
@@ -26,9 +26,9 @@ Trust boundaries (docs/security.md). Writing: CHECKPOINT_DIR is an output like a
 other — :meth:`gainsurgery.training.config.TrainConfig.check_checkpoint_folder`
 keeps it apart from every input and from ``-o`` and the log before the run starts,
 and :class:`CheckpointLock` holds it for the run. Inside it, a checkpoint's two
-files are written only into a fresh ``mkdtemp`` folder (mode 0700, an unguessable
-name made by this run under the held lock), so no link planted by someone else can
-redirect them; that folder is renamed into place whole. Reading: ``--resume`` is an
+files are written only into the claimed temp folder of its ``step-*`` name (mode
+0700, an unguessable name made by this run under the held lock), so no link planted
+by someone else can redirect them; that folder is published whole. Reading: ``--resume`` is an
 input folder (:func:`find_checkpoint`, :func:`load`): its ``step-*`` folders must be
 real folders, ``state.json`` and ``state.safetensors`` regular files inside them
 (:func:`gainsurgery.io.inputs.open_input`: no link out, no FIFO), the JSON parsed
@@ -44,16 +44,16 @@ import json
 import math
 import os
 import re
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gainsurgery.errors import TrainingError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import create_file, open_folder_nofollow
+from gainsurgery.io.claims import claim_folder, clean_leftovers_in
 from gainsurgery.io.inputs import allowed_roots, open_input, resolve_input, show_name, show_path
-from gainsurgery.io.outputs import fsync_dir, fsync_tree, remove_tree
+from gainsurgery.io.locks import NotAPlainFile, lock_file
+from gainsurgery.io.mounts import remove_tree
 from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.train-state/1"
@@ -137,48 +137,43 @@ def describe(folder: Path, step: int, state_sha256: str) -> dict[str, Any]:
 class CheckpointLock:
     """One run at a time writes a checkpoint folder: an exclusive ``flock`` on ``.lock`` in it.
 
-    Held for the whole run by the process that writes checkpoints; the kernel drops it
-    when that process dies (kill -9 included), so a stale lock never blocks a resume.
-    With it held, temporary folders of killed runs can be removed safely.
+    Held for the whole run by the process that writes checkpoints
+    (:func:`gainsurgery.io.locks.lock_file`); the kernel drops it when that process
+    dies (kill -9 included), so a stale lock never blocks a resume. With it held,
+    what killed runs left in the folder is removed: the leftovers of a checkpoint
+    claim (:func:`gainsurgery.io.claims.clean_leftovers_in`) and the temporary
+    ``.step-*.tmp`` folders of earlier versions.
 
     Raises:
         TrainingError: another live run holds the folder.
     """
 
     def __init__(self, checkpoint_dir: Path) -> None:
-        import fcntl
-
         self._fd = -1
         self.folder = Path(checkpoint_dir)
         shown = show_path(self.folder)
-        flags = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
             self.folder.mkdir(exist_ok=True)  # its parent exists: checked with the other outputs
             # The folder itself, never through a link (one may have been planted since the check).
-            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | flags)
+            dir_fd = open_folder_nofollow(self.folder)
         except OSError as e:
             raise TrainingError(f"--checkpoint-dir {shown} cannot be used ({e.strerror}); it must be a real "
                                 "folder, not a link") from None
         try:
-            fd = os.open(".lock", os.O_RDWR | os.O_CREAT | flags, 0o644, dir_fd=dir_fd)
+            fd = lock_file(".lock", dir_fd=dir_fd)
+        except NotAPlainFile:
+            raise TrainingError(f"--checkpoint-dir {shown}: its .lock is not a plain file; remove it") from None
         except OSError as e:
             raise TrainingError(f"--checkpoint-dir {shown}: cannot create its .lock ({e.strerror}); "
                                 "remove it if it is not a plain file") from None
         finally:
             os.close(dir_fd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TrainingError(f"--checkpoint-dir {shown}: its .lock is not a plain file; remove it")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise TrainingError(f"another training run is writing checkpoints to {shown}; "
-                                f"wait for it or give --checkpoint-dir another folder") from None
-        except BaseException:
-            os.close(fd)
-            raise
+                                f"wait for it or give --checkpoint-dir another folder")
         self._fd = fd
-        for stale in self.folder.glob(".step-*.tmp"):  # a kill while a checkpoint was written
+        clean_leftovers_in(self.folder)  # a kill while a checkpoint was written
+        for stale in self.folder.glob(".step-*.tmp"):  # the same, by a version before claims (or unprovable)
             if stale.is_dir() and not stale.is_symlink():
                 with contextlib.suppress(OSError):
                     remove_tree(stale)
@@ -196,6 +191,9 @@ class CheckpointLock:
 def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]], optimizer: Any,
          record: Mapping[str, Any]) -> Path:
     """Write the checkpoint of ``step`` (call on one process: the trainable numbers are whole everywhere).
+
+    The folder is claimed and published whole (:func:`gainsurgery.io.claims.claim_folder`,
+    mode 0700): a kill mid-write leaves the previous checkpoint as the latest.
 
     Args:
         checkpoint_dir: the folder that holds ``step-*`` folders (created if missing).
@@ -228,20 +226,14 @@ def save(checkpoint_dir: Path, step: int, named_params: Sequence[tuple[str, Any]
               for g in opt["param_groups"]]
     body = {"format": FORMAT, "step": step, **record, "optimizer": {"param_groups": groups, "scalars": scalars}}
     final = step_dir(checkpoint_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=checkpoint_dir))
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
-        (tmp / "state.json").write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        fsync_tree(tmp)
-        if os.path.islink(final):  # not ours to follow: only the name is replaced
-            os.unlink(final)
-        elif final.is_dir():  # a rerun from an earlier checkpoint writes this step again
-            remove_tree(final)
-        os.rename(tmp, final)
-        fsync_dir(checkpoint_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if os.path.islink(final):  # not ours to follow: only the name is replaced
+        os.unlink(final)
+    # A rerun from an earlier checkpoint writes this step again: replaced whole.
+    with claim_folder(final, overwrite=True, what="the checkpoint", error=TrainingError, mode=0o700) as claim:
+        save_file(tensors, str(claim.tmp / "state.safetensors"), metadata={"format": FORMAT})
+        with create_file(claim.tmp / "state.json") as f:
+            f.write((json.dumps(body, indent=1) + "\n").encode("utf-8"))
+        claim.publish()
     for old in _step_folders(checkpoint_dir)[:-KEEP]:
         with contextlib.suppress(OSError):  # removed by the next save if not now
             remove_tree(old)

@@ -649,7 +649,8 @@ def write_report(out: Path, resamples: int = 2000) -> list[Path]:
     res = Results(out, resamples=resamples)
     data = res.to_json()
     data["report_seconds"] = round(time.perf_counter() - t0, 1)
-    from gainsurgery.io.outputs import check_output, write_file
+    from gainsurgery.io.atomic import write_file
+    from gainsurgery.io.checks import check_output
 
     # every output checked before the first is written: a report is written whole or not at all
     names = ["results.json", "results.md", "front.png", *(f"heatmap-{m}.png" for m in res.methods())]
@@ -668,7 +669,7 @@ def _p(p: float) -> str:
 
 def _save_figure(fig: Any, path: Path) -> None:
     """A PNG written whole or not at all (gainsurgery's output rules: never through a link)."""
-    from gainsurgery.io.outputs import atomic_file
+    from gainsurgery.io.atomic import atomic_file
 
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=120)

@@ -14,7 +14,7 @@ read as hostile input, the way gainsurgery reads a checkpoint:
   the file and the field.
 
 Downstream code then trusts the returned dicts. Records are written with
-:func:`gainsurgery.io.outputs.write_file` (whole or not at all, never through a
+:func:`gainsurgery.io.atomic.write_file` (whole or not at all, never through a
 link), as strict JSON: a non-finite float becomes ``null``.
 
 Layout::
@@ -79,7 +79,7 @@ def dumps(obj: Any, **kw: Any) -> str:
 
 def write(path: Path, obj: Any, **kw: Any) -> None:
     """Write ``obj`` as strict JSON to ``path``, whole or not at all (unguessable temp: workers never share one)."""
-    from gainsurgery.io.outputs import write_file
+    from gainsurgery.io.atomic import write_file
 
     write_file(path, dumps(obj, **kw) + "\n", error=ForgettingError)
 
@@ -287,7 +287,7 @@ def yesno_record(raw: Any, where: str) -> dict[str, Any]:
 def save_domain(dom: PreparedDomain) -> None:
     """Freeze a prepared domain: its training text, then its windows (so every run and resume scores the same
     tokens). ``windows.json`` is written last: a domain counts as frozen only when both files are there."""
-    from gainsurgery.io.outputs import write_file
+    from gainsurgery.io.atomic import write_file
 
     if dom.train_text is None:
         raise ValueError(f"domain {dom.name}: already saved")

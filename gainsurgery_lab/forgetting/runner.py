@@ -240,7 +240,7 @@ class Experiment:
         self.base_folder = resolve_base(cfg.base)
         # The experiment folder is reused (resumable) but never "", ".", the home folder, the
         # base or a data file, nor around or inside one; and only if it is new, empty or ours.
-        from gainsurgery.io.outputs import check_output
+        from gainsurgery.io.checks import check_output
 
         data = [p for d in (*cfg.sequence, *cfg.extra_eval) for p in d.files()]
         check_output(self.out, inputs=[self.base_folder, *data], kind="folder", overwrite=True, what="--out",
@@ -258,7 +258,7 @@ class Experiment:
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         if (self.out / "experiment.json").is_file():  # only into a folder that is ours
-            from gainsurgery.io.outputs import open_log_file
+            from gainsurgery.io.atomic import open_log_file
 
             with open_log_file(self.out / "log.txt", append=True, what="the experiment log",
                                error=ForgettingError) as f:
@@ -531,7 +531,7 @@ class Experiment:
         if d.is_symlink():
             raise ForgettingError(f"{d}: is a symbolic link, not a run folder of this experiment; remove it")
         d.mkdir(parents=True, exist_ok=True)
-        from gainsurgery.io.outputs import hold_lock
+        from gainsurgery.io.locks import hold_lock
 
         # parallel workers share the folder (a plain run holds it alone): one runs a sequence, the others skip it
         with hold_lock(d / ".run.lock", what=f"run {key.name}", busy_ok=True, error=ForgettingError) as mine:
@@ -682,7 +682,7 @@ class Experiment:
                                       "to rerun it")
             os.replace(art, dst)  # the fine-tuned checkpoint is the merged model
             art.mkdir()
-            from gainsurgery.io.outputs import write_file
+            from gainsurgery.io.atomic import write_file
 
             write_file(art / "MOVED", f"moved to {dst.name}\n", error=ForgettingError)
 
@@ -857,7 +857,7 @@ class Experiment:
         self.log(f"experiment: {' -> '.join(self.sequence)}; scored on {', '.join(self.columns)}; "
                  f"{c.steps} steps x {c.batch_size} x {c.seq_len} tokens per stage; phases {', '.join(c.phases)}"
                  + (f"; worker {worker[0]}/{worker[1]}" if worker else ""))
-        from gainsurgery.io.outputs import hold_lock
+        from gainsurgery.io.locks import hold_lock
 
         self.prepare(write=False)  # every domain checked before the folder is touched
         self.out.mkdir(parents=True, exist_ok=True)
@@ -932,7 +932,7 @@ def _merge_adapter(prev: Path, adapter: Path, dst: Path) -> None:
     from gainsurgery.merge.provenance import OUTPUT_FILES
     from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
 
-    from gainsurgery.io.outputs import claim_folder
+    from gainsurgery.io.claims import claim_folder
 
     model = PeftModel.from_pretrained(load_causal_lm(prev, "float32"), adapter)
     merged = model.merge_and_unload().to(getattr(torch, checkpoint_dtype(prev)))
@@ -965,7 +965,7 @@ def _config_record(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _remove(path: Path) -> None:
     """Delete a file, link or folder of this experiment's own (a link itself, never what it points to)."""
-    from gainsurgery.io.outputs import remove_tree
+    from gainsurgery.io.mounts import remove_tree
 
     if path.is_symlink() or path.is_file():
         path.unlink()
