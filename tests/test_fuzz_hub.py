@@ -123,8 +123,8 @@ def test_hub_base_opens_or_one_line_and_applies_when_it_opens(data, fuzz_hub, id
         stand_ins = {repo_id: "@REPO@", real["sha"]: "@SHA@", real["lastModified"]: "@TIME@"}
         template = json.loads(_replace(json.dumps(real), stand_ins))
         body = data.draw(json_text(template, 2, keys=["sha", "siblings", "id"]), label="info")
-        body = _replace(body.decode("utf-8", "surrogatepass"), {v: k for k, v in stand_ins.items()}
-                        ).encode("utf-8", "surrogatepass")
+        for real_value, stand_in in stand_ins.items():  # in bytes: the drawn text need not be UTF-8
+            body = body.replace(stand_in.encode(), real_value.encode())
         fuzz_hub.rewrite(rf"/api/models/{repo_id}(/revision/.*)?", lambda _obj: body, method="GET")
     elif part == "tree":
         real = _get_json(fuzz_hub, f"/api/models/{repo_id}/tree/{repo.head.sha}")
