@@ -269,20 +269,23 @@ def test_a_listed_file_whose_name_no_file_can_have_is_not_fetched(fuzz_hub, iden
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_a_shard_listed_larger_than_any_file_is_one_line(fuzz_hub):
+@pytest.mark.parametrize("size,expected", [(2**62, "more than a file here can hold"),
+                                           (2**63, "not a path and a size"), (2**70, "not a path and a size")])
+def test_a_shard_listed_larger_than_any_file_is_one_line(fuzz_hub, size, expected):
     """Regression (fuzz): a listing that gives a shard 2**62 bytes made its sparse stand-in fail with
-    OSError EFBIG (a traceback from the Python API, "File too large" from the CLI)."""
-    from gainsurgery.errors import CheckpointError
+    OSError EFBIG (a traceback from the Python API, "File too large" from the CLI); 2**63 bytes, past any
+    file offset, with an OverflowError."""
+    from gainsurgery.errors import CheckpointError, HubError
 
     repo_id = f"fuzz/base-{next(_repo_numbers)}"
     fuzz_hub.add_repo(repo_id, base_files())
 
     def huge(obj):
-        return json.dumps([{**e, "size": 2**62} if e["path"].endswith(".safetensors") else e for e in obj]).encode()
+        return json.dumps([{**e, "size": size} if e["path"].endswith(".safetensors") else e for e in obj]).encode()
 
     fuzz_hub.rewrite(rf"/api/models/{repo_id}/tree/.*", huge, method="GET")
     try:
-        with pytest.raises(CheckpointError, match="more than a file here can hold"):
+        with pytest.raises((CheckpointError, HubError), match=expected):
             open_remote_base(HubRef(repo_id), client_of(fuzz_hub))
     finally:
         fuzz_hub.clear_rewrites()

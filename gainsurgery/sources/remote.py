@@ -203,7 +203,8 @@ def _listed_sizes(entries: list[Any], ref: HubRef) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for e in entries:
         path, size = e.path, e.size
-        if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 <= size < 2**63:  # a file size (off_t) of this system
             raise HubError(f"the Hub lists a file of {ref} as {show_path(str(path))} of {str(size)[:40]!r} bytes, "
                            "not a path and a size; try again, or check HF_ENDPOINT")
         if path in sizes:
