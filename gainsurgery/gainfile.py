@@ -26,7 +26,7 @@ from gainsurgery.io import jsonsafe
 from gainsurgery.io.atomic import write_file
 from gainsurgery.io.fingerprint import is_fingerprint
 from gainsurgery.io.hashing import sha256_file
-from gainsurgery.io.inputs import open_regular, show_path
+from gainsurgery.io.inputs import open_regular, show_name, show_path
 from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.gain/1"
@@ -86,11 +86,12 @@ class GainFile:
         for key, vec in self.vectors.items():
             dim = self.dims[key]
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-                raise GainFileError(f"{source}: dim for {key!r} must be a non-negative integer, got {dim!r}")
+                raise GainFileError(f"{source}: dim for {show_name(key)} must be a non-negative integer, "
+                                    f"got {show_name(dim)}")
             if vec.ndim != 1 or vec.size == 0:
-                raise GainFileError(f"{source}: {key!r} must be a non-empty 1-D vector, got shape {vec.shape}")
+                raise GainFileError(f"{source}: {show_name(key)} must be a non-empty 1-D vector, got shape {vec.shape}")
             if vec.dtype != np.float32:
-                raise GainFileError(f"{source}: {key!r} must be float32, got {vec.dtype}")
+                raise GainFileError(f"{source}: {show_name(key)} must be float32, got {vec.dtype}")
             check_values(vec, key, allow_negative=allow_negative, source=source)
 
     def save(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
@@ -122,12 +123,12 @@ class GainFile:
 def check_values(vec: np.ndarray, key: str, *, allow_negative: bool, source: str = "gain file") -> None:
     """Refuse non-finite, zero and (unless allowed) negative gain values."""
     if not np.all(np.isfinite(vec)):
-        raise GainFileError(f"{source}: {key!r} holds NaN or infinite gains")
+        raise GainFileError(f"{source}: {show_name(key)} holds NaN or infinite gains")
     if np.any(vec == 0):
-        raise GainFileError(f"{source}: {key!r} holds zero gains (they would erase weights irreversibly)")
+        raise GainFileError(f"{source}: {show_name(key)} holds zero gains (they would erase weights irreversibly)")
     if not allow_negative and np.any(vec < 0):
         raise GainFileError(
-            f"{source}: {key!r} holds negative gains; pass --allow-negative if that is intended"
+            f"{source}: {show_name(key)} holds negative gains; pass --allow-negative if that is intended"
         )
 
 
@@ -203,7 +204,7 @@ def decode_metadata(raw_meta: Mapping[str, str], where: str) -> dict[str, Any]:
     for key, value in sorted(raw_meta.items()):  # safetensors hands metadata over in no fixed order
         if key in ("format", "dims"):
             continue
-        label = f"{where}: metadata {key!r}"
+        label = f"{where}: metadata {show_name(key)}"
         if key in JSON_METADATA:
             parsed = jsonsafe.loads(value, where=label, error=GainFileError)
             if key == "parents":
@@ -292,7 +293,8 @@ def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
         keys = tuple(sorted(tensors)) if isinstance(tensors, list) and all(isinstance(k, str) for k in tensors) \
             else tuple(sorted(gain.vectors))
         if not set(keys) <= set(gain.vectors):
-            raise GainFileError(f"{label}: parent {parent.get('name')!r} records tensors the file does not scale")
+            raise GainFileError(f"{label}: parent {show_name(parent.get('name'))} records tensors the file does "
+                                "not scale")
         checks.append(BaseCheck(f"{parent.get('name')} (parent of {label})", keys, parent[BASE_TENSORS_KEY]))
     return checks
 
@@ -337,7 +339,11 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
                 raise GainFileError(
                     f"{name}: {show_path(key)} has length {vec.size} but an earlier file has {vectors[key].size}"
                 )
-            vectors[key] = np.multiply(vectors[key], vec, dtype=np.float32)
+            with np.errstate(over="ignore", under="ignore"):  # reported below, per key, in one line
+                vectors[key] = np.multiply(vectors[key], vec, dtype=np.float32)
+            if not np.all(np.isfinite(vectors[key])) or np.any(vectors[key] == 0):
+                raise GainFileError(f"{name}: the product of the gains on {show_path(key)} overflows or underflows "
+                                    "float32 (to infinity or zero); these files cannot be stacked")
     seen: dict[frozenset, tuple[str, str]] = {}
     for gain, name in zip(gains, names):
         for check in base_checks(gain, name):
@@ -384,7 +390,7 @@ def invert(gain: GainFile) -> GainFile:
         vectors = {k: np.divide(np.float32(1.0), v, dtype=np.float32) for k, v in gain.vectors.items()}
     for key, vec in vectors.items():
         if not np.all(np.isfinite(vec)):
-            raise GainFileError(f"{key!r}: inverse overflows float32 (gains too close to zero)")
+            raise GainFileError(f"{show_name(key)}: inverse overflows float32 (gains too close to zero)")
     metadata = dict(gain.metadata)
     metadata["description"] = "inverse of " + gain.metadata.get("description", "a gain file")
     return GainFile(vectors, dict(gain.dims), metadata)

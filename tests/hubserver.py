@@ -40,6 +40,9 @@ Knobs for transfer tests and benchmarks:
   1 MiB pieces (big benchmark repos); by default everything lives in memory;
 - ``on_lfs_stored(oid)``: called after each LFS object is stored (``lfs_uploads``
   counts the completed uploads per oid);
+- ``rewrite(path_pattern, fn)``: answers of matching JSON routes are ``fn(obj)``
+  (bytes) instead of the JSON of ``obj``: a Hub that sends malformed listings, repo
+  info or LFS batch answers (the fuzz tests mutate the real answer);
 - ``python tests/hubserver.py --serve ...`` runs one in its own process (the
   benchmark does, so the server does not share the client's interpreter).
 """
@@ -293,6 +296,7 @@ class HubServer:
         self.bytes_sent = self.bytes_received = 0
         self.requests: list[RequestRecord] = []
         self._failures: list[Failure] = []
+        self._rewrites: list[tuple[str, str | None, object]] = []
         self._lock = threading.RLock()
         self._sha_counter = itertools.count()
         self._server: _Server | None = None
@@ -391,6 +395,27 @@ class HubServer:
     def clear_failures(self) -> None:
         with self._lock:
             self._failures.clear()
+
+    def rewrite(self, path_pattern: str, fn, method: str | None = None) -> None:
+        """Until ``clear_rewrites()``: a successful JSON answer to a matching request is ``fn(obj)`` (bytes).
+
+        ``obj`` is the answer the route would send; ``fn`` may return any bytes at all (it
+        runs on a server thread). Match: the regex ``path_pattern`` matches the whole raw
+        path, and ``method`` if given.
+        """
+        with self._lock:
+            self._rewrites.append((path_pattern, method and method.upper(), fn))
+
+    def clear_rewrites(self) -> None:
+        with self._lock:
+            self._rewrites.clear()
+
+    def _rewritten(self, method: str, path: str, obj) -> bytes | None:
+        with self._lock:
+            for pattern, m, fn in self._rewrites:
+                if re.fullmatch(pattern, path) and m in (None, method):
+                    return fn(obj)
+        return None
 
     def _take_failure(self, method: str, path: str, ranged: bool = False) -> Failure | None:
         with self._lock:
@@ -683,7 +708,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _json(self, obj, status: int = 200, headers: dict | None = None, content_type="application/json"):
-        self._send(status, json.dumps(obj).encode(), headers, content_type)
+        body = self.server.hub._rewritten(self.command, self.raw_path, obj) if status < 300 else None
+        self._send(status, json.dumps(obj).encode() if body is None else body, headers, content_type)
 
     def _send_error(self, err: HubError):
         headers = dict(err.headers)

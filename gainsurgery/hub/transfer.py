@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
-from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.errors import hub_answer, hub_errors
 from gainsurgery.io.atomic import open_nofollow
 
 #: Bytes handed over per network read while streaming a download.
@@ -414,11 +414,14 @@ def lfs_objects_present(client: HubClient, repo_id: str, objects: dict[str, int]
     infos = [UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(oid)) for oid, size in objects.items()]
     present: set[str] = set()
     for start in range(0, len(infos), LFS_BATCH_OBJECTS):
-        with hub_errors(repo_id, "upload to", client.endpoint):
+        with hub_errors(repo_id, "upload to", client.endpoint), \
+                hub_answer(repo_id, "ask which LFS objects are stored for", client.endpoint):
             actions, errors, _ = post_lfs_batch_info(
                 upload_infos=infos[start:start + LFS_BATCH_OBJECTS], token=None, repo_type="model",
                 repo_id=repo_id, revision=quote(revision, safe="") if revision else None,
                 endpoint=client.endpoint, headers=client.headers())
-        present |= {a["oid"] for a in actions if a.get("oid") in objects and not a.get("actions")}
+        # Only an object we asked about, listed by its oid string with no action, counts as stored.
+        present |= {a["oid"] for a in actions if isinstance(a, dict) and isinstance(a.get("oid"), str)
+                    and a["oid"] in objects and not a.get("actions")}
         # An object listed with an error (or not at all) counts as absent: it is simply made again.
     return present

@@ -53,7 +53,7 @@ from gainsurgery.io.atomic import create_file
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
 from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
-from gainsurgery.io.inputs import open_input, resolve_input, show_path
+from gainsurgery.io.inputs import open_input, resolve_input, show_name, show_path
 from gainsurgery.io.safetensors import parse_header
 from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
@@ -173,18 +173,19 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
             name, module = find_module(modules, key)
         except ArchitectureError:
             raise ArchitectureError(
-                f"PEFT (IA)³ cannot target {key!r}: no single Linear module holds it in the model transformers "
-                "builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the checkpoint instead"
+                f"PEFT (IA)³ cannot target {show_name(key)}: no single Linear module holds it in the model "
+                "transformers builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the "
+                "checkpoint instead"
             ) from None
         if not _peft_can_target(module):
             raise ArchitectureError(
-                f"PEFT (IA)³ targets only Linear and Conv1D modules; {key!r} belongs to {name!r}, "
+                f"PEFT (IA)³ targets only Linear and Conv1D modules; {show_name(key)} belongs to {show_name(name)}, "
                 f"a {type(module).__name__}"
             )
         if tuple(module.weight.shape) != tuple(ckpt.tensors[key].shape):
             raise ArchitectureError(
-                f"{key!r} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint but module {name!r} "
-                f"holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
+                f"{show_name(key)} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint but module "
+                f"{show_name(name)} holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
             )
         vec = np.asarray(gain.vectors[key], dtype=np.float32)
         feedforward = gain.dims[key] == in_dim
@@ -193,23 +194,23 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
         if feedforward:
             if bias in gain.vectors:
                 raise ArchitectureError(
-                    f"{key!r} is scaled on its input side but {bias!r} is scaled too; PEFT (IA)³ input-side "
-                    "(feedforward) vectors never touch the bias"
+                    f"{show_name(key)} is scaled on its input side but {show_name(bias)} is scaled too; "
+                    "PEFT (IA)³ input-side (feedforward) vectors never touch the bias"
                 )
             out.append(IA3Module(name, key, True, conv1d, vec))
             continue
         if has_bias:
             if bias not in gain.vectors or not np.array_equal(gain.vectors[bias], vec):
                 raise ArchitectureError(
-                    f"output-side gain on {key!r} leaves its bias unscaled, but PEFT (IA)³ scales the output "
-                    f"including the bias; the gain needs the same vector on {bias!r} to export"
+                    f"output-side gain on {show_name(key)} leaves its bias unscaled, but PEFT (IA)³ scales the output "
+                    f"including the bias; the gain needs the same vector on {show_name(bias)} to export"
                 )
             used_bias.add(bias)
         out.append(IA3Module(name, key, False, conv1d, vec, bias if has_bias else None))
     stray = sorted(set(gain.vectors) - set(weight_keys) - used_bias)
     if stray:
         raise ArchitectureError(
-            f"{stray[0]!r} scales a bias without an output-side gain on its weight; (IA)³ has no such vector"
+            f"{show_name(stray[0])} scales a bias without an output-side gain on its weight; (IA)³ has no such vector"
         )
     if {m.conv1d for m in out} == {True, False}:
         raise ArchitectureError(
@@ -449,13 +450,51 @@ def _feedforward_rule(cfg: jsonsafe.Fields) -> str | list[str] | None:
     return value
 
 
+#: Repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a ``feedforward_modules`` regex may hold. Python's
+#: ``re`` backtracks: k repetitions cost up to len(name)**k steps on a module name, and a repetition
+#: inside a repetition ``(a*)*`` costs 2**len(name). Real patterns (``.*\.(down_proj|c_proj)$``) have 1-2.
+MAX_REGEX_REPEATS = 4
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern[str]:
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        repeats, nested = _repeats(_sre_parse.parse(pattern))
     except (re.error, RecursionError, OverflowError) as exc:
         raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is not a valid regular expression "
                             f"({first_line(exc)[:120]})") from None
+    if nested or repeats > MAX_REGEX_REPEATS:
+        # A hostile adapter's regex would take hours to match a module name (catastrophic backtracking).
+        raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is a regular expression with "
+                            f"{'a repetition inside a repetition' if nested else f'{repeats} repetitions'}; "
+                            f"at most {MAX_REGEX_REPEATS}, none nested, are accepted (or give a list of names)")
+    return compiled
+
+
+try:  # the parser re.compile uses (renamed in Python 3.11)
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEAT_OPS = {op for op in (_sre_parse.MAX_REPEAT, _sre_parse.MIN_REPEAT, getattr(_sre_parse, "POSSESSIVE_REPEAT", None))
+               if op is not None}
+
+
+def _repeats(node: Any, inside: bool = False) -> tuple[int, bool]:
+    """(repetitions, whether one lies inside another) in a parsed regular expression."""
+    count, nested = 0, False
+    if isinstance(node, (list, tuple, _sre_parse.SubPattern)):
+        items = list(node)
+        if len(items) == 2 and items[0] in _REPEAT_OPS and isinstance(items[1], tuple):  # (op, (min, max, sub))
+            _, high, sub = items[1]
+            many = high > 1
+            inner, deeper = _repeats(sub, inside or many)
+            return inner + many, deeper or (many and inside)
+        for item in items:
+            c, n = _repeats(item, inside)
+            count, nested = count + c, nested or n
+    return count, nested
 
 
 def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:
@@ -487,8 +526,8 @@ def checkpoint_key_for(module_name: str, ckpt: Checkpoint, modules: dict[str, An
             continue
     if len(hits) != 1:
         raise ArchitectureError(
-            f"adapter module {module_name!r} maps to {len(hits) or 'no'} weight tensor(s) of the base checkpoint"
-            + (f" ({hits[:2]})" if hits else "; was the adapter trained on another model?")
+            f"adapter module {show_name(module_name)} maps to {len(hits) or 'no'} weight tensor(s) of the base "
+            "checkpoint" + (f" ({hits[:2]})" if hits else "; was the adapter trained on another model?")
         )
     return hits[0]
 
@@ -530,11 +569,11 @@ def import_peft(
         module = modules.get(name)
         if module is None:
             raise ArchitectureError(
-                f"adapter module {name!r} is not a module of the model transformers builds from the base; "
+                f"adapter module {show_name(name)} is not a module of the model transformers builds from the base; "
                 "was the adapter trained on another model?"
             )
         if not _peft_can_target(module):
-            raise ArchitectureError(f"adapter module {name!r} is a {type(module).__name__}; "
+            raise ArchitectureError(f"adapter module {show_name(name)} is a {type(module).__name__}; "
                                     "only Linear and Conv1D vectors map to gain files")
         key = checkpoint_key_for(name, ckpt, modules)
         feedforward = _is_feedforward(config, name)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from gainsurgery.errors import CheckpointError
+from gainsurgery.io.inputs import show_name
 from gainsurgery.io.safetensors import open_shard
 
 #: How a fingerprint is spelled: ``sha256:`` and 64 lowercase hex digits.
@@ -94,7 +95,7 @@ def hash_tensors(ckpt, keys: Iterable[str], *, chunk_bytes: int = CHUNK_BYTES) -
     for key in set(keys):
         info = ckpt.tensors.get(key)
         if info is None:
-            raise CheckpointError(f"{key!r} is not a tensor of the base checkpoint")
+            raise CheckpointError(f"{show_name(key)} is not a tensor of the base checkpoint")
         by_shard.setdefault(info.shard, []).append(info)
     out: dict[str, TensorDigest] = {}
     buf = bytearray(chunk_bytes)

@@ -64,19 +64,48 @@ _KIND_NAMES = {
 }
 
 
+#: Longest name or path a message shows whole, in characters; a longer one (a 5,000-character
+#: tensor name in a hostile header) is shown by its two ends, so an error stays one short line.
+MAX_SHOWN_CHARS = 512
+
+
 def show_path(path: str | os.PathLike[str]) -> str:
-    """How a path someone else chose is shown in a one-line message.
+    """How a path (or a name) someone else chose is shown in a one-line message.
 
     Printable paths are shown as they are; a path holding a newline or another
     control character is shown as a Python string literal, so it can neither
-    break the one-line rule nor fake a second line.
+    break the one-line rule nor fake a second line. One longer than
+    :data:`MAX_SHOWN_CHARS` is shown by its beginning and end.
 
     Example:
         >>> show_path("base/config.json"), show_path("a\\nb")
         ('base/config.json', "'a\\\\nb'")
+        >>> len(show_path("x" * 100_000)) < 600
+        True
     """
     text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if len(text) > MAX_SHOWN_CHARS:
+        half = MAX_SHOWN_CHARS // 2 - 20
+        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
     return text if text.isprintable() else repr(text)
+
+
+def show_name(name: object) -> str:
+    """A name or value someone else chose (a tensor key, a recorded setting), quoted for a one-line message.
+
+    ``repr`` (control characters escaped), cut to its two ends past :data:`MAX_SHOWN_CHARS`.
+
+    Example:
+        >>> show_name("w\\n"), show_name(3), len(show_name("x" * 10_000)) < 600
+        ("'w\\\\n'", '3', True)
+    """
+    text = repr(name)
+    if len(text) > MAX_SHOWN_CHARS:
+        half = MAX_SHOWN_CHARS // 2 - 20
+        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
+    return text
 
 
 def _kind(mode: int) -> str:

@@ -23,17 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from gainsurgery.errors import CheckpointError
+from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
-from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.errors import hub_answer, hub_errors
 from gainsurgery.hub.refs import HubRef
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
                                       open_checkpoint)
-from gainsurgery.io.inputs import open_input
+from gainsurgery.io.inputs import open_input, show_path
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
 
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
+#: Longest file name, in bytes, a file system holds (a listing may name longer ones: never fetched).
+_NAME_MAX = 255
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
 #: Top-level non-weight files larger than this are not fetched with a Hub base.
@@ -145,11 +148,13 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
     """
     from huggingface_hub.hf_api import RepoFile
 
-    with hub_errors(str(ref), "read", client.endpoint):
-        info = client.api.model_info(ref.repo_id, revision=ref.revision)
-        commit = info.sha
+    with hub_errors(str(ref), "read", client.endpoint), hub_answer(str(ref), "read", client.endpoint):
+        commit = client.api.model_info(ref.repo_id, revision=ref.revision).sha
+        if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+            raise HubError(f"the Hub answered {ref} with the commit {str(commit)[:60]!r}, not a commit id; "
+                           "try again, or check HF_ENDPOINT")
         entries = [e for e in client.api.list_repo_tree(ref.repo_id, revision=commit) if isinstance(e, RepoFile)]
-    sizes = {e.path: e.size for e in entries}
+        sizes = _listed_sizes(entries, ref)
     # The Hub's word on each LFS file's sha256: a download is checked against it (kept only when it is a hex sha256).
     lfs_sha = {e.path: e.lfs.sha256 for e in entries if e.lfs is not None and isinstance(e.lfs.sha256, str)
                and _HEX64.fullmatch(e.lfs.sha256)}
@@ -171,12 +176,13 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
                                   "gainsurgery reads safetensors checkpoints only")
         for name in shard_names:
             if name not in sizes:
-                raise CheckpointError(f"{ref}: the index names shard {name}, which the repo does not have")
+                raise CheckpointError(f"{ref}: the index names shard {show_path(name)}, which the repo does not have")
             _write_header_stub(client, ref, commit, name, sizes[name], staging / name)
         skipped = {}
         for path, size in sorted(sizes.items()):
             if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
-                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")):
+                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")
+                    or len(path.encode("utf-8", "surrogatepass")) > _NAME_MAX):  # no file can have that name
                 continue
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
@@ -190,6 +196,21 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
     finally:
         if remote is None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _listed_sizes(entries: list[Any], ref: HubRef) -> dict[str, int]:
+    """Path -> size in bytes of the files the Hub lists, each checked (a path string, a size >= 0, listed once)."""
+    sizes: dict[str, int] = {}
+    for e in entries:
+        path, size = e.path, e.size
+        if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 <= size < 2**63:  # a file size (off_t) of this system
+            raise HubError(f"the Hub lists a file of {ref} as {show_path(str(path))} of {str(size)[:40]!r} bytes, "
+                           "not a path and a size; try again, or check HF_ENDPOINT")
+        if path in sizes:
+            raise HubError(f"the Hub lists {show_path(path)} twice in {ref}; try again, or check HF_ENDPOINT")
+        sizes[path] = size
+    return sizes
 
 
 def _copy_download(local: Path, dst: Path) -> None:
@@ -238,4 +259,8 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
         raise CheckpointError(f"{what}: the Hub sent {len(head)} bytes of a {8 + header_len}-byte header; try again")
     with open(dst, "wb") as f:
         f.write(head[: 8 + header_len])
-        f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        try:
+            f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        except OSError as e:  # EFBIG: a size the Hub lists that no file here can have
+            raise CheckpointError(f"{what}: the Hub lists it as {size} bytes, more than a file here can hold "
+                                  f"({e.strerror})") from None

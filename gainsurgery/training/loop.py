@@ -231,19 +231,10 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
     step, evals, elapsed = 0, [], 0.0
     last_loss = float("nan")
     if resume_record is not None:
-        try:
-            state.restore(resume_record, resume_tensors, named_trainable, optimizer, resume_folder)
-            scheduler.load_state_dict(resume_record["scheduler"])
-            if scaler is not None and resume_record.get("scaler"):
-                scaler.load_state_dict(resume_record["scaler"])
-            data_pos = resume_record["data"]
-            batches.restore(data_pos["processes"][rank] if cfg.streaming else data_pos)
-            step, evals = start_step, list(resume_record.get("evals", []))
-            last_loss = float(resume_record.get("last_loss", last_loss))
-            elapsed = float(resume_record.get("seconds", 0))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise TrainingError(f"--resume {resume_folder}: the checkpoint is damaged ({type(exc).__name__}: "
-                                f"{str(exc)[:120]})") from None
+        step, evals, last_loss, elapsed = state.resume(
+            resume_record, resume_tensors, named_trainable, optimizer, scheduler, scaler, batches, rank=rank,
+            streaming=cfg.streaming, steps=cfg.steps, max_windows=cfg.steps * cfg.grad_accum * cfg.batch_size,
+            folder=resume_folder)
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
     if log:
         log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,
