@@ -392,6 +392,12 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
     stacked = api.stack_gains(gains, allow_negative=allow_negative, description=description,
                               allow_base_mismatch=allow_base_mismatch)
     stacked.save(output, inputs=gains)
+    from gainsurgery.gainfile import base_provenance
+
+    covered = base_provenance(stacked, Path(output).name)
+    if not covered.complete:  # the stack is as unchecked as its least checked parent: say so now, not at apply
+        _warn(f"{Path(output).name} records no base_tensors_sha256 for {len(covered.uncovered)} of its "
+              f"{covered.total} tensors (a parent recorded none); apply cannot check those against its base")
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
     _emit_json(info) if as_json else click.echo(
@@ -446,9 +452,12 @@ def inspect(gain, plot, as_json):
     for key in ("method", "side", "base_model", "base_fingerprint", "base_tensors_sha256", "description"):
         if key in meta:
             click.echo(f"  {key}: {show(str(meta[key]))}")
-    if "base_tensors_sha256" not in meta and not any(
-            isinstance(p, dict) and p.get("base_tensors_sha256") for p in meta.get("parents") or []):
+    covered = st["base_coverage"]
+    if covered["uncovered"] == covered["tensors"]:
         click.echo("  base_tensors_sha256: none recorded (apply cannot check this gain against its base)")
+    elif covered["uncovered"]:
+        click.echo(f"  base_tensors_sha256: none recorded for {covered['uncovered']} of its {covered['tensors']} "
+                   "tensors (a stacked parent recorded none; apply cannot check those)")
     if "training" in meta:
         click.echo(f"  training: {json.dumps(meta['training'], sort_keys=True)}")
     if "parents" in meta:

@@ -129,8 +129,10 @@ class LoadedGains:
         gain: the stacked gain (float32 product), applied in one pass.
         sources: one provenance entry per gain (name, sha256, hub reference, method...; no local paths).
         paths: the local files read (inputs an output must keep away from).
-        checks: the base fingerprints the gains carry (see :func:`gainsurgery.gainfile.base_checks`).
-        unchecked: names of the gains that carry none (made before fingerprints).
+        checks: the base fingerprints the gains carry (see :func:`gainsurgery.gainfile.base_provenance`).
+        unchecked: names of the gains whose fingerprints do not cover every tensor they scale
+            (made before fingerprints, or stacked from such a file): they cannot be checked in full.
+        notes: the one-line warning for each of ``unchecked``.
     """
 
     gain: GainFile
@@ -138,6 +140,7 @@ class LoadedGains:
     paths: list[str] = field(default_factory=list)
     checks: list[BaseCheck] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_negative: bool = False,
@@ -171,6 +174,7 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
     read: list[str] = []
     all_checks: list[BaseCheck] = []
     unchecked: list[str] = []
+    notes: list[str] = []
     for i, g in enumerate(gains):
         if isinstance(g, GainFile):
             name = f"gain[{i}]"
@@ -184,16 +188,19 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
             read.append(path)
             if ref is not None:
                 source["hub"] = str(ref)
-        checks = gf.base_checks(g, name)
-        all_checks.extend(checks)
-        if not checks:
+        # What is covered is checked; what is not counts as unfingerprinted and is warned about.
+        provenance = gf.base_provenance(g, name)
+        all_checks.extend(provenance.checks)
+        note = provenance.warning(name)
+        if note is not None:
             unchecked.append(name)
+            notes.append(note)
         loaded.append(g)
         names.append(name)
         sources.append(source)
     # Each gain is checked against the base on its own, so stacking here never refuses.
     stacked = loaded[0] if len(loaded) == 1 else gf.stack(loaded, names, allow_base_mismatch=True)
-    return LoadedGains(stacked, sources, read, all_checks, unchecked)
+    return LoadedGains(stacked, sources, read, all_checks, unchecked, notes)
 
 
 def check_base_fingerprints(loaded: LoadedGains, stream: StreamResult, *, allow_base_mismatch: bool,
@@ -319,9 +326,8 @@ def apply(
         if dry_run:
             check_output(out, inputs=inputs, kind="folder", overwrite=overwrite)
             return ApplyResult(plan, opened.label, dry_run=True)
-        for name in loaded.unchecked:
-            say(f"{name} records no base_tensors_sha256 (made before gainsurgery checked it); "
-                "it cannot be checked against this base's weights")
+        for note in loaded.notes:
+            say(note)
         t0 = time.perf_counter()
         with _writing(out), claim_folder(out, inputs=inputs, overwrite=overwrite) as claim:
             if publish is not None:
@@ -385,9 +391,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
                      what="the work folder")
         # The base's files go up with the commit: one carrying the token is refused now, before any work.
         publish.check(_base_items(plan))
-        for gname in loaded.unchecked:
-            said.append(f"{gname} records no base_tensors_sha256 (made before gainsurgery checked it); "
-                        "it cannot be checked against this base's weights")
+        said.extend(loaded.notes)
         t0 = time.perf_counter()
         with hp.claimed_work_folder(root, name, publish.target) as work:
             publish.prepare()
