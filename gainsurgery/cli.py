@@ -295,7 +295,9 @@ def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as
     Recomputes every target tensor (float32 product, rounded once) and compares
     every other tensor, header and the index byte for byte. A target whose
     weights scaling turned into ±inf or 0 fails too, unless --allow-saturation
-    (as apply was given). Exit status 0 only if everything matches.
+    (as apply was given). OUT must hold exactly the files apply writes: an extra
+    shard, file, folder or link, or a missing one, fails (copied files are
+    compared with BASE's). Exit status 0 only if everything matches.
 
     \b
     Example:

@@ -45,7 +45,7 @@ from gainsurgery.merge.plan import Plan, TensorOp, make_plan
 from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
                                           write_provenance)
 from gainsurgery.merge.stream import DEFAULT_CHUNK_BYTES, StreamResult, execute
-from gainsurgery.merge.verify import VerifyReport, verify
+from gainsurgery.merge.verify import VerifyReport, check_files, verify
 from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
 
 if TYPE_CHECKING:
@@ -482,8 +482,14 @@ def _planned(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str
         yield opened, make_plan(opened.checkpoint, loaded.gain, loaded.sources, allow_negative=allow_negative), loaded
 
 
-def _verify(plan: Plan, folder: Path, chunk_bytes: int, *, allow_saturation: bool) -> VerifyReport:
-    return verify(plan, open_checkpoint(folder), chunk_bytes=chunk_bytes, allow_saturation=allow_saturation)
+def _verify(plan: Plan, folder: Path, chunk_bytes: int, *, allow_saturation: bool,
+            progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Every byte of ``folder`` against ``plan``, and its file set: exactly what an apply writes."""
+    out = open_checkpoint(folder)
+    files = check_files(plan, out, OUTPUT_FILES, chunk_bytes=chunk_bytes)
+    report = verify(plan, out, chunk_bytes=chunk_bytes, allow_saturation=allow_saturation, progress=progress)
+    report.problems[:0] = files
+    return report
 
 
 def _write_card(folder: Path, provenance: dict[str, Any], base_model: str | None) -> None:
@@ -509,7 +515,9 @@ def verify_merged(
 
     Recomputes every target tensor (float32 product, rounded once) and compares
     every other tensor, header and the index byte for byte; a target whose weights
-    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. A Hub
+    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. The file
+    set must be what apply writes (:func:`~gainsurgery.merge.verify.check_files`: no
+    extra shard, file, folder or link; none missing; copied files identical). A Hub
     base's shards are fetched into the HF cache first. ``out`` is read as an input
     folder (no links out of it, no FIFOs).
 
@@ -521,13 +529,13 @@ def verify_merged(
         True
     """
     with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan, _):
-        out_ckpt = open_checkpoint(out)
+        open_checkpoint(out)  # a hostile OUT is one line before any shard is fetched
         for shard in opened.checkpoint.shards.values():
             opened.fetch_shard(shard)
         bar = progress("verify", opened.checkpoint.total_bytes) if progress is not None else None
         try:
-            return verify(plan, out_ckpt, chunk_bytes=chunk_bytes, progress=bar.update if bar is not None else None,
-                          allow_saturation=allow_saturation)
+            return _verify(plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
+                           progress=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
