@@ -107,7 +107,7 @@ def check_files(plan: Plan, out: Checkpoint, generated: tuple[str, ...], *,
     index's bytes are compared by :func:`verify`.
 
     Example:
-        >>> check_files(plan, open_checkpoint("merged"), ("gainsurgery.json", "README.md"))  # doctest: +SKIP
+        >>> check_files(plan, open_checkpoint("merged"), OUTPUT_FILES)  # doctest: +SKIP
         ['extra file model-00004-of-00003.safetensors (apply writes no such file)']
     """
     base = plan.base
