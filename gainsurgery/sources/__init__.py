@@ -214,11 +214,32 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
 
 
 def fetch_gain_file(ref: HubRef, hub: HubClient) -> Path:
-    """Download a gain file named by a Hub reference into the HF cache; return its local path."""
-    from gainsurgery.hub.errors import hub_errors
+    """Download a gain file named by a Hub reference into the HF cache; return its local path.
 
+    The revision is resolved to a commit once; the file is listed and downloaded at
+    that commit, and its bytes are checked against the hash the listing gives
+    (:func:`~gainsurgery.hub.integrity.download_checked`), cached copies included.
+
+    Raises:
+        HubError: the repo, revision or file cannot be reached.
+        CheckpointError: the file's bytes are not the ones the Hub lists.
+    """
+    from huggingface_hub.hf_api import RepoFile
+
+    from gainsurgery.hub.errors import hub_errors
+    from gainsurgery.hub.integrity import HubFileHash, download_checked
+
+    folder = ref.path.rpartition("/")[0] or None
     with hub_errors(str(ref), "download", hub.endpoint):
-        return hub.download(ref.repo_id, ref.path, revision=ref.revision)
+        commit = hub.api.model_info(ref.repo_id, revision=ref.revision).sha
+        entry = next((e for e in hub.api.list_repo_tree(ref.repo_id, path_in_repo=folder, revision=commit)
+                      if isinstance(e, RepoFile) and e.path == ref.path), None)
+    if entry is None:
+        from gainsurgery.errors import HubError
+
+        raise HubError(f"404: file not found while trying to download {ref} (not in {ref.repo_id}@{commit[:12]}); "
+                       "check the path in the repo")
+    return download_checked(hub, ref.repo_id, ref.path, commit, HubFileHash.from_entry(entry))
 
 
 def resolve_gain_specs(specs: Sequence[str | os.PathLike[str]], hub: HubClient | None = None

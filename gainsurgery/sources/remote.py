@@ -16,7 +16,6 @@ Every request goes through the explicit :class:`~gainsurgery.hub.client.HubClien
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Collection
 from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.integrity import HubFileHash, download_checked
 from gainsurgery.hub.refs import HubRef
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
@@ -33,7 +33,6 @@ from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME,
 from gainsurgery.io.inputs import open_input
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
 
-_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
 #: Top-level non-weight files larger than this are not fetched with a Hub base.
@@ -56,6 +55,7 @@ class RemoteBase:
             stand-in until :meth:`fetch_shard` replaces it with the download.
         skipped: top-level non-weight files not fetched (too big), in bytes.
         shard_sha256: shard name -> the sha256 the Hub lists for it (its LFS oid), when it lists one.
+        expected: file name -> the size and hash the Hub lists for it: every file used is checked against it.
     """
 
     ref: HubRef
@@ -66,17 +66,21 @@ class RemoteBase:
     skipped: dict[str, int] = field(default_factory=dict)
     downloaded: list[Path] = field(default_factory=list)
     shard_sha256: dict[str, str] = field(default_factory=dict)
+    expected: dict[str, HubFileHash] = field(default_factory=dict)
 
     def fetch_shard(self, shard: Shard) -> None:
-        """Download ``shard`` (HF cache, resumable) and point ``shard.path`` at it.
+        """Download ``shard`` (HF cache, resumable), check every byte, and point ``shard.path`` at it.
+
+        The cached file is hashed and must be what the Hub lists (its LFS sha256),
+        whether it was just downloaded or already cached (:func:`~gainsurgery.hub.integrity.download_checked`).
 
         Raises:
-            CheckpointError: the download's size or header differs from the header
-                the plan was made from (the repo changed under us).
+            CheckpointError: the download's bytes, size or header differ from what the Hub
+                lists or the header the plan was made from (tampered, corrupt, or the repo changed).
         """
         what = f"{self.ref.repo_id}@{self.commit[:12]}:{shard.name}"
-        with hub_errors(what, "download", self.client.endpoint):
-            local = self.client.download(self.ref.repo_id, shard.name, revision=self.commit)
+        local = download_checked(self.client, self.ref.repo_id, shard.name, self.commit,
+                                 self.expected.get(shard.name))
         # The download sits in the HF cache (a snapshot link into blobs/): read it as an input of that folder.
         with open(shard.path, "rb") as a, open_input(local.parent, local.name, error=CheckpointError) as b:
             st = os.fstat(b.fileno())
@@ -101,8 +105,8 @@ class RemoteBase:
         """
         from gainsurgery.hub.transfer import download_file
 
-        download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest, size=shard.file_size,
-                      sha256=self.shard_sha256.get(shard.name), **kwargs)
+        download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest,
+                      expected=self.expected.get(shard.name), **kwargs)
 
     def planned_header(self, shard: Shard) -> bytes:
         """The header bytes (length prefix included) the plan was made from."""
@@ -150,17 +154,16 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
         commit = info.sha
         entries = [e for e in client.api.list_repo_tree(ref.repo_id, revision=commit) if isinstance(e, RepoFile)]
     sizes = {e.path: e.size for e in entries}
-    # The Hub's word on each LFS file's sha256: a download is checked against it (kept only when it is a hex sha256).
-    lfs_sha = {e.path: e.lfs.sha256 for e in entries if e.lfs is not None and isinstance(e.lfs.sha256, str)
-               and _HEX64.fullmatch(e.lfs.sha256)}
+    # The Hub's word on each file's bytes (LFS sha256, or git blob id): every download is checked against it.
+    expected = {e.path: h for e in entries if (h := HubFileHash.from_entry(e)) is not None}
+    lfs_sha = {p: h.sha256 for p, h in expected.items() if h.sha256}
     staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
     remote = None
     try:
         if INDEX_NAME in sizes:
             if sizes[INDEX_NAME] > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{ref}: {INDEX_NAME} is absurdly large ({sizes[INDEX_NAME]} bytes)")
-            with hub_errors(f"{ref}:{INDEX_NAME}", "download", client.endpoint):
-                index_path = client.download(ref.repo_id, INDEX_NAME, revision=commit)
+            index_path = download_checked(client, ref.repo_id, INDEX_NAME, commit, expected.get(INDEX_NAME))
             _copy_download(index_path, staging / INDEX_NAME)
             shard_names = _index_shards(staging, ref)
         elif SINGLE_NAME in sizes:
@@ -181,11 +184,11 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
                 continue
-            with hub_errors(f"{ref}:{path}", "download", client.endpoint):
-                local = client.download(ref.repo_id, path, revision=commit)
+            local = download_checked(client, ref.repo_id, path, commit, expected.get(path))
             _copy_download(local, staging / path)
         remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped,
-                            shard_sha256={n: lfs_sha[n] for n in shard_names if n in lfs_sha})
+                            shard_sha256={n: lfs_sha[n] for n in shard_names if n in lfs_sha},
+                            expected=expected)
         return remote
     finally:
         if remote is None:
