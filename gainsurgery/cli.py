@@ -23,6 +23,7 @@ from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.architectures.registry import SIDES
 from gainsurgery.errors import GainSurgeryError
 from gainsurgery.extras import require_extra
+from gainsurgery.io.write_errors import no_room_errno, no_room_message
 from gainsurgery.training.config import METHODS as TRAIN_METHODS
 
 MiB = 1 << 20
@@ -46,9 +47,19 @@ class _Group(click.Group):
         except GainSurgeryError as exc:
             _error(str(exc))
             ctx.exit(1)
-        except OSError as exc:  # the environment refused (permissions, missing paths, ...)
+        except OSError as exc:  # the environment refused (permissions, missing paths, a full disk...)
             where = f": {exc.filename}" if exc.filename else ""
-            _error(f"{exc.strerror or exc}{where}")
+            code = no_room_errno(exc)
+            _error(f"{exc.strerror or exc}{where}" if code is None else
+                   no_room_message(code, "the output", os.path.dirname(exc.filename) if exc.filename else None))
+            ctx.exit(1)
+        except Exception as exc:
+            # A library that wraps a full disk or a file-size limit in its own error (safetensors):
+            # the command's cleanup has run; say what happened in one line. Anything else is a bug.
+            code = no_room_errno(exc)
+            if code is None:
+                raise
+            _error(no_room_message(code, "the output", None))
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)

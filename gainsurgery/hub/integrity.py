@@ -32,6 +32,7 @@ import hashlib
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.errors import hub_errors
 from gainsurgery.io.inputs import open_input, show_path
+from gainsurgery.io.write_errors import no_room
 
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _HEX40 = re.compile(r"[0-9a-f]{40}", re.ASCII)
@@ -155,7 +157,12 @@ def download_checked(client: Any, repo_id: str, filename: str, revision: str, ex
         raise CheckpointError(f"{what}: the Hub lists no sha256 or git blob id for it; refusing to use bytes "
                               "that cannot be checked")
     for attempt in range(CACHE_ATTEMPTS):
-        with hub_errors(what, "download", client.endpoint):
+        # huggingface_hub keeps a partial download (``.incomplete``) to resume it: it is the cache's, not ours.
+        with no_room(f"{what} into the HF cache", getattr(client.config, "cache_dir", None),
+                     left="huggingface_hub keeps what it downloaded so far, to resume it"), \
+                hub_errors(what, "download", client.endpoint), warnings.catch_warnings():
+            # Its warning that the disk looks too small comes true as the error above, in one line.
+            warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
             local = client.download(repo_id, filename, revision=revision)
         # The download sits in the HF cache (a snapshot link into blobs/): read it as an input of that folder.
         with open_input(local.parent, local.name, error=CheckpointError) as f:

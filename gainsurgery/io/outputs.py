@@ -446,7 +446,9 @@ def atomic_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLi
                         "it was left untouched") from None
         fsync_dir(target.parent)
     except BaseException:
-        f.close()
+        # Closing flushes what is buffered, which fails again on a full disk: the temp goes regardless.
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

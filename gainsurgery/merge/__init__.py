@@ -26,7 +26,6 @@ shard at a time, overlapped, in a claimed, bounded work folder, then one commit
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 import warnings
@@ -41,6 +40,7 @@ from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
 from gainsurgery.io.fingerprint import combine
 from gainsurgery.io.inputs import show_path
 from gainsurgery.io.outputs import check_output, claim_folder
+from gainsurgery.io.write_errors import no_room
 from gainsurgery.merge.plan import Plan, TensorOp, make_plan
 from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
                                           write_provenance)
@@ -459,12 +459,11 @@ def _commit_items(plan: Plan, provenance: dict[str, Any], base_model: str | None
 
 @contextlib.contextmanager
 def _writing(out: str | os.PathLike[str]) -> Iterator[None]:
-    """Turn a failed write (full disk, permissions) into one line; the claim removes the temp folder."""
+    """Turn a failed write (full disk, file-size limit, permissions) into one line; the claim removes the temp."""
     try:
-        yield
+        with no_room(f"OUT {show_path(out)}", left="nothing was left behind (BASE and any old OUT are untouched)"):
+            yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {show_path(out)}; nothing was left behind") from None
         where = f" ({show_path(exc.filename)})" if exc.filename else ""
         raise OutputError(f"could not write {show_path(out)}: {exc.strerror or exc}{where}; "
                           "nothing was left behind") from None

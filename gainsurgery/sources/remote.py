@@ -27,6 +27,7 @@ from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
 from gainsurgery.hub.integrity import HubFileHash, download_checked
 from gainsurgery.hub.refs import HubRef
+from gainsurgery.io.write_errors import no_room
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
                                       open_checkpoint)
@@ -157,7 +158,15 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
     # The Hub's word on each file's bytes (LFS sha256, or git blob id): every download is checked against it.
     expected = {e.path: h for e in entries if (h := HubFileHash.from_entry(e)) is not None}
     lfs_sha = {p: h.sha256 for p, h in expected.items() if h.sha256}
-    staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
+    with no_room(f"the headers and small files of {ref}", tempfile.gettempdir(), error=CheckpointError,
+                 left="its staging folder was removed; set TMPDIR to a folder with room"):
+        staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
+        return _stage(ref, client, commit, staging, sizes, expected, lfs_sha, skip)
+
+
+def _stage(ref: HubRef, client: HubClient, commit: str, staging: Path, sizes: dict[str, int],
+           expected: dict[str, HubFileHash], lfs_sha: dict[str, str], skip: Collection[str]) -> RemoteBase:
+    """Fill ``staging`` with the index, the small files and the shards' header stand-ins; remove it on failure."""
     remote = None
     try:
         if INDEX_NAME in sizes:
