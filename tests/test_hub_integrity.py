@@ -185,3 +185,49 @@ def test_a_listing_without_a_hash_is_never_trusted():
     assert HubFileHash.from_entry(RepoFile(path="x", size=3, oid="not-hex")) is None
     assert HubFileHash.from_entry(RepoFile(path="x", size=9, oid="b" * 40,
                                            lfs={"size": 9, "oid": "zz", "pointerSize": 1})) is None
+
+
+# --------------------------------------------------------------------------- a local cache snapshot as BASE
+
+
+@pytest.fixture
+def snapshot(hub, hub_base):
+    """The base downloaded into the (test's) HF cache: a snapshot folder of links into blobs/."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(REPO, endpoint=hub.endpoint, token=hub.token, cache_dir=hub.cache_dir))
+
+
+def corrupt_blob(snapshot: Path, name: str) -> Path:
+    blob = Path(os.path.realpath(snapshot / name))
+    raw = bytearray(blob.read_bytes())
+    raw[-1] ^= 1
+    blob.write_bytes(bytes(raw))
+    return blob
+
+
+def test_a_cache_snapshot_base_is_checked_against_its_blob_names(snapshot, gain_file, cli, tmp_path, hub):
+    assert cli("apply", snapshot, gain_file, tmp_path / "ok").exit_code == 0
+    corrupt_blob(snapshot, SHARD)
+    before = {p.name: p.read_bytes() for p in (snapshot.parent.parent / "blobs").iterdir()}
+    out = tmp_path / "out"
+    res = cli("apply", snapshot, gain_file, out)
+    assert_clean_failure(res, out, f"{SHARD} (in the Hugging Face cache): its sha256 is")
+    assert "delete it from the cache and download it again" in res.stderr
+    nothing_beside(out)
+    assert {p.name: p.read_bytes() for p in (snapshot.parent.parent / "blobs").iterdir()} == before  # an input
+    res = cli("verify", snapshot, gain_file, tmp_path / "ok")
+    assert res.exit_code == 1 and "its sha256 is" in res.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    res = cli("apply", snapshot, gain_file, "--push", "testuser/new", "--work-dir", work)
+    assert_clean_failure(res, None, "its sha256 is")
+    assert our_commits(hub) == []
+
+
+def test_a_cache_snapshot_small_file_is_checked_against_its_git_blob_id(snapshot, gain_file, cli, tmp_path):
+    corrupt_blob(snapshot, "tokenizer_config.json" if (snapshot / "tokenizer_config.json").exists()
+                 else "generation_config.json")
+    out = tmp_path / "out"
+    assert_clean_failure(cli("apply", snapshot, gain_file, out), out, "its git blob sha1 is")
+    nothing_beside(out)

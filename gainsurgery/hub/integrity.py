@@ -39,7 +39,7 @@ from typing import Any
 
 from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.errors import hub_errors
-from gainsurgery.io.inputs import open_input, show_path
+from gainsurgery.io.inputs import hf_cache_repo, open_input, resolve_input, show_path
 from gainsurgery.io.write_errors import no_room
 
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -112,13 +112,16 @@ class ContentHasher:
     def matches(self) -> bool:
         return self.size == self.expected.size and self._h.hexdigest() == self.expected.hexdigest
 
-    def check(self, what: str, *, advice: str = "try again") -> None:
-        """Raise :class:`~gainsurgery.errors.CheckpointError` (one line) unless the bytes were the listed ones."""
+    def check(self, what: str, *, advice: str = "try again", listed: str = "the Hub lists") -> None:
+        """Raise :class:`~gainsurgery.errors.CheckpointError` (one line) unless the bytes were the listed ones.
+
+        ``listed`` says where the expected hash comes from, in the message.
+        """
         if self.size != self.expected.size:
-            raise CheckpointError(f"{what}: {self.size} bytes, the Hub lists {self.expected.size}; {advice} "
+            raise CheckpointError(f"{what}: {self.size} bytes, {listed} {self.expected.size}; {advice} "
                                   "(the file changed?)")
         if self._h.hexdigest() != self.expected.hexdigest:
-            raise CheckpointError(f"{what}: its {self.expected.algorithm} is {self._h.hexdigest()}, the Hub lists "
+            raise CheckpointError(f"{what}: its {self.expected.algorithm} is {self._h.hexdigest()}, {listed} "
                                   f"{self.expected.hexdigest}; {advice}")
 
 
@@ -195,3 +198,34 @@ def _drop_cached(local: Path, expected: HubFileHash) -> bool:
         return True
     except OSError:
         return False
+
+
+def check_snapshot_file(folder: str | os.PathLike[str], name: str) -> bool:
+    """Check a file of a local Hugging Face cache snapshot against the hash its blob is named after.
+
+    The cache names each blob after the hash the Hub gave for it (the LFS sha256, or
+    the git blob id of a file not in LFS), so a snapshot used as a local BASE is
+    checked offline: a corrupt or edited blob is refused before a byte of it is used.
+    The snapshot is an input: nothing is removed here (the message says what to do).
+    Returns False when ``folder`` is no snapshot or the file is not a named blob (nothing to check).
+
+    Raises:
+        CheckpointError: the blob's bytes are not what its name says.
+
+    Example:
+        >>> check_snapshot_file("~/.cache/huggingface/hub/models--o--n/snapshots/abc", "model.safetensors")  # doctest: +SKIP
+        True
+    """
+    if hf_cache_repo(folder) is None:
+        return False
+    blob = resolve_input(folder, name, error=CheckpointError)
+    if blob.parent.name != "blobs" or not (_HEX64.fullmatch(blob.name) or _HEX40.fullmatch(blob.name)):
+        return False
+    with open_input(folder, name, error=CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        expected = HubFileHash(name, size, **({"sha256": blob.name} if len(blob.name) == 64
+                                               else {"git_sha1": blob.name}))
+        hasher = check_fileobj(f, expected)
+    hasher.check(f"{show_path(Path(folder) / name)} (in the Hugging Face cache)", listed="its blob is named",
+                 advice="the cached copy is corrupt; delete it from the cache and download it again")
+    return True

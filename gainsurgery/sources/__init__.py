@@ -158,10 +158,24 @@ class OpenedBase:
         """The local folders this base is read from (an output must keep away from them)."""
         return [] if self.remote is not None else [self.checkpoint.folder]
 
+    @property
+    def snapshot(self) -> bool:
+        """True for a local Hugging Face cache snapshot (its files are blobs named after their hash)."""
+        return self.remote is None and self.facts is None and hf_cache_repo(self.checkpoint.folder) is not None
+
     def fetch_shard(self, shard: Shard) -> None:
-        """Make ``shard.path`` readable before it is streamed (downloads it for a Hub base)."""
+        """Make ``shard.path`` readable before it is streamed, its bytes checked where they came from the Hub.
+
+        A Hub base's shard is downloaded (or found in the HF cache) and checked against
+        the hash the Hub lists; a local cache snapshot's against the hash its blob is
+        named after (:func:`~gainsurgery.hub.integrity.check_snapshot_file`).
+        """
         if self.remote is not None:
             self.remote.fetch_shard(shard)
+        elif self.snapshot:
+            from gainsurgery.hub.integrity import check_snapshot_file
+
+            check_snapshot_file(self.checkpoint.folder, shard.name)
 
     def provenance(self) -> dict[str, Any]:
         """What ``gainsurgery.json`` records about the base.
@@ -198,7 +212,15 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
     """
     kind = classify_base_spec(str(spec))
     if kind.kind == "local":
-        yield OpenedBase(str(spec), open_checkpoint(kind.path), None, None)  # type: ignore[arg-type]
+        opened = OpenedBase(str(spec), open_checkpoint(kind.path), None, None)  # type: ignore[arg-type]
+        if opened.snapshot:  # bytes the Hub gave, kept in the cache: the small files are checked now, shards as used
+            from gainsurgery.hub.integrity import check_snapshot_file
+            from gainsurgery.io.checkpoint import INDEX_NAME
+
+            small = [f.name for f in opened.checkpoint.extra_files(skip=skip_files)]
+            for name in ([INDEX_NAME] if opened.checkpoint.index is not None else []) + small:
+                check_snapshot_file(opened.checkpoint.folder, name)
+        yield opened
         return
     if kind.kind == "embedded":
         yield OpenedBase(str(spec), open_checkpoint(resolve_embedded(kind.name)), None,  # type: ignore[arg-type]
