@@ -341,6 +341,7 @@ def apply(
             finally:
                 if bar is not None:
                     bar.close()
+            opened.confirm()  # a cache snapshot's shards, checked while they streamed
             mismatched = check_base_fingerprints(loaded, streamed, allow_base_mismatch=allow_base_mismatch, warn=say)
             for tname, (inf, zero) in streamed.saturation.items():
                 say(f"{tname}: {inf} weights became ±inf and {zero} became 0 (--allow-saturation), recorded in "
@@ -399,6 +400,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
 
             def provenance_of(streamed: StreamResult) -> dict[str, Any]:
                 # Every shard is uploaded and verified; nothing is committed before this passes.
+                opened.confirm()  # a cache snapshot's shards, checked while they streamed
                 mismatched = check_base_fingerprints(loaded, streamed, allow_base_mismatch=allow_base_mismatch,
                                                      warn=said.append, written="nothing was committed")
                 for tname, (inf, zero) in streamed.saturation.items():
@@ -533,8 +535,10 @@ def verify_merged(
             opened.fetch_shard(shard)
         bar = progress("verify", opened.checkpoint.total_bytes) if progress is not None else None
         try:
-            return _verify(plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
-                           progress=bar.update if bar is not None else None)
+            report = _verify(plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
+                             progress=bar.update if bar is not None else None)
+            opened.confirm()  # a cache snapshot's shards, checked beside the comparison
+            return report
         finally:
             if bar is not None:
                 bar.close()

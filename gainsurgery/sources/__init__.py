@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
@@ -138,6 +139,9 @@ class OpenedBase:
     checkpoint: Checkpoint
     remote: RemoteBase | None = None
     facts: dict[str, Any] | None = field(default=None)
+    #: checks of a cache snapshot's shards, running beside the streaming (see :meth:`confirm`)
+    _checks: list[Future] = field(default_factory=list, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -167,15 +171,38 @@ class OpenedBase:
         """Make ``shard.path`` readable before it is streamed, its bytes checked where they came from the Hub.
 
         A Hub base's shard is downloaded (or found in the HF cache) and checked against
-        the hash the Hub lists; a local cache snapshot's against the hash its blob is
-        named after (:func:`~gainsurgery.hub.integrity.check_snapshot_file`).
+        the hash the Hub lists before it is used. A local cache snapshot's shard is
+        checked against the hash its blob is named after
+        (:func:`~gainsurgery.hub.integrity.check_snapshot_file`) on a thread of its own
+        while it streams (one more read of the shard, from the page cache, hidden behind
+        the apply where a core is free): call :meth:`confirm` before anything made
+        from it is published.
         """
         if self.remote is not None:
             self.remote.fetch_shard(shard)
         elif self.snapshot:
             from gainsurgery.hub.integrity import check_snapshot_file
 
-            check_snapshot_file(self.checkpoint.folder, shard.name)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-snapshot-check")
+            self._checks.append(self._pool.submit(check_snapshot_file, self.checkpoint.folder, shard.name))
+
+    def confirm(self) -> None:
+        """Wait for the checks :meth:`fetch_shard` started; raise the first that failed.
+
+        Raises:
+            CheckpointError: a shard's bytes are not what its cache blob's name says.
+        """
+        checks, self._checks = self._checks, []
+        for check in checks:
+            check.result()
+
+    def close(self) -> None:
+        """Stop the checks still queued (a run that failed) and wait for the one running."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._checks = []
 
     def provenance(self) -> dict[str, Any]:
         """What ``gainsurgery.json`` records about the base.
@@ -220,7 +247,10 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
             small = [f.name for f in opened.checkpoint.extra_files(skip=skip_files)]
             for name in ([INDEX_NAME] if opened.checkpoint.index is not None else []) + small:
                 check_snapshot_file(opened.checkpoint.folder, name)
-        yield opened
+        try:
+            yield opened
+        finally:
+            opened.close()
         return
     if kind.kind == "embedded":
         yield OpenedBase(str(spec), open_checkpoint(resolve_embedded(kind.name)), None,  # type: ignore[arg-type]
