@@ -19,7 +19,7 @@ For each: wall seconds, peak RSS (``/usr/bin/time``), and the peak extra disk
 The server forgets uploaded objects between runs, so every run uploads everything.
 
 Example:
-    /work/tools/quiet.sh python scripts/bench_hub.py --size-gb 4 --shards 8 --rate-mb 200 --workdir /tmp/bench-hub
+    python scripts/bench_hub.py --size-gb 4 --shards 8 --rate-mb 200 --workdir /tmp/bench-hub
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ With ``--repeats N`` the rows run N times in alternating order and each row keep
 fastest run (a shared machine drifts). The last line is the ratio of GAIN-FFN's step time to LoRA's (goal: <= 1.0).
 
 Example (this CPU machine: pause the background experiment while it runs):
-    /work/tools/quiet.sh python scripts/bench_train.py --warmup 2 --steps 5 --repeats 2 --json /tmp/bench_train.json
+    python scripts/bench_train.py --warmup 2 --steps 5 --repeats 2 --json /tmp/bench_train.json
     python scripts/bench_train.py --model embedded:gemma-3-270m --dtype bfloat16 \\
         --mixed-precision bf16 --batch-size 8 --seq-len 512 --steps 10      # on a GPU
 """

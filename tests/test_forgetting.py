@@ -115,10 +115,12 @@ def test_mcnemar_and_wilson_against_hand_computed_values():
 def test_a_grid_flag_overrides_one_method_and_keeps_the_presets_others(tmp_path, monkeypatch):
     from gainsurgery_lab.forgetting import presets
 
-    monkeypatch.setitem(presets.PRESETS, "t", dict(presets.PRESETS["smoke"], yesno=0))
-    folder = tmp_path / "d"
-    folder.mkdir()
-    _write(folder / "train.txt", _docs(TEXT_A, 10))
+    # the smoke preset also scores the built-in "science" domain: this test brings its own instead
+    folder, other = tmp_path / "d", tmp_path / "e"
+    for f, text in ((folder, TEXT_A), (other, TEXT_B)):
+        f.mkdir()
+        _write(f / "train.txt", _docs(text, 10))
+    monkeypatch.setitem(presets.PRESETS, "t", dict(presets.PRESETS["smoke"], yesno=0, eval_domains=[f"b={other}"]))
     kw = dict(out=str(tmp_path / "out"), preset="t", domains=[f"a={folder}"], eval_domains=[])
     cfg = presets.make_config(**kw, grids=presets.parse_grids(["lora=-9,-8"]))
     assert cfg.grids == {"gain-ffn": [-4, -3], "lora": [-9, -8]}
