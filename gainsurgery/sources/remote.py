@@ -27,12 +27,12 @@ from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
 from gainsurgery.hub.integrity import HubFileHash, download_checked
 from gainsurgery.hub.refs import HubRef
-from gainsurgery.io.write_errors import no_room
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
                                       open_checkpoint)
 from gainsurgery.io.inputs import open_input
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
+from gainsurgery.io.write_errors import no_room
 
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
