@@ -195,7 +195,8 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
             written whole or not at all, never over the gain file.
 
     Returns:
-        ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata"}``.
+        ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata", "base_coverage"}``
+        (``base_coverage``: how many of its tensors no base fingerprint covers).
 
     Example:
         >>> inspect_gain("legal.safetensors")["overall"]["mean"]  # doctest: +SKIP

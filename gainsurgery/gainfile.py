@@ -272,8 +272,98 @@ class BaseCheck:
     expected: str
 
 
+@dataclass(frozen=True)
+class BaseProvenance:
+    """The base fingerprints a gain carries, and the tensors none of them covers.
+
+    Attributes:
+        checks: the fingerprints to check against the base (each over a non-empty set of tensors).
+        uncovered: keys of the file that no fingerprint covers (sorted): a stacked parent recorded
+            none, or a fingerprint was taken over fewer tensors than the file scales.
+        total: the number of tensors the file scales.
+    """
+
+    checks: tuple[BaseCheck, ...]
+    uncovered: tuple[str, ...]
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        """True when every tensor the file scales is covered by a fingerprint."""
+        return not self.uncovered
+
+    def warning(self, label: str) -> str | None:
+        """The one-line warning ``apply`` gives for this gain, or None when it is fully covered."""
+        if self.complete:
+            return None
+        if not self.checks:
+            return (f"{label} records no base_tensors_sha256 (made before gainsurgery checked it, or stacked "
+                    "from such a file); it cannot be checked against this base's weights")
+        return (f"{label} records no base_tensors_sha256 for {len(self.uncovered)} of its {self.total} tensors "
+                "(a stacked parent recorded none); those cannot be checked against this base's weights")
+
+
+def base_provenance(gain: GainFile, label: str) -> BaseProvenance:
+    """Which of ``gain``'s tensors its recorded base fingerprints cover, and the checks they make.
+
+    The file's own ``base_tensors_sha256`` covers every tensor it scales. Without
+    one, each entry of ``parents`` contributes its own fingerprint over its
+    ``tensors`` (all of the file's when absent), or, for a stacked parent without
+    one, its own parents' (recursively). A tensor is covered only when every parent
+    that scales it is: a parent without a fingerprint leaves its tensors uncovered
+    (a stacked file carries the weakest provenance of its inputs), and a fingerprint
+    over no tensors covers nothing (the sha256 of nothing matches every base).
+
+    Raises:
+        GainFileError: a parent's ``tensors`` is not a list of names, or names tensors the file does not scale.
+
+    Example:
+        >>> p = base_provenance(load("both.safetensors"), "both.safetensors")  # doctest: +SKIP
+        >>> [c.label for c in p.checks], p.uncovered  # doctest: +SKIP
+        (['legal.safetensors (parent of both.safetensors)'], ('model.layers.0.mlp.down_proj.weight', ...))
+    """
+    checks: list[BaseCheck] = []
+    uncovered: set[str] = set()
+    _cover(gain.metadata.get(BASE_TENSORS_KEY), gain.metadata.get("parents"), frozenset(gain.vectors), label,
+           label, checks, uncovered)
+    return BaseProvenance(tuple(checks), tuple(sorted(uncovered)), len(gain.vectors))
+
+
+def _cover(own: Any, parents: Any, keys: frozenset[str], label: str, top: str, checks: list[BaseCheck],
+           uncovered: set[str]) -> None:
+    """Add the checks that cover ``keys`` (a file's or a parent's tensors) and the keys left uncovered."""
+    if not keys:
+        return
+    if is_fingerprint(own):
+        checks.append(BaseCheck(label, tuple(sorted(keys)), own))
+        return
+    if not isinstance(parents, list) or not parents:
+        uncovered.update(keys)
+        return
+    reached: set[str] = set()
+    for parent in parents:
+        if not isinstance(parent, dict):  # nothing is known of what it scaled
+            reached.update(keys)
+            uncovered.update(keys)
+            continue
+        name = parent.get("name")
+        tensors = parent.get("tensors")
+        if tensors is None:
+            pkeys = keys
+        elif isinstance(tensors, list) and all(isinstance(k, str) for k in tensors):
+            pkeys = frozenset(tensors)
+        else:
+            raise GainFileError(f"{top}: parent {show_name(name)}: 'tensors' must be a list of tensor names")
+        if not pkeys <= keys:
+            raise GainFileError(f"{top}: parent {show_name(name)} records tensors the file does not scale")
+        reached.update(pkeys)
+        _cover(parent.get(BASE_TENSORS_KEY), parent.get("parents"), pkeys, f"{name} (parent of {label})", top,
+               checks, uncovered)
+    uncovered.update(keys - reached)  # tensors no parent claims: nothing vouches for them
+
+
 def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
-    """The base fingerprints ``gain`` carries: its own, else those of its parents (a stacked file).
+    """The base fingerprints ``gain`` carries: its own, else those of its parents (see :func:`base_provenance`).
 
     An empty list means the gain records none (a file made before fingerprints, or
     an identity file for a Hub base): ``apply`` then warns instead of checking.
@@ -282,21 +372,7 @@ def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
         >>> [c.label for c in base_checks(load("both.safetensors"), "both.safetensors")]  # doctest: +SKIP
         ['legal.safetensors (parent of both.safetensors)', 'medical.safetensors (parent of both.safetensors)']
     """
-    own = gain.metadata.get(BASE_TENSORS_KEY)
-    if is_fingerprint(own):
-        return [BaseCheck(label, tuple(sorted(gain.vectors)), own)]
-    checks = []
-    for parent in gain.metadata.get("parents") or []:
-        if not isinstance(parent, dict) or not is_fingerprint(parent.get(BASE_TENSORS_KEY)):
-            continue
-        tensors = parent.get("tensors")
-        keys = tuple(sorted(tensors)) if isinstance(tensors, list) and all(isinstance(k, str) for k in tensors) \
-            else tuple(sorted(gain.vectors))
-        if not set(keys) <= set(gain.vectors):
-            raise GainFileError(f"{label}: parent {show_name(parent.get('name'))} records tensors the file does "
-                                "not scale")
-        checks.append(BaseCheck(f"{parent.get('name')} (parent of {label})", keys, parent[BASE_TENSORS_KEY]))
-    return checks
+    return list(base_provenance(gain, label).checks)
 
 
 def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
@@ -306,10 +382,12 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
     Products are taken in float32, in the order given. ``names`` (one per gain,
     e.g. file names) are recorded with each parent's summary in the ``parents``
     metadata for provenance, with the parent's base fingerprint
-    (``base_tensors_sha256``; and its tensor list when it covers fewer tensors than
-    the stack, so that ``apply`` can check each parent against the base). When
-    every parent records the same fingerprint over the same tensors, the stack
-    records it as its own.
+    (``base_tensors_sha256``) and its tensor list when it scales fewer tensors than
+    the stack, so that ``apply`` can check each parent against the base and knows
+    which tensors a parent without a fingerprint leaves unchecked (the stack carries
+    the weakest provenance of its parents, see :func:`base_provenance`). When every
+    parent records the same fingerprint over the same tensors, the stack records it
+    as its own.
 
     Raises:
         GainFileError: two files scale the same key along different dims (the
@@ -361,8 +439,9 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
         own = g.metadata.get(BASE_TENSORS_KEY)
         if is_fingerprint(own):
             entry[BASE_TENSORS_KEY] = own
-            if set(g.vectors) != set(vectors):
-                entry["tensors"] = sorted(g.vectors)
+        # Every parent's tensors, fingerprinted or not: what it leaves unchecked is known exactly.
+        if set(g.vectors) != set(vectors):
+            entry["tensors"] = sorted(g.vectors)
         if "parents" in g.metadata:
             entry["parents"] = g.metadata["parents"]
         parents.append(entry)
@@ -425,12 +504,12 @@ def power(gain: GainFile, alpha: float) -> GainFile:
         check_values(vec, key, allow_negative=True)
         v = vec.astype(np.float64)
         if np.any(v < 0) and not alpha.is_integer():
-            raise GainFileError(f"{key!r}: holds negative gains (sign flips), which have no real power "
+            raise GainFileError(f"{show_name(key)}: holds negative gains (sign flips), which have no real power "
                                 f"{alpha:g}; use an integer power")
         with np.errstate(over="ignore", under="ignore"):
             out = (np.sign(v) ** alpha * np.abs(v) ** alpha).astype(np.float32)
         if not np.all(np.isfinite(out)) or np.any(out == 0):
-            raise GainFileError(f"{key!r}: s^{alpha:g} overflows float32 or reaches zero")
+            raise GainFileError(f"{show_name(key)}: s^{alpha:g} overflows float32 or reaches zero")
         vectors[key] = out
     metadata = dict(gain.metadata)
     metadata["description"] = f"s^{alpha:g} of " + gain.metadata.get("description", "a gain file")
@@ -480,13 +559,19 @@ def summarize(values: np.ndarray) -> dict[str, float]:
 
 
 def stats(gain: GainFile) -> dict[str, Any]:
-    """Statistics of a gain file: overall, per target tensor and per layer."""
+    """Statistics of a gain file: overall, per target tensor and per layer, and how many of its
+    tensors its base fingerprints cover (``base_coverage``: ``tensors``, ``uncovered``)."""
     per_target = {k: {"dim": gain.dims[k], **summarize(gain.vectors[k])} for k in sorted(gain.vectors, key=natural_key)}
     per_layer = {
         layer: summarize(np.concatenate([gain.vectors[k] for k in keys]))
         for layer, keys in gain.scaled_keys_by_layer().items()
     }
     overall = summarize(np.concatenate([gain.vectors[k] for k in sorted(gain.vectors)]))
+    try:
+        covered = base_provenance(gain, "gain file")
+        coverage: dict[str, Any] = {"tensors": covered.total, "uncovered": len(covered.uncovered)}
+    except GainFileError as exc:  # shown, not refused: inspect is how one looks at a damaged file
+        coverage = {"tensors": len(gain.vectors), "uncovered": len(gain.vectors), "problem": first_line(exc)}
     return {
         "parameters": gain.num_parameters,
         "tensors": len(gain.vectors),
@@ -494,6 +579,7 @@ def stats(gain: GainFile) -> dict[str, Any]:
         "per_layer": per_layer,
         "per_target": per_target,
         "metadata": gain.metadata,
+        "base_coverage": coverage,
     }
 
 

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from fuzzing import failed, fuzz_settings, json_text, outcome, write
 
 pytest.importorskip("numpy")
-from gainsurgery_lab.forgetting.analysis import Results, render_markdown  # noqa: E402
+from gainsurgery_lab.forgetting.analysis import Results  # noqa: E402
+from gainsurgery_lab.forgetting.report import render_markdown  # noqa: E402
 from gainsurgery_lab.forgetting.data import ForgettingError  # noqa: E402
 
 SEQ, SEQ_LEN, TEST, DEV = ["a", "b"], 4, 3, 2

@@ -28,19 +28,21 @@ whole file to hash it, and makes the Xet path fall back to LFS with a warning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import quote
 
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_answer, hub_errors
 from gainsurgery.io.atomic import open_nofollow
+
+if TYPE_CHECKING:
+    from gainsurgery.hub.integrity import HubFileHash
 
 #: Bytes handed over per network read while streaming a download.
 DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -188,20 +190,21 @@ class Arrival:
                 raise TransferAborted(f"the download stopped ({self.failed})")
 
 
-def download_file(client: HubClient, repo_id: str, filename: str, revision: str, dest: Path, *, size: int,
-                  sha256: str | None = None, arrival: Arrival | None = None,
+def download_file(client: HubClient, repo_id: str, filename: str, revision: str, dest: Path, *,
+                  expected: HubFileHash | None, arrival: Arrival | None = None,
                   progress: Callable[[int], Any] | None = None,
                   stop: threading.Event | None = None) -> None:
     """Stream ``filename`` of ``repo_id`` at ``revision`` into the new file ``dest``.
 
     Resumes with ``Range`` after a dropped connection (up to :data:`DOWNLOAD_ATTEMPTS`
     tries; a server that ignores ``Range`` on a resume is read again from the start,
-    skipping what we have). The content is hashed as it arrives and must match
-    ``sha256`` (the LFS oid the Hub lists) and ``size``.
+    skipping what we have). The content is hashed as it arrives and must match what
+    the Hub lists (``expected``: the LFS sha256, or the git blob id of a file not in
+    LFS) and its size; a file the Hub lists no hash for is refused before any byte
+    is fetched (:mod:`gainsurgery.hub.integrity`).
 
     Args:
-        size: the size the Hub lists, in bytes.
-        sha256: the expected sha256 (hex), if known.
+        expected: the size and hash the Hub's tree listing gives for the file.
         arrival: told how many bytes are on disk, as they land.
         progress: called with each number of new bytes.
         stop: set by another thread to abort (raises :class:`TransferAborted`).
@@ -211,9 +214,15 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         CheckpointError: the file's size or sha256 differs from what the Hub lists.
         TransferAborted: ``stop`` was set.
     """
+    from gainsurgery.hub.integrity import ContentHasher
+
     url = client.file_url(repo_id, filename, revision=revision)
     what = f"{repo_id}@{revision[:12]}:{filename}"
-    h = hashlib.sha256() if sha256 else None
+    if expected is None:
+        raise CheckpointError(f"{what}: the Hub lists no sha256 or git blob id for it; refusing to use bytes "
+                              "that cannot be checked")
+    size = expected.size
+    h = ContentHasher(expected)
     have = 0
     # The file may exist, empty, created by the caller (so a reader can open it first); never a link.
     fd = open_nofollow(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -238,8 +247,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
                                 raise CheckpointError(f"{what}: the Hub sent more than the {size} bytes it lists; "
                                                       "try again (the file changed?)")
                             _write_all(fd, chunk)
-                            if h is not None:
-                                h.update(chunk)
+                            h.update(chunk)
                             have += len(chunk)
                             if arrival is not None:
                                 arrival.advance(have)
@@ -254,9 +262,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         if have != size:
             raise CheckpointError(f"{what}: downloaded {have} bytes, the Hub lists {size}; try again "
                                   "(the file changed?)")
-        if h is not None and h.hexdigest() != sha256:
-            raise CheckpointError(f"{what}: the download's sha256 is {h.hexdigest()}, the Hub lists {sha256}; "
-                                  "try again")
+        h.check(what)
         if arrival is not None:
             arrival.finish()
     except BaseException as exc:

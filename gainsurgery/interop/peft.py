@@ -54,6 +54,7 @@ from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
 from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.inputs import open_input, resolve_input, show_name, show_path
+from gainsurgery.io.write_errors import no_room, no_room_errno
 from gainsurgery.io.safetensors import parse_header
 from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
@@ -346,8 +347,11 @@ def export_peft(
         >>> export_peft(gainfile.load("g.safetensors"), sources.open_base("base/"), "adapter/",
         ...             base_name="Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
     """
-    with claim_folder(adapter_dir, inputs=[ckpt.folder, *inputs], overwrite=overwrite,
-                      what="adapter folder") as claim:
+    # A full disk or a file-size limit anywhere (the claim, the files, the publish) is one line;
+    # the claim removes its temp folder on the way out.
+    with no_room(f"the adapter folder {show_path(adapter_dir)}"), \
+            claim_folder(adapter_dir, inputs=[ckpt.folder, *inputs], overwrite=overwrite,
+                         what="adapter folder") as claim:
         modules = memory_modules(ckpt.folder)
         plan = plan_export(gain, ckpt, modules)
         config = adapter_config(plan, modules, base_name)
@@ -368,6 +372,8 @@ def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, np.n
         with create_file(folder / WEIGHTS_NAME) as f:
             f.write(data)
     except OSError as exc:
+        if no_room_errno(exc) is not None:
+            raise  # said with where and what to do by export_peft's no_room
         raise OutputError(f"could not write the adapter folder: {exc.strerror or exc}; nothing was left behind") \
             from None
 

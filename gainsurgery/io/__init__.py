@@ -20,5 +20,6 @@ whole or not at all live in one place:
 - :mod:`~gainsurgery.io.secrets`: tokens and URL credentials never leave in messages or uploads;
 - :mod:`~gainsurgery.io.fingerprint`: the content fingerprint of the base tensors a gain targets;
 - :mod:`~gainsurgery.io.hashing`: the one sha256 helper;
-- :mod:`~gainsurgery.io.cache`: the gainsurgery cache folder and its lock.
+- :mod:`~gainsurgery.io.cache`: the gainsurgery cache folder and its lock;
+- :mod:`~gainsurgery.io.write_errors`: a full disk or a file-size limit, said in one line.
 """

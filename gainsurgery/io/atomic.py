@@ -253,7 +253,9 @@ def _written_whole(target: Path, mode: int, cannot_create: Callable[[OSError], B
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException:
-        f.close()
+        # Closing flushes what is buffered, which fails again on a full disk: the temp goes regardless.
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -62,8 +62,12 @@ def is_fingerprint(value: object) -> bool:
 def combine(digests: Mapping[str, TensorDigest], keys: Iterable[str] | None = None) -> str:
     """The fingerprint of the tensors ``keys`` (default: all of ``digests``), see the module docstring.
 
+    A fingerprint over no tensors would be the sha256 of nothing, which every base
+    matches: asking for one is a bug.
+
     Raises:
         KeyError: a key has no digest.
+        ValueError: no keys.
 
     Example:
         >>> d = {"b": TensorDigest("F32", (4,), "ab" * 32), "a": TensorDigest("F32", (), "cd" * 32)}
@@ -71,6 +75,8 @@ def combine(digests: Mapping[str, TensorDigest], keys: Iterable[str] | None = No
         True
     """
     names = sorted(digests if keys is None else set(keys))
+    if not names:
+        raise ValueError("a fingerprint over no tensors identifies no base")
     h = hashlib.sha256()
     for name in names:
         d = digests[name]

@@ -391,6 +391,74 @@ def _walk(top: Path, prefix: str, roots: tuple[Path, ...], recursive: bool,
         yield InputFile(name=name, path=resolved, size=st.st_size)
 
 
+@dataclass(frozen=True)
+class FolderEntry:
+    """One entry directly inside a folder, as :func:`folder_entries` judged it.
+
+    Attributes:
+        name: its name.
+        kind: ``"file"`` (a regular file, or in a Hugging Face cache snapshot a link to
+            one in the repo's ``blobs/``), ``"folder"`` (a real folder, not a link),
+            ``"link"`` (any other symbolic link: never followed) or ``"special"`` (a FIFO,
+            a socket, a device).
+        what: how a message names it (``a FIFO (named pipe)``, ``a symbolic link``...).
+    """
+
+    name: str
+    kind: Literal["file", "folder", "link", "special"]
+    what: str
+
+
+def folder_entries(folder: str | os.PathLike[str], *,
+                   error: type[GainSurgeryError] = UnsafeInputError) -> list[FolderEntry]:
+    """Every entry directly inside the input folder ``folder``, hidden ones too, in name order.
+
+    Judged with ``lstat`` (nothing is opened or followed, so a FIFO cannot block). A
+    link counts as a file only where reading allows links at all for what a tool
+    wrote: a Hugging Face cache snapshot, whose files are links into the repo's
+    ``blobs/`` (:func:`resolve_input` decides); anywhere else it is a ``"link"``.
+    For checking that a folder holds exactly the files it should (``verify``).
+
+    Raises:
+        ``error``: the folder is missing, not a folder, under ``/proc``, or cannot be listed.
+
+    Example:
+        >>> [(e.name, e.kind) for e in folder_entries("merged")]  # doctest: +SKIP
+        [('README.md', 'file'), ('config.json', 'file'), ('extra', 'folder')]
+    """
+    allowed_roots(folder, error=error)
+    snapshot = hf_cache_repo(folder) is not None
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it)
+    except OSError as e:
+        raise error(f"{show_path(folder)}: cannot be listed ({e.strerror})") from None
+    out = []
+    for name in names:
+        try:
+            mode = os.lstat(Path(folder) / name).st_mode
+        except FileNotFoundError:
+            continue  # gone meanwhile: not there
+        except OSError as e:
+            raise error(f"{show_path(Path(folder) / name)}: cannot be checked ({e.strerror})") from None
+        if stat.S_ISREG(mode):
+            out.append(FolderEntry(name, "file", "a file"))
+        elif stat.S_ISDIR(mode):
+            out.append(FolderEntry(name, "folder", "a folder"))
+        elif stat.S_ISLNK(mode):
+            kind: Literal["file", "link"] = "link"
+            if snapshot:
+                try:
+                    resolve_input(folder, name, error=error)
+                    kind = "file"
+                except GainSurgeryError:
+                    pass
+            out.append(FolderEntry(name, kind, "a file" if kind == "file" else "a symbolic link"))
+        else:
+            out.append(FolderEntry(name, "special", _kind(mode)))
+    return out
+
+
 def check_input_folder(folder: str | os.PathLike[str], *,
                        error: type[GainSurgeryError] = UnsafeInputError) -> list[InputFile]:
     """Check every non-hidden top-level file of ``folder`` before another library reads the folder itself.

@@ -481,6 +481,7 @@ class _Pipeline:
             for item in items:
                 shard = self.plan.base.shards[item.name]
                 if self.remote is None:
+                    self.opened.fetch_shard(shard)  # a cache snapshot's blob is checked against its name
                     item.src = shard.path
                     self.to_apply.put(item)
                     continue

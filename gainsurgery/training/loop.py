@@ -49,8 +49,9 @@ from gainsurgery.io.checkpoint import copy_extra_files, fingerprint, open_checkp
 from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.hashing import file_records
-from gainsurgery.io.inputs import check_input_folder
+from gainsurgery.io.inputs import check_input_folder, show_path
 from gainsurgery.io.locks import lock_output
+from gainsurgery.io.write_errors import no_room
 from gainsurgery.sources import base_model_name, resolve_base
 from gainsurgery.training.config import TrainConfig, TrainResult
 from gainsurgery.training.data import fingerprint_files, pack, read_documents
@@ -89,7 +90,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     require_extra("train", "train()")
     cfg.validate()
-    with contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
+    # The log, written as training goes, is where a full disk strikes first; the sites that write
+    # checkpoints and -o say more precisely what they were writing.
+    with no_room(f"the outputs of the run (-o {show_path(cfg.output)}, the log {show_path(cfg.log_path())})", None,
+                 error=TrainingError,
+                 left="no -o was written; a checkpoint folder keeps only complete checkpoints"), \
+            contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
         return _train(cfg, outputs)
 
 
@@ -261,8 +267,13 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
         record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
                   "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3), "evals": evals}
-        distributed.on_main_process(accelerator.is_main_process, device, lambda: state.save(
-            cfg.checkpoint_folder(), at, named_trainable, optimizer, record))
+        def write() -> None:
+            # state.save removes its half-written temp folder; the checkpoints before it stay.
+            with no_room(f"the training checkpoint of step {at}", cfg.checkpoint_folder(), error=TrainingError,
+                         left="the checkpoints written before it are kept; --resume continues from the last one"):
+                state.save(cfg.checkpoint_folder(), at, named_trainable, optimizer, record)
+
+        distributed.on_main_process(accelerator.is_main_process, device, write)
 
     from tqdm import tqdm
 
@@ -321,6 +332,13 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
                          step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals, param_bytes, start_step)
 
     def save_outputs() -> None:
+        # A gain file is written atomically, a folder output in its claimed temp folder: either way
+        # a full disk leaves no -o behind (the claim's temp goes when the run unwinds).
+        with no_room(f"-o {show_path(cfg.output)}", error=TrainingError,
+                     left=f"no -o was written; the log {show_path(cfg.log_path())} says how far training went"):
+            _save_outputs()
+
+    def _save_outputs() -> None:
         training_meta = _shared_settings(cfg, resumed)
         training_meta.update(lr=cfg.learning_rate, data_fingerprint=data_fingerprint, mixed_precision=mode,
                              final_loss=last_loss, seconds=round(elapsed + seconds, 1), tokens=result.tokens,

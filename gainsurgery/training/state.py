@@ -151,9 +151,14 @@ class CheckpointLock:
     def __init__(self, checkpoint_dir: Path) -> None:
         self._fd = -1
         self.folder = Path(checkpoint_dir)
+        self.created = False
         shown = show_path(self.folder)
         try:
-            self.folder.mkdir(exist_ok=True)  # its parent exists: checked with the other outputs
+            try:
+                self.folder.mkdir()  # its parent exists: checked with the other outputs
+                self.created = True
+            except FileExistsError:
+                pass
             # The folder itself, never through a link (one may have been planted since the check).
             dir_fd = open_folder_nofollow(self.folder)
         except OSError as e:
@@ -179,8 +184,20 @@ class CheckpointLock:
                     remove_tree(stale)
 
     def release(self) -> None:
-        """Let another run use the folder."""
+        """Let another run use the folder; a folder this run made and left without a checkpoint goes too.
+
+        A run that fails (a full disk, a bad option found late) before its first
+        checkpoint must not leave an empty folder holding only our ``.lock``. The lock
+        file is unlinked while still held (a run that opens it meanwhile holds a dead
+        inode and finds the folder gone or not empty), then the folder is removed only
+        if it is empty: anything someone put there meanwhile keeps it.
+        """
         if self._fd >= 0:
+            if self.created:
+                with contextlib.suppress(OSError):
+                    if os.listdir(self.folder) == [".lock"]:
+                        os.unlink(self.folder / ".lock")
+                        os.rmdir(self.folder)
             os.close(self._fd)
             self._fd = -1
 
