@@ -24,7 +24,7 @@ from gainsurgery.errors import GainSurgeryError  # noqa: E402
 _LAZY = {
     **{name: "gainsurgery.api" for name in (
         "apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "inspect_gguf", "invert_gain",
-        "load_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify")},
+        "load_gain", "power_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify")},
     "GainFile": "gainsurgery.gainfile",
     "ApplyResult": "gainsurgery.merge",
     "VerifyReport": "gainsurgery.merge.verify",

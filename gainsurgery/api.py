@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from gainsurgery.training.hooks import GainHooks
 
 __all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "inspect_gguf", "invert_gain",
-           "load_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify"]
+           "load_gain", "power_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify"]
 
 
 # --------------------------------------------------------------------------- gain files
@@ -177,6 +177,29 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     return inspect(path)
 
 
+def power_gain(gain: GainFile | str | os.PathLike[str], alpha: float) -> GainFile:
+    """The gain s^α: the same adaptation, weaker (0 < α < 1) or stronger (α > 1), without retraining.
+
+    Args:
+        gain: a gain file (path) or a :class:`GainFile`.
+        alpha: the power; 0 gives the identity, 1 the gain itself, −1 its inverse.
+
+    Returns:
+        s^α in float32; for a file, ``metadata["parents"]`` records its name, sha256 and the power.
+
+    Raises:
+        GainFileError: α not finite, a non-integer α on negative gains, or a float32 overflow.
+
+    Example:
+        >>> save_gain(power_gain("legal.safetensors", 0.5), "legal-half.safetensors")  # doctest: +SKIP
+    """
+    (g, name, path), = _load_each([gain], allow_negative=True)
+    out = gf.power(g, alpha)
+    if path is not None:
+        out.metadata["parents"] = [{"name": name, "sha256": sha256_file(path), "op": "power", "power": float(alpha)}]
+    return out
+
+
 def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.PathLike[str] | None = None
                  ) -> dict[str, Any]:
     """Statistics of a gain: parameter count, min/max/mean/std and the share above 1, overall,
@@ -188,7 +211,8 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
             written whole or not at all, never over the gain file.
 
     Returns:
-        ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata"}``.
+        ``{"parameters", "tensors", "overall", "per_layer", "per_target", "metadata", "base_coverage"}``
+        (``base_coverage``: how many of its tensors no base fingerprint covers).
 
     Example:
         >>> inspect_gain("legal.safetensors")["overall"]["mean"]  # doctest: +SKIP
@@ -197,7 +221,7 @@ def inspect_gain(gain: GainFile | str | os.PathLike[str], *, plot: str | os.Path
     (g, name, path), = _load_each([gain], allow_negative=True)
     if plot is not None:
         from gainsurgery.extras import require_extra
-        from gainsurgery.io.outputs import atomic_file
+        from gainsurgery.io.atomic import atomic_file
 
         require_extra("plots", "inspect_gain(plot=...)")
         from gainsurgery.plots import plot_gain_distributions

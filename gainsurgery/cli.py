@@ -23,6 +23,7 @@ from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.architectures.registry import SIDES
 from gainsurgery.errors import GainSurgeryError
 from gainsurgery.extras import require_extra
+from gainsurgery.io.write_errors import no_room_errno, no_room_message
 from gainsurgery.training.config import METHODS as TRAIN_METHODS
 
 MiB = 1 << 20
@@ -46,9 +47,19 @@ class _Group(click.Group):
         except GainSurgeryError as exc:
             _error(str(exc))
             ctx.exit(1)
-        except OSError as exc:  # the environment refused (permissions, missing paths, ...)
+        except OSError as exc:  # the environment refused (permissions, missing paths, a full disk...)
             where = f": {exc.filename}" if exc.filename else ""
-            _error(f"{exc.strerror or exc}{where}")
+            code = no_room_errno(exc)
+            _error(f"{exc.strerror or exc}{where}" if code is None else
+                   no_room_message(code, "the output", os.path.dirname(exc.filename) if exc.filename else None))
+            ctx.exit(1)
+        except Exception as exc:
+            # A library that wraps a full disk or a file-size limit in its own error (safetensors):
+            # the command's cleanup has run; say what happened in one line. Anything else is a bug.
+            code = no_room_errno(exc)
+            if code is None:
+                raise
+            _error(no_room_message(code, "the output", None))
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)
@@ -158,8 +169,11 @@ def _names_a_gain(spec: str) -> bool:
     from gainsurgery.formats.gguf import is_gguf
     from gainsurgery.hub.refs import parse_file_ref
 
+    from gainsurgery.gainfile import split_power
+
     if is_gguf(spec):  # a .gguf argument after BASE is OUT (a GGUF BASE's result), never a gain
         return False
+    spec = split_power(spec)[0]
     return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
 
 
@@ -362,7 +376,9 @@ def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as
     (.gguf), OUT is the adapted GGUF file: every route is recomputed with the
     options OUT records, every key/value and tensor compared byte for byte. A target whose
     weights scaling turned into ±inf or 0 fails too, unless --allow-saturation
-    (as apply was given). Exit status 0 only if everything matches.
+    (as apply was given). OUT must hold exactly the files apply writes: an extra
+    shard, file, folder or link, or a missing one, fails (copied files are
+    compared with BASE's). Exit status 0 only if everything matches.
 
     \b
     Example:
@@ -460,10 +476,40 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
     stacked = api.stack_gains(gains, allow_negative=allow_negative, description=description,
                               allow_base_mismatch=allow_base_mismatch)
     stacked.save(output, inputs=gains)
+    from gainsurgery.gainfile import base_provenance
+
+    covered = base_provenance(stacked, Path(output).name)
+    if not covered.complete:  # the stack is as unchecked as its least checked parent: say so now, not at apply
+        _warn(f"{Path(output).name} records no base_tensors_sha256 for {len(covered.uncovered)} of its "
+              f"{covered.total} tensors (a parent recorded none); apply cannot check those against its base")
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
     _emit_json(info) if as_json else click.echo(
         f"wrote {_shown(output)}: {len(stacked.vectors)} tensors, {stacked.num_parameters:,} gains from {len(gains)} files")
+
+
+@main.command()
+@click.argument("gain")
+@click.option("--power", "alpha", required=True, type=float, metavar="α",
+              help="Write s^α: 0 < α < 1 weakens the adaptation, α > 1 strengthens it, 0 is the identity.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output gain file.")
+@_json
+def scale(gain, alpha, output, as_json):
+    """Write the gain file s^α: dial a trained adaptation down (or up) without retraining.
+
+    apply reads the same thing from a suffix: GAIN.safetensors@α.
+
+    \b
+    Example:
+      gainsurgery scale legal.safetensors --power 0.5 -o legal-half.safetensors
+      gainsurgery apply BASE legal.safetensors@0.5 OUT
+    """
+    from gainsurgery import api
+
+    out = api.power_gain(gain, alpha)
+    out.save(output, inputs=[gain])
+    _emit_json({"output": output, "parameters": out.num_parameters, "power": alpha}) if as_json else click.echo(
+        f"wrote {_shown(output)}: s^{alpha:g} of {out.num_parameters:,} gains")
 
 
 @main.command()
@@ -525,9 +571,12 @@ def inspect(gain, plot, as_json):
     for key in ("method", "side", "base_model", "base_fingerprint", "base_tensors_sha256", "description"):
         if key in meta:
             click.echo(f"  {key}: {show(str(meta[key]))}")
-    if "base_tensors_sha256" not in meta and not any(
-            isinstance(p, dict) and p.get("base_tensors_sha256") for p in meta.get("parents") or []):
+    covered = st["base_coverage"]
+    if covered["uncovered"] == covered["tensors"]:
         click.echo("  base_tensors_sha256: none recorded (apply cannot check this gain against its base)")
+    elif covered["uncovered"]:
+        click.echo(f"  base_tensors_sha256: none recorded for {covered['uncovered']} of its {covered['tensors']} "
+                   "tensors (a stacked parent recorded none; apply cannot check those)")
     if "training" in meta:
         click.echo(f"  training: {json.dumps(meta['training'], sort_keys=True)}")
     if "parents" in meta:
@@ -724,7 +773,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         domains[name] = path
     require_extra("train", "gainsurgery eval")
     from gainsurgery import api
-    from gainsurgery.io.outputs import check_output
+    from gainsurgery.io.checks import check_output
 
     from gainsurgery.sources import local_folder_of
 
@@ -742,7 +791,7 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
         y = results["yesno"]
         click.echo(f"yes/no accuracy: {y['accuracy']:.3f} on {y['items']} items (said yes {y['predicted_yes']:.0%})")
     if json_out:
-        from gainsurgery.io.outputs import write_json
+        from gainsurgery.io.atomic import write_json
 
         write_json(json_out, results, inputs=inputs, what="--json file")
 

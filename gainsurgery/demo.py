@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gainsurgery import corpora as domains
+
 DEFAULT_MODEL = "embedded:gemma-3-270m"
 
 
@@ -36,9 +38,9 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
-    from gainsurgery_lab import corpora as domains
     from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.io.outputs import check_output, write_json
+    from gainsurgery.io.atomic import write_json
+    from gainsurgery.io.checks import check_output
     from gainsurgery.training.data import pack, read_documents
     from gainsurgery.training.evaluation import perplexity
     from gainsurgery.training.modeling import load_causal_lm, load_tokenizer

@@ -3,8 +3,8 @@
 Every error that bad input, a bad file or a bad environment can trigger is a
 :class:`GainSurgeryError`. The CLI prints its message on one line, without a
 traceback, and exits non-zero. Anything else is a bug and raises normally.
-(The lab package, :mod:`gainsurgery_lab`, adds its own subclasses for corpora
-and experiments.)
+(The lab package, :mod:`gainsurgery_lab`, adds its own subclasses for its
+experiments.)
 """
 
 
@@ -50,3 +50,7 @@ class UnsafeInputError(GainSurgeryError):
 
 class OutputError(GainSurgeryError):
     """An output location is unusable: it is, holds or lies inside an input, is protected, or is taken."""
+
+
+class DomainError(GainSurgeryError):
+    """A domain corpus (gainsurgery.corpora) could not be fetched, or is asked for before it was."""

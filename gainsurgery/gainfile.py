@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -22,10 +23,10 @@ import numpy as np
 
 from gainsurgery.errors import GainFileError, OutputError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import write_file
 from gainsurgery.io.fingerprint import is_fingerprint
 from gainsurgery.io.hashing import sha256_file
-from gainsurgery.io.inputs import open_regular, show_path
-from gainsurgery.io.outputs import write_file
+from gainsurgery.io.inputs import open_regular, show_name, show_path
 from gainsurgery.io.safetensors import parse_header
 
 FORMAT = "gainsurgery.gain/1"
@@ -85,17 +86,18 @@ class GainFile:
         for key, vec in self.vectors.items():
             dim = self.dims[key]
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-                raise GainFileError(f"{source}: dim for {key!r} must be a non-negative integer, got {dim!r}")
+                raise GainFileError(f"{source}: dim for {show_name(key)} must be a non-negative integer, "
+                                    f"got {show_name(dim)}")
             if vec.ndim != 1 or vec.size == 0:
-                raise GainFileError(f"{source}: {key!r} must be a non-empty 1-D vector, got shape {vec.shape}")
+                raise GainFileError(f"{source}: {show_name(key)} must be a non-empty 1-D vector, got shape {vec.shape}")
             if vec.dtype != np.float32:
-                raise GainFileError(f"{source}: {key!r} must be float32, got {vec.dtype}")
+                raise GainFileError(f"{source}: {show_name(key)} must be float32, got {vec.dtype}")
             check_values(vec, key, allow_negative=allow_negative, source=source)
 
     def save(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
         """Write the file atomically (temp file, fsync, rename) and return its path.
 
-        ``path`` is checked first (:func:`gainsurgery.io.outputs.check_output`): it is
+        ``path`` is checked first (:func:`gainsurgery.io.checks.check_output`): it is
         never, never contains and never lies inside any of ``inputs`` (the files and
         folders the command read), and never an existing folder.
         """
@@ -121,12 +123,12 @@ class GainFile:
 def check_values(vec: np.ndarray, key: str, *, allow_negative: bool, source: str = "gain file") -> None:
     """Refuse non-finite, zero and (unless allowed) negative gain values."""
     if not np.all(np.isfinite(vec)):
-        raise GainFileError(f"{source}: {key!r} holds NaN or infinite gains")
+        raise GainFileError(f"{source}: {show_name(key)} holds NaN or infinite gains")
     if np.any(vec == 0):
-        raise GainFileError(f"{source}: {key!r} holds zero gains (they would erase weights irreversibly)")
+        raise GainFileError(f"{source}: {show_name(key)} holds zero gains (they would erase weights irreversibly)")
     if not allow_negative and np.any(vec < 0):
         raise GainFileError(
-            f"{source}: {key!r} holds negative gains; pass --allow-negative if that is intended"
+            f"{source}: {show_name(key)} holds negative gains; pass --allow-negative if that is intended"
         )
 
 
@@ -202,7 +204,7 @@ def decode_metadata(raw_meta: Mapping[str, str], where: str) -> dict[str, Any]:
     for key, value in sorted(raw_meta.items()):  # safetensors hands metadata over in no fixed order
         if key in ("format", "dims"):
             continue
-        label = f"{where}: metadata {key!r}"
+        label = f"{where}: metadata {show_name(key)}"
         if key in JSON_METADATA:
             parsed = jsonsafe.loads(value, where=label, error=GainFileError)
             if key == "parents":
@@ -270,8 +272,98 @@ class BaseCheck:
     expected: str
 
 
+@dataclass(frozen=True)
+class BaseProvenance:
+    """The base fingerprints a gain carries, and the tensors none of them covers.
+
+    Attributes:
+        checks: the fingerprints to check against the base (each over a non-empty set of tensors).
+        uncovered: keys of the file that no fingerprint covers (sorted): a stacked parent recorded
+            none, or a fingerprint was taken over fewer tensors than the file scales.
+        total: the number of tensors the file scales.
+    """
+
+    checks: tuple[BaseCheck, ...]
+    uncovered: tuple[str, ...]
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        """True when every tensor the file scales is covered by a fingerprint."""
+        return not self.uncovered
+
+    def warning(self, label: str) -> str | None:
+        """The one-line warning ``apply`` gives for this gain, or None when it is fully covered."""
+        if self.complete:
+            return None
+        if not self.checks:
+            return (f"{label} records no base_tensors_sha256 (made before gainsurgery checked it, or stacked "
+                    "from such a file); it cannot be checked against this base's weights")
+        return (f"{label} records no base_tensors_sha256 for {len(self.uncovered)} of its {self.total} tensors "
+                "(a stacked parent recorded none); those cannot be checked against this base's weights")
+
+
+def base_provenance(gain: GainFile, label: str) -> BaseProvenance:
+    """Which of ``gain``'s tensors its recorded base fingerprints cover, and the checks they make.
+
+    The file's own ``base_tensors_sha256`` covers every tensor it scales. Without
+    one, each entry of ``parents`` contributes its own fingerprint over its
+    ``tensors`` (all of the file's when absent), or, for a stacked parent without
+    one, its own parents' (recursively). A tensor is covered only when every parent
+    that scales it is: a parent without a fingerprint leaves its tensors uncovered
+    (a stacked file carries the weakest provenance of its inputs), and a fingerprint
+    over no tensors covers nothing (the sha256 of nothing matches every base).
+
+    Raises:
+        GainFileError: a parent's ``tensors`` is not a list of names, or names tensors the file does not scale.
+
+    Example:
+        >>> p = base_provenance(load("both.safetensors"), "both.safetensors")  # doctest: +SKIP
+        >>> [c.label for c in p.checks], p.uncovered  # doctest: +SKIP
+        (['legal.safetensors (parent of both.safetensors)'], ('model.layers.0.mlp.down_proj.weight', ...))
+    """
+    checks: list[BaseCheck] = []
+    uncovered: set[str] = set()
+    _cover(gain.metadata.get(BASE_TENSORS_KEY), gain.metadata.get("parents"), frozenset(gain.vectors), label,
+           label, checks, uncovered)
+    return BaseProvenance(tuple(checks), tuple(sorted(uncovered)), len(gain.vectors))
+
+
+def _cover(own: Any, parents: Any, keys: frozenset[str], label: str, top: str, checks: list[BaseCheck],
+           uncovered: set[str]) -> None:
+    """Add the checks that cover ``keys`` (a file's or a parent's tensors) and the keys left uncovered."""
+    if not keys:
+        return
+    if is_fingerprint(own):
+        checks.append(BaseCheck(label, tuple(sorted(keys)), own))
+        return
+    if not isinstance(parents, list) or not parents:
+        uncovered.update(keys)
+        return
+    reached: set[str] = set()
+    for parent in parents:
+        if not isinstance(parent, dict):  # nothing is known of what it scaled
+            reached.update(keys)
+            uncovered.update(keys)
+            continue
+        name = parent.get("name")
+        tensors = parent.get("tensors")
+        if tensors is None:
+            pkeys = keys
+        elif isinstance(tensors, list) and all(isinstance(k, str) for k in tensors):
+            pkeys = frozenset(tensors)
+        else:
+            raise GainFileError(f"{top}: parent {show_name(name)}: 'tensors' must be a list of tensor names")
+        if not pkeys <= keys:
+            raise GainFileError(f"{top}: parent {show_name(name)} records tensors the file does not scale")
+        reached.update(pkeys)
+        _cover(parent.get(BASE_TENSORS_KEY), parent.get("parents"), pkeys, f"{name} (parent of {label})", top,
+               checks, uncovered)
+    uncovered.update(keys - reached)  # tensors no parent claims: nothing vouches for them
+
+
 def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
-    """The base fingerprints ``gain`` carries: its own, else those of its parents (a stacked file).
+    """The base fingerprints ``gain`` carries: its own, else those of its parents (see :func:`base_provenance`).
 
     An empty list means the gain records none (a file made before fingerprints, or
     an identity file for a Hub base): ``apply`` then warns instead of checking.
@@ -280,20 +372,7 @@ def base_checks(gain: GainFile, label: str) -> list[BaseCheck]:
         >>> [c.label for c in base_checks(load("both.safetensors"), "both.safetensors")]  # doctest: +SKIP
         ['legal.safetensors (parent of both.safetensors)', 'medical.safetensors (parent of both.safetensors)']
     """
-    own = gain.metadata.get(BASE_TENSORS_KEY)
-    if is_fingerprint(own):
-        return [BaseCheck(label, tuple(sorted(gain.vectors)), own)]
-    checks = []
-    for parent in gain.metadata.get("parents") or []:
-        if not isinstance(parent, dict) or not is_fingerprint(parent.get(BASE_TENSORS_KEY)):
-            continue
-        tensors = parent.get("tensors")
-        keys = tuple(sorted(tensors)) if isinstance(tensors, list) and all(isinstance(k, str) for k in tensors) \
-            else tuple(sorted(gain.vectors))
-        if not set(keys) <= set(gain.vectors):
-            raise GainFileError(f"{label}: parent {parent.get('name')!r} records tensors the file does not scale")
-        checks.append(BaseCheck(f"{parent.get('name')} (parent of {label})", keys, parent[BASE_TENSORS_KEY]))
-    return checks
+    return list(base_provenance(gain, label).checks)
 
 
 def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
@@ -303,10 +382,12 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
     Products are taken in float32, in the order given. ``names`` (one per gain,
     e.g. file names) are recorded with each parent's summary in the ``parents``
     metadata for provenance, with the parent's base fingerprint
-    (``base_tensors_sha256``; and its tensor list when it covers fewer tensors than
-    the stack, so that ``apply`` can check each parent against the base). When
-    every parent records the same fingerprint over the same tensors, the stack
-    records it as its own.
+    (``base_tensors_sha256``) and its tensor list when it scales fewer tensors than
+    the stack, so that ``apply`` can check each parent against the base and knows
+    which tensors a parent without a fingerprint leaves unchecked (the stack carries
+    the weakest provenance of its parents, see :func:`base_provenance`). When every
+    parent records the same fingerprint over the same tensors, the stack records it
+    as its own.
 
     Raises:
         GainFileError: two files scale the same key along different dims (the
@@ -336,7 +417,11 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
                 raise GainFileError(
                     f"{name}: {show_path(key)} has length {vec.size} but an earlier file has {vectors[key].size}"
                 )
-            vectors[key] = np.multiply(vectors[key], vec, dtype=np.float32)
+            with np.errstate(over="ignore", under="ignore"):  # reported below, per key, in one line
+                vectors[key] = np.multiply(vectors[key], vec, dtype=np.float32)
+            if not np.all(np.isfinite(vectors[key])) or np.any(vectors[key] == 0):
+                raise GainFileError(f"{name}: the product of the gains on {show_path(key)} overflows or underflows "
+                                    "float32 (to infinity or zero); these files cannot be stacked")
     seen: dict[frozenset, tuple[str, str]] = {}
     for gain, name in zip(gains, names):
         for check in base_checks(gain, name):
@@ -354,8 +439,9 @@ def stack(gains: Iterable[GainFile], names: Iterable[str] | None = None, *,
         own = g.metadata.get(BASE_TENSORS_KEY)
         if is_fingerprint(own):
             entry[BASE_TENSORS_KEY] = own
-            if set(g.vectors) != set(vectors):
-                entry["tensors"] = sorted(g.vectors)
+        # Every parent's tensors, fingerprinted or not: what it leaves unchecked is known exactly.
+        if set(g.vectors) != set(vectors):
+            entry["tensors"] = sorted(g.vectors)
         if "parents" in g.metadata:
             entry["parents"] = g.metadata["parents"]
         parents.append(entry)
@@ -383,10 +469,73 @@ def invert(gain: GainFile) -> GainFile:
         vectors = {k: np.divide(np.float32(1.0), v, dtype=np.float32) for k, v in gain.vectors.items()}
     for key, vec in vectors.items():
         if not np.all(np.isfinite(vec)):
-            raise GainFileError(f"{key!r}: inverse overflows float32 (gains too close to zero)")
+            raise GainFileError(f"{show_name(key)}: inverse overflows float32 (gains too close to zero)")
     metadata = dict(gain.metadata)
     metadata["description"] = "inverse of " + gain.metadata.get("description", "a gain file")
     return GainFile(vectors, dict(gain.dims), metadata)
+
+
+#: Largest |α| accepted by :func:`power`: far beyond any useful strength (s^1000 overflows for s > 1.09).
+MAX_POWER = 1000.0
+
+
+def power(gain: GainFile, alpha: float) -> GainFile:
+    """Return the gain s^α, computed in float64 and stored in float32: a post-hoc strength knob.
+
+    α = 1 is ``gain`` itself, α = 0 the identity (the base unchanged), α = −1 its inverse,
+    0 < α < 1 a weaker version of the same adaptation and α > 1 a stronger one. A negative
+    gain (a sign flip) has a real power only for an integer α.
+
+    Raises:
+        GainFileError: α is not finite or beyond ±:data:`MAX_POWER`, a non-integer α meets a
+            negative gain, or a power overflows float32 or reaches zero.
+
+    Example:
+        >>> g = GainFile({"w": np.array([4.0, 0.25], np.float32)}, {"w": 0})
+        >>> power(g, 0.5).vectors["w"].tolist()
+        [2.0, 0.5]
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) \
+            or abs(alpha) > MAX_POWER:
+        raise GainFileError(f"power {alpha!r}: give a finite number between -{MAX_POWER:g} and {MAX_POWER:g}")
+    alpha = float(alpha)
+    vectors = {}
+    for key, vec in gain.vectors.items():
+        check_values(vec, key, allow_negative=True)
+        v = vec.astype(np.float64)
+        if np.any(v < 0) and not alpha.is_integer():
+            raise GainFileError(f"{show_name(key)}: holds negative gains (sign flips), which have no real power "
+                                f"{alpha:g}; use an integer power")
+        with np.errstate(over="ignore", under="ignore"):
+            out = (np.sign(v) ** alpha * np.abs(v) ** alpha).astype(np.float32)
+        if not np.all(np.isfinite(out)) or np.any(out == 0):
+            raise GainFileError(f"{show_name(key)}: s^{alpha:g} overflows float32 or reaches zero")
+        vectors[key] = out
+    metadata = dict(gain.metadata)
+    metadata["description"] = f"s^{alpha:g} of " + gain.metadata.get("description", "a gain file")
+    return GainFile(vectors, dict(gain.dims), metadata)
+
+
+_POWER_SUFFIX = re.compile(r"(?P<file>.+\.safetensors)@(?P<alpha>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)",
+                           re.ASCII | re.DOTALL)
+
+
+def split_power(spec: str) -> tuple[str, float | None]:
+    """``G.safetensors@α`` -> (``G.safetensors``, α); any other spec -> (spec, None).
+
+    The suffix is a plain number after the last ``@`` of a name ending in ``.safetensors``,
+    so it never reads a Hub revision (``ORG/NAME@REV:path.safetensors`` puts ``@REV`` before
+    the ``:``, and ``ORG/NAME@REV:path.safetensors@0.5`` is that file at power 0.5). A file
+    that exists under the full name, suffix included, is that file.
+
+    Example:
+        >>> split_power("legal.safetensors@0.5"), split_power("org/gains@v1.5:legal.safetensors")
+        (('legal.safetensors', 0.5), ('org/gains@v1.5:legal.safetensors', None))
+    """
+    m = _POWER_SUFFIX.fullmatch(spec)
+    if m is None or os.path.lexists(spec):
+        return spec, None
+    return m["file"], float(m["alpha"])
 
 
 def identity(targets: Mapping[str, tuple[int, int]], metadata: Mapping[str, Any] | None = None) -> GainFile:
@@ -410,13 +559,19 @@ def summarize(values: np.ndarray) -> dict[str, float]:
 
 
 def stats(gain: GainFile) -> dict[str, Any]:
-    """Statistics of a gain file: overall, per target tensor and per layer."""
+    """Statistics of a gain file: overall, per target tensor and per layer, and how many of its
+    tensors its base fingerprints cover (``base_coverage``: ``tensors``, ``uncovered``)."""
     per_target = {k: {"dim": gain.dims[k], **summarize(gain.vectors[k])} for k in sorted(gain.vectors, key=natural_key)}
     per_layer = {
         layer: summarize(np.concatenate([gain.vectors[k] for k in keys]))
         for layer, keys in gain.scaled_keys_by_layer().items()
     }
     overall = summarize(np.concatenate([gain.vectors[k] for k in sorted(gain.vectors)]))
+    try:
+        covered = base_provenance(gain, "gain file")
+        coverage: dict[str, Any] = {"tensors": covered.total, "uncovered": len(covered.uncovered)}
+    except GainFileError as exc:  # shown, not refused: inspect is how one looks at a damaged file
+        coverage = {"tensors": len(gain.vectors), "uncovered": len(gain.vectors), "problem": first_line(exc)}
     return {
         "parameters": gain.num_parameters,
         "tensors": len(gain.vectors),
@@ -424,6 +579,7 @@ def stats(gain: GainFile) -> dict[str, Any]:
         "per_layer": per_layer,
         "per_target": per_target,
         "metadata": gain.metadata,
+        "base_coverage": coverage,
     }
 
 

@@ -12,7 +12,7 @@ from gainsurgery.gainfile import GainFile, natural_key
 
 def plot_gain_distributions(gain: GainFile, path: str | Path | BinaryIO, title: str = "") -> str | Path | BinaryIO:
     """Box plots of the gains per layer, one panel per target kind; writes a PNG to ``path`` (a file or
-    a binary file object, e.g. :func:`gainsurgery.io.outputs.atomic_file`'s) and returns it."""
+    a binary file object, e.g. :func:`gainsurgery.io.atomic.atomic_file`'s) and returns it."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,11 +1,12 @@
-"""gainsurgery_lab: the experiments and the corpus fetching, outside the core package.
+"""gainsurgery_lab: the experiments, outside the core package.
 
-- :mod:`~gainsurgery_lab.corpora`: real text for eight adaptation domains (and
-  CoQA yes/no questions), fetched from package registries and cached;
 - :mod:`~gainsurgery_lab.forgetting`: the sequential-adaptation (forgetting)
-  experiment, GAIN vs LoRA vs IA3 (results in docs/results/forgetting.md).
+  experiment, GAIN vs LoRA vs IA3 (results in docs/results/forgetting.md);
+- :mod:`~gainsurgery_lab.probes`: knowledge probes (multiple-choice facts from registry
+  packages) for the experiment's models;
+- :mod:`~gainsurgery_lab.yesno`: CoQA yes/no items from BIG-bench (the earlier probe).
 
-The lab imports the core (:mod:`gainsurgery`); the core never imports the lab,
-except the demo (an application, like the CLI), which fetches its domain text
-with :mod:`~gainsurgery_lab.corpora`. Install with ``pip install "gainsurgery[experiments]"``.
+The domain text comes from the core, :mod:`gainsurgery.corpora` (``gainsurgery demo``
+uses it too). The lab imports the core; the core never imports the lab.
+Install with ``pip install "gainsurgery[experiments]"``.
 """

@@ -29,11 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gainsurgery.errors import GainSurgeryError  # noqa: E402
 from gainsurgery_lab.forgetting import presets  # noqa: E402
 
+#: Exit status of ``run`` when --stop-after cut the schedule short (0: complete, 1: an error).
+EXIT_MORE_TO_DO = 3
+
 
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _alphas(text: str) -> list[float]:
+    from gainsurgery_lab.forgetting.alpha import parse_alphas
+
+    return parse_alphas(text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,14 +65,23 @@ def main() -> None:
 @click.option("--variants", default=None, help="Staging variants at the dev-optimal lr, e.g. gain-ffn:continue.")
 @click.option("--grid", "grids", multiple=True, metavar="METHOD=E1,E2,...",
               help="Override a method's lr grid: half-decade exponents (lr = 10^(E/2)).")
-@click.option("--seeds", type=int, default=None, help="Seeds at the chosen lr (data order and adapter init).")
+@click.option("--seeds", type=int, default=None,
+              help="Seeds at the chosen lr, in all (a seed changes the data order; LoRA's initialisation too).")
+@click.option("--select-seeds", type=int, default=None,
+              help="Seeds at every lr of a front; the lr is chosen on their mean dev score (tie rule: the "
+                   "smallest lr within one seed sd of the best).")
 @click.option("--steps", type=int, default=None, help="Training steps per stage.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seq-len", type=int, default=None)
 @click.option("--test-windows", type=int, default=None, help="Reported windows per domain (<= 2 per document).")
 @click.option("--dev-windows", type=int, default=None, help="Selection windows per domain (other documents).")
 @click.option("--yesno", type=int, default=None, help="Yes/no items (CoQA) for the chosen runs; 0 to skip.")
-@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,extras.")
+@click.option("--probes/--no-probes", "use_probes", default=None,
+              help="Knowledge probes (python scripts/fetch_domains.py --probes) for the base and the chosen runs.")
+@click.option("--phases", default=None, help="Subset of fronts,seeds,yesno,probes,extras,alpha (or none).")
+@click.option("--alphas", default=None, metavar="A1,A2,...",
+              help="The α-front (phase alpha): the chosen run of each seed method scored at s^α (gains) or "
+                   "base + α·delta (adapters), no training; e.g. 0.25,0.5,0.75,1.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built-in corpora cache (default ~/.cache/gainsurgery/domains).")
 @click.option("--text-field", default="text", show_default=True,
@@ -77,7 +95,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate the domains and print the plan; train nothing.")
 @click.option("--progress/--no-progress", default=False, help="Per-step progress bars.")
 def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_methods, variants, grids, seeds,
-        steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
+        select_seeds, use_probes, alphas, steps, batch_size, seq_len, test_windows, dev_windows, yesno, phases, data_dir, text_field, worker,
         max_extensions, stop_after, dry_run, progress):
     """Run (or resume) the experiment into OUT."""
     from gainsurgery_lab.forgetting.runner import Experiment
@@ -89,7 +107,9 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             out=out, preset=preset, base=base, domains=list(domains), eval_domains=list(eval_domains),
             text_field=text_field,
             front_methods=_csv(methods), seed_methods=_csv(seed_methods), extra_methods=_csv(extra_methods),
-            variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds, steps=steps,
+            variants=_csv(variants), grids=presets.parse_grids(grids), seeds=seeds,
+            select_seeds=select_seeds, probes=use_probes, steps=steps,
+            alphas=None if alphas is None else _alphas(alphas),
             batch_size=batch_size, seq_len=seq_len, test_windows=test_windows, dev_windows=dev_windows,
             yesno=yesno, phases=[] if phases == "none" else _csv(phases), data_dir=data_dir, progress=progress,
             max_extensions=max_extensions,
@@ -100,10 +120,14 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
             exp.prepare(write=False)  # every domain split and checked; nothing written
             click.echo(presets.describe_plan(cfg))
             return
-        exp.execute(worker=share)
+        complete = exp.execute(worker=share)
     except GainSurgeryError as exc:
         click.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(1)
+    if not complete:  # a driver running pieces of --stop-after minutes tells "more to do" from "done"
+        click.echo(f"stopped at --stop-after; rerun the same command to continue (tables so far: "
+                   f"python scripts/forgetting.py report --out {out})")
+        sys.exit(EXIT_MORE_TO_DO)
     click.echo(f"done; tables and plots: python scripts/forgetting.py report --out {out}")
 
 
@@ -111,7 +135,7 @@ def run(out, preset, base, domains, eval_domains, methods, seed_methods, extra_m
 @click.option("--out", required=True, help="Experiment folder.")
 def report(out):
     """Write results.json, results.md and the plots from what has finished so far."""
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     try:
         paths = write_report(Path(out))
@@ -131,7 +155,7 @@ def compare(out, run_a, run_b):
     RUN_A and RUN_B are run folder names under OUT/runs (e.g. gain-ffn__stack__lr-5__s0):
     any two, also off the chosen lrs, e.g. to compare at nearly equal in-domain change.
     """
-    from gainsurgery_lab.forgetting.analysis import compare_runs
+    from gainsurgery_lab.forgetting.report import compare_runs
 
     try:
         click.echo(compare_runs(Path(out), run_a, run_b))

@@ -36,10 +36,15 @@ Knobs for transfer tests and benchmarks:
   before the client hung up;
 - ``fail_next(..., cut_body_after=N)``: read N bytes of the request body, then drop
   the connection (a failure in the middle of an upload);
+- ``fail_next(..., corrupt_at=N)``: answer normally, but with the byte at file offset N
+  flipped (a tampered mirror or a bad proxy: the bytes differ from the listed hash);
 - ``storage``: a folder to keep LFS objects in, as files, streamed in and out in
   1 MiB pieces (big benchmark repos); by default everything lives in memory;
 - ``on_lfs_stored(oid)``: called after each LFS object is stored (``lfs_uploads``
   counts the completed uploads per oid);
+- ``rewrite(path_pattern, fn)``: answers of matching JSON routes are ``fn(obj)``
+  (bytes) instead of the JSON of ``obj``: a Hub that sends malformed listings, repo
+  info or LFS batch answers (the fuzz tests mutate the real answer);
 - ``python tests/hubserver.py --serve ...`` runs one in its own process (the
   benchmark does, so the server does not share the client's interpreter).
 """
@@ -222,6 +227,7 @@ class Failure:
     truncate_after: int | None
     cut_body_after: int | None = None
     ranged: bool | None = None  # None: any request; True/False: only requests with/without a Range header
+    corrupt_at: int | None = None  # serve the body with the byte at this file offset flipped
 
 
 @dataclass
@@ -293,6 +299,7 @@ class HubServer:
         self.bytes_sent = self.bytes_received = 0
         self.requests: list[RequestRecord] = []
         self._failures: list[Failure] = []
+        self._rewrites: list[tuple[str, str | None, object]] = []
         self._lock = threading.RLock()
         self._sha_counter = itertools.count()
         self._server: _Server | None = None
@@ -359,7 +366,8 @@ class HubServer:
     def fail_next(self, status: int | None = 500, path_contains: str = "", method: str | None = None,
                   times: int | None = 1, headers: dict | None = None, error_code: str | None = None,
                   message: str | None = None, drop: bool = False, truncate_after: int | None = None,
-                  cut_body_after: int | None = None, ranged: bool | None = None) -> None:
+                  cut_body_after: int | None = None, ranged: bool | None = None,
+                  corrupt_at: int | None = None) -> None:
         """Make the next ``times`` matching requests fail (``times=None``: until ``clear_failures()``).
 
         Match: ``path_contains`` is a substring of the raw request path, ``method`` (e.g. "HEAD") if given.
@@ -367,7 +375,9 @@ class HubServer:
         extra ``headers``; or ``drop=True``: close the connection without answering; or ``truncate_after=N``:
         serve the request normally but cut the body after N bytes (exercises download resume);
         or ``cut_body_after=N``: read N bytes of the request body, then drop the connection
-        without answering (an upload that fails half way). ``ranged=False`` matches only
+        without answering (an upload that fails half way); or ``corrupt_at=N``: serve the
+        request normally but flip the byte at file offset N of the body (when the body
+        covers it), as a tampered mirror would. ``ranged=False`` matches only
         requests without a Range header (a whole-file download, not a header probe).
         Defaults: 401 says "Invalid credentials in Authorization header", 404 carries ``RepoNotFound``,
         429 and 503 say ``Retry-After: 0`` (as the Hub tells a client when to come back; the client
@@ -386,11 +396,32 @@ class HubServer:
             hdrs["X-Error-Message"] = message
         with self._lock:
             self._failures.append(Failure(status, path_contains, method and method.upper(), times, hdrs,
-                                          drop, truncate_after, cut_body_after, ranged))
+                                          drop, truncate_after, cut_body_after, ranged, corrupt_at))
 
     def clear_failures(self) -> None:
         with self._lock:
             self._failures.clear()
+
+    def rewrite(self, path_pattern: str, fn, method: str | None = None) -> None:
+        """Until ``clear_rewrites()``: a successful JSON answer to a matching request is ``fn(obj)`` (bytes).
+
+        ``obj`` is the answer the route would send; ``fn`` may return any bytes at all (it
+        runs on a server thread). Match: the regex ``path_pattern`` matches the whole raw
+        path, and ``method`` if given.
+        """
+        with self._lock:
+            self._rewrites.append((path_pattern, method and method.upper(), fn))
+
+    def clear_rewrites(self) -> None:
+        with self._lock:
+            self._rewrites.clear()
+
+    def _rewritten(self, method: str, path: str, obj) -> bytes | None:
+        with self._lock:
+            for pattern, m, fn in self._rewrites:
+                if re.fullmatch(pattern, path) and m in (None, method):
+                    return fn(obj)
+        return None
 
     def _take_failure(self, method: str, path: str, ranged: bool = False) -> Failure | None:
         with self._lock:
@@ -600,6 +631,8 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append(self.record)
         self.truncate_after = None
+        self.corrupt_at = None
+        self.body_offset = 0  # file offset of the first byte of the body (a Range answer starts later)
         failure = hub._take_failure(self.command, self.raw_path, "Range" in self.headers)
         if failure is not None:
             if failure.cut_body_after is not None:
@@ -618,7 +651,9 @@ class _Handler(BaseHTTPRequestHandler):
             if failure.drop:
                 self.close_connection = True
                 return
-            if failure.truncate_after is not None:
+            if failure.corrupt_at is not None:
+                self.corrupt_at = failure.corrupt_at
+            elif failure.truncate_after is not None:
                 self.truncate_after = failure.truncate_after
             else:
                 return self._send_error(HubError(failure.status, failure.headers.get("X-Error-Message")
@@ -666,11 +701,17 @@ class _Handler(BaseHTTPRequestHandler):
             stream = io.BytesIO(body) if stream is None else stream
             left = length if self.truncate_after is None else min(length, self.truncate_after)
             step = hub.piece_bytes or (_CHUNK if hub.down.rate is None else 256 * 1024)  # throttled: smaller pieces
+            pos = self.body_offset
             try:
                 while left:
                     piece = stream.read(min(step, left))
                     if not piece:
                         break
+                    if self.corrupt_at is not None and pos <= self.corrupt_at < pos + len(piece):
+                        flipped = bytearray(piece)
+                        flipped[self.corrupt_at - pos] ^= 0x01
+                        piece = bytes(flipped)
+                    pos += len(piece)
                     hub.down.take(len(piece))
                     self.wfile.write(piece)
                     left -= len(piece)
@@ -683,7 +724,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _json(self, obj, status: int = 200, headers: dict | None = None, content_type="application/json"):
-        self._send(status, json.dumps(obj).encode(), headers, content_type)
+        body = self.server.hub._rewritten(self.command, self.raw_path, obj) if status < 300 else None
+        self._send(status, json.dumps(obj).encode() if body is None else body, headers, content_type)
 
     def _send_error(self, err: HubError):
         headers = dict(err.headers)
@@ -997,6 +1039,7 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(end, size - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             stream.seek(start)
+            self.body_offset = start
             self._send(206, headers=headers, content_type="application/octet-stream", stream=stream,
                        length=end - start + 1)
 

@@ -8,8 +8,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -273,37 +271,23 @@ def test_disk_full_leaves_nothing(tiny_ckpt, cli, tmp_path):
         subprocess.run(["umount", str(mnt)])
 
 
-def _signal_mid_apply(tmp_path, sig) -> tuple[subprocess.Popen, list[str], Path]:
-    """Start a real `gainsurgery apply` (about 200 MB, 1 MiB chunks) and send ``sig``
-    once its first output shard exists in the temporary folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _signal_mid_apply(tiny_ckpt, tmp_path, tmp_path_factory, sig) -> tuple[int, list[str], Path]:
+    """Start a real `gainsurgery apply`, wait until its first output shard is whole in the temporary
+    folder (a named pause point, gainsurgery.io.pausepoints), and send ``sig``; return its exit status."""
+    from pausing import CLI, PausedRun
 
-    base = tmp_path / "base"
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(base, max_shard_size="20MB")
+    base = tiny_ckpt("llama")
     random_gain(base, "gain-ffn").save(tmp_path / "g.safetensors")
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "gainsurgery.cli", "apply", str(base), str(tmp_path / "g.safetensors"), str(out),
-           "--chunk-size", "1", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        tmps = list(tmp_path.glob(".merged.gainsurgery-*.tmp"))
-        if tmps and any(p.suffix == ".safetensors" for p in tmps[0].iterdir()):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode != 0, "apply finished before the signal; make the checkpoint larger"
-    return proc, cmd, out
+    args = ["apply", str(base), str(tmp_path / "g.safetensors"), str(out)]
+    paused = PausedRun(args, "apply.shard-written", tmp_path_factory.mktemp("flags")).wait_paused()
+    return paused.kill(sig), [*CLI, *args], out
 
 
-def test_sigkill_mid_apply_leaves_no_out(tmp_path):
+def test_sigkill_mid_apply_leaves_no_out(tiny_ckpt, tmp_path, tmp_path_factory):
     """Kill -9 while shards are being written: OUT never appears; the next run cleans up."""
-    proc, cmd, out = _signal_mid_apply(tmp_path, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    code, cmd, out = _signal_mid_apply(tiny_ckpt, tmp_path, tmp_path_factory, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert not out.exists()
     assert list(tmp_path.glob(".merged.gainsurgery-*.tmp")), "expected the dead run's temporary folder"
     assert list(tmp_path.glob(".merged.gainsurgery-*.claim")), "expected the dead run's claim marker"
@@ -313,9 +297,9 @@ def test_sigkill_mid_apply_leaves_no_out(tmp_path):
     assert out.is_dir() and not list(tmp_path.glob(".merged.gainsurgery*"))
 
 
-def test_sigterm_mid_apply_cleans_up(tmp_path):
-    proc, _, out = _signal_mid_apply(tmp_path, signal.SIGTERM)
-    assert proc.returncode == 143
+def test_sigterm_mid_apply_cleans_up(tiny_ckpt, tmp_path, tmp_path_factory):
+    code, _, out = _signal_mid_apply(tiny_ckpt, tmp_path, tmp_path_factory, signal.SIGTERM)
+    assert code == 143
     assert not out.exists() and not list(tmp_path.glob(".merged.gainsurgery*"))
 
 

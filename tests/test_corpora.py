@@ -1,4 +1,4 @@
-"""Tests for gainsurgery_lab.corpora: cleaning, document splitting and the cache
+"""Tests for gainsurgery.corpora (and the lab's CoQA yes/no): cleaning, document splitting and the cache
 logic, all offline on small inline strings; one network test fetches the
 smallest real domain."""
 
@@ -11,25 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from gainsurgery_lab import corpora as dom
-from gainsurgery_lab.corpora import (
-    DOC_SEPARATOR,
-    DomainError,
-    brown_detag,
-    clean_tex,
-    coqa_yesno_items,
-    dedupe,
-    join_documents,
-    kjv_chapters,
-    normalize_document,
-    parse_obo_terms,
-    split_documents,
-    split_joined,
-    split_play,
-    split_tex_sections,
-    strip_gutenberg,
-    truncate_at_line,
-)
+from gainsurgery import corpora as dom
+from gainsurgery.corpora import DOC_SEPARATOR, DomainError
+from gainsurgery.corpora.cleaning import (brown_detag, clean_tex, kjv_chapters, parse_obo_terms, split_play,
+                                          split_tex_sections, strip_gutenberg)
+from gainsurgery.corpora.text import (dedupe, join_documents, normalize_document, split_documents, split_joined,
+                                      truncate_at_line)
+from gainsurgery.io.hashing import sha256_file
+from gainsurgery_lab import yesno
+from gainsurgery_lab.yesno import coqa_yesno_items
 from gainsurgery.errors import GainSurgeryError
 
 DOCS = [f"document {i}\n" + "line of text\n" * (i % 7 + 1) for i in range(200)]
@@ -255,7 +245,7 @@ def test_fetch_writes_manifest_and_caches(tmp_path, fake_source):
     files = manifest["domains"]["legal"]["files"]
     for split in ("train", "validation"):
         path = out / "legal" / f"{split}.txt"
-        assert files[f"{split}.txt"]["sha256"] == dom.sha256_file(path)
+        assert files[f"{split}.txt"]["sha256"] == sha256_file(path)
         assert files[f"{split}.txt"]["documents"] == len(dom.load_split("legal", split, out))
     assert files["train.txt"]["chars"] <= 3000 and files["validation.txt"]["chars"] <= 800
     assert (out / ".gitignore").read_text().strip().endswith("*")
@@ -270,7 +260,7 @@ def test_fetch_writes_manifest_and_caches(tmp_path, fake_source):
 
     (out / "legal" / "train.txt").write_text("tampered")
     dom.fetch(["legal"], out, train_chars=3000, val_chars=800, seed=5)
-    assert dom.sha256_file(out / "legal" / "train.txt") == \
+    assert sha256_file(out / "legal" / "train.txt") == \
         json.loads((out / "manifest.json").read_text())["domains"]["legal"]["files"]["train.txt"]["sha256"]
 
     dom.fetch(["legal"], out, train_chars=3000, val_chars=800, force=True)
@@ -287,7 +277,7 @@ def test_user_errors_are_one_line_domain_errors(tmp_path):
     with pytest.raises(DomainError, match="unknown split"):
         dom.load_split("legal", "test", tmp_path)
     with pytest.raises(DomainError, match="not fetched yet"):
-        dom.load_yesno(tmp_path)
+        yesno.load_yesno(tmp_path)
     assert issubclass(DomainError, GainSurgeryError)
 
 

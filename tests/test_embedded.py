@@ -72,8 +72,7 @@ def test_missing_weights_package_names_the_pip_install(monkeypatch, tmp_path):
         resolve_embedded(NAME, cache_dir=tmp_path)
     # A failed conversion leaves nothing behind that looks complete.
     folder = tmp_path / "embedded"
-    assert not (folder / NAME).exists()
-    assert not list(folder.glob(f".{NAME}.tmp-*"))
+    assert list(folder.iterdir()) == []  # no folder, temp, claim or lock
 
 
 def _fake_convert(calls: list):
@@ -89,16 +88,21 @@ def test_publish_is_atomic_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "_convert", _fake_convert(calls))
     parent = tmp_path / "embedded"
     parent.mkdir()
-    # Leftovers of a killed conversion and a half-written final folder.
+    # Leftovers of killed conversions (one before claims, one claimed) and a half-written final folder.
     (parent / f".{NAME}.tmp-dead").mkdir()
+    killed = ("import os, sys; from gainsurgery.io.claims import claim_folder; "
+              "c = claim_folder(sys.argv[1], overwrite=True); (c.tmp / 'config.json').write_text('half'); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", killed, str(parent / NAME)]).returncode == 9
+    assert len(list(parent.glob(f".{NAME}.gainsurgery-*.tmp"))) == 1
     (parent / NAME).mkdir()
     (parent / NAME / "config.json").write_text("{}")
 
     folder = resolve_embedded(NAME, cache_dir=tmp_path)
     assert folder == parent / NAME
     assert (folder / MARKER_NAME).is_file()
-    assert len(calls) == 1 and calls[0].parent == parent and calls[0].name.startswith(f".{NAME}.tmp-")
-    assert sorted(p.name for p in parent.iterdir()) == sorted([NAME, f".{NAME}.lock"])
+    assert len(calls) == 1 and calls[0].parent == parent
+    assert calls[0].name.startswith(f".{NAME}.gainsurgery-") and calls[0].name.endswith(".tmp")
+    assert sorted(p.name for p in parent.iterdir()) == [NAME]
 
     assert resolve_embedded(NAME, cache_dir=tmp_path) == folder
     assert len(calls) == 1  # cache hit: no second conversion
@@ -106,6 +110,55 @@ def test_publish_is_atomic_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("GAINSURGERY_CACHE", str(tmp_path))
     assert resolve_base(f"{EMBEDDED_PREFIX}{NAME}") == folder
     assert len(calls) == 1
+
+
+CONVERTER = r"""
+import json, os, sys, time
+from pathlib import Path
+from gainsurgery.sources import embedded
+cache, log, gate = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+def convert(model, out):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not gate.exists():  # the test opens the gate once a second process waits
+        time.sleep(0.01)
+    (out / "config.json").write_text("{}")
+    (out / embedded.MARKER_NAME).write_text(json.dumps({"conversion_version": embedded.CONVERSION_VERSION}))
+
+embedded._convert = convert
+print(embedded.resolve_embedded(sys.argv[4], cache_dir=cache))
+"""
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def test_two_processes_convert_once_and_the_second_waits_for_the_first(tmp_path):
+    import time
+
+    log, gate = tmp_path / "calls", tmp_path / "gate"
+    cmd = [sys.executable, "-c", CONVERTER, str(tmp_path / "cache"), str(log), str(gate), NAME]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not log.exists():  # the first one is converting (it holds the claim)
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    lock = tmp_path / "cache" / "embedded" / f".{NAME}.gainsurgery.lock"
+    while not _holds_open(second.pid, lock):  # it opened the claim's lock file and waits on it
+        assert second.poll() is None and time.monotonic() < deadline, "the second process did not wait"
+        time.sleep(0.01)
+    gate.touch()
+    outs = [p.communicate(timeout=120)[0].strip() for p in (first, second)]
+    folder = tmp_path / "cache" / "embedded" / NAME
+    assert outs == [str(folder)] * 2 and [p.returncode for p in (first, second)] == [0, 0]
+    assert len(log.read_text().splitlines()) == 1  # converted once
+    assert sorted(p.name for p in folder.parent.iterdir()) == [NAME]
 
 
 def test_outdated_marker_triggers_reconversion(monkeypatch, tmp_path):
@@ -169,7 +222,7 @@ def test_conversion_layout(converted):
     assert config["num_hidden_layers"] == 18
     assert (folder / "generation_config.json").is_file()
     assert (folder / "tokenizer.json").is_file()
-    assert not list(folder.parent.glob(f".{NAME}.tmp-*"))
+    assert not list(folder.parent.glob(f".{NAME}.*"))  # no temp, claim or lock left
 
 
 @pytest.mark.slow
@@ -179,7 +232,7 @@ def test_cache_hit_returns_the_folder_without_converting(converted, monkeypatch)
     marker = folder / MARKER_NAME
     before = marker.stat().st_mtime_ns
     monkeypatch.setattr(embedded, "_convert", lambda *a: pytest.fail("converted twice"))
-    monkeypatch.setattr(embedded, "exclusive_lock", lambda *a: pytest.fail("took the conversion lock"))
+    monkeypatch.setattr(embedded, "claim_folder", lambda *a, **k: pytest.fail("took the conversion lock"))
     assert resolve_embedded(NAME, cache_dir=cache) == folder
     assert marker.stat().st_mtime_ns == before
 

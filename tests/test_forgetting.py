@@ -140,9 +140,20 @@ def test_lr_grid_is_half_decades():
 
 
 def _docs(text: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` documents of varied length, each opening with a unique marker ``[doc i]``."""
+    """``n`` documents of varied length, each opening with a unique marker ``(doc i)``.
+
+    Each is a random draw of ``text``'s words, so no two share a run of 13 words (the
+    split drops training documents that share one with a held-out window).
+    """
     rng = random.Random(seed)
-    return [f"(doc {i:b}) " + text[(i * 53) % len(text):][: rng.randint(60, 700)] for i in range(n)]
+    words = text.split()
+    docs = []
+    for i in range(n):
+        body, size = [], rng.randint(60, 700)
+        while sum(len(w) + 1 for w in body) < size:
+            body.append(rng.choice(words))
+        docs.append(f"(doc {i:b}) " + " ".join(body))
+    return docs
 
 
 def _write(path: Path, docs: list[str]) -> Path:
@@ -200,7 +211,8 @@ def test_domain_forms_and_one_line_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_experiment(tmp_path_factory):
     """A real (tiny) experiment: 2 stages, gain-ffn and parameter-matched LoRA, extras and yes/no."""
-    from gainsurgery_lab.forgetting.runner import Experiment, ExperimentConfig
+    from gainsurgery_lab.forgetting.config import ExperimentConfig
+    from gainsurgery_lab.forgetting.runner import Experiment
 
     root = tmp_path_factory.mktemp("forgetting")
     base = save_tiny_lm(root / "base", "llama", torch.bfloat16)
@@ -222,11 +234,11 @@ def tiny_experiment(tmp_path_factory):
 
 
 def _runs(exp) -> dict[str, list[dict]]:
-    return {p.name: exp.stages_done(_key(exp, p.name)) for p in (exp.out / "runs").iterdir()}
+    return {p.name: exp.runs.stages_done(_key(exp, p.name)) for p in (exp.out / "runs").iterdir()}
 
 
 def _key(exp, name):
-    from gainsurgery_lab.forgetting.runner import RunKey
+    from gainsurgery_lab.forgetting.config import RunKey
 
     info = json.loads((exp.out / "runs" / name / "run.json").read_text())
     return RunKey(info["method"], info["variant"], info["lr_exponent"], info["seed"])
@@ -239,7 +251,7 @@ def test_runner_runs_the_schedule(tiny_experiment):
     # fronts (+ one extension each, the tiny model wants the largest lr), seeds, variants, extras
     assert {"gain-ffn__stack__lr-4__s0", "gain-ffn__stack__lr-3__s0", "lora-matched__merge__lr-4__s0",
             "lora-matched__merge__lr-3__s0", "full__sequential__lr-8__s0"} <= names
-    chosen = exp.chosen("gain-ffn", exp.base_scores())
+    chosen = exp.plan.chosen("gain-ffn", exp.runs.base_scores())
     assert f"gain-ffn__stack__lr{chosen}__s1" in names
     assert f"gain-ffn__continue__lr{chosen}__s0" in names and f"gain-ffn__swap__lr{chosen}__s0" in names
     for name, stages in runs.items():
@@ -266,14 +278,14 @@ def test_a_stage_peak_memory_window_forgets_an_earlier_bigger_peak():
     import subprocess
     import sys
 
-    from gainsurgery_lab.forgetting.runner import reset_peak_rss
+    from gainsurgery_lab.forgetting.stages import reset_peak_rss
 
     if not reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs (not Linux)")
     # in a fresh process: a test worker's allocator may hand back memory it already holds
     code = """
 import numpy as np
-from gainsurgery_lab.forgetting.runner import reset_peak_rss, window_peak_rss_mib
+from gainsurgery_lab.forgetting.stages import reset_peak_rss, window_peak_rss_mib
 assert reset_peak_rss()
 start = window_peak_rss_mib()
 big = np.ones(64 * 2**20 // 8 * 4)  # 256 MiB, touched
@@ -290,9 +302,9 @@ print(start, before, window_peak_rss_mib())
 
 def test_seed_changes_the_run_and_the_same_seed_reproduces(tiny_experiment, tmp_path):
     exp = tiny_experiment
-    e = exp.chosen("gain-ffn", exp.base_scores())
-    s0 = exp.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s0"))
-    s1 = exp.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s1"))
+    e = exp.plan.chosen("gain-ffn", exp.runs.base_scores())
+    s0 = exp.runs.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s0"))
+    s1 = exp.runs.stages_done(_key(exp, f"gain-ffn__stack__lr{e}__s1"))
     assert s0[0]["test_nll"]["a"] != s1[0]["test_nll"]["a"]  # another data order
 
 
@@ -304,8 +316,8 @@ def test_stack_merge_equals_the_product_of_the_stage_files(tiny_experiment):
 
     exp = tiny_experiment
     key = _key(exp, "gain-ffn__stack__lr-3__s0")
-    merged = exp.merged(key, 2)  # rebuilt from the artifacts: the run kept no merged model
-    first, second = load(exp._artifact(key, 0)), load(exp._artifact(key, 1))
+    merged = exp.runs.merged(key, 2)  # rebuilt from the artifacts: the run kept no merged model
+    first, second = load(exp.runs._artifact(key, 0)), load(exp.runs._artifact(key, 1))
     # Staged gains record what they were trained on: stage 2 trained on merged-1, not on the base.
     assert first.metadata["base_tensors_sha256"] != second.metadata["base_tensors_sha256"]
     with pytest.raises(GainFileError, match="trained on different bases"):
@@ -330,10 +342,10 @@ def test_rerun_is_a_no_op_and_a_lost_stage_is_redone(tiny_experiment):
     assert before == after
     # a run killed after stage 1: its stage-2 record and every merged model are gone
     key = _key(exp, "lora-matched__merge__lr-3__s0")
-    d = exp.run_dir(key)
+    d = exp.runs.run_dir(key)
     old = json.loads((d / "stage-2.json").read_text())
     (d / "stage-2.json").unlink()
-    again.run(key)
+    again.runs.run(key)
     new = json.loads((d / "stage-2.json").read_text())
     assert set(new["test_nll"]) == set(old["test_nll"])
     for d in old["test_nll"]:  # same seed, same data: the same result
@@ -351,14 +363,14 @@ def test_changed_settings_refuse_the_folder(tiny_experiment):
 
 
 def test_report_numbers_come_from_the_stored_nlls(tiny_experiment):
-    from gainsurgery_lab.forgetting.analysis import write_report
+    from gainsurgery_lab.forgetting.report import write_report
 
     exp = tiny_experiment
     paths = write_report(exp.out, resamples=200)
     data = json.loads((exp.out / "results.json").read_text())
     base = json.loads((exp.out / "base.json").read_text())
     row = next(r for r in data["runs"] if r["name"] == "gain-ffn__stack__lr-4__s0")
-    stages = exp.stages_done(_key(exp, row["name"]))
+    stages = exp.runs.stages_done(_key(exp, row["name"]))
 
     def ppl(nll):
         return math.exp(sum(nll) / (len(nll) * 31))
@@ -385,7 +397,8 @@ def test_report_averages_the_chosen_points_over_seeds_and_pairs_methods(tiny_exp
     import dataclasses
     import shutil
 
-    from gainsurgery_lab.forgetting.analysis import Results, write_report
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import write_report
     from gainsurgery_lab.forgetting.runner import Experiment
 
     out = tmp_path / "out"
@@ -449,16 +462,16 @@ def test_a_deadline_between_stages_stops_the_run_and_a_later_call_resumes_it(tin
         def out_of_time(self):
             return any(self.out.glob("runs/*/stage-1.json"))
 
-    key = Experiment(cfg, echo=None).static_keys()[0]
+    key = Experiment(cfg, echo=None).plan.static_keys()[0]
     cut = CutAfterOneStage(cfg, echo=None)
     cut.prepare()
-    cut.base_scores()
-    assert len(cut.run(key)) == 1
-    assert not (cut.run_dir(key) / "stage-2.json").exists()
-    first = json.loads((cut.run_dir(key) / "stage-1.json").read_text())
+    cut.runs.base_scores()
+    assert len(cut.runs.run(key)) == 1
+    assert not (cut.runs.run_dir(key) / "stage-2.json").exists()
+    first = json.loads((cut.runs.run_dir(key) / "stage-1.json").read_text())
     later = Experiment(cfg, echo=None)
     later.prepare()
-    done = later.run(key)
+    done = later.runs.run(key)
     assert [r["stage"] for r in done] == [1, 2]
     assert done[0]["test_nll"] == first["test_nll"]  # stage 1 was kept, not retrained
 
@@ -492,7 +505,8 @@ def test_a_domain_only_scored_needs_no_training_text(tiny_experiment, tmp_path):
 def test_compare_two_runs_with_paired_intervals(tiny_experiment):
     import re
 
-    from gainsurgery_lab.forgetting.analysis import Results, compare_runs
+    from gainsurgery_lab.forgetting.analysis import Results
+    from gainsurgery_lab.forgetting.report import compare_runs
     from gainsurgery_lab.forgetting.data import ForgettingError
 
     exp = tiny_experiment
@@ -520,20 +534,20 @@ def test_a_front_that_adapts_too_much_at_its_smallest_lr_gets_smaller_lrs(tiny_e
                               grids={"gain-ffn": [-4, -3], "lora-matched": [-12, -11]})
     exp = Experiment(cfg, echo=None)
     exp.execute()
-    base = exp.base_scores()
-    tried = sorted(exp.tried_exponents("gain-ffn"))
+    base = exp.runs.base_scores()
+    tried = sorted(exp.plan.tried_exponents("gain-ffn"))
     assert tried[0] == -5  # one below the grid: the limit (max_extensions=1)
     log = (exp.out / "log.txt").read_text()
     assert "gain-ffn: its smallest lr (1e-02) adapts more than the chosen point of lora-matched; adding lr 3.2e-03" in log
-    chosen = exp.chosen("lora-matched", base)
-    target = exp.dev_score(exp_key(exp, "lora-matched", chosen), base)
-    assert exp.dev_score(exp_key(exp, "gain-ffn", -4), base) < target  # the reason, on dev scores
-    assert not [e for e in exp.tried_exponents("lora-matched") if e < -12]  # it already reaches gain-ffn's point
+    chosen = exp.plan.chosen("lora-matched", base)
+    target = exp.plan.dev_score(exp_key(exp, "lora-matched", chosen), base)
+    assert exp.plan.dev_score(exp_key(exp, "gain-ffn", -4), base) < target  # the reason, on dev scores
+    assert "lora-matched: its smallest lr" not in log  # it already reaches gain-ffn's point
 
 
 def exp_key(exp, method, e):
     from gainsurgery_lab.forgetting.methods import METHODS
-    from gainsurgery_lab.forgetting.runner import RunKey
+    from gainsurgery_lab.forgetting.config import RunKey
 
     return RunKey(method, METHODS[method].default_variant, e, 0)
 
@@ -545,6 +559,6 @@ def test_static_keys_interleave_methods_middle_out(tiny_experiment):
 
     cfg = dataclasses.replace(tiny_experiment.cfg, front_methods=["gain-ffn", "lora-matched"], extra_methods=["full"],
                               grids={"gain-ffn": [-6, -5, -4, -3, -2], "lora-matched": [-5, -4, -3], "full": [-8]})
-    keys = [(k.method, k.e) for k in Experiment(cfg, echo=None).static_keys()]
+    keys = [(k.method, k.e) for k in Experiment(cfg, echo=None).plan.static_keys()]
     assert keys == [("gain-ffn", -4), ("lora-matched", -4), ("gain-ffn", -5), ("lora-matched", -5),
                     ("gain-ffn", -3), ("lora-matched", -3), ("gain-ffn", -6), ("gain-ffn", -2), ("full", -8)]

@@ -383,7 +383,7 @@ def test_out_is_claimed_like_a_folder(files, tmp_path, cli, monkeypatch):
 
 
 def test_a_second_run_on_the_same_out_fails_at_once(files, tmp_path):
-    from gainsurgery.io.outputs import claim_file
+    from gainsurgery.io.claims import claim_file
 
     g = save(gain(), tmp_path / "g.safetensors")
     out = tmp_path / "out.gguf"

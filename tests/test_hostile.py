@@ -4,8 +4,8 @@ Each test hashes BASE and every input folder before and after the attack: nothin
 outside the command's output may change, and a refused command leaves no output
 and no leftovers. Every refusal is one ``error:`` line on stderr, exit status 1,
 no traceback. Concurrency runs real processes (``python -m gainsurgery.cli``),
-stopped with SIGSTOP where an overlap must be certain, and a second PID namespace
-(``unshare``) where one exists.
+stopped at named steps (tests/pausing.py) where an overlap must be certain, and a
+second PID namespace (``unshare``) where one exists.
 
 Sections follow the rules of the issue: reading, writing, ownership, numbers,
 parsing, secrets and privacy, cards, the gain knows its base.
@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import random_gain
+from pausing import PausedRun
 from gainsurgery import gainfile as gf
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.io.fingerprint import base_tensors_sha256
@@ -358,63 +358,17 @@ def test_demo_and_experiment_outputs_are_checked(world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slow_base(tmp_path_factory):
-    """About 200 MB of float32 (so a run lasts long enough to be stopped mid-way) and a gain for it."""
-    folder = tmp_path_factory.mktemp("slow") / "base"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    block = rng.standard_normal(1 << 20, dtype=np.float32) * 0.02
-    weight_map = {}
-    for s in range(4):
-        tensors = {f"model.layers.{s}.self_attn.o_proj.weight": np.resize(block, (1024, 12288)),
-                   f"model.layers.{s}.mlp.up_proj.weight": np.resize(block, (512, 1024))}
-        name = f"model-{s + 1:05d}-of-00004.safetensors"
-        save_file(tensors, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
-    gain = gf.GainFile({f"model.layers.{s}.self_attn.o_proj.weight": np.full(12288, 1.01, np.float32)
-                        for s in range(4)}, {f"model.layers.{s}.self_attn.o_proj.weight": 1 for s in range(4)})
-    gain.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(folder), gain.vectors)
-    gain_path = gain.save(folder.parent / "slow-gain.safetensors")
-    return folder, gain_path
+def small_base(tiny_ckpt, tmp_path_factory):
+    """A sharded base and a fingerprinted gain for it. Runs are stopped at named steps
+    (:mod:`gainsurgery.io.pausepoints`), never caught mid-way by being slow."""
+    base = tiny_ckpt("llama")
+    return base, fingerprinted(base).save(tmp_path_factory.mktemp("gain") / "g.safetensors")
 
 
-def _start(base: Path, gain: Path, out: Path, *extra: str, prefix: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, *CLI, "apply", str(base), str(gain), str(out), "--chunk-size", "1",
-                             "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_temp_shard(parent: Path, name: str, proc: subprocess.Popen) -> Path:
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        tmps = list(parent.glob(f".{name}.gainsurgery-*.tmp"))
-        if tmps and any(p.suffix == ".safetensors" for p in tmps[0].iterdir()):
-            return tmps[0]
-        time.sleep(0.002)
-    raise AssertionError(f"the run never got to write a shard (exit {proc.poll()}): {proc.stderr.read()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGSTOP ``proc`` and wait until every one of its threads is stopped.
-
-    The signal takes effect when each thread next leaves the kernel: a thread in the
-    middle of a large ``copy_file_range`` or ``pwrite`` finishes it first. Comparing the
-    temp folder before and after is only meaningful once nothing of the first run moves.
-    """
-    proc.send_signal(signal.SIGSTOP)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        states = []
-        for task in Path(f"/proc/{proc.pid}/task").iterdir():
-            try:
-                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-            except (FileNotFoundError, IndexError):
-                continue  # a thread that just ended
-        if states and all(s in "tT" for s in states):
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"process {proc.pid} did not stop")
+@pytest.fixture
+def flags(tmp_path_factory):
+    """Where paused runs say they wait (outside the folders a test lists)."""
+    return tmp_path_factory.mktemp("flags")
 
 
 def _verify_ok(base: Path, gain: Path, out: Path) -> None:
@@ -422,10 +376,26 @@ def _verify_ok(base: Path, gain: Path, out: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_two_runs_on_one_out_exactly_one_wins(slow_base, tmp_path):
-    base, gain = slow_base
+def _wait_until_unlocked(claim: Path) -> None:
+    """Until the run that holds ``claim`` is gone (its lock dies with it; a PID means nothing here)."""
+    import fcntl
+
+    deadline = time.monotonic() + 60
+    with open(claim, "rb") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{claim} stayed locked"
+                time.sleep(0.01)
+
+
+def test_two_runs_on_one_out_exactly_one_wins(small_base, tmp_path):
+    base, gain = small_base
     out = tmp_path / "merged"
-    procs = [_start(base, gain, out) for _ in range(2)]
+    procs = [subprocess.Popen([*CLI, "apply", str(base), str(gain), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results
@@ -436,28 +406,26 @@ def test_two_runs_on_one_out_exactly_one_wins(slow_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def _second_run_is_refused(slow_base, tmp_path, prefix: list[str] = ()) -> None:
-    """A first run is stopped mid-write; a second one (under ``prefix``) fails at once and deletes
+def _second_run_is_refused(small_base, tmp_path, flags, prefix: list[str] = ()) -> None:
+    """A first run waits with a shard written; a second one (under ``prefix``) fails at once and deletes
     nothing of it; the first then finishes and verifies."""
-    base, gain = slow_base
+    base, gain = small_base
     out = tmp_path / "merged"
-    first = _start(base, gain, out)
-    temp = _wait_for_temp_shard(tmp_path, "merged", first)
-    _stop(first)
-    try:
-        before = tree(temp)
-        res = run("apply", base, gain, out, prefix=prefix)
-        refused(res, "being written by another gainsurgery run")
-        assert tree(temp) == before
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert first.wait(timeout=300) == 0, first.stderr.read()
+    first = PausedRun(["apply", base, gain, out], "apply.shard-written", flags).wait_paused()
+    [temp] = tmp_path.glob(".merged.gainsurgery-*.tmp")
+    before = tree(temp)
+    assert any(name.endswith(".safetensors") for name in before)
+    res = run("apply", base, gain, out, prefix=prefix)
+    refused(res, "being written by another gainsurgery run")
+    assert tree(temp) == before
+    code, err = first.resume()
+    assert code == 0, err
     _verify_ok(base, gain, out)
 
 
-def test_a_live_run_is_never_disturbed_by_a_second_one(slow_base, tmp_path):
-    """The first run is stopped mid-write; the second fails at once and deletes nothing of it."""
-    _second_run_is_refused(slow_base, tmp_path)
+def test_a_live_run_is_never_disturbed_by_a_second_one(small_base, tmp_path, flags):
+    """The first run waits mid-write; the second fails at once and deletes nothing of it."""
+    _second_run_is_refused(small_base, tmp_path, flags)
 
 
 def _unshare() -> list[str]:
@@ -468,21 +436,19 @@ def _unshare() -> list[str]:
     return ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
 
 
-def test_another_pid_namespace_never_deletes_a_live_temp(slow_base, tmp_path):
+def test_another_pid_namespace_never_deletes_a_live_temp(small_base, tmp_path, flags):
     """A container sharing the volume sees no such PID, but sees the claim's lock."""
-    _second_run_is_refused(slow_base, tmp_path, prefix=_unshare())
+    _second_run_is_refused(small_base, tmp_path, flags, prefix=_unshare())
 
 
-def test_leftovers_of_a_run_killed_in_another_namespace_are_cleaned(slow_base, tmp_path):
+def test_leftovers_of_a_run_killed_in_another_namespace_are_cleaned(small_base, tmp_path, flags):
     prefix = _unshare()
-    base, gain = slow_base
+    base, gain = small_base
     out = tmp_path / "merged"
-    killed = _start(base, gain, out, prefix=prefix)
-    _wait_for_temp_shard(tmp_path, "merged", killed)
+    killed = PausedRun(["apply", base, gain, out], "apply.shard-written", flags, prefix=prefix).wait_paused()
     killed.kill()  # unshare --kill-child takes the run with it
-    killed.wait(timeout=60)
-    time.sleep(0.5)
-    assert list(tmp_path.glob(".merged.gainsurgery-*.claim")), "expected the killed run's claim"
+    [claim] = tmp_path.glob(".merged.gainsurgery-*.claim")
+    _wait_until_unlocked(claim)
     similar = tmp_path / (".merged.gainsurgery-" + "0" * 32 + ".tmp")
     similar.mkdir()  # looks like ours but has no claim: never touched
     (similar / "x").write_text("not ours")
@@ -492,39 +458,62 @@ def test_leftovers_of_a_run_killed_in_another_namespace_are_cleaned(slow_base, t
     assert leftovers == [similar.name] and (similar / "x").read_text() == "not ours"
 
 
-def test_a_folder_made_at_out_meanwhile_is_kept_and_the_run_fails(slow_base, tmp_path):
-    base, gain = slow_base
+def test_a_folder_made_at_out_meanwhile_is_kept_and_the_run_fails(small_base, tmp_path, flags):
+    base, gain = small_base
     out = tmp_path / "merged"
-    proc = _start(base, gain, out)
-    _wait_for_temp_shard(tmp_path, "merged", proc)
-    _stop(proc)
+    paused = PausedRun(["apply", base, gain, out], "claim.publishing", flags).wait_paused()
     out.mkdir()
     (out / "theirs.txt").write_text("someone else's")
-    proc.send_signal(signal.SIGCONT)
-    assert proc.wait(timeout=300) == 1
-    err = proc.stderr.read()
+    code, err = paused.resume()
+    assert code == 1
     assert err.count("\n") == 1 and "appeared while this run was writing it" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_kill_9_during_overwrite_leaves_the_old_out(slow_base, tmp_path):
-    base, gain = slow_base
+# kill -9 at every step of apply --overwrite: tests/test_kill_sweep.py.
+
+
+def test_empty_claims_and_half_made_markers_do_not_live_forever(small_base, tmp_path, flags):
+    """An empty file with a claim's name (a run of an older version killed while creating it, or a
+    stray file) proves nothing and holds nothing: the next run removes it, and nothing else with it."""
+    base, gain = small_base
     out = tmp_path / "merged"
-    assert run("apply", base, gain, out).returncode == 0
-    old = tree(out)
-    g2 = gf.load(gain)
-    g2.vectors = {k: np.full_like(v, 0.99) for k, v in g2.vectors.items()}
-    gain2 = g2.save(tmp_path / "g2.safetensors")
-    proc = _start(base, gain2, out, "--overwrite")
-    _wait_for_temp_shard(tmp_path, "merged", proc)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert tree(out) == old  # old or new, never a mix: here still the old one
-    res = run("apply", base, gain2, out, "--overwrite")
-    assert res.returncode == 0, res.stderr
-    _verify_ok(base, gain2, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g2.safetensors", "merged"]
+    stem = ".merged.gainsurgery-"
+    (tmp_path / f"{stem}{'1' * 32}.claim").touch()                     # empty: removed
+    (tmp_path / f"{stem}{'2' * 32}.claim").touch()                     # empty, beside a folder:
+    (tmp_path / f"{stem}{'2' * 32}.tmp").mkdir()                       # the claim goes, the folder stays
+    (tmp_path / f"{stem}{'2' * 32}.tmp" / "x").write_text("not provably ours")
+    (tmp_path / f"{stem}{'3' * 32}.claim").write_text("someone's notes")  # not empty, not ours: kept
+    (tmp_path / f"{stem}{'4' * 32}.claim.part").touch()                # a marker never written: removed
+    (tmp_path / f"{stem}{'5' * 32}.claim.part").write_text("junk")     # not ours: kept
+    held = tmp_path / f"{stem}{'6' * 32}.claim"                        # empty but locked: a live run's
+    held.touch()
+    import fcntl
+
+    with open(held, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        res = run("apply", base, gain, out)
+        assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["merged", f"{stem}{'2' * 32}.tmp", f"{stem}{'3' * 32}.claim", f"{stem}{'5' * 32}.claim.part", held.name])
+    assert (tmp_path / f"{stem}{'2' * 32}.tmp" / "x").read_text() == "not provably ours"
+    assert (tmp_path / f"{stem}{'3' * 32}.claim").read_text() == "someone's notes"
+
+
+def test_a_claim_is_never_empty_at_its_own_name(small_base, tmp_path, flags):
+    base, gain = small_base
+    out = tmp_path / "merged"
+    paused = PausedRun(["apply", base, gain, out], "claim.marker-created", flags).wait_paused()
+    assert [p.name.split(".")[-2:] for p in tmp_path.glob(".merged.gainsurgery-*")] == [["claim", "part"]]
+    assert paused.resume()[0] == 0
+    paused = PausedRun(["apply", base, gain, out, "--overwrite"], "claim.marked", flags).wait_paused()
+    [claim] = tmp_path.glob(".merged.gainsurgery-*.claim")
+    marker = json.loads(claim.read_text())
+    assert marker["format"] == "gainsurgery.claim/1" and marker["out"] == "merged"
+    assert claim.name == f".merged.gainsurgery-{marker['token']}.claim"
+    assert paused.resume()[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 # =========================================================================== 4. numbers
@@ -743,10 +732,12 @@ def test_credentials_in_hf_endpoint_are_never_printed(world, cli, tmp_path, monk
 
 
 def test_what_libraries_log_and_a_bugs_traceback_lose_credentials(tmp_path):
+    from gainsurgery.hub.internals import RETRY_LOGGER
+
     code = ("import logging, warnings, sys\n"
             "from gainsurgery.io.secrets import install_redaction\n"
             "install_redaction()\n"
-            "logging.getLogger('huggingface_hub.utils._http').warning('retrying GET %s', 'http://alice:pw1@h/api')\n"
+            f"logging.getLogger({RETRY_LOGGER!r}).warning('retrying GET %s', 'http://alice:pw1@h/api')\n"
             "warnings.warn('see http://alice:pw2@h/x')\n"
             "raise RuntimeError('failed: http://alice:pw3@h/y token ' + 'hf_' + 'z' * 34)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

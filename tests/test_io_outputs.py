@@ -23,16 +23,11 @@ from pathlib import Path
 import pytest
 
 from gainsurgery.errors import GainFileError, OutputError
-from gainsurgery.io import outputs
-from gainsurgery.io.outputs import (
-    atomic_file,
-    check_output,
-    claim_folder,
-    clean_leftovers,
-    rename_exchange,
-    rename_noreplace,
-    write_file,
-)
+from gainsurgery.io import atomic, checks, claims, locks
+from gainsurgery.io.atomic import atomic_file, rename_exchange, rename_noreplace, write_file
+from gainsurgery.io.checks import check_output
+from gainsurgery.io.claims import claim_folder, clean_leftovers
+from gainsurgery.io.pausepoints import ENV_FILE, ENV_STEP
 
 SAFETY_S = 120  # only so a regression cannot hang the suite
 
@@ -310,7 +305,7 @@ def test_rename_noreplace_fallback(tmp_path, monkeypatch):
     def refuse(src, dst, flags):
         raise OSError(errno.EINVAL, "not supported by this filesystem")
 
-    monkeypatch.setattr(outputs, "renameat2", refuse)
+    monkeypatch.setattr(atomic, "renameat2", refuse)
     a = tmp_path / "a"
     a.mkdir()
     (tmp_path / "b").mkdir()
@@ -324,14 +319,14 @@ def test_rename_noreplace_fallback(tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
 def test_renameat2_through_the_raw_syscall(tmp_path, monkeypatch):
     import platform
-    if platform.machine().lower() not in outputs._SYS_RENAMEAT2:
+    if platform.machine().lower() not in atomic._SYS_RENAMEAT2:
         pytest.skip(f"no known renameat2 syscall number for {platform.machine()}")
-    real = outputs._libc()
+    real = atomic._libc()
 
     class NoWrapper:  # a libc without the renameat2 wrapper (glibc < 2.28)
         syscall = real.syscall
 
-    monkeypatch.setattr(outputs, "_libc", lambda: NoWrapper())
+    monkeypatch.setattr(atomic, "_libc", lambda: NoWrapper())
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -341,14 +336,14 @@ def test_renameat2_through_the_raw_syscall(tmp_path, monkeypatch):
     assert rename_exchange(a, b) is True
     assert (b / "x").read_text() == "a"
     with pytest.raises(OSError) as e:
-        outputs.renameat2(tmp_path / "missing", tmp_path / "c", outputs.RENAME_NOREPLACE)
+        atomic.renameat2(tmp_path / "missing", tmp_path / "c", atomic.RENAME_NOREPLACE)
     assert e.value.errno == errno.ENOENT
 
 
 def test_no_renameat2_at_all_falls_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "_libc", lambda: None)  # not Linux, or no libc to load
+    monkeypatch.setattr(atomic, "_libc", lambda: None)  # not Linux, or no libc to load
     with pytest.raises(OSError) as e:
-        outputs.renameat2(tmp_path, tmp_path / "x", outputs.RENAME_NOREPLACE)
+        atomic.renameat2(tmp_path, tmp_path / "x", atomic.RENAME_NOREPLACE)
     assert e.value.errno == errno.ENOSYS
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -398,7 +393,7 @@ def test_claim_discarded_on_error(ws):
 def test_out_created_by_someone_else_meanwhile_is_kept(ws, monkeypatch):
     for fallback in (False, True):
         if fallback:
-            monkeypatch.setattr(outputs, "renameat2", _einval)
+            monkeypatch.setattr(atomic, "renameat2", _einval)
         with claim_folder("merged") as claim:
             (claim.tmp / "ours").write_text("ours")
             (ws / "merged").mkdir()
@@ -430,10 +425,10 @@ def _einval(src, dst, flags):
 @pytest.mark.parametrize("fallback", [False, True])
 def test_overwrite_replaces_and_cleans(ws, monkeypatch, fallback):
     calls = []
-    real = outputs.rename_exchange
-    monkeypatch.setattr(outputs, "rename_exchange", lambda a, b: calls.append(1) or real(a, b))
+    real = claims.rename_exchange
+    monkeypatch.setattr(claims, "rename_exchange", lambda a, b: calls.append(1) or real(a, b))
     if fallback:
-        monkeypatch.setattr(outputs, "renameat2", _einval)
+        monkeypatch.setattr(atomic, "renameat2", _einval)
     (ws / "merged").mkdir()
     (ws / "merged" / "old").write_text("old")
     with claim_folder("merged", overwrite=True) as claim:
@@ -442,6 +437,39 @@ def test_overwrite_replaces_and_cleans(ws, monkeypatch, fallback):
     assert calls == [1]
     assert snapshot(ws / "merged") == {"new": b"new"}
     assert names(ws) == ["base", "g.safetensors", "merged"]
+
+
+def test_fallback_overwrite_that_cannot_put_the_old_out_back_says_where_it_is(ws, monkeypatch):
+    """Without RENAME_EXCHANGE, OUT is moved aside first; if someone takes OUT before the new folder
+    goes in, the old one cannot go back: the error says where it is, and the next run restores it."""
+    real_renameat2, real = atomic.renameat2, claims.rename_noreplace
+    monkeypatch.setattr(atomic, "renameat2", _einval)
+    (ws / "merged").mkdir()
+    (ws / "merged" / "id").write_text("old")
+
+    def racing(src, dst):
+        if str(src).endswith(".tmp"):  # the new folder going in: someone takes OUT just now
+            (ws / "merged").mkdir()
+        return real(src, dst)
+
+    monkeypatch.setattr(claims, "rename_noreplace", racing)
+    with pytest.raises(OutputError) as e:
+        with claim_folder("merged", overwrite=True) as claim:
+            (claim.tmp / "id").write_text("new")
+            aside = ws.resolve() / (claim.tmp.name[: -len(".tmp")] + ".old")
+            claim.publish()
+    assert one_line(e) == (
+        "OUT merged appeared while this run was writing it (made by someone else); it was left untouched and "
+        "this run's result was discarded; choose another OUT or pass --overwrite; and the folder OUT merged held "
+        f"was moved aside to {aside} and could not be put back (something else is at OUT now); it was left there "
+        "with its claim marker")
+    assert snapshot(aside) == {"id": b"old"} and names(ws / "merged") == []
+    os.rmdir(ws / "merged")  # theirs goes; the next run puts the old OUT back before anything else
+    monkeypatch.setattr(atomic, "renameat2", real_renameat2)
+    monkeypatch.setattr(claims, "rename_noreplace", real)
+    with pytest.raises(OutputError, match="already exists"):
+        claim_folder("merged")
+    assert snapshot(ws / "merged") == {"id": b"old"} and names(ws) == ["base", "g.safetensors", "merged"]
 
 
 def test_overwrite_refuses_out_that_became_a_file(ws):
@@ -487,24 +515,24 @@ def test_second_claim_in_process_sees_the_lock(ws):
 
 def test_lock_output_excludes_a_second_holder_and_a_folder_claim(ws):
     """A file output held for a run (a trained gain file, a log) uses the folder claim's lock."""
-    with outputs.lock_output("g.safetensors", what="-o") as target:
+    with locks.lock_output("g.safetensors", what="-o") as target:
         assert target == ws / "g.safetensors" and (ws / ".g.safetensors.gainsurgery.lock").is_file()
         with pytest.raises(OutputError) as e:
-            with outputs.lock_output("g.safetensors", what="-o"):
+            with locks.lock_output("g.safetensors", what="-o"):
                 pass
         assert one_line(e) == ("-o g.safetensors is being written by another gainsurgery run (it holds "
                                ".g.safetensors.gainsurgery.lock); wait for it to finish or choose another -o")
         assert (ws / "g.safetensors").read_bytes() == b"gain"  # nothing written by holding it
-    with outputs.lock_output("fresh"):
+    with locks.lock_output("fresh"):
         with pytest.raises(OutputError, match="being written by another gainsurgery run"):
             claim_folder("fresh")
     assert not (ws / ".g.safetensors.gainsurgery.lock").exists()  # gone with its holder
-    with outputs.lock_output("g.safetensors"):
+    with locks.lock_output("g.safetensors"):
         pass
 
 
 def test_check_apart_refuses_outputs_that_overlap(ws):
-    outputs.check_apart([("-o", "g.safetensors"), ("the log", "g.train.jsonl"), ("--checkpoint-dir", None)])
+    checks.check_apart([("-o", "g.safetensors"), ("the log", "g.train.jsonl"), ("--checkpoint-dir", None)])
     cases = [
         ([("-o", "out"), ("--checkpoint-dir", "./out/")], "--checkpoint-dir ./out/ is also -o"),
         ([("-o", "out/g.safetensors"), ("--checkpoint-dir", "out")],
@@ -514,7 +542,7 @@ def test_check_apart_refuses_outputs_that_overlap(ws):
     (ws / "x").mkdir()
     for pairs, message in cases:
         with pytest.raises(OutputError) as e:
-            outputs.check_apart(pairs)
+            checks.check_apart(pairs)
         assert one_line(e) == message + "; give each output its own path"
 
 
@@ -560,7 +588,7 @@ WORKER = r'''
 import json, os, sys, time
 from pathlib import Path
 from gainsurgery.errors import GainSurgeryError
-from gainsurgery.io import outputs
+from gainsurgery.io import atomic, claims
 
 a = json.loads(sys.argv[1])
 status = Path(a["status"])
@@ -586,22 +614,19 @@ if "start" in a:
 try:
     if mode == "overwrite-many":
         for k in range(a["n"]):
-            with outputs.claim_folder(a["out"], overwrite=True) as c:
+            with claims.claim_folder(a["out"], overwrite=True) as c:
                 (c.tmp / f"id-{k}").write_text(str(k))
                 c.publish()
         say("done")
         sys.exit(0)
-    claim = outputs.claim_folder(a["out"], overwrite=a.get("overwrite", False))
+    claim = claims.claim_folder(a["out"], overwrite=a.get("overwrite", False))
     (claim.tmp / "id").write_text(a["id"])
     if mode == "try":
         say("claimed " + json.dumps(sorted(os.listdir(claim.out.parent))) + f" pid={os.getpid()}")
         claim.discard()
         sys.exit(0)
-    if mode == "kill-after-exchange":
-        outputs.shutil.rmtree = lambda *x, **k: (say("exchanged"), hang())
-    if mode == "kill-in-fallback":
-        outputs.renameat2 = lambda *x: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
-        outputs.rename_noreplace = lambda *x: (say("aside"), hang())
+    if a.get("fallback"):  # a filesystem that refuses renameat2's flags
+        atomic.renameat2 = lambda *x: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
     say(f"claimed {claim.tmp.name} pid={os.getpid()}")
     if "go" in a:
         wait_file(a["go"])
@@ -616,13 +641,26 @@ except GainSurgeryError as e:
 
 
 class Worker:
-    """A real process running WORKER; it reports one line at a time in a status file."""
+    """A real process running WORKER; it reports one line at a time in a status file.
 
-    def __init__(self, tmp: Path, name: str, prefix: list[str] | None = None, **args):
+    ``pause``: a step (gainsurgery.io.pausepoints) where it waits; see :meth:`wait_paused`.
+    """
+
+    def __init__(self, tmp: Path, name: str, prefix: list[str] | None = None, pause: str | None = None, **args):
         self.status = tmp / f"status-{name}"
+        self.flag = tmp / f"paused-{name}"
         args = {"status": str(self.status), "id": name, **args}
+        env = {**os.environ, ENV_STEP: pause, ENV_FILE: str(self.flag)} if pause else None
         self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-c", WORKER, json.dumps(args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def wait_paused(self) -> None:
+        deadline = time.monotonic() + SAFETY_S
+        while not self.flag.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, "the worker never reached its pause step"
+            time.sleep(0.005)
 
     def wait_status(self, prefix: str = "") -> str:
         deadline = time.monotonic() + SAFETY_S
@@ -754,9 +792,9 @@ def test_overwrite_observed_old_or_new_at_every_instant(ws, tmp_path):
 def test_kill_between_exchange_and_delete_next_run_cleans(ws, tmp_path):
     (ws / "merged").mkdir()
     (ws / "merged" / "id").write_text("old")
-    w = Worker(tmp_path, "new", mode="kill-after-exchange", out="merged", cwd=str(ws), overwrite=True)
+    w = Worker(tmp_path, "new", pause="claim.swapped", mode="race", out="merged", cwd=str(ws), overwrite=True)
     tmp_name = w.wait_status("claimed").split()[1]
-    w.wait_status("exchanged")
+    w.wait_paused()
     assert (ws / "merged" / "id").read_text() == "new"       # OUT is already the new folder
     assert (ws / tmp_name / "id").read_text() == "old"       # the old one waits at our marked name
     assert w.kill9() == -signal.SIGKILL
@@ -771,9 +809,10 @@ def test_kill_between_exchange_and_delete_next_run_cleans(ws, tmp_path):
 def test_kill_inside_fallback_overwrite_next_run_restores_old(ws, tmp_path):
     (ws / "merged").mkdir()
     (ws / "merged" / "id").write_text("old")
-    w = Worker(tmp_path, "new", mode="kill-in-fallback", out="merged", cwd=str(ws), overwrite=True)
+    w = Worker(tmp_path, "new", pause="claim.aside", fallback=True, mode="race", out="merged", cwd=str(ws),
+               overwrite=True)
     tmp_name = w.wait_status("claimed").split()[1]
-    w.wait_status("aside")
+    w.wait_paused()
     assert w.kill9() == -signal.SIGKILL
     old_name = tmp_name[: -len(".tmp")] + ".old"
     assert not (ws / "merged").exists()                      # the one window the fallback has...
@@ -781,6 +820,30 @@ def test_kill_inside_fallback_overwrite_next_run_restores_old(ws, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         claim_folder("merged")                               # ...which the next run repairs first
     assert snapshot(ws / "merged") == {"id": b"old"}
+    assert names(ws) == ["base", "g.safetensors", "merged"]
+
+
+@pytest.mark.parametrize("step", ["claim.publishing", "claim.aside", "claim.swapped", "claim.old-half-deleted",
+                                  "claim.published", "claim.unmarked"])
+def test_kill_9_at_each_step_of_the_fallback_overwrite(ws, tmp_path, step):
+    """Where renameat2's flags are refused: after a kill at any step OUT is old or new, or (only between
+    the fallback's two renames) missing until the next run, which puts the old one back; nothing stays."""
+    (ws / "merged").mkdir()
+    for k in range(3):
+        (ws / "merged" / f"old-{k}").write_text("old")
+    old = snapshot(ws / "merged")
+    w = Worker(tmp_path, "new", pause=step, fallback=True, mode="race", out="merged", cwd=str(ws), overwrite=True)
+    w.wait_paused()
+    assert w.kill9() == -signal.SIGKILL
+    if step == "claim.publishing":
+        assert snapshot(ws / "merged") == old
+    elif step == "claim.aside":
+        assert not (ws / "merged").exists()
+    else:
+        assert snapshot(ws / "merged") == {"id": b"new"}
+    with pytest.raises(OutputError, match="already exists"):
+        claim_folder("merged")  # removes the proven leftovers first
+    assert snapshot(ws / "merged") == (old if step in ("claim.publishing", "claim.aside") else {"id": b"new"})
     assert names(ws) == ["base", "g.safetensors", "merged"]
 
 
@@ -834,7 +897,7 @@ MOUNT_SCRIPT = r'''
 import os, subprocess, sys, json
 from pathlib import Path
 from gainsurgery.errors import OutputError
-from gainsurgery.io import outputs
+from gainsurgery.io import claims, mounts
 ws = Path(sys.argv[1])
 os.chdir(ws)
 (ws / "merged" / "cache").mkdir(parents=True)
@@ -842,12 +905,12 @@ subprocess.run(["mount", "-t", "tmpfs", "none", str(ws / "merged" / "cache")], c
 (ws / "merged" / "cache" / "precious").write_text("mounted data")
 out = {}
 try:
-    outputs.claim_folder("merged", overwrite=True)
+    claims.claim_folder("merged", overwrite=True)
     out["claim"] = "claimed"
 except OutputError as e:
     out["claim"] = str(e)
 try:
-    outputs.remove_tree(ws / "merged")
+    mounts.remove_tree(ws / "merged")
     out["remove"] = "removed"
 except OSError as e:
     out["remove"] = f"{e.strerror}: {e.filename}"
@@ -881,3 +944,29 @@ def test_parent_that_is_a_file(ws):
     with pytest.raises(OutputError) as e:
         check_output("g.safetensors/out", kind="folder")
     assert one_line(e) == f"the path that should hold OUT is not a folder: {ws.resolve() / 'g.safetensors'}"
+
+
+# -- remove_tree: the one deletion ---------------------------------------------------------------
+
+def test_remove_tree_never_follows_a_link_and_takes_odd_entries_as_names(tmp_path):
+    from gainsurgery.io.mounts import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    doomed = tmp_path / "doomed"
+    deep = doomed
+    for k in range(300):  # deeper than any recursion would like
+        deep = deep / f"d{k}"
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_text("x")
+    (doomed / "link-to-outside").symlink_to(outside)
+    (doomed / "d0" / "link-to-file").symlink_to(outside / "keep.txt")
+    os.mkfifo(doomed / "fifo")  # never opened: a FIFO would block a reader
+    (tmp_path / "link-to-doomed").symlink_to(doomed)
+    with pytest.raises(OSError):
+        remove_tree(tmp_path / "link-to-doomed")  # a link is not a folder we may delete
+    assert doomed.is_dir()
+    remove_tree(doomed)
+    assert not doomed.exists() and (outside / "keep.txt").read_text() == "precious"
+    assert names(tmp_path) == ["link-to-doomed", "outside"]

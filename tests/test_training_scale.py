@@ -412,6 +412,27 @@ def test_resume_after_a_kill_trims_the_log_and_clears_temporaries(lm, tmp_path):
     assert not list((tmp_path / "g.checkpoints").glob(".step-*.tmp"))
 
 
+def test_a_run_killed_while_saving_a_checkpoint_leaves_nothing_half_made(lm, tmp_path, tmp_path_factory):
+    """kill -9 with step 3's checkpoint half made (its claim and temp exist): no step folder appears, and
+    the next run on the folder removes what the killed one left (proved by its claim)."""
+    import signal
+
+    from pausing import PausedRun
+
+    base, data = lm
+    ck = tmp_path / "g.checkpoints"
+    args = ["train", base, "--data", data, *COMMON, "-o", tmp_path / "g.safetensors", "--save-every", "3",
+            "--checkpoint-dir", ck]
+    paused = PausedRun(args, "claim.temp-made", tmp_path_factory.mktemp("flags")).wait_paused()
+    assert paused.kill() == -signal.SIGKILL
+    left = sorted(p.name for p in ck.iterdir() if p.name.startswith(".step-00000003"))
+    assert sorted(n.rsplit(".", 1)[-1] for n in left) == ["claim", "lock", "tmp"], left
+    assert not list(ck.glob("step-*"))
+    # A run that saves other steps: the folder's lock, not step 3's claim, is what cleans up.
+    api_train(base, data, tmp_path / "g.safetensors", save_every=2, checkpoint_dir=str(ck))
+    assert sorted(p.name for p in ck.iterdir()) == [".lock", "step-00000002", "step-00000004"]
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no double close of its lock
 def test_one_run_at_a_time_per_checkpoint_folder(lm, tmp_path):
     from gainsurgery.errors import TrainingError
@@ -542,7 +563,8 @@ def test_checkpoint_folder_output_and_log_are_kept_apart(lm, tmp_path, cli):
 
 def test_two_runs_into_one_output_or_log_the_second_fails_at_once(lm, tmp_path, cli):
     """A run holds -o (gain file or folder), its log and its checkpoint folder for its whole life."""
-    from gainsurgery.io.outputs import claim_folder, lock_output
+    from gainsurgery.io.claims import claim_folder
+    from gainsurgery.io.locks import lock_output
 
     base, data = lm
     (tmp_path / "g.safetensors").write_bytes(b"the first run's result")
@@ -568,7 +590,7 @@ def test_two_runs_into_one_output_or_log_the_second_fails_at_once(lm, tmp_path, 
 def test_when_the_main_process_cannot_claim_its_outputs_every_process_stops_in_one_line(lm, tmp_path):
     """2 processes, -o held by another run: rank 0 fails to claim it and tells rank 1, which stops with
     the same message instead of dying in the next collective on a closed connection."""
-    from gainsurgery.io.outputs import lock_output
+    from gainsurgery.io.locks import lock_output
 
     base, data = lm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -64,6 +64,11 @@ def num_layers(config: Mapping) -> int | None:
     return None
 
 
+def _shown(name: str) -> str:
+    """A tensor name from a checkpoint's header, safe in a one-line message (escaped, bounded)."""
+    return name if name.isprintable() and len(name) <= 200 else repr(name[:200])
+
+
 def resolve_targets(
     shapes: Mapping[str, Sequence[int]],
     model_type: str,
@@ -112,7 +117,9 @@ def resolve_targets(
             if match is None:
                 continue
             if len(shape) != 2:
-                raise ArchitectureError(f"{name}: expected a 2-D weight, found shape {tuple(shape)}")
+                raise ArchitectureError(f"{_shown(name)}: expected a 2-D weight, found shape {tuple(shape)}")
+            if len(match.group(1)) > 9:  # a hostile header's name; int() of 5,000 digits is a ValueError
+                raise ArchitectureError(f"{_shown(name)}: layer number {match.group(1)[:12]}... is absurd")
             layer = int(match.group(1))
             found += 1
             if kind == "attn_out":
@@ -124,7 +131,7 @@ def resolve_targets(
                 out_size = int(shape[1 - family.input_dim])
                 if tuple(shapes[bias]) != (out_size,):
                     raise ArchitectureError(
-                        f"{bias}: an output-side gain scales the bias with the weight's outputs, so it must be "
+                        f"{_shown(bias)}: an output-side gain scales the bias with the weight's outputs, so it must be "
                         f"a 1-D bias of length {out_size}; found shape {list(shapes[bias])}")
                 targets.append(Target(bias, 0, out_size, "bias", layer, family.layout))
         if not found:
@@ -132,7 +139,9 @@ def resolve_targets(
                 f"no {kind.replace('_', ' ')} tensors found for model_type {model_type!r} "
                 f"(looked for names ending in {getattr(family, kind)[0]!r})"
             )
-    if expected_layers is not None and sorted(attn_layers) != list(range(expected_layers)):
+    # Never range(expected_layers) itself: config.json may claim 2**31 layers (a list of 2**31 ints).
+    if expected_layers is not None and (len(attn_layers) != expected_layers
+                                        or sorted(attn_layers) != list(range(len(attn_layers)))):
         raise ArchitectureError(
             f"expected one attention output projection per layer for {expected_layers} layers, "
             f"found layers {sorted(attn_layers)[:8]}..."

@@ -6,6 +6,7 @@
   :class:`~gainsurgery.hub.client.HubConfig` resolved at the edge (CLI or API call);
   every Hub request goes through it;
 - :mod:`~gainsurgery.hub.errors`: Hub failures -> one-line :class:`~gainsurgery.errors.HubError`;
+- :mod:`~gainsurgery.hub.integrity`: every byte taken from the Hub checked against the hash it lists;
 - :mod:`~gainsurgery.hub.publish`: completeness checks and one-commit uploads;
 - :mod:`~gainsurgery.hub.cards`: model cards for merged folders and gain files.
 

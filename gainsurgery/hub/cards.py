@@ -133,7 +133,8 @@ def merged_model_card(provenance: Mapping[str, Any], *, provenance_file: str, ba
     """
     base = provenance.get("base", {}) or {}
     base = base if isinstance(base, Mapping) else {}
-    gains = [g for g in (provenance.get("gains") or []) if isinstance(g, Mapping)]
+    gains = provenance.get("gains")  # a hostile record may hold anything here: only a list of objects counts
+    gains = [g for g in gains if isinstance(g, Mapping)] if isinstance(gains, list) else []
     base_model = hub_id_or_none(base_model) or hub_id_or_none(base.get("hub"))
     base_shown = base.get("given") or base.get("hub") or base.get("local") or "the base model"
     method = _tag(provenance.get("method"), "gain")

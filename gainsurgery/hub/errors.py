@@ -15,6 +15,7 @@ from typing import Iterator
 
 from gainsurgery.errors import HubError
 from gainsurgery.hub.client import DEFAULT_ENDPOINT
+from gainsurgery.io.inputs import show_path
 from gainsurgery.io.secrets import redact_url
 
 
@@ -50,6 +51,7 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
         RevisionNotFoundError,
     )
 
+    what = show_path(what)  # a repo file's name comes from the Hub's listing: bounded, control characters escaped
     chain = list(_chain(exc))
     for e in chain:
         if isinstance(e, OfflineModeIsEnabled):
@@ -82,6 +84,8 @@ def describe_hub_failure(exc: BaseException, what: str, action: str,
             server = (getattr(e, "server_message", None) or "").strip().splitlines()
             return f"{code}: the Hub refused to {action} {what}" + (f" ({server[0]})" if server else "")
     for e in chain:
+        if isinstance(e, httpx2.InvalidURL):  # built from names the Hub listed: too long, or not a URL's text
+            return f"cannot {action} {what}: its URL is not valid ({show_path(str(e).strip()[:80])})"
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return (f"could not reach the Hub at {redact_url(endpoint)} to {action} {what} "
                     f"({type(e).__name__}); check your network, proxy or HF_ENDPOINT and try again")
@@ -115,6 +119,28 @@ def hub_errors(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iter
         raise HubError(message) from None
     finally:
         _quiet_exit()
+
+
+@contextlib.contextmanager
+def hub_answer(what: str, action: str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[None]:
+    """Around code that reads what the Hub answered: a malformed answer is one :class:`HubError` line.
+
+    The Hub is trusted to serve the files it lists, not to answer well-formed:
+    huggingface_hub turns an answer that is not JSON, or JSON of another shape, into
+    ``ValueError``/``KeyError``/``TypeError``/``AttributeError`` while parsing it (and a
+    deeply nested one into ``RecursionError``: its JSON parser has no depth limit). Put
+    only the request and the reading of its answer inside (nothing of ours that
+    could hide a bug).
+
+    Example:
+        >>> with hub_answer("org/name", "list the files of", client.endpoint):  # doctest: +SKIP
+        ...     entries = list(client.api.list_repo_tree("org/name"))
+    """
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        raise HubError(f"the Hub at {redact_url(endpoint)} sent a malformed answer while trying to {action} "
+                       f"{show_path(what)} ({type(exc).__name__}); try again, or check HF_ENDPOINT") from None
 
 
 # Like our own bars: huggingface_hub's show on a terminal only, so logs and captured stderr

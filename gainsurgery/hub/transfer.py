@@ -28,18 +28,22 @@ whole file to hash it, and makes the Xet path fall back to LFS with a warning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import quote
 
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
-from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.errors import hub_answer, hub_errors
+from gainsurgery.hub.internals import xet_uploads
+from gainsurgery.io.atomic import open_nofollow
+
+if TYPE_CHECKING:
+    from gainsurgery.hub.integrity import HubFileHash
 
 #: Bytes handed over per network read while streaming a download.
 DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -187,20 +191,21 @@ class Arrival:
                 raise TransferAborted(f"the download stopped ({self.failed})")
 
 
-def download_file(client: HubClient, repo_id: str, filename: str, revision: str, dest: Path, *, size: int,
-                  sha256: str | None = None, arrival: Arrival | None = None,
+def download_file(client: HubClient, repo_id: str, filename: str, revision: str, dest: Path, *,
+                  expected: HubFileHash | None, arrival: Arrival | None = None,
                   progress: Callable[[int], Any] | None = None,
                   stop: threading.Event | None = None) -> None:
     """Stream ``filename`` of ``repo_id`` at ``revision`` into the new file ``dest``.
 
     Resumes with ``Range`` after a dropped connection (up to :data:`DOWNLOAD_ATTEMPTS`
     tries; a server that ignores ``Range`` on a resume is read again from the start,
-    skipping what we have). The content is hashed as it arrives and must match
-    ``sha256`` (the LFS oid the Hub lists) and ``size``.
+    skipping what we have). The content is hashed as it arrives and must match what
+    the Hub lists (``expected``: the LFS sha256, or the git blob id of a file not in
+    LFS) and its size; a file the Hub lists no hash for is refused before any byte
+    is fetched (:mod:`gainsurgery.hub.integrity`).
 
     Args:
-        size: the size the Hub lists, in bytes.
-        sha256: the expected sha256 (hex), if known.
+        expected: the size and hash the Hub's tree listing gives for the file.
         arrival: told how many bytes are on disk, as they land.
         progress: called with each number of new bytes.
         stop: set by another thread to abort (raises :class:`TransferAborted`).
@@ -210,12 +215,18 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         CheckpointError: the file's size or sha256 differs from what the Hub lists.
         TransferAborted: ``stop`` was set.
     """
+    from gainsurgery.hub.integrity import ContentHasher
+
     url = client.file_url(repo_id, filename, revision=revision)
     what = f"{repo_id}@{revision[:12]}:{filename}"
-    h = hashlib.sha256() if sha256 else None
+    if expected is None:
+        raise CheckpointError(f"{what}: the Hub lists no sha256 or git blob id for it; refusing to use bytes "
+                              "that cannot be checked")
+    size = expected.size
+    h = ContentHasher(expected)
     have = 0
     # The file may exist, empty, created by the caller (so a reader can open it first); never a link.
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    fd = open_nofollow(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with hub_errors(what, "download", client.endpoint):
             for attempt in range(DOWNLOAD_ATTEMPTS):
@@ -237,8 +248,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
                                 raise CheckpointError(f"{what}: the Hub sent more than the {size} bytes it lists; "
                                                       "try again (the file changed?)")
                             _write_all(fd, chunk)
-                            if h is not None:
-                                h.update(chunk)
+                            h.update(chunk)
                             have += len(chunk)
                             if arrival is not None:
                                 arrival.advance(have)
@@ -253,9 +263,7 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         if have != size:
             raise CheckpointError(f"{what}: downloaded {have} bytes, the Hub lists {size}; try again "
                                   "(the file changed?)")
-        if h is not None and h.hexdigest() != sha256:
-            raise CheckpointError(f"{what}: the download's sha256 is {h.hexdigest()}, the Hub lists {sha256}; "
-                                  "try again")
+        h.check(what)
         if arrival is not None:
             arrival.finish()
     except BaseException as exc:
@@ -282,10 +290,8 @@ class ProgressReader(io.BufferedReader):
 
     def __init__(self, path: Path, on_read: Callable[[int], Any] | None = None,
                  stop: threading.Event | None = None) -> None:
-        from gainsurgery.io.workdir import open_private
-
         # Our own output shard in the claimed work folder: never through a link.
-        super().__init__(io.FileIO(open_private(path), "rb", closefd=True), buffer_size=1 << 20)
+        super().__init__(io.FileIO(open_nofollow(path, os.O_RDONLY), "rb", closefd=True), buffer_size=1 << 20)
         self._on_read = on_read
         self._stop = stop
         self._furthest = 0
@@ -300,13 +306,6 @@ class ProgressReader(io.BufferedReader):
                 self._on_read(pos - self._furthest)
             self._furthest = pos
         return data
-
-
-def xet_uploads() -> bool:
-    """True when huggingface_hub uploads through Xet (``hf_xet`` installed, ``HF_HUB_DISABLE_XET`` unset)."""
-    from huggingface_hub.utils._runtime import is_xet_available
-
-    return bool(is_xet_available())
 
 
 def preupload_file(client: HubClient, repo_id: str, path: Path, path_in_repo: str, sha256: str, *,
@@ -415,11 +414,14 @@ def lfs_objects_present(client: HubClient, repo_id: str, objects: dict[str, int]
     infos = [UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(oid)) for oid, size in objects.items()]
     present: set[str] = set()
     for start in range(0, len(infos), LFS_BATCH_OBJECTS):
-        with hub_errors(repo_id, "upload to", client.endpoint):
+        with hub_errors(repo_id, "upload to", client.endpoint), \
+                hub_answer(repo_id, "ask which LFS objects are stored for", client.endpoint):
             actions, errors, _ = post_lfs_batch_info(
                 upload_infos=infos[start:start + LFS_BATCH_OBJECTS], token=None, repo_type="model",
                 repo_id=repo_id, revision=quote(revision, safe="") if revision else None,
                 endpoint=client.endpoint, headers=client.headers())
-        present |= {a["oid"] for a in actions if a.get("oid") in objects and not a.get("actions")}
+        # Only an object we asked about, listed by its oid string with no action, counts as stored.
+        present |= {a["oid"] for a in actions if isinstance(a, dict) and isinstance(a.get("oid"), str)
+                    and a["oid"] in objects and not a.get("actions")}
         # An object listed with an error (or not at all) counts as absent: it is simply made again.
     return present

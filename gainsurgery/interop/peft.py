@@ -49,10 +49,12 @@ from gainsurgery.architectures.modules import find_module
 from gainsurgery.errors import ArchitectureError, GainFileError, GainSurgeryError, OutputError
 from gainsurgery.gainfile import BASE_TENSORS_KEY, GainFile, check_values, first_line, natural_key
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import create_file
 from gainsurgery.io.checkpoint import Checkpoint, fingerprint, read_config
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
-from gainsurgery.io.inputs import open_input, resolve_input, show_path
-from gainsurgery.io.outputs import claim_folder
+from gainsurgery.io.inputs import open_input, resolve_input, show_name, show_path
+from gainsurgery.io.write_errors import no_room, no_room_errno
 from gainsurgery.io.safetensors import parse_header
 from gainsurgery.sources import base_model_name, is_embedded, resolve_base
 
@@ -172,18 +174,19 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
             name, module = find_module(modules, key)
         except ArchitectureError:
             raise ArchitectureError(
-                f"PEFT (IA)³ cannot target {key!r}: no single Linear module holds it in the model transformers "
-                "builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the checkpoint instead"
+                f"PEFT (IA)³ cannot target {show_name(key)}: no single Linear module holds it in the model "
+                "transformers builds (fused MoE experts are one 3-D parameter in memory); apply this gain to the "
+                "checkpoint instead"
             ) from None
         if not _peft_can_target(module):
             raise ArchitectureError(
-                f"PEFT (IA)³ targets only Linear and Conv1D modules; {key!r} belongs to {name!r}, "
+                f"PEFT (IA)³ targets only Linear and Conv1D modules; {show_name(key)} belongs to {show_name(name)}, "
                 f"a {type(module).__name__}"
             )
         if tuple(module.weight.shape) != tuple(ckpt.tensors[key].shape):
             raise ArchitectureError(
-                f"{key!r} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint but module {name!r} "
-                f"holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
+                f"{show_name(key)} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint but module "
+                f"{show_name(name)} holds {tuple(module.weight.shape)} in memory; cannot map it to PEFT"
             )
         vec = np.asarray(gain.vectors[key], dtype=np.float32)
         feedforward = gain.dims[key] == in_dim
@@ -192,23 +195,23 @@ def plan_export(gain: GainFile, ckpt: Checkpoint, modules: dict[str, Any]) -> li
         if feedforward:
             if bias in gain.vectors:
                 raise ArchitectureError(
-                    f"{key!r} is scaled on its input side but {bias!r} is scaled too; PEFT (IA)³ input-side "
-                    "(feedforward) vectors never touch the bias"
+                    f"{show_name(key)} is scaled on its input side but {show_name(bias)} is scaled too; "
+                    "PEFT (IA)³ input-side (feedforward) vectors never touch the bias"
                 )
             out.append(IA3Module(name, key, True, conv1d, vec))
             continue
         if has_bias:
             if bias not in gain.vectors or not np.array_equal(gain.vectors[bias], vec):
                 raise ArchitectureError(
-                    f"output-side gain on {key!r} leaves its bias unscaled, but PEFT (IA)³ scales the output "
-                    f"including the bias; the gain needs the same vector on {bias!r} to export"
+                    f"output-side gain on {show_name(key)} leaves its bias unscaled, but PEFT (IA)³ scales the output "
+                    f"including the bias; the gain needs the same vector on {show_name(bias)} to export"
                 )
             used_bias.add(bias)
         out.append(IA3Module(name, key, False, conv1d, vec, bias if has_bias else None))
     stray = sorted(set(gain.vectors) - set(weight_keys) - used_bias)
     if stray:
         raise ArchitectureError(
-            f"{stray[0]!r} scales a bias without an output-side gain on its weight; (IA)³ has no such vector"
+            f"{show_name(stray[0])} scales a bias without an output-side gain on its weight; (IA)³ has no such vector"
         )
     if {m.conv1d for m in out} == {True, False}:
         raise ArchitectureError(
@@ -324,7 +327,7 @@ def export_peft(
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``;
     ``PeftModel.from_pretrained(model, adapter_dir)`` on BASE then computes what the
     gain applied to BASE computes. It is claimed and published with
-    :func:`gainsurgery.io.outputs.claim_folder`: never BASE or a folder around an
+    :func:`gainsurgery.io.claims.claim_folder`: never BASE or a folder around an
     input (``--overwrite`` cannot delete the base), appears whole or not at all.
 
     Args:
@@ -344,8 +347,11 @@ def export_peft(
         >>> export_peft(gainfile.load("g.safetensors"), sources.open_base("base/"), "adapter/",
         ...             base_name="Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
     """
-    with claim_folder(adapter_dir, inputs=[ckpt.folder, *inputs], overwrite=overwrite,
-                      what="adapter folder") as claim:
+    # A full disk or a file-size limit anywhere (the claim, the files, the publish) is one line;
+    # the claim removes its temp folder on the way out.
+    with no_room(f"the adapter folder {show_path(adapter_dir)}"), \
+            claim_folder(adapter_dir, inputs=[ckpt.folder, *inputs], overwrite=overwrite,
+                         what="adapter folder") as claim:
         modules = memory_modules(ckpt.folder)
         plan = plan_export(gain, ckpt, modules)
         config = adapter_config(plan, modules, base_name)
@@ -359,13 +365,15 @@ def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, np.n
     from safetensors.numpy import save
 
     try:
-        with open(folder / CONFIG_NAME, "x", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with create_file(folder / CONFIG_NAME) as f:
+            f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                     metadata={"format": "pt"})
-        with open(folder / WEIGHTS_NAME, "xb") as f:
+        with create_file(folder / WEIGHTS_NAME) as f:
             f.write(data)
     except OSError as exc:
+        if no_room_errno(exc) is not None:
+            raise  # said with where and what to do by export_peft's no_room
         raise OutputError(f"could not write the adapter folder: {exc.strerror or exc}; nothing was left behind") \
             from None
 
@@ -448,13 +456,51 @@ def _feedforward_rule(cfg: jsonsafe.Fields) -> str | list[str] | None:
     return value
 
 
+#: Repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a ``feedforward_modules`` regex may hold. Python's
+#: ``re`` backtracks: k repetitions cost up to len(name)**k steps on a module name, and a repetition
+#: inside a repetition ``(a*)*`` costs 2**len(name). Real patterns (``.*\.(down_proj|c_proj)$``) have 1-2.
+MAX_REGEX_REPEATS = 4
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern[str]:
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        repeats, nested = _repeats(_sre_parse.parse(pattern))
     except (re.error, RecursionError, OverflowError) as exc:
         raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is not a valid regular expression "
                             f"({first_line(exc)[:120]})") from None
+    if nested or repeats > MAX_REGEX_REPEATS:
+        # A hostile adapter's regex would take hours to match a module name (catastrophic backtracking).
+        raise GainFileError(f"{CONFIG_NAME}: feedforward_modules is a regular expression with "
+                            f"{'a repetition inside a repetition' if nested else f'{repeats} repetitions'}; "
+                            f"at most {MAX_REGEX_REPEATS}, none nested, are accepted (or give a list of names)")
+    return compiled
+
+
+try:  # the parser re.compile uses (renamed in Python 3.11)
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEAT_OPS = {op for op in (_sre_parse.MAX_REPEAT, _sre_parse.MIN_REPEAT, getattr(_sre_parse, "POSSESSIVE_REPEAT", None))
+               if op is not None}
+
+
+def _repeats(node: Any, inside: bool = False) -> tuple[int, bool]:
+    """(repetitions, whether one lies inside another) in a parsed regular expression."""
+    count, nested = 0, False
+    if isinstance(node, (list, tuple, _sre_parse.SubPattern)):
+        items = list(node)
+        if len(items) == 2 and items[0] in _REPEAT_OPS and isinstance(items[1], tuple):  # (op, (min, max, sub))
+            _, high, sub = items[1]
+            many = high > 1
+            inner, deeper = _repeats(sub, inside or many)
+            return inner + many, deeper or (many and inside)
+        for item in items:
+            c, n = _repeats(item, inside)
+            count, nested = count + c, nested or n
+    return count, nested
 
 
 def _is_feedforward(config: Mapping[str, Any], name: str) -> bool:
@@ -486,8 +532,8 @@ def checkpoint_key_for(module_name: str, ckpt: Checkpoint, modules: dict[str, An
             continue
     if len(hits) != 1:
         raise ArchitectureError(
-            f"adapter module {module_name!r} maps to {len(hits) or 'no'} weight tensor(s) of the base checkpoint"
-            + (f" ({hits[:2]})" if hits else "; was the adapter trained on another model?")
+            f"adapter module {show_name(module_name)} maps to {len(hits) or 'no'} weight tensor(s) of the base "
+            "checkpoint" + (f" ({hits[:2]})" if hits else "; was the adapter trained on another model?")
         )
     return hits[0]
 
@@ -529,11 +575,11 @@ def import_peft(
         module = modules.get(name)
         if module is None:
             raise ArchitectureError(
-                f"adapter module {name!r} is not a module of the model transformers builds from the base; "
+                f"adapter module {show_name(name)} is not a module of the model transformers builds from the base; "
                 "was the adapter trained on another model?"
             )
         if not _peft_can_target(module):
-            raise ArchitectureError(f"adapter module {name!r} is a {type(module).__name__}; "
+            raise ArchitectureError(f"adapter module {show_name(name)} is a {type(module).__name__}; "
                                     "only Linear and Conv1D vectors map to gain files")
         key = checkpoint_key_for(name, ckpt, modules)
         feedforward = _is_feedforward(config, name)

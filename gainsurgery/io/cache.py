@@ -1,8 +1,9 @@
 """The gainsurgery cache folder and the lock that guards what is built in it.
 
 The embedded model's conversion and the corpus downloads of the lab package are
-cached under :func:`cache_root`; each is built under :func:`exclusive_lock`, so
-two processes never build the same thing at once.
+cached under :func:`cache_root`; each is built under a lock that waits
+(:func:`exclusive_lock`, or :func:`gainsurgery.io.claims.claim_folder` with
+``wait=True``), so two processes never build the same thing at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from gainsurgery.errors import OutputError
+from gainsurgery.io.inputs import show_path
+from gainsurgery.io.locks import lock_file
 
 
 def cache_root() -> Path:
@@ -30,19 +35,23 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (blocking).
+    """Hold an exclusive lock on the lock file ``path``, waiting for another holder to finish.
 
-    Where ``fcntl`` is unavailable (Windows) we run unlocked: callers publish by
-    rename and tolerate losing a race, so the worst case is duplicated work.
+    :func:`gainsurgery.io.locks.lock_file`: never through a link, a plain file (else
+    :class:`~gainsurgery.errors.OutputError`), seen across processes and PID
+    namespaces, gone with a killed holder.
+
+    Example:
+        >>> with exclusive_lock(cache_root() / "domains" / ".lock"):  # doctest: +SKIP
+        ...     build_the_splits()
     """
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+        fd = lock_file(path, wait=True)
+    except OSError as e:
+        raise OutputError(f"cannot lock {show_path(path)} ({e.strerror}); remove it if it is not a plain file") \
+            from None
+    try:
         yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        if fd is not None:
+            os.close(fd)

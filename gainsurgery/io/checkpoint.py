@@ -29,6 +29,7 @@ from typing import Any, Collection
 
 from gainsurgery.errors import CheckpointError
 from gainsurgery.io import jsonsafe
+from gainsurgery.io.atomic import create_file
 from gainsurgery.io.inputs import InputFile, allowed_roots, iter_input_files, open_input, resolve_input, show_path
 from gainsurgery.io.safetensors import (
     PACKED_DTYPES,
@@ -107,9 +108,7 @@ def copy_extra_files(ckpt: Checkpoint, dest: str | os.PathLike[str], *, skip: Co
         if keep_existing and os.path.lexists(target):
             continue
         with open_input(ckpt.folder, item.name, error=CheckpointError) as src:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                         0o666)
-            with os.fdopen(fd, "wb") as dst:
+            with create_file(target) as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
         copied.append(item.name)
     return copied

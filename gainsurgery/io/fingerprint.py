@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from gainsurgery.errors import CheckpointError
+from gainsurgery.io.inputs import show_name
 from gainsurgery.io.safetensors import open_shard
 
 #: How a fingerprint is spelled: ``sha256:`` and 64 lowercase hex digits.
@@ -61,8 +62,12 @@ def is_fingerprint(value: object) -> bool:
 def combine(digests: Mapping[str, TensorDigest], keys: Iterable[str] | None = None) -> str:
     """The fingerprint of the tensors ``keys`` (default: all of ``digests``), see the module docstring.
 
+    A fingerprint over no tensors would be the sha256 of nothing, which every base
+    matches: asking for one is a bug.
+
     Raises:
         KeyError: a key has no digest.
+        ValueError: no keys.
 
     Example:
         >>> d = {"b": TensorDigest("F32", (4,), "ab" * 32), "a": TensorDigest("F32", (), "cd" * 32)}
@@ -70,6 +75,8 @@ def combine(digests: Mapping[str, TensorDigest], keys: Iterable[str] | None = No
         True
     """
     names = sorted(digests if keys is None else set(keys))
+    if not names:
+        raise ValueError("a fingerprint over no tensors identifies no base")
     h = hashlib.sha256()
     for name in names:
         d = digests[name]
@@ -94,7 +101,7 @@ def hash_tensors(ckpt, keys: Iterable[str], *, chunk_bytes: int = CHUNK_BYTES) -
     for key in set(keys):
         info = ckpt.tensors.get(key)
         if info is None:
-            raise CheckpointError(f"{key!r} is not a tensor of the base checkpoint")
+            raise CheckpointError(f"{show_name(key)} is not a tensor of the base checkpoint")
         by_shard.setdefault(info.shard, []).append(info)
     out: dict[str, TensorDigest] = {}
     buf = bytearray(chunk_bytes)

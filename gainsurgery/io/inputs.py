@@ -64,19 +64,48 @@ _KIND_NAMES = {
 }
 
 
+#: Longest name or path a message shows whole, in characters; a longer one (a 5,000-character
+#: tensor name in a hostile header) is shown by its two ends, so an error stays one short line.
+MAX_SHOWN_CHARS = 512
+
+
 def show_path(path: str | os.PathLike[str]) -> str:
-    """How a path someone else chose is shown in a one-line message.
+    """How a path (or a name) someone else chose is shown in a one-line message.
 
     Printable paths are shown as they are; a path holding a newline or another
     control character is shown as a Python string literal, so it can neither
-    break the one-line rule nor fake a second line.
+    break the one-line rule nor fake a second line. One longer than
+    :data:`MAX_SHOWN_CHARS` is shown by its beginning and end.
 
     Example:
         >>> show_path("base/config.json"), show_path("a\\nb")
         ('base/config.json', "'a\\\\nb'")
+        >>> len(show_path("x" * 100_000)) < 600
+        True
     """
     text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if len(text) > MAX_SHOWN_CHARS:
+        half = MAX_SHOWN_CHARS // 2 - 20
+        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
     return text if text.isprintable() else repr(text)
+
+
+def show_name(name: object) -> str:
+    """A name or value someone else chose (a tensor key, a recorded setting), quoted for a one-line message.
+
+    ``repr`` (control characters escaped), cut to its two ends past :data:`MAX_SHOWN_CHARS`.
+
+    Example:
+        >>> show_name("w\\n"), show_name(3), len(show_name("x" * 10_000)) < 600
+        ("'w\\\\n'", '3', True)
+    """
+    text = repr(name)
+    if len(text) > MAX_SHOWN_CHARS:
+        half = MAX_SHOWN_CHARS // 2 - 20
+        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
+    return text
 
 
 def _kind(mode: int) -> str:
@@ -360,6 +389,74 @@ def _walk(top: Path, prefix: str, roots: tuple[Path, ...], recursive: bool,
             raise error(f"{show_path(top / name)}: is {_kind(st.st_mode)}, not a regular file; "
                         "refusing to read or copy it")
         yield InputFile(name=name, path=resolved, size=st.st_size)
+
+
+@dataclass(frozen=True)
+class FolderEntry:
+    """One entry directly inside a folder, as :func:`folder_entries` judged it.
+
+    Attributes:
+        name: its name.
+        kind: ``"file"`` (a regular file, or in a Hugging Face cache snapshot a link to
+            one in the repo's ``blobs/``), ``"folder"`` (a real folder, not a link),
+            ``"link"`` (any other symbolic link: never followed) or ``"special"`` (a FIFO,
+            a socket, a device).
+        what: how a message names it (``a FIFO (named pipe)``, ``a symbolic link``...).
+    """
+
+    name: str
+    kind: Literal["file", "folder", "link", "special"]
+    what: str
+
+
+def folder_entries(folder: str | os.PathLike[str], *,
+                   error: type[GainSurgeryError] = UnsafeInputError) -> list[FolderEntry]:
+    """Every entry directly inside the input folder ``folder``, hidden ones too, in name order.
+
+    Judged with ``lstat`` (nothing is opened or followed, so a FIFO cannot block). A
+    link counts as a file only where reading allows links at all for what a tool
+    wrote: a Hugging Face cache snapshot, whose files are links into the repo's
+    ``blobs/`` (:func:`resolve_input` decides); anywhere else it is a ``"link"``.
+    For checking that a folder holds exactly the files it should (``verify``).
+
+    Raises:
+        ``error``: the folder is missing, not a folder, under ``/proc``, or cannot be listed.
+
+    Example:
+        >>> [(e.name, e.kind) for e in folder_entries("merged")]  # doctest: +SKIP
+        [('README.md', 'file'), ('config.json', 'file'), ('extra', 'folder')]
+    """
+    allowed_roots(folder, error=error)
+    snapshot = hf_cache_repo(folder) is not None
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it)
+    except OSError as e:
+        raise error(f"{show_path(folder)}: cannot be listed ({e.strerror})") from None
+    out = []
+    for name in names:
+        try:
+            mode = os.lstat(Path(folder) / name).st_mode
+        except FileNotFoundError:
+            continue  # gone meanwhile: not there
+        except OSError as e:
+            raise error(f"{show_path(Path(folder) / name)}: cannot be checked ({e.strerror})") from None
+        if stat.S_ISREG(mode):
+            out.append(FolderEntry(name, "file", "a file"))
+        elif stat.S_ISDIR(mode):
+            out.append(FolderEntry(name, "folder", "a folder"))
+        elif stat.S_ISLNK(mode):
+            kind: Literal["file", "link"] = "link"
+            if snapshot:
+                try:
+                    resolve_input(folder, name, error=error)
+                    kind = "file"
+                except GainSurgeryError:
+                    pass
+            out.append(FolderEntry(name, kind, "a file" if kind == "file" else "a symbolic link"))
+        else:
+            out.append(FolderEntry(name, "special", _kind(mode)))
+    return out
 
 
 def check_input_folder(folder: str | os.PathLike[str], *,

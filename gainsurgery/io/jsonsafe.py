@@ -49,6 +49,8 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20
 _TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
 _MISSING: Any = object()
+# Where a lone surrogate can come from: an escape of one (or, in a str, the character itself).
+_SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 class _Refused(ValueError):
@@ -79,6 +81,24 @@ def nesting_depth(text: str, limit: int) -> int:
         elif c in "]}":
             depth -= 1
     return deepest
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """True when a string anywhere in parsed ``value`` (keys too) cannot be encoded as UTF-8. Flat, no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -136,8 +156,13 @@ def loads(data: str | bytes | bytearray, *, where: str, error: type[GainSurgeryE
     if depth > max_depth:
         raise error(f"{where}: JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, object_pairs_hook=_unique_pairs if unique_keys else None,
-                          parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, object_pairs_hook=_unique_pairs if unique_keys else None,
+                           parse_constant=_refuse_constant, parse_float=_finite_float)
+        # JSON may spell half of a UTF-16 pair alone ("\ud800"); Python keeps it as a lone surrogate,
+        # which no file, message or upload can encode later. safetensors (serde_json) refuses it too.
+        if _SURROGATE_RE.search(text) and _lone_surrogate(value):
+            raise _Refused("a string holds a lone UTF-16 surrogate, which is not Unicode text")
+        return value
     except _Refused as e:
         raise error(f"{where}: not valid JSON ({e})") from None
     except json.JSONDecodeError as e:
@@ -149,11 +174,22 @@ def loads(data: str | bytes | bytearray, *, where: str, error: type[GainSurgeryE
         raise error(f"{where}: not valid JSON ({reason})") from None
 
 
+#: Bytes read at a time: ``read(max_bytes + 1)`` would allocate the whole limit up front (512 MiB to
+#: read a 1 KiB record with a 512 MiB limit); reading in pieces costs what the file holds.
+_READ_PIECE = 1 << 20
+
+
 def _read_limited(f: BinaryIO, max_bytes: int, where: str, error: type[GainSurgeryError]) -> bytes:
-    data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
+    pieces, total = [], 0
+    while total <= max_bytes:
+        piece = f.read(min(_READ_PIECE, max_bytes + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    if total > max_bytes:
         raise error(f"{where}: more than the {max_bytes} bytes allowed for this JSON file")
-    return data
+    return b"".join(pieces)
 
 
 def load(source: str | os.PathLike[str] | BinaryIO, *, where: str | None = None,
@@ -356,7 +392,7 @@ def expect_str_map(value: Any, *, where: str, field: str = "",
         raise _fail(error, where, field, "object of strings", value)
     for key, item in value.items():
         if not isinstance(item, str):
-            raise _fail(error, where, f"{field}.{key}" if field else key, "string", item)
+            raise _fail(error, where, f"{field}.{show_path(key)}" if field else show_path(key), "string", item)
     return value
 
 

@@ -18,7 +18,7 @@ its own under ``$TMPDIR`` (or ``--work-dir``), which other users may share:
   and opened with :func:`open_private` (``O_EXCL`` / ``O_NOFOLLOW``, mode ``0600``):
   nobody else can create or swap anything in a ``0700`` folder of ours, and a link
   is never followed even so. (The folder itself is an output the caller checks with
-  :func:`gainsurgery.io.outputs.check_output` before claiming it.)
+  :func:`gainsurgery.io.checks.check_output` before claiming it.)
 
 Example:
     >>> with WorkFolder.claim(Path("/tmp"), "gainsurgery-push-1a2b") as work:  # doctest: +SKIP
@@ -30,8 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import stat
@@ -39,8 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from gainsurgery.errors import GainSurgeryError, OutputError
+from gainsurgery.io.atomic import open_nofollow, replace_file
 from gainsurgery.io.inputs import show_path
-from gainsurgery.io.outputs import remove_tree
+from gainsurgery.io.jsonsafe import loads
+from gainsurgery.io.locks import lock_file
+from gainsurgery.io.mounts import remove_tree
 
 LOCK_NAME = ".lock"
 STATE_NAME = "state.json"
@@ -61,15 +62,7 @@ def open_private(path: str | os.PathLike[str], *, create: bool = False) -> int:
         >>> fd = open_private(work.path / "out-00001.safetensors", create=True)  # doctest: +SKIP
     """
     flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL) if create else os.O_RDONLY
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+    return open_nofollow(path, flags, 0o600)
 
 
 def _remove_entry(path: Path) -> None:
@@ -142,16 +135,12 @@ class WorkFolder:
                         "choose another --work-dir") from None
         _own_folder(path, error)
         try:
-            fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = lock_file(path / LOCK_NAME, mode=0o600)
         except OSError as e:
             raise error(f"cannot lock the work folder {show_path(path)} ({e.strerror}); remove it") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise error(f"another gainsurgery run is doing {what} (it holds {show_path(path / LOCK_NAME)}); "
-                        "wait for it to finish") from None
+                        "wait for it to finish")
         try:
             removed = _clear(path, (LOCK_NAME, STATE_NAME))
         except BaseException:
@@ -167,8 +156,6 @@ class WorkFolder:
 
     def read_state(self) -> dict[str, Any] | None:
         """The state a previous run left, or None (missing, unreadable or not a JSON object)."""
-        from gainsurgery.io.jsonsafe import loads
-
         try:
             fd = open_private(self.path / STATE_NAME)  # a link or a FIFO is no state of ours
         except OSError:
@@ -187,15 +174,7 @@ class WorkFolder:
 
     def write_state(self, state: dict[str, Any]) -> None:
         """Replace the state file atomically (a kill leaves the old one or the new one)."""
-        tmp = self.path / (STATE_NAME + ".tmp")
-        _remove_entry(tmp)
-        fd = open_private(tmp, create=True)
-        try:
-            os.write(fd, json.dumps(state, indent=1).encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path / STATE_NAME)
+        replace_file(self.path / STATE_NAME, json.dumps(state, indent=1).encode("utf-8"), mode=0o600)
 
     def clear(self) -> None:
         """Remove everything but the lock and the state (a failed run keeps only what lets a rerun resume)."""
@@ -235,16 +214,11 @@ def clean_stale(root: Path, prefix: str) -> list[str]:
         path = Path(root) / entry
         try:
             _own_folder(path, GainSurgeryError)
-            fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            fd = lock_file(path / LOCK_NAME, create=False)
         except (GainSurgeryError, OSError):
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                continue
-            raise
+        if fd is None:
+            continue  # a live run holds it
         try:
             if _clear(path, (LOCK_NAME, STATE_NAME)):
                 cleaned.append(entry)

@@ -6,7 +6,7 @@ API, the demo, the lab experiments and ``apply --push``):
 1. open the base (local folder, embedded model, or a Hub repo read from its headers);
 2. load the gain files (local or ``ORG/REPO:path`` on the Hub) and stack them;
 3. make the plan (:mod:`~gainsurgery.merge.plan`, pure: headers only);
-4. claim OUT (:func:`~gainsurgery.io.outputs.claim_folder`: lock, marked temp folder)
+4. claim OUT (:func:`~gainsurgery.io.claims.claim_folder`: lock, marked temp folder)
    and prepare the push target;
 5. stream the shards into the temp folder (:mod:`~gainsurgery.merge.stream`,
    scaling with :mod:`~gainsurgery.merge.kernel`, counting saturation and hashing
@@ -26,7 +26,6 @@ shard at a time, overlapped, in a claimed, bounded work folder, then one commit
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 import warnings
@@ -38,14 +37,16 @@ from gainsurgery import gainfile as gf
 from gainsurgery.errors import GainFileError, GainSurgeryError, OutputError, PlanError
 from gainsurgery.gainfile import BaseCheck, GainFile
 from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
+from gainsurgery.io.checks import check_output
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import combine
 from gainsurgery.io.inputs import show_path
-from gainsurgery.io.outputs import check_output, claim_folder
+from gainsurgery.io.write_errors import no_room
 from gainsurgery.merge.plan import Plan, TensorOp, make_plan
 from gainsurgery.merge.provenance import (OUTPUT_FILES, PROVENANCE_NAME, build_provenance, provenance_text,
                                           write_provenance)
 from gainsurgery.merge.stream import DEFAULT_CHUNK_BYTES, StreamResult, execute
-from gainsurgery.merge.verify import VerifyReport, verify
+from gainsurgery.merge.verify import VerifyReport, check_files, verify
 from gainsurgery.sources import OpenedBase, opened_base, resolve_gain_specs
 
 if TYPE_CHECKING:
@@ -129,8 +130,10 @@ class LoadedGains:
         gain: the stacked gain (float32 product), applied in one pass.
         sources: one provenance entry per gain (name, sha256, hub reference, method...; no local paths).
         paths: the local files read (inputs an output must keep away from).
-        checks: the base fingerprints the gains carry (see :func:`gainsurgery.gainfile.base_checks`).
-        unchecked: names of the gains that carry none (made before fingerprints).
+        checks: the base fingerprints the gains carry (see :func:`gainsurgery.gainfile.base_provenance`).
+        unchecked: names of the gains whose fingerprints do not cover every tensor they scale
+            (made before fingerprints, or stacked from such a file): they cannot be checked in full.
+        notes: the one-line warning for each of ``unchecked``.
     """
 
     gain: GainFile
@@ -138,6 +141,7 @@ class LoadedGains:
     paths: list[str] = field(default_factory=list)
     checks: list[BaseCheck] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_negative: bool = False,
@@ -162,8 +166,10 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
     gains = list(gains)
     if not gains:
         raise GainFileError("give at least one gain file")
-    specs = [g for g in gains if not isinstance(g, GainFile)]
-    paths, refs = resolve_gain_specs(specs, hub)
+    # GAIN.safetensors@α: that file at power α (gf.split_power; never read as a Hub revision)
+    powers = [gf.split_power(str(g)) for g in gains if not isinstance(g, GainFile)]
+    paths, refs = resolve_gain_specs([spec for spec, _ in powers], hub)
+    alphas = iter(alpha for _, alpha in powers)
     local = iter(zip(paths, refs))
     loaded: list[GainFile] = []
     names: list[str] = []
@@ -171,6 +177,7 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
     read: list[str] = []
     all_checks: list[BaseCheck] = []
     unchecked: list[str] = []
+    notes: list[str] = []
     for i, g in enumerate(gains):
         if isinstance(g, GainFile):
             name = f"gain[{i}]"
@@ -178,22 +185,31 @@ def load_gains(gains: Sequence[str | os.PathLike[str] | GainFile], *, allow_nega
             source = gf.describe(g, name)
         else:
             path, ref = next(local)
+            alpha = next(alphas)
             name = Path(path).name
             g = gf.load(path, allow_negative=allow_negative)
             source = gf.describe(g, name, path)
             read.append(path)
             if ref is not None:
                 source["hub"] = str(ref)
-        checks = gf.base_checks(g, name)
-        all_checks.extend(checks)
-        if not checks:
+            if alpha is not None:
+                g = gf.power(g, alpha)
+                g.validate(allow_negative=allow_negative, source=f"{name}@{alpha:g}")
+                name = f"{name}@{alpha:g}"
+                source["power"] = alpha
+        # What is covered is checked; what is not counts as unfingerprinted and is warned about.
+        provenance = gf.base_provenance(g, name)
+        all_checks.extend(provenance.checks)
+        note = provenance.warning(name)
+        if note is not None:
             unchecked.append(name)
+            notes.append(note)
         loaded.append(g)
         names.append(name)
         sources.append(source)
     # Each gain is checked against the base on its own, so stacking here never refuses.
     stacked = loaded[0] if len(loaded) == 1 else gf.stack(loaded, names, allow_base_mismatch=True)
-    return LoadedGains(stacked, sources, read, all_checks, unchecked)
+    return LoadedGains(stacked, sources, read, all_checks, unchecked, notes)
 
 
 def check_base_fingerprints(loaded: LoadedGains, stream: StreamResult, *, allow_base_mismatch: bool,
@@ -252,7 +268,7 @@ def apply(
 
     See the module docstring for the steps. OUT appears only when complete (and,
     with ``verify`` or ``publish``, verified; with ``publish``, published). OUT is
-    claimed with :func:`gainsurgery.io.outputs.claim_folder`: it is never, never
+    claimed with :func:`gainsurgery.io.claims.claim_folder`: it is never, never
     holds and never lies inside BASE or a gain file; a second run on the same OUT
     fails at once; without ``overwrite`` a folder that appears at OUT meanwhile is
     left alone and this run fails. With ``publish`` and ``out=None``, nothing is
@@ -319,9 +335,8 @@ def apply(
         if dry_run:
             check_output(out, inputs=inputs, kind="folder", overwrite=overwrite)
             return ApplyResult(plan, opened.label, dry_run=True)
-        for name in loaded.unchecked:
-            say(f"{name} records no base_tensors_sha256 (made before gainsurgery checked it); "
-                "it cannot be checked against this base's weights")
+        for note in loaded.notes:
+            say(note)
         t0 = time.perf_counter()
         with _writing(out), claim_folder(out, inputs=inputs, overwrite=overwrite) as claim:
             if publish is not None:
@@ -335,6 +350,7 @@ def apply(
             finally:
                 if bar is not None:
                     bar.close()
+            opened.confirm()  # a cache snapshot's shards, checked while they streamed
             mismatched = check_base_fingerprints(loaded, streamed, allow_base_mismatch=allow_base_mismatch, warn=say)
             for tname, (inf, zero) in streamed.saturation.items():
                 say(f"{tname}: {inf} weights became ±inf and {zero} became 0 (--allow-saturation), recorded in "
@@ -366,7 +382,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
                   work_dir: str | os.PathLike[str] | None) -> ApplyResult:
     """Apply without OUT: the Hub-to-Hub pipeline into ``publish`` (see :mod:`~gainsurgery.merge.hub_pipeline`).
 
-    The work folder is an output like OUT (:func:`~gainsurgery.io.outputs.check_output`:
+    The work folder is an output like OUT (:func:`~gainsurgery.io.checks.check_output`:
     never ``""``, ``/``, home, never a link, never in or around the base or a gain
     file) and is claimed for the run (:class:`~gainsurgery.io.workdir.WorkFolder`).
     """
@@ -385,9 +401,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
                      what="the work folder")
         # The base's files go up with the commit: one carrying the token is refused now, before any work.
         publish.check(_base_items(plan))
-        for gname in loaded.unchecked:
-            said.append(f"{gname} records no base_tensors_sha256 (made before gainsurgery checked it); "
-                        "it cannot be checked against this base's weights")
+        said.extend(loaded.notes)
         t0 = time.perf_counter()
         with hp.claimed_work_folder(root, name, publish.target) as work:
             publish.prepare()
@@ -395,6 +409,7 @@ def _apply_to_hub(base: str | os.PathLike[str], gains: Sequence[str | os.PathLik
 
             def provenance_of(streamed: StreamResult) -> dict[str, Any]:
                 # Every shard is uploaded and verified; nothing is committed before this passes.
+                opened.confirm()  # a cache snapshot's shards, checked while they streamed
                 mismatched = check_base_fingerprints(loaded, streamed, allow_base_mismatch=allow_base_mismatch,
                                                      warn=said.append, written="nothing was committed")
                 for tname, (inf, zero) in streamed.saturation.items():
@@ -455,12 +470,11 @@ def _commit_items(plan: Plan, provenance: dict[str, Any], base_model: str | None
 
 @contextlib.contextmanager
 def _writing(out: str | os.PathLike[str]) -> Iterator[None]:
-    """Turn a failed write (full disk, permissions) into one line; the claim removes the temp folder."""
+    """Turn a failed write (full disk, file-size limit, permissions) into one line; the claim removes the temp."""
     try:
-        yield
+        with no_room(f"OUT {show_path(out)}", left="nothing was left behind (BASE and any old OUT are untouched)"):
+            yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {show_path(out)}; nothing was left behind") from None
         where = f" ({show_path(exc.filename)})" if exc.filename else ""
         raise OutputError(f"could not write {show_path(out)}: {exc.strerror or exc}{where}; "
                           "nothing was left behind") from None
@@ -478,8 +492,14 @@ def _planned(base: str | os.PathLike[str], gains: Sequence[str | os.PathLike[str
         yield opened, make_plan(opened.checkpoint, loaded.gain, loaded.sources, allow_negative=allow_negative), loaded
 
 
-def _verify(plan: Plan, folder: Path, chunk_bytes: int, *, allow_saturation: bool) -> VerifyReport:
-    return verify(plan, open_checkpoint(folder), chunk_bytes=chunk_bytes, allow_saturation=allow_saturation)
+def _verify(plan: Plan, folder: Path, chunk_bytes: int, *, allow_saturation: bool,
+            progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Every byte of ``folder`` against ``plan``, and its file set: exactly what an apply writes."""
+    out = open_checkpoint(folder)
+    files = check_files(plan, out, OUTPUT_FILES, chunk_bytes=chunk_bytes)
+    report = verify(plan, out, chunk_bytes=chunk_bytes, allow_saturation=allow_saturation, progress=progress)
+    report.problems[:0] = files
+    return report
 
 
 def _write_card(folder: Path, provenance: dict[str, Any], base_model: str | None) -> None:
@@ -505,7 +525,9 @@ def verify_merged(
 
     Recomputes every target tensor (float32 product, rounded once) and compares
     every other tensor, header and the index byte for byte; a target whose weights
-    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. A Hub
+    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. The file
+    set must be what apply writes (:func:`~gainsurgery.merge.verify.check_files`: no
+    extra shard, file, folder or link; none missing; copied files identical). A Hub
     base's shards are fetched into the HF cache first. ``out`` is read as an input
     folder (no links out of it, no FIFOs).
 
@@ -517,13 +539,15 @@ def verify_merged(
         True
     """
     with _planned(base, gains, allow_negative=allow_negative, hub=hub) as (opened, plan, _):
-        out_ckpt = open_checkpoint(out)
+        open_checkpoint(out)  # a hostile OUT is one line before any shard is fetched
         for shard in opened.checkpoint.shards.values():
             opened.fetch_shard(shard)
         bar = progress("verify", opened.checkpoint.total_bytes) if progress is not None else None
         try:
-            return verify(plan, out_ckpt, chunk_bytes=chunk_bytes, progress=bar.update if bar is not None else None,
-                          allow_saturation=allow_saturation)
+            report = _verify(plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
+                             progress=bar.update if bar is not None else None)
+            opened.confirm()  # a cache snapshot's shards, checked beside the comparison
+            return report
         finally:
             if bar is not None:
                 bar.close()

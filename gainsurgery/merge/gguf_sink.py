@@ -9,7 +9,7 @@ apply, from the same places:
 2. load and stack the gains (:func:`gainsurgery.merge.load_gains`);
 3. plan (pure) and measure (reads the tensors the gains touch): routes, types, errors,
    and each gain's base fingerprint checked — all before OUT is touched;
-4. claim OUT (:func:`gainsurgery.io.outputs.claim_file`: lock, marked temp file, never
+4. claim OUT (:func:`gainsurgery.io.claims.claim_file`: lock, marked temp file, never
    an input, never a link), write it (:func:`~gainsurgery.formats.gguf.write_gguf`),
    optionally verify every byte, then publish it with a no-replace rename (an atomic
    exchange with ``overwrite``). A failure anywhere leaves OUT as it was.
@@ -33,7 +33,8 @@ from gainsurgery.formats.gguf.fingerprint import matching_variant
 from gainsurgery.formats.gguf.provenance import build_record, metadata, placeholder, read_record
 from gainsurgery.gainfile import GainFile
 from gainsurgery.io.inputs import show_path
-from gainsurgery.io.outputs import check_output, claim_file
+from gainsurgery.io.checks import check_output
+from gainsurgery.io.claims import claim_file
 from gainsurgery.merge import LoadedGains, _writing, load_gains
 
 if TYPE_CHECKING:

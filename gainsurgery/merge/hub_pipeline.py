@@ -43,7 +43,7 @@ pipeline points it into its work folder (and turns the chunk cache off unless
 removed with, the work folder.
 
 **Trust boundaries** (docs/security.md). The work folder is an output: checked
-like OUT (:func:`~gainsurgery.io.outputs.check_output`: never in or around the base
+like OUT (:func:`~gainsurgery.io.checks.check_output`: never in or around the base
 or a gain file, never a link, never ``""``, ``/`` or home) and claimed for the run
 (:class:`~gainsurgery.io.workdir.WorkFolder`: ``0700``, ours, locked). The files in
 it (downloads, output shards, the journal) are private temp files of that claimed
@@ -159,7 +159,7 @@ class TransferPlan:
 
 def transfer_plan(opened: OpenedBase, plan: Plan, work_root: Path) -> TransferPlan:
     """The bytes a Hub-to-Hub apply of ``plan`` will move, and the peak disk it needs."""
-    from gainsurgery.hub.transfer import xet_uploads
+    from gainsurgery.hub.internals import xet_uploads
     from gainsurgery.merge.provenance import OUTPUT_FILES
 
     from gainsurgery.io.inputs import resolve_input
@@ -425,7 +425,7 @@ class _Pipeline:
 
     def resume(self) -> list[str]:
         """Shards a killed run uploaded that the Hub still stores: they need no work at all."""
-        from gainsurgery.hub.transfer import xet_uploads
+        from gainsurgery.hub.internals import xet_uploads
 
         state = self.work.read_state()
         if not state or state.get("format") != _JOURNAL_FORMAT or state.get("fingerprint") != self.fingerprint:
@@ -481,6 +481,7 @@ class _Pipeline:
             for item in items:
                 shard = self.plan.base.shards[item.name]
                 if self.remote is None:
+                    self.opened.fetch_shard(shard)  # a cache snapshot's blob is checked against its name
                     item.src = shard.path
                     self.to_apply.put(item)
                     continue

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gainsurgery.errors import PlanError
+from gainsurgery.io.inputs import show_name
 from gainsurgery.gainfile import GainFile, check_values, natural_key
 from gainsurgery.io.checkpoint import Checkpoint, refuse_unscalable
 from gainsurgery.io.safetensors import TensorInfo
@@ -98,14 +99,16 @@ def make_plan(
         if info is None:
             hint = _closest(key, base.tensors)
             raise PlanError(
-                f"gain key {key!r} is not a tensor of the base checkpoint"
-                + (f" (closest: {hint!r}); was the gain trained on another model?" if hint else "")
+                f"gain key {show_name(key)} is not a tensor of the base checkpoint"
+                + (f" (closest: {show_name(hint)}); was the gain trained on another model?" if hint else "")
             )
         if dim >= len(info.shape):
-            raise PlanError(f"gain for {key!r} runs along dim {dim}, but the tensor has only {len(info.shape)} dims")
+            raise PlanError(f"gain for {show_name(key)} runs along dim {dim}, but the tensor has only "
+                            f"{len(info.shape)} dims")
         if info.shape[dim] != vector.size:
             raise PlanError(
-                f"gain for {key!r} has length {vector.size}, but dim {dim} of the tensor has size {info.shape[dim]}"
+                f"gain for {show_name(key)} has length {vector.size}, but dim {dim} of the tensor has size "
+                f"{info.shape[dim]}"
             )
         refuse_unscalable(info)
         check_values(vector, key, allow_negative=allow_negative)

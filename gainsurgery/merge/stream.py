@@ -1,7 +1,7 @@
 """Streaming a plan into a folder in constant memory.
 
 :func:`execute` writes every shard of the base into a folder (the temp folder of
-a claimed OUT, see :func:`gainsurgery.io.outputs.claim_folder`): bytes no gain
+a claimed OUT, see :func:`gainsurgery.io.claims.claim_folder`): bytes no gain
 touches are copied by the kernel (``copy_file_range``); target tensors are read,
 scaled (:mod:`gainsurgery.merge.kernel`) and written back in bounded chunks while
 a writer thread keeps file order, and a hasher thread records each shard's
@@ -35,9 +35,11 @@ from typing import BinaryIO, Callable, Collection
 import numpy as np
 
 from gainsurgery.errors import CheckpointError, PlanError
+from gainsurgery.io.atomic import create_file, open_nofollow
 from gainsurgery.io.checkpoint import INDEX_NAME
 from gainsurgery.io.fingerprint import TensorDigest
 from gainsurgery.io.inputs import open_input
+from gainsurgery.io.pausepoints import pause_point
 from gainsurgery.io.safetensors import Shard, open_shard
 from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
                                       segments)
@@ -380,8 +382,7 @@ def _create_output(dst: Path) -> BinaryIO:
     created beforehand keeps its own.
     """
     # Read-write: its header is read back through the same descriptor once written.
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-    return os.fdopen(fd, "wb")
+    return create_file(dst, replace=True, read=True)
 
 
 @dataclass
@@ -515,12 +516,13 @@ def execute(
                 fetch_shard(shard)
             with open_shard(shard, error=CheckpointError) as src:
                 digests[name] = streamer.start(name, src, folder / name)
+            pause_point("apply.shard-written", ready=digests[name].result)
             # Written: make it durable while the next shard streams, so that the fsync
             # before OUT is renamed finds little left to do.
             synced.append(syncer.submit(_fsync_path, folder / name))
         if base.index is not None:
             with open_input(base.folder, INDEX_NAME, error=CheckpointError) as src, \
-                    open(folder / INDEX_NAME, "xb") as index_out:
+                    create_file(folder / INDEX_NAME) as index_out:
                 shutil.copyfileobj(src, index_out)
         for f in synced:
             f.result()
@@ -529,7 +531,7 @@ def execute(
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    fd = open_nofollow(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -19,14 +19,21 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from gainsurgery.errors import CheckpointError, GainSurgeryError
 from gainsurgery.io.checkpoint import INDEX_NAME, Checkpoint
-from gainsurgery.io.inputs import open_input
+from gainsurgery.io.inputs import folder_entries, hf_cache_repo, open_input, show_path
 from gainsurgery.io.safetensors import open_shard
 from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
                                       segments)
 from gainsurgery.merge.plan import Plan, TensorOp
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: Problems listed one by one about a folder's file set (a folder of a million junk files
+#: must not make a million lines); the rest are counted in one.
+MAX_FILE_PROBLEMS = 1000
+#: What the Hub adds to every repo (git plumbing, never read by a model loader): the one
+#: name beyond apply's own files allowed in a Hugging Face cache snapshot of a pushed output.
+HUB_PLUMBING = (".gitattributes",)
 
 Progress = Callable[[int], None]
 
@@ -81,6 +88,74 @@ def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
             report.problems += verify_shard(plan, name, fa, fb, report=report, chunk_bytes=chunk_bytes,
                                             progress=progress, scratch=scratch, allow_saturation=allow_saturation)
     return report
+
+
+def check_files(plan: Plan, out: Checkpoint, generated: tuple[str, ...], *,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[str]:
+    """Check that the folder of ``out`` holds exactly the files an apply of ``plan`` writes.
+
+    Those are the base's shards, its index (when it has one), its extra files
+    (config, tokenizer, license...: :meth:`~gainsurgery.io.checkpoint.Checkpoint.extra_files`),
+    each byte-identical to the base's, and the ``generated`` files (provenance and
+    card, whose text holds times, so only their presence is checked). Anything else
+    is a problem: an extra file (a shard the index does not name), a missing one, a
+    folder, a symbolic link, a FIFO or device, hidden names included. In a Hugging
+    Face cache snapshot (a download of a pushed output) the files are links into the
+    repo's ``blobs/``, and the Hub's ``.gitattributes`` is allowed.
+
+    Returns the problems (empty when the file set is right); the shards' and the
+    index's bytes are compared by :func:`verify`.
+
+    Example:
+        >>> check_files(plan, open_checkpoint("merged"), OUTPUT_FILES)  # doctest: +SKIP
+        ['extra file model-00004-of-00003.safetensors (apply writes no such file)']
+    """
+    base = plan.base
+    copied = {f.name for f in base.extra_files(skip=generated)}
+    expected = set(base.shards) | copied | set(generated) | ({INDEX_NAME} if base.index is not None else set())
+    snapshot = hf_cache_repo(out.folder) is not None
+    problems: list[str] = []
+    present: set[str] = set()
+    files: set[str] = set()
+    for entry in folder_entries(out.folder, error=CheckpointError):
+        shown = show_path(entry.name)
+        if entry.name in expected:
+            present.add(entry.name)
+            if entry.kind == "file":
+                files.add(entry.name)
+            else:
+                problems.append(f"{shown} is {entry.what}; apply writes a regular file there")
+        elif snapshot and entry.name in HUB_PLUMBING and entry.kind == "file":
+            continue
+        elif entry.kind == "folder":
+            problems.append(f"extra folder {shown} (apply writes no folders)")
+        else:
+            what = "file" if entry.kind == "file" else entry.what
+            problems.append(f"extra {what} {shown} (apply writes no such file)")
+    problems += [f"missing file {show_path(n)}" for n in sorted(expected - present)]
+    for name in sorted(copied & files):
+        problems += _compare_files(base, out, name, chunk_bytes)
+    if len(problems) > MAX_FILE_PROBLEMS:
+        problems = problems[:MAX_FILE_PROBLEMS] + [f"... and {len(problems) - MAX_FILE_PROBLEMS} more problems "
+                                                   "with the folder's files"]
+    return problems
+
+
+def _compare_files(base: Checkpoint, out: Checkpoint, name: str, chunk_bytes: int) -> list[str]:
+    """A copied file must be the base's, byte for byte (read safely on both sides)."""
+    try:
+        with open_input(base.folder, name, error=CheckpointError) as fa, \
+                open_input(out.folder, name, error=CheckpointError) as fb:
+            if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+                return [f"{show_path(name)} differs from the base's (its size)"]
+            while True:
+                a, b = fa.read(chunk_bytes), fb.read(chunk_bytes)
+                if a != b:
+                    return [f"{show_path(name)} differs from the base's"]
+                if not a:
+                    return []
+    except GainSurgeryError as exc:
+        return [str(exc)]
 
 
 def verify_shard(plan: Plan, name: str, base_file: BinaryIO, out_file: BinaryIO, *,

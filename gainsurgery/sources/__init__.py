@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
@@ -138,6 +139,9 @@ class OpenedBase:
     checkpoint: Checkpoint
     remote: RemoteBase | None = None
     facts: dict[str, Any] | None = field(default=None)
+    #: checks of a cache snapshot's shards, running beside the streaming (see :meth:`confirm`)
+    _checks: list[Future] = field(default_factory=list, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -158,10 +162,47 @@ class OpenedBase:
         """The local folders this base is read from (an output must keep away from them)."""
         return [] if self.remote is not None else [self.checkpoint.folder]
 
+    @property
+    def snapshot(self) -> bool:
+        """True for a local Hugging Face cache snapshot (its files are blobs named after their hash)."""
+        return self.remote is None and self.facts is None and hf_cache_repo(self.checkpoint.folder) is not None
+
     def fetch_shard(self, shard: Shard) -> None:
-        """Make ``shard.path`` readable before it is streamed (downloads it for a Hub base)."""
+        """Make ``shard.path`` readable before it is streamed, its bytes checked where they came from the Hub.
+
+        A Hub base's shard is downloaded (or found in the HF cache) and checked against
+        the hash the Hub lists before it is used. A local cache snapshot's shard is
+        checked against the hash its blob is named after
+        (:func:`~gainsurgery.hub.integrity.check_snapshot_file`) on a thread of its own
+        while it streams (one more read of the shard, from the page cache, hidden behind
+        the apply where a core is free): call :meth:`confirm` before anything made
+        from it is published.
+        """
         if self.remote is not None:
             self.remote.fetch_shard(shard)
+        elif self.snapshot:
+            from gainsurgery.hub.integrity import check_snapshot_file
+
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gainsurgery-snapshot-check")
+            self._checks.append(self._pool.submit(check_snapshot_file, self.checkpoint.folder, shard.name))
+
+    def confirm(self) -> None:
+        """Wait for the checks :meth:`fetch_shard` started; raise the first that failed.
+
+        Raises:
+            CheckpointError: a shard's bytes are not what its cache blob's name says.
+        """
+        checks, self._checks = self._checks, []
+        for check in checks:
+            check.result()
+
+    def close(self) -> None:
+        """Stop the checks still queued (a run that failed) and wait for the one running."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._checks = []
 
     def provenance(self) -> dict[str, Any]:
         """What ``gainsurgery.json`` records about the base.
@@ -198,7 +239,18 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
     """
     kind = classify_base_spec(str(spec))
     if kind.kind == "local":
-        yield OpenedBase(str(spec), open_checkpoint(kind.path), None, None)  # type: ignore[arg-type]
+        opened = OpenedBase(str(spec), open_checkpoint(kind.path), None, None)  # type: ignore[arg-type]
+        if opened.snapshot:  # bytes the Hub gave, kept in the cache: the small files are checked now, shards as used
+            from gainsurgery.hub.integrity import check_snapshot_file
+            from gainsurgery.io.checkpoint import INDEX_NAME
+
+            small = [f.name for f in opened.checkpoint.extra_files(skip=skip_files)]
+            for name in ([INDEX_NAME] if opened.checkpoint.index is not None else []) + small:
+                check_snapshot_file(opened.checkpoint.folder, name)
+        try:
+            yield opened
+        finally:
+            opened.close()
         return
     if kind.kind == "embedded":
         yield OpenedBase(str(spec), open_checkpoint(resolve_embedded(kind.name)), None,  # type: ignore[arg-type]
@@ -214,11 +266,32 @@ def opened_base(spec: str | os.PathLike[str], hub: HubClient | None = None,
 
 
 def fetch_gain_file(ref: HubRef, hub: HubClient) -> Path:
-    """Download a gain file named by a Hub reference into the HF cache; return its local path."""
-    from gainsurgery.hub.errors import hub_errors
+    """Download a gain file named by a Hub reference into the HF cache; return its local path.
 
+    The revision is resolved to a commit once; the file is listed and downloaded at
+    that commit, and its bytes are checked against the hash the listing gives
+    (:func:`~gainsurgery.hub.integrity.download_checked`), cached copies included.
+
+    Raises:
+        HubError: the repo, revision or file cannot be reached.
+        CheckpointError: the file's bytes are not the ones the Hub lists.
+    """
+    from huggingface_hub.hf_api import RepoFile
+
+    from gainsurgery.hub.errors import hub_errors
+    from gainsurgery.hub.integrity import HubFileHash, download_checked
+
+    folder = ref.path.rpartition("/")[0] or None
     with hub_errors(str(ref), "download", hub.endpoint):
-        return hub.download(ref.repo_id, ref.path, revision=ref.revision)
+        commit = hub.api.model_info(ref.repo_id, revision=ref.revision).sha
+        entry = next((e for e in hub.api.list_repo_tree(ref.repo_id, path_in_repo=folder, revision=commit)
+                      if isinstance(e, RepoFile) and e.path == ref.path), None)
+    if entry is None:
+        from gainsurgery.errors import HubError
+
+        raise HubError(f"404: file not found while trying to download {ref} (not in {ref.repo_id}@{commit[:12]}); "
+                       "check the path in the repo")
+    return download_checked(hub, ref.repo_id, ref.path, commit, HubFileHash.from_entry(entry))
 
 
 def resolve_gain_specs(specs: Sequence[str | os.PathLike[str]], hub: HubClient | None = None

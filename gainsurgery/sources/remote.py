@@ -23,17 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from gainsurgery.errors import CheckpointError
+from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
-from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.errors import hub_answer, hub_errors
+from gainsurgery.hub.integrity import HubFileHash, download_checked
 from gainsurgery.hub.refs import HubRef
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
                                       open_checkpoint)
-from gainsurgery.io.inputs import open_input
+from gainsurgery.io.inputs import open_input, show_path
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES, Shard, is_plain_file_name
+from gainsurgery.io.write_errors import no_room, no_room_errno, no_room_message
 
-_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
+#: Longest file name, in bytes, a file system holds (a listing may name longer ones: never fetched).
+_NAME_MAX = 255
 #: Bytes asked for first when reading a shard header; most headers fit (one request).
 HEADER_PROBE_BYTES = 100_000
 #: Top-level non-weight files larger than this are not fetched with a Hub base.
@@ -56,6 +60,7 @@ class RemoteBase:
             stand-in until :meth:`fetch_shard` replaces it with the download.
         skipped: top-level non-weight files not fetched (too big), in bytes.
         shard_sha256: shard name -> the sha256 the Hub lists for it (its LFS oid), when it lists one.
+        expected: file name -> the size and hash the Hub lists for it: every file used is checked against it.
     """
 
     ref: HubRef
@@ -66,17 +71,21 @@ class RemoteBase:
     skipped: dict[str, int] = field(default_factory=dict)
     downloaded: list[Path] = field(default_factory=list)
     shard_sha256: dict[str, str] = field(default_factory=dict)
+    expected: dict[str, HubFileHash] = field(default_factory=dict)
 
     def fetch_shard(self, shard: Shard) -> None:
-        """Download ``shard`` (HF cache, resumable) and point ``shard.path`` at it.
+        """Download ``shard`` (HF cache, resumable), check every byte, and point ``shard.path`` at it.
+
+        The cached file is hashed and must be what the Hub lists (its LFS sha256),
+        whether it was just downloaded or already cached (:func:`~gainsurgery.hub.integrity.download_checked`).
 
         Raises:
-            CheckpointError: the download's size or header differs from the header
-                the plan was made from (the repo changed under us).
+            CheckpointError: the download's bytes, size or header differ from what the Hub
+                lists or the header the plan was made from (tampered, corrupt, or the repo changed).
         """
         what = f"{self.ref.repo_id}@{self.commit[:12]}:{shard.name}"
-        with hub_errors(what, "download", self.client.endpoint):
-            local = self.client.download(self.ref.repo_id, shard.name, revision=self.commit)
+        local = download_checked(self.client, self.ref.repo_id, shard.name, self.commit,
+                                 self.expected.get(shard.name))
         # The download sits in the HF cache (a snapshot link into blobs/): read it as an input of that folder.
         with open(shard.path, "rb") as a, open_input(local.parent, local.name, error=CheckpointError) as b:
             st = os.fstat(b.fileno())
@@ -101,8 +110,8 @@ class RemoteBase:
         """
         from gainsurgery.hub.transfer import download_file
 
-        download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest, size=shard.file_size,
-                      sha256=self.shard_sha256.get(shard.name), **kwargs)
+        download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest,
+                      expected=self.expected.get(shard.name), **kwargs)
 
     def planned_header(self, shard: Shard) -> bytes:
         """The header bytes (length prefix included) the plan was made from."""
@@ -145,22 +154,31 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
     """
     from huggingface_hub.hf_api import RepoFile
 
-    with hub_errors(str(ref), "read", client.endpoint):
-        info = client.api.model_info(ref.repo_id, revision=ref.revision)
-        commit = info.sha
+    with hub_errors(str(ref), "read", client.endpoint), hub_answer(str(ref), "read", client.endpoint):
+        commit = client.api.model_info(ref.repo_id, revision=ref.revision).sha
+        if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+            raise HubError(f"the Hub answered {ref} with the commit {str(commit)[:60]!r}, not a commit id; "
+                           "try again, or check HF_ENDPOINT")
         entries = [e for e in client.api.list_repo_tree(ref.repo_id, revision=commit) if isinstance(e, RepoFile)]
-    sizes = {e.path: e.size for e in entries}
-    # The Hub's word on each LFS file's sha256: a download is checked against it (kept only when it is a hex sha256).
-    lfs_sha = {e.path: e.lfs.sha256 for e in entries if e.lfs is not None and isinstance(e.lfs.sha256, str)
-               and _HEX64.fullmatch(e.lfs.sha256)}
-    staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
+        sizes = _listed_sizes(entries, ref)
+    # The Hub's word on each file's bytes (LFS sha256, or git blob id): every download is checked against it.
+    expected = {e.path: h for e in entries if (h := HubFileHash.from_entry(e)) is not None}
+    lfs_sha = {p: h.sha256 for p, h in expected.items() if h.sha256}
+    with no_room(f"the headers and small files of {ref}", tempfile.gettempdir(), error=CheckpointError,
+                 left="its staging folder was removed; set TMPDIR to a folder with room"):
+        staging = Path(tempfile.mkdtemp(prefix="gainsurgery-hub-"))
+        return _stage(ref, client, commit, staging, sizes, expected, lfs_sha, skip)
+
+
+def _stage(ref: HubRef, client: HubClient, commit: str, staging: Path, sizes: dict[str, int],
+           expected: dict[str, HubFileHash], lfs_sha: dict[str, str], skip: Collection[str]) -> RemoteBase:
+    """Fill ``staging`` with the index, the small files and the shards' header stand-ins; remove it on failure."""
     remote = None
     try:
         if INDEX_NAME in sizes:
             if sizes[INDEX_NAME] > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{ref}: {INDEX_NAME} is absurdly large ({sizes[INDEX_NAME]} bytes)")
-            with hub_errors(f"{ref}:{INDEX_NAME}", "download", client.endpoint):
-                index_path = client.download(ref.repo_id, INDEX_NAME, revision=commit)
+            index_path = download_checked(client, ref.repo_id, INDEX_NAME, commit, expected.get(INDEX_NAME))
             _copy_download(index_path, staging / INDEX_NAME)
             shard_names = _index_shards(staging, ref)
         elif SINGLE_NAME in sizes:
@@ -171,25 +189,41 @@ def open_remote_base(ref: HubRef, client: HubClient, skip: Collection[str] = ())
                                   "gainsurgery reads safetensors checkpoints only")
         for name in shard_names:
             if name not in sizes:
-                raise CheckpointError(f"{ref}: the index names shard {name}, which the repo does not have")
+                raise CheckpointError(f"{ref}: the index names shard {show_path(name)}, which the repo does not have")
             _write_header_stub(client, ref, commit, name, sizes[name], staging / name)
         skipped = {}
         for path, size in sorted(sizes.items()):
             if ("/" in path or path in _NOT_SMALL or path in skip or path.endswith(WEIGHT_SUFFIXES)
-                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")):
+                    or path in shard_names or not is_plain_file_name(path) or path.startswith(".")
+                    or len(path.encode("utf-8", "surrogatepass")) > _NAME_MAX):  # no file can have that name
                 continue
             if size > MAX_SMALL_FILE_BYTES:
                 skipped[path] = size
                 continue
-            with hub_errors(f"{ref}:{path}", "download", client.endpoint):
-                local = client.download(ref.repo_id, path, revision=commit)
+            local = download_checked(client, ref.repo_id, path, commit, expected.get(path))
             _copy_download(local, staging / path)
         remote = RemoteBase(ref, client, commit, staging, open_checkpoint(staging), skipped,
-                            shard_sha256={n: lfs_sha[n] for n in shard_names if n in lfs_sha})
+                            shard_sha256={n: lfs_sha[n] for n in shard_names if n in lfs_sha},
+                            expected=expected)
         return remote
     finally:
         if remote is None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _listed_sizes(entries: list[Any], ref: HubRef) -> dict[str, int]:
+    """Path -> size in bytes of the files the Hub lists, each checked (a path string, a size >= 0, listed once)."""
+    sizes: dict[str, int] = {}
+    for e in entries:
+        path, size = e.path, e.size
+        if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 <= size < 2**63:  # a file size (off_t) of this system
+            raise HubError(f"the Hub lists a file of {ref} as {show_path(str(path))} of {str(size)[:40]!r} bytes, "
+                           "not a path and a size; try again, or check HF_ENDPOINT")
+        if path in sizes:
+            raise HubError(f"the Hub lists {show_path(path)} twice in {ref}; try again, or check HF_ENDPOINT")
+        sizes[path] = size
+    return sizes
 
 
 def _copy_download(local: Path, dst: Path) -> None:
@@ -238,4 +272,11 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
         raise CheckpointError(f"{what}: the Hub sent {len(head)} bytes of a {8 + header_len}-byte header; try again")
     with open(dst, "wb") as f:
         f.write(head[: 8 + header_len])
-        f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        try:
+            f.truncate(size)  # sparse: the data stays on the Hub until fetch_shard
+        except OSError as e:  # EFBIG: a size the Hub lists that no file here can have (or a file-size limit)
+            code = no_room_errno(e)
+            if code is None:
+                raise
+            raise CheckpointError(no_room_message(code, f"the header stand-in of {what} ({size} bytes, as the Hub "
+                                                        "lists it)", dst.parent)) from None

@@ -152,7 +152,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse options that cannot work, before any model is loaded.
 
-        The output and the log are checked with :func:`gainsurgery.io.outputs.check_output`:
+        The output and the log are checked with :func:`gainsurgery.io.checks.check_output`:
         never ``""``, ``.``, the current or home folder, never an input (the base,
         data files...) nor inside or around one; a gain file's ``-o`` is never a folder.
 
@@ -182,7 +182,7 @@ class TrainConfig:
             raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
-        from gainsurgery.io.outputs import check_apart, check_output
+        from gainsurgery.io.checks import check_apart, check_output
 
         inputs = self.inputs()
         check_output(self.output, inputs=inputs, kind="folder" if self.writes_folder else "file",
@@ -195,7 +195,7 @@ class TrainConfig:
             self.check_checkpoint_folder()
 
     def check_checkpoint_folder(self, extra_inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-        """Check the checkpoint folder as an output (:func:`gainsurgery.io.outputs.check_output`); return it.
+        """Check the checkpoint folder as an output (:func:`gainsurgery.io.checks.check_output`); return it.
 
         It is never, never holds and never lies inside an input (the base, data...,
         and ``extra_inputs``: the base's resolved folder once known). One input is
@@ -207,7 +207,7 @@ class TrainConfig:
         Raises:
             TrainingError: an unusable checkpoint folder.
         """
-        from gainsurgery.io.outputs import check_output
+        from gainsurgery.io.checks import check_output
 
         own = self._resumes_own_checkpoint()
         inputs = [p for p in self.inputs() if not (own and p == str(self.resume))]
@@ -216,7 +216,7 @@ class TrainConfig:
 
     def _resumes_own_checkpoint(self) -> bool:
         """True when ``resume`` is the checkpoint folder itself or one of its ``step-*`` folders."""
-        from gainsurgery.io.outputs import output_path
+        from gainsurgery.io.checks import output_path
         from gainsurgery.training.state import is_step_name
 
         if not self.resumes_checkpoint:

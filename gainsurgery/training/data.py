@@ -66,9 +66,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 text = f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{shown}: not UTF-8 text") from None
-            # Universal newlines, as text mode reads: a CRLF file splits into the same documents
-            # (and the streamed reader, which ends lines at \n or \r\n, finds the same ones).
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            # Lines end at \n, and carriage returns ending a line are dropped (a CRLF file splits into
+            # the same documents), exactly as the streamed reader reads them: both find the same
+            # documents in any file (a lone \r inside a line is text to both).
+            text = "\n".join(line.rstrip("\r") for line in text.split("\n"))
             docs = [d for d in text.split(DOC_SEPARATOR)]
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
@@ -177,9 +178,18 @@ class MemoryBatches:
         """Windows of the global order consumed so far."""
         return {"consumed": self.consumed}
 
-    def restore(self, position: dict[str, int]) -> None:
-        """Continue after ``position["consumed"]`` windows."""
-        self.consumed = int(position["consumed"])
+    def restore(self, position: Any, *, max_windows: int) -> None:
+        """Continue after ``position["consumed"]`` windows (a hostile checkpoint's word: checked).
+
+        Raises:
+            ValueError: the position is not a whole number of global batches within
+                ``max_windows`` (the windows the whole run consumes: the order is
+                built up to it, so a larger number would cost unbounded memory).
+        """
+        consumed = position.get("consumed") if isinstance(position, dict) else None
+        if type(consumed) is not int or not 0 <= consumed <= max_windows or consumed % self.global_batch:
+            raise ValueError(f"consumed must be a multiple of {self.global_batch} in 0..{max_windows}")
+        self.consumed = consumed
 
     def next(self):
         """The next micro-batch of this process: ``[global_batch / world, seq_len]`` int64."""

@@ -44,11 +44,14 @@ from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import CheckpointError, TrainingError
 from gainsurgery.extras import require_extra
 from gainsurgery.gainfile import BASE_TENSORS_KEY
+from gainsurgery.io.atomic import open_log_file, write_file, write_json
 from gainsurgery.io.checkpoint import copy_extra_files, fingerprint, open_checkpoint
+from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.fingerprint import base_tensors_sha256
 from gainsurgery.io.hashing import file_records
-from gainsurgery.io.inputs import check_input_folder
-from gainsurgery.io.outputs import claim_folder, lock_output, open_log_file, write_file, write_json
+from gainsurgery.io.inputs import check_input_folder, show_path
+from gainsurgery.io.locks import lock_output
+from gainsurgery.io.write_errors import no_room
 from gainsurgery.sources import base_model_name, resolve_base
 from gainsurgery.training.config import TrainConfig, TrainResult
 from gainsurgery.training.data import fingerprint_files, pack, read_documents
@@ -87,7 +90,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     require_extra("train", "train()")
     cfg.validate()
-    with contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
+    # The log, written as training goes, is where a full disk strikes first; the sites that write
+    # checkpoints and -o say more precisely what they were writing.
+    with no_room(f"the outputs of the run (-o {show_path(cfg.output)}, the log {show_path(cfg.log_path())})", None,
+                 error=TrainingError,
+                 left="no -o was written; a checkpoint folder keeps only complete checkpoints"), \
+            contextlib.ExitStack() as outputs:  # a claimed output folder is released (or removed) on the way out
         return _train(cfg, outputs)
 
 
@@ -229,19 +237,10 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
     step, evals, elapsed = 0, [], 0.0
     last_loss = float("nan")
     if resume_record is not None:
-        try:
-            state.restore(resume_record, resume_tensors, named_trainable, optimizer, resume_folder)
-            scheduler.load_state_dict(resume_record["scheduler"])
-            if scaler is not None and resume_record.get("scaler"):
-                scaler.load_state_dict(resume_record["scaler"])
-            data_pos = resume_record["data"]
-            batches.restore(data_pos["processes"][rank] if cfg.streaming else data_pos)
-            step, evals = start_step, list(resume_record.get("evals", []))
-            last_loss = float(resume_record.get("last_loss", last_loss))
-            elapsed = float(resume_record.get("seconds", 0))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise TrainingError(f"--resume {resume_folder}: the checkpoint is damaged ({type(exc).__name__}: "
-                                f"{str(exc)[:120]})") from None
+        step, evals, last_loss, elapsed = state.resume(
+            resume_record, resume_tensors, named_trainable, optimizer, scheduler, scaler, batches, rank=rank,
+            streaming=cfg.streaming, steps=cfg.steps, max_windows=cfg.steps * cfg.grad_accum * cfg.batch_size,
+            folder=resume_folder)
     sizes = gather_object([param_bytes]) if world > 1 else [param_bytes]
     if log:
         log.write(json.dumps({"processes": world, "fsdp": fsdp, "mixed_precision": mode, "dtype": cfg.dtype,
@@ -268,8 +267,13 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
         record = {"settings": state._jsonable(settings), "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict() if scaler is not None else None, "data": data_pos,
                   "last_loss": last_loss, "seconds": round(elapsed + time.perf_counter() - t0, 3), "evals": evals}
-        distributed.on_main_process(accelerator.is_main_process, device, lambda: state.save(
-            cfg.checkpoint_folder(), at, named_trainable, optimizer, record))
+        def write() -> None:
+            # state.save removes its half-written temp folder; the checkpoints before it stay.
+            with no_room(f"the training checkpoint of step {at}", cfg.checkpoint_folder(), error=TrainingError,
+                         left="the checkpoints written before it are kept; --resume continues from the last one"):
+                state.save(cfg.checkpoint_folder(), at, named_trainable, optimizer, record)
+
+        distributed.on_main_process(accelerator.is_main_process, device, write)
 
     from tqdm import tqdm
 
@@ -328,6 +332,13 @@ def _train(cfg: TrainConfig, outputs: contextlib.ExitStack) -> TrainResult:
                          step * cfg.batch_size * cfg.grad_accum * (cfg.seq_len - 1), evals, param_bytes, start_step)
 
     def save_outputs() -> None:
+        # A gain file is written atomically, a folder output in its claimed temp folder: either way
+        # a full disk leaves no -o behind (the claim's temp goes when the run unwinds).
+        with no_room(f"-o {show_path(cfg.output)}", error=TrainingError,
+                     left=f"no -o was written; the log {show_path(cfg.log_path())} says how far training went"):
+            _save_outputs()
+
+    def _save_outputs() -> None:
         training_meta = _shared_settings(cfg, resumed)
         training_meta.update(lr=cfg.learning_rate, data_fingerprint=data_fingerprint, mixed_precision=mode,
                              final_loss=last_loss, seconds=round(elapsed + seconds, 1), tokens=result.tokens,
@@ -357,7 +368,7 @@ def _trim_log(path: Path, step: int, inputs: list[str]) -> None:
     old log is read like any file someone else may have swapped (no FIFO, nothing under
     ``/proc``) and rewritten through the output helper (checked against ``inputs``,
     atomic, never through a link). A link at the log's name is left for
-    :func:`~gainsurgery.io.outputs.open_log_file` to refuse.
+    :func:`~gainsurgery.io.atomic.open_log_file` to refuse.
     """
     from gainsurgery.io import jsonsafe
     from gainsurgery.io.inputs import open_regular

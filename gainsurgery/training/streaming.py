@@ -304,9 +304,19 @@ class StreamedBatches:
         """This process's place: the next window is ``window`` of its ``block``-th block of ``epoch``."""
         return {"epoch": self.epoch, "block": self.block, "window": self.window}
 
-    def restore(self, position: dict[str, int]) -> None:
-        """Continue from a :meth:`position` (reads that block again, nothing before it)."""
-        self.epoch, self.block, self.window = int(position["epoch"]), int(position["block"]), int(position["window"])
+    def restore(self, position: Any, *, max_windows: int | None = None) -> None:
+        """Continue from a :meth:`position` (reads that block again, nothing before it).
+
+        ``max_windows`` bounds ``window`` (a block never holds more windows than the run consumes).
+
+        Raises:
+            ValueError: the position (a hostile checkpoint's word) is not one of this process's places.
+        """
+        values = [position.get(k) if isinstance(position, dict) else None for k in ("epoch", "block", "window")]
+        if not all(type(v) is int and v >= 0 for v in values) or values[1] >= len(self._mine) \
+                or (max_windows is not None and values[2] > max_windows):
+            raise ValueError(f"expected epoch >= 0, block in 0..{len(self._mine) - 1}, window >= 0")
+        self.epoch, self.block, self.window = values
         self._load()
 
     def next(self):

@@ -21,7 +21,6 @@ windows only (:meth:`~gainsurgery_lab.forgetting.runner.Experiment.dev_score`).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,9 @@ import numpy as np
 
 from gainsurgery_lab.forgetting import records
 from gainsurgery_lab.forgetting.data import ForgettingError
-from gainsurgery_lab.forgetting.methods import METHODS, VARIANTS, lr_label
+from gainsurgery_lab.forgetting.methods import METHODS
+from gainsurgery_lab.forgetting.curves import all_curves, alpha_fronts, method_seed
+from gainsurgery_lab.forgetting.selection import Selection, choose
 from gainsurgery_lab.forgetting.stats import (Bootstrap, DomainWindows, Estimate, efficient_prefix,
                                               interpolate_estimate, mcnemar_exact, mean_estimate,
                                               seed_mean_estimate, wilson_interval)
@@ -40,15 +41,6 @@ MATCH_TARGETS = (-5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 #: The headline metrics, in table order, with their labels.
 METRICS = (("in_domain", "in-domain"), ("earlier_vs_base", "earlier vs base"),
            ("earlier_vs_own", "earlier vs own stage"), ("untrained", "never-trained"))
-
-
-def _method_seed(method: str) -> int:
-    """A fixed seed per method for the seed level of the bootstrap (methods draw independently)."""
-    import zlib
-
-    return zlib.crc32(method.encode())
-
-
 
 
 @dataclass
@@ -64,6 +56,7 @@ class Run:
     stages: list[dict]
     yesno: dict | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    probes: dict | None = None
 
     @property
     def failed(self) -> str | None:
@@ -105,6 +98,7 @@ class Results:
         self.bs = Bootstrap(windows, resamples=resamples, seed=0)
         self.base_ppl = {d: self.bs.ppl(d, self.base["test_nll"][d]) for d in self.columns}
         self.base_yesno = self._yesno("base_yesno.json")
+        self.base_probes = self._probes("base_probes.json")
         self.runs: list[Run] = []
         runs_dir = out / "runs"
         for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() and not runs_dir.is_symlink() else []:
@@ -136,7 +130,91 @@ class Results:
                       stages, self._yesno(f"runs/{d.name}/yesno.json"))
             if not run.failed:
                 run.metrics = self._metrics(run)
+                run.probes = self._probes(f"runs/{d.name}/probes.json")
             self.runs.append(run)
+        self.alpha_runs = self._alpha_runs()
+
+    def _alpha_runs(self) -> dict[str, dict[float, Run]]:
+        """The α-front records (alpha.py): source run name -> α -> a Run of its scaled models (complete only)."""
+        found: dict[str, dict[float, Run]] = {}
+        root = self.out / "alpha"
+        by_name = {r.name: r for r in self.runs if not r.failed}
+        if not root.is_dir() or root.is_symlink():
+            return found
+        for src_dir in sorted(root.iterdir()):
+            src = by_name.get(src_dir.name)
+            if src is None or not src_dir.is_dir() or src_dir.is_symlink():
+                continue
+            for a_dir in sorted(src_dir.iterdir()):
+                stages = []
+                for k in range(1, len(self.sequence) + 1):
+                    rel = f"alpha/{src_dir.name}/{a_dir.name}/stage-{k}.json"
+                    raw = records.read(self.out, rel)
+                    if raw is None:
+                        break
+                    stages.append(records.alpha_stage_record(raw, str(self.out / rel), self.layout, k))
+                if len(stages) < len(self.sequence) or len({s["alpha"] for s in stages}) != 1:
+                    continue
+                alpha = stages[0]["alpha"]
+                run = Run(f"{src.name}@{alpha:g}", src.method, src.variant, src.e, src.lr, src.seed, stages)
+                run.metrics = self._metrics(run)
+                found.setdefault(src.name, {})[alpha] = run
+        return found
+
+    def _probes(self, rel: str) -> dict | None:
+        raw = records.read(self.out, rel)
+        return None if raw is None else records.probes_record(raw, str(self.out / rel))
+
+    # ------------------------------------------------------------------------------ knowledge probes
+    def probe_names(self) -> list[str]:
+        """The probes the base was scored on, in the order they first appear."""
+        return list(dict.fromkeys(self.base_probes["probe"])) if self.base_probes else []
+
+    def probe_base(self) -> dict[str, Any]:
+        """Per probe: chance, the base's dev accuracy (which decides whether the probe carries signal) and test.
+
+        A probe is *informative* when the lower end of the Wilson 95% interval of the base's
+        accuracy on its **dev** items lies above chance; the test items, which are reported,
+        take no part in that decision.
+        """
+        bp = self.base_probes
+        out: dict[str, Any] = {}
+        for name in self.probe_names():
+            row: dict[str, Any] = {}
+            for split in ("dev", "test"):
+                idx = [i for i, (p, sp) in enumerate(zip(bp["probe"], bp["split"])) if p == name and sp == split]
+                if not idx:
+                    continue
+                chance = float(np.mean([1 / bp["choices"][i] for i in idx]))
+                row[split] = _accuracy([bp["correct"][i] for i in idx], chance)
+                row["chance"] = chance
+            row["informative"] = bool("dev" in row and row["dev"]["lo"] > row["chance"])
+            out[name] = row
+        return out
+
+    def probe_row(self, run: Run) -> dict[str, Any] | None:
+        """A run's accuracy per probe on the test items, with κ and an exact McNemar test against the base."""
+        if run.probes is None or self.base_probes is None:
+            return None
+        bp = self.base_probes
+        base_by_id = {i: c for i, c, sp in zip(bp["ids"], bp["correct"], bp["split"]) if sp == "test"}
+        info = self.probe_base()
+        out: dict[str, Any] = {}
+        groups = {name: [name] for name in info}
+        groups["informative"] = [n for n, row in info.items() if row["informative"]]
+        for label, names in groups.items():
+            idx = [i for i, (p, sp, item) in enumerate(zip(run.probes["probe"], run.probes["split"], run.probes["ids"]))
+                   if p in names and sp == "test" and item in base_by_id]
+            if not idx:
+                continue
+            chance = float(np.mean([1 / run.probes["choices"][i] for i in idx]))
+            mine = [run.probes["correct"][i] for i in idx]
+            theirs = [base_by_id[run.probes["ids"][i]] for i in idx]
+            row = _accuracy(mine, chance)
+            row["vs_base_points"] = 100 * (np.mean(mine) - np.mean(theirs))
+            row["mcnemar"] = mcnemar_exact(mine, theirs)
+            out[label] = row
+        return out
 
     def _yesno(self, rel: str) -> dict | None:
         raw = records.read(self.out, rel)
@@ -189,14 +267,38 @@ class Results:
         return sorted([r for r in self.runs if r.method == method and r.variant == variant and r.seed == 0],
                       key=lambda r: r.e)
 
+    @property
+    def select_seeds(self) -> int:
+        """Seeds at every lr of a front (1 in folders made before seeds were part of the choice)."""
+        n = self.config.get("select_seeds", 1)
+        return n if type(n) is int and n >= 1 else 1
+
+    def selection(self, method: str) -> Selection:
+        """The runner's lr choice, recomputed from the records (the same rule, :mod:`.selection`)."""
+        variant = METHODS[method].default_variant
+        by_lr: dict[int, dict[int, float]] = {}
+        for r in self.runs:
+            if r.method == method and r.variant == variant and r.seed < self.select_seeds:
+                by_lr.setdefault(r.e, {})[r.seed] = math.inf if r.failed else r.metrics["dev_score"]
+        scores = {e: [v[s] for s in sorted(v)] for e, v in by_lr.items() if len(v) == self.select_seeds}
+        return choose(scores, self.select_seeds)
+
+    def _seed0(self, method: str, e: int | None) -> Run | None:
+        return next((r for r in self.front(method) if r.e == e), None) if e is not None else None
+
     def chosen(self, method: str) -> Run | None:
-        ok = [r for r in self.front(method) if not r.failed]
-        return min(ok, key=lambda r: r.metrics["dev_score"]) if ok else None
+        """Seed 0 of the lr the tie rule chose (see :meth:`selection`)."""
+        return self._seed0(method, self.selection(method).chosen)
+
+    def best(self, method: str) -> Run | None:
+        """Seed 0 of the lr with the best mean dev score (the chosen one unless the tie rule moved off it)."""
+        return self._seed0(method, self.selection(method).best)
 
     def interior(self, method: str) -> bool:
-        front = [r for r in self.front(method)]
-        best = self.chosen(method)
-        return best is not None and 0 < front.index(best) < len(front) - 1
+        """Whether both the best and the chosen lr have a tried lr on either side."""
+        sel = self.selection(method)
+        lrs = sorted(sel.scores)
+        return sel.best is not None and all(0 < lrs.index(e) < len(lrs) - 1 for e in (sel.best, sel.chosen))
 
     def seeds(self, method: str) -> list[Run]:
         best = self.chosen(method)
@@ -212,7 +314,7 @@ class Results:
         for key, _ in METRICS:
             ests = [r.metrics[key] for r in runs if key in r.metrics]
             if runs and len(ests) == len(runs):
-                out[key] = seed_mean_estimate(ests, seed=_method_seed(method))
+                out[key] = seed_mean_estimate(ests, seed=method_seed(method))
         return out
 
     def seed_summary(self) -> dict[str, Any]:
@@ -241,6 +343,13 @@ class Results:
                                 "vs_base_points_mean": float(np.mean([y["vs_base_points"] for y in yn])),
                                 "yes_rate_per_seed": [y["yes_rate"] for y in yn],
                                 "mcnemar_p_per_seed": [y["mcnemar"]["p_value"] for y in yn]}
+            pr = [self.probe_row(r) for r in runs]
+            if all(pr):
+                row["probes"] = {name: {"accuracy_mean": float(np.mean([p[name]["accuracy"] for p in pr])),
+                                        "accuracy_per_seed": [p[name]["accuracy"] for p in pr],
+                                        "vs_base_points_mean": float(np.mean([p[name]["vs_base_points"] for p in pr])),
+                                        "mcnemar_p_per_seed": [p[name]["mcnemar"]["p_value"] for p in pr]}
+                                 for name in pr[0] if all(name in p for p in pr)}
             summary["methods"][m] = row
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
@@ -318,6 +427,7 @@ class Results:
                 if r.stages[0].get("peft"):
                     row["peft"] = r.stages[0]["peft"]
                 row["yesno"] = self.yesno_row(r)
+                row["probes"] = self.probe_row(r)
             runs.append(row)
         base_yn = None
         if self.base_yesno:
@@ -331,10 +441,14 @@ class Results:
             "domains": self.domain_info,
             "base_ppl": {d: self.base_ppl[d].as_dict() for d in self.columns}, "base_yesno": base_yn,
             "chosen": {m: (self.chosen(m).name if self.chosen(m) else None) for m in self.methods()},
+            "selection": {m: self.selection(m).as_dict() for m in self.methods()},
+            "probes_base": self.probe_base() if self.base_probes else None,
             "interior": {m: self.interior(m) for m in self.methods()},
             "matched_earlier_vs_base": self.matched("earlier_vs_base") if len(self.sequence) > 1 else None,
             "matched_earlier_vs_own": self.matched("earlier_vs_own") if len(self.sequence) > 1 else None,
             "seeds_at_chosen": self.seed_summary(),
+            "matched_curves": all_curves(self) if len(self.sequence) > 1 else {},
+            "alpha_fronts": alpha_fronts(self) if len(self.sequence) > 1 else {},
             "runs": runs, "cost": self.cost(),
         }
 
@@ -346,6 +460,7 @@ class Results:
         """
         stages = [s for r in self.runs for s in r.stages if "seconds" in s]
         passes = [r.yesno for r in self.runs if r.yesno] + ([self.base_yesno] if self.base_yesno else [])
+        probe_passes = [r.probes for r in self.runs if r.probes] + ([self.base_probes] if self.base_probes else [])
         with_cpu = [s for s in stages if "cpu_seconds" in s]
         return {"stages": len(stages), "stage_wall_seconds": round(sum(s["seconds"]["stage"] for s in stages)),
                 "stages_with_cpu_seconds": len(with_cpu),
@@ -354,348 +469,19 @@ class Results:
                 if with_cpu else None,
                 "yesno_passes": len(passes), "yesno_wall_seconds": round(sum(p.get("seconds", 0) for p in passes)),
                 "yesno_cpu_seconds": round(sum(p.get("cpu_seconds", 0) for p in passes)),
+                "probe_passes": len(probe_passes),
+                "probe_wall_seconds": round(sum(p.get("seconds", 0) for p in probe_passes)),
+                "probe_cpu_seconds": round(sum(p.get("cpu_seconds", 0) for p in probe_passes)),
                 "base_seconds": self.base.get("seconds")}
 
 
 # ---------------------------------------------------------------------------------- rendering
 
 
-def _f(e: Any, digits: int = 1, ci: bool = True) -> str:
-    if e is None:
-        return "—"
-    if isinstance(e, Estimate):
-        e = e.as_dict()
-    if isinstance(e, dict):
-        v = e["value"]
-        if v is None or not math.isfinite(v):
-            return "n/r"
-        s = f"{v:+.{digits}f}"
-        if ci and math.isfinite(e.get("lo", math.nan)):
-            s += f" [{e['lo']:+.{digits}f}, {e['hi']:+.{digits}f}]"
-        return s
-    return f"{e:+.{digits}f}"
-
-
-def _cell(text: str) -> str:
-    """Free text (an error message) as one markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _max_gain(run: Run) -> str:
-    """max |s − 1| of the effective gains after the last stage (gain methods), else a dash."""
-    g = run.stages[-1].get("gains")
-    return f"{g['max_abs_s_minus_1_effective']:.3f}" if g else "—"
-
-
-def render_markdown(res: Results) -> str:
-    c = res.config
-    K = len(res.sequence)
-    lines = [f"# Forgetting front: {' → '.join(res.sequence)}", "",
-             f"Base `{c['base']}`; per stage {c['steps']} steps × {c['batch_size']} windows × {c['seq_len']} "
-             f"tokens; {c['test_windows']} test windows per domain (≤ 2 per document), {c['dev_windows']} dev "
-             f"windows (other documents) for choosing learning rates; never-trained domains: "
-             f"{', '.join(res.extra) or 'none'}. Changes are relative PPL changes in %, with 95% paired "
-             f"bootstrap intervals over documents ({res.bs.resamples} resamples). Never-trained domains are "
-             "scored after the last stage only.", ""]
-    lines += ["## Domains", "", "| domain | test windows (documents) | dev windows (documents) | training documents | "
-              "split | base PPL [95% CI] |", "|---|---:|---:|---:|---|---:|"]
-    for d in res.columns:
-        i = res.domain_info[d]
-        b = res.base_ppl[d].as_dict()
-        lines.append(f"| {d} | {i['test_windows']} ({i['test_units']}) | {i['dev_windows']} ({i['dev_units']}) | "
-                     f"{i['documents_train']} | {i['split']} | {b['value']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}] |")
-    lines += ["", "## Fronts (seed 0, one row per learning rate)", "",
-              "`dev` is the selection score (mean in-domain dev NLL change, nats/token; lower is better); ✓ marks "
-              "the chosen lr. in-domain: own domain at its own stage vs base, mean over stages. earlier: domains "
-              "trained before the last stage, after it, vs base / vs right after their own stage.", "",
-              "| method | lr | dev | in-domain | earlier vs base | earlier vs own stage | never-trained | params | "
-              "max \\|s−1\\| |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in res.methods():
-        best = res.chosen(m)
-        for r in res.front(m):
-            if r.failed:
-                lines.append(f"| {m} | {lr_label(r.e)} | failed | {_cell(r.failed)} | | | | | |")
-                continue
-            mt = r.metrics
-            lines.append(f"| {m} | {lr_label(r.e)}{' ✓' if r is best else ''} | {mt['dev_score']:+.4f} | "
-                         f"{_f(mt['in_domain'])} | {_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
-                         f"{_f(mt.get('untrained'))} | {r.stages[0]['train']['trainable_parameters']:,} | "
-                         f"{_max_gain(r)} |")
-    lines += [""]
-    for m in res.methods():
-        if res.front(m) and METHODS[m].extend:
-            lines.append(f"- {m}: dev optimum {'interior' if res.interior(m) else 'AT AN EDGE'} of "
-                         f"{len(res.front(m))} lrs.")
-    if K > 1:
-        for key, title in (("earlier_vs_base", "earlier domains vs base"),
-                           ("earlier_vs_own", "earlier domains vs their own stage (backward transfer)")):
-            mt = res.matched(key)
-            if not mt["targets"]:
-                continue
-            lines += ["", f"## At matched in-domain change: {title}", "",
-                      "Interpolated linearly along each front, over its lrs up to its best in-domain one (past it a "
-                      "front only turns back); n/r: the front does not reach that in-domain change.",
-                      "", "| method | " + " | ".join(f"in-domain {t:+.0f}%" for t in MATCH_TARGETS) + " |",
-                      "|---|" + "---:|" * len(MATCH_TARGETS)]
-            for m, row in mt["targets"].items():
-                lines.append(f"| {m} | " + " | ".join(_f(row[str(t)]) for t in MATCH_TARGETS) + " |")
-            lines += ["", "At each method's chosen point (its in-domain change), every front interpolated there; "
-                          "in brackets the paired difference to the reference method:", "",
-                      "| reference (chosen lr, its in-domain) | " + " | ".join(mt["targets"]) + " |",
-                      "|---|" + "---:|" * len(mt["targets"])]
-            for ref, entry in mt["at_chosen"].items():
-                cells = []
-                for m in mt["targets"]:
-                    v = entry["values"].get(m)
-                    cells.append("—" if v is None else (_f(v, ci=False) + ("" if m == ref else
-                                                                           f" (Δ {_f(v['minus_ref'])})")))
-                lines.append(f"| {ref} ({entry['lr']:.2g}, {_f(entry['x'], ci=False)}) | " + " | ".join(cells) + " |")
-    summary = res.seed_summary()
-    if summary["methods"]:
-        lines += ["", "## The chosen points over seeds", "",
-                  "Each method at its chosen lr (seed 0's dev optimum) with every seed run there (data order and "
-                  "adapter initialisation): the mean over seeds with a 95% interval that combines the documents' "
-                  "bootstrap with a t-interval over the seeds (n − 1 degrees of freedom), and the standard "
-                  "deviation over seeds. Seed 0 is the run whose dev score chose the lr; the others were not "
-                  "selected on anything.", "",
-                  "| method | lr | seeds | " + " | ".join(label for _, label in METRICS) + " |",
-                  "|---|---:|---:|" + "---:|" * len(METRICS)]
-        for m, row in summary["methods"].items():
-            cells = [(_f(row["metrics"][k]) + f" (sd {row['metrics'][k]['sd_over_seeds']:.1f})")
-                     if k in row["metrics"] else "—" for k, _ in METRICS]
-            lines.append(f"| {m} | {lr_label(row['lr_exponent'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-        if summary["differences"]:
-            lines += ["", "Differences of the seed means, A − B (documents paired, the seed terms independent); an "
-                          "interval that excludes 0 is a difference beyond both the documents' and the seeds' noise "
-                          "(assuming seed effects roughly normal):", "",
-                      "| A − B | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-            for pair, row in summary["differences"].items():
-                lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(_f(row.get(k)) for k, _ in METRICS) + " |")
-        yn = {m: row["yesno"] for m, row in summary["methods"].items() if "yesno" in row}
-        if yn:
-            lines += ["", "| method | yes/no accuracy, mean over seeds (per seed) | vs base, points | says yes (per seed) | "
-                          "McNemar p (per seed) |", "|---|---:|---:|---:|---:|"]
-            for m, y in yn.items():
-                lines.append(f"| {m} | {100 * y['accuracy_mean']:.1f}% ({', '.join(f'{100 * a:.1f}' for a in y['accuracy_per_seed'])}) | "
-                             f"{y['vs_base_points_mean']:+.1f} | {', '.join(f'{100 * r:.0f}%' for r in y['yes_rate_per_seed'])} | "
-                             f"{', '.join(_p(p) for p in y['mcnemar_p_per_seed'])} |")
-    if res.base_yesno:
-        n = res.base_yesno["items"]
-        c0 = int(np.sum(res.base_yesno["correct"]))
-        lo, hi = wilson_interval(c0, n)
-        lines += ["", "## Yes/no (CoQA, zero-shot)", "",
-                  f"{n} items (a fixed random sample); {100 * np.mean(res.base_yesno['answers_yes']):.0f}% of the "
-                  f"gold answers are yes. Base: {100 * c0 / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (Wilson 95%), "
-                  f"says yes {100 * res.base_yesno['yes_rate']:.0f}%. McNemar: exact two-sided test against the "
-                  "base on the same items.", "",
-                  "| run | accuracy [95% CI] | vs base (points) | says yes | only run right / only base right | "
-                  "McNemar p |", "|---|---:|---:|---:|---:|---:|"]
-        for r in res.runs:
-            row = res.yesno_row(r)
-            if row is None:
-                continue
-            t = row["mcnemar"]
-            lines.append(f"| {r.name} | {100 * row['accuracy']:.1f}% [{100 * row['lo']:.1f}, {100 * row['hi']:.1f}] | "
-                         f"{row['vs_base_points']:+.1f} | {100 * row['yes_rate']:.0f}% | {t['a_only']} / {t['b_only']} | "
-                         f"{_p(t['p_value'])} |")
-    variants = [r for r in res.runs if r.variant != METHODS[r.method].default_variant and not r.failed]
-    if variants:
-        lines += ["", "## Staging variants (at the default variant's chosen lr, seed 0)", ""]
-        for v, text in VARIANTS.items():
-            lines.append(f"- `{v}`: {text}")
-        lines += ["", "| method | variant | lr | in-domain | earlier vs base | earlier vs own stage | never-trained | "
-                      "max \\|s−1\\| after each stage |", "|---|---|---:|---:|---:|---:|---:|---|"]
-        for m in res.methods():
-            best = res.chosen(m)
-            rows = ([best] if best else []) + [r for r in variants if r.method == m]
-            if len(rows) < 2:
-                continue
-            for r in rows:
-                mt = r.metrics
-                gains = ", ".join(f"{s['gains']['max_abs_s_minus_1_effective']:.3f}" for s in r.stages
-                                  if s.get("gains")) or "—"
-                lines.append(f"| {m} | {r.variant} | {lr_label(r.e)} | {_f(mt['in_domain'])} | "
-                             f"{_f(mt.get('earlier_vs_base'))} | {_f(mt.get('earlier_vs_own'))} | "
-                             f"{_f(mt.get('untrained'))} | {gains} |")
-        for r in variants:
-            if r.variant == "swap":
-                n = r.stages[0]["train"]["trainable_parameters"]
-                lines.append(f"\n`{r.method}:swap` keeps one gain file per domain: {K} files of {n:,} float32 gains "
-                             f"({4 * n:,} bytes of vectors each, plus a header), and serving needs to know the domain.")
-    lines += ["", "## Cost (measured)", "", "| method | trainable params | s/step | s/stage | "
-              "peak RSS of a stage (MiB) |", "|---|---:|---:|---:|---:|"]
-    process_peak_only = False
-    for m in res.methods():
-        runs = [r for r in res.runs if r.method == m and not r.failed]
-        if runs:
-            sps = np.mean([s["train"]["seconds_per_step"] for r in runs for s in r.stages])
-            sst = np.mean([s["seconds"]["stage"] for r in runs for s in r.stages])
-            peaks = [s["stage_peak_rss_mib"] for r in runs for s in r.stages if "stage_peak_rss_mib" in s]
-            process_peak_only |= not peaks
-            rss = f"{max(peaks):,.0f}" if peaks else "—"
-            lines.append(f"| {m} | {runs[0].stages[0]['train']['trainable_parameters']:,} | {sps:.2f} | {sst:.0f} | "
-                         f"{rss} |")
-    if process_peak_only:
-        lines += ["", "—: these stages recorded only their process's peak memory so far (records from before "
-                      "per-stage peaks), which includes every earlier stage of that process."]
-    cost = res.cost()
-    lines += ["", f"Measured: {cost['stages']} stages took {cost['stage_wall_seconds'] / 3600:.2f} h of wall time "
-                  f"(on a shared machine); {cost['stages_with_cpu_seconds']} of them recorded their CPU time: "
-                  + (f"{cost['mean_stage_cpu_seconds']:.0f} CPU-seconds per stage on average. "
-                     if cost["mean_stage_cpu_seconds"] else "")
-                  + f"Yes/no: {cost['yesno_passes']} passes, {cost['yesno_wall_seconds'] / 60:.0f} min wall, "
-                  f"{cost['yesno_cpu_seconds'] / 60:.0f} CPU-min.", ""]
-    lines += ["## Per-stage matrices (chosen lr, seed 0): PPL change vs base (%)", ""]
-    for m in res.methods():
-        best = res.chosen(m)
-        if best is None or "matrix" not in best.metrics:
-            continue
-        lines += [f"### {m} (lr {lr_label(best.e)})", "", "| after stage | " + " | ".join(res.columns) + " |",
-                  "|---|" + "---:|" * len(res.columns)]
-        for k, row in enumerate(best.metrics["matrix"]):
-            lines.append(f"| {k + 1}: {res.sequence[k]} | " + " | ".join(f"{x:+.1f}" if math.isfinite(x) else "·"
-                                                                         for x in row) + " |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def make_plots(res: Results, out: Path) -> list[Path]:
-    """front.png (both earlier metrics vs in-domain, per method, CIs) and one heatmap per chosen run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths: list[Path] = []
-    if len(res.sequence) > 1:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-        # a point that makes its own domains worse than the base is off the front (and one diverged lr
-        # would squash every other point into a corner): such points are named under the plot instead
-        off = [r for m in res.methods() for r in res.front(m)
-               if not r.failed and r.metrics and r.metrics["in_domain"].point > 0]
-        for ax, key, title in ((axes[0], "earlier_vs_base", "earlier domains vs base"),
-                               (axes[1], "earlier_vs_own", "earlier domains vs own stage (backward transfer)")):
-            for m in res.methods():
-                pts = [r for r in res.front(m) if not r.failed and key in r.metrics and r not in off]
-                if not pts:
-                    continue
-                x = [r.metrics["in_domain"].as_dict() for r in pts]
-                y = [r.metrics[key].as_dict() for r in pts]
-                xv = np.array([p["value"] for p in x])
-                yv = np.array([p["value"] for p in y])
-                xerr = np.array([[p["value"] - p["lo"] for p in x], [p["hi"] - p["value"] for p in x]])
-                yerr = np.array([[p["value"] - p["lo"] for p in y], [p["hi"] - p["value"] for p in y]])
-                line = ax.errorbar(xv, yv, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1.2, label=m)
-                for r, xi, yi in zip(pts, xv, yv):
-                    ax.annotate(lr_label(r.e), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-                best = res.chosen(m)
-                if best is not None and key in best.metrics:
-                    ax.plot([best.metrics["in_domain"].point], [best.metrics[key].point], marker="*", ms=14,
-                            color=line[0].get_color(), markeredgecolor="black")
-                means = res.seed_means(m) if len(res.seeds(m)) > 1 else {}
-                if "in_domain" in means and key in means:  # the chosen point over seeds (docs x seeds CI)
-                    mx, my = means["in_domain"].as_dict(), means[key].as_dict()
-                    ax.errorbar([mx["value"]], [my["value"]], xerr=[[mx["value"] - mx["lo"]], [mx["hi"] - mx["value"]]],
-                                yerr=[[my["value"] - my["lo"]], [my["hi"] - my["value"]]], marker="D", ms=6,
-                                color=line[0].get_color(), markeredgecolor="black", capsize=3, lw=2)
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.axvline(0, color="grey", lw=0.8)
-            ax.set_yscale("symlog", linthresh=10)  # linear within ±10%, logarithmic beyond: −8% and +600% both read
-            ax.set_xlabel("in-domain PPL change at own stage, mean over stages (%)  ← better")
-            ax.set_ylabel("PPL change (%)  ↓ better; symlog, linear within ±10")
-            ax.set_title(title, fontsize=10)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{' → '.join(res.sequence)}: one point per lr (label, seed 0), ★ = lr chosen on dev, "
-                     "◆ = its mean over seeds; 95% bootstrap CIs",
-                     fontsize=10)
-        if off:
-            fig.text(0.01, 0.01, "not shown (in-domain worse than the base): " + ", ".join(
-                f"{r.method} {lr_label(r.e)} ({r.metrics['in_domain'].point:+,.0f}%)" for r in off), fontsize=7)
-        fig.tight_layout(rect=(0, 0.03 if off else 0, 1, 1))
-        p = out / "front.png"
-        _save_figure(fig, p)
-        plt.close(fig)
-        paths.append(p)
-    for m in res.methods():
-        best = res.chosen(m)
-        if best is None or "matrix" not in best.metrics:
-            continue
-        data = np.array(best.metrics["matrix"])
-        lim = max(1.0, float(np.nanmax(np.abs(data))))  # each method its own symmetric scale
-        fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.9 * len(res.columns)), 2.2 + 0.5 * len(data)))
-        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(res.columns)), res.columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(data)), [f"{k + 1}: {d}" for k, d in enumerate(res.sequence[:len(data)])])
-        for i, row in enumerate(data):
-            for j, x in enumerate(row):
-                if math.isfinite(x):
-                    ax.text(j, i, f"{x:+.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(x) > 0.6 * lim else "black")
-        ax.set_xlabel("evaluated domain")
-        ax.set_ylabel("after stage")
-        ax.set_title(f"{m} (lr {lr_label(best.e)}): PPL change vs base (%), scale ±{lim:.1f}", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        fig.tight_layout()
-        p = out / f"heatmap-{m}.png"
-        _save_figure(fig, p)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-def write_report(out: Path, resamples: int = 2000) -> list[Path]:
-    """results.json, results.md and the plots, into ``out``; returns their paths."""
-    t0 = time.perf_counter()
-    res = Results(out, resamples=resamples)
-    data = res.to_json()
-    data["report_seconds"] = round(time.perf_counter() - t0, 1)
-    from gainsurgery.io.outputs import check_output, write_file
-
-    # every output checked before the first is written: a report is written whole or not at all
-    names = ["results.json", "results.md", "front.png", *(f"heatmap-{m}.png" for m in res.methods())]
-    for name in names:
-        check_output(out / name, kind="file", what="report file", error=ForgettingError)
-    markdown = render_markdown(res)
-    write_file(out / "results.json", records.dumps(data, indent=1) + "\n", error=ForgettingError)
-    write_file(out / "results.md", markdown, error=ForgettingError)
-    return [out / "results.json", out / "results.md", *make_plots(res, out)]
-
-
-def _p(p: float) -> str:
-    """A p-value for a table: three decimals, or "<0.001" (never a misleading 0.000)."""
-    return "<0.001" if p < 0.0005 else f"{p:.3f}"
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    """A PNG written whole or not at all (gainsurgery's output rules: never through a link)."""
-    from gainsurgery.io.outputs import atomic_file
-
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-
-
-def compare_runs(out: Path, name_a: str, name_b: str, resamples: int = 2000) -> str:
-    """A markdown table of two finished runs' metrics and A - B with paired 95% bootstrap intervals.
-
-    The intervals resample the same documents for both runs (they are scored on the same
-    windows), so the difference is far tighter than the two intervals side by side.
-
-    Raises:
-        ForgettingError: no such run, or it has not finished.
-    """
-    res = Results(out, resamples=resamples)
-    by_name = {r.name: r for r in res.runs}
-    picked = []
-    for name in (name_a, name_b):
-        run = by_name.get(name)
-        if run is None or run.failed or not run.metrics:
-            known = ", ".join(sorted(n for n, r in by_name.items() if r.metrics and not r.failed)) or "none"
-            raise ForgettingError(f"{name!r} is not a finished run under {out}/runs (finished: {known})")
-        picked.append(run)
-    a, b = picked
-    lines = [f"| metric (PPL change %, 95% CI) | A: {a.name} | B: {b.name} | A - B (paired) |", "|---|---:|---:|---:|"]
-    for key, label in METRICS:
-        if key in a.metrics and key in b.metrics:
-            lines.append(f"| {label} | {_f(a.metrics[key].as_dict())} | {_f(b.metrics[key].as_dict())} | "
-                         f"{_f((a.metrics[key] - b.metrics[key]).as_dict())} |")
-    return "\n".join(lines)
+def _accuracy(correct: list[bool], chance: float) -> dict[str, Any]:
+    """Accuracy with its Wilson 95% interval and Cohen's κ against a chance level (the choices' 1/k)."""
+    n, k = len(correct), int(np.sum(correct))
+    lo, hi = wilson_interval(k, n)
+    acc = k / n
+    return {"items": n, "accuracy": acc, "lo": lo, "hi": hi, "chance": chance,
+            "kappa": (acc - chance) / (1 - chance) if chance < 1 else math.nan}

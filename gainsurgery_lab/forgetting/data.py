@@ -2,7 +2,7 @@
 
 A domain is given as
 
-- a built-in name (``legal``, ``code``, ... — the corpora of :mod:`gainsurgery.domains`,
+- a built-in name (``legal``, ``code``, ... — the corpora of :mod:`gainsurgery.corpora`,
   fetched once by ``scripts/fetch_domains.py``);
 - ``NAME=TRAIN_FILE[,VALID_FILE]`` with .txt (documents separated by two blank
   lines), .jsonl or .parquet files (``text`` field/column);
@@ -15,7 +15,11 @@ Each domain is split **by document** into three disjoint parts:
   document;
 - **dev** windows (used only to choose learning rates): ``dev_windows`` windows
   from other documents, at most two per document;
-- **train** documents: everything else.
+- **train** documents: everything else, less any document that shares a 13-gram
+  (:data:`NGRAM` words after :func:`ngram_words`' light normalisation) with a test or
+  dev window: near-duplicates (license variants, generated modules) would otherwise
+  teach the test text. Dev documents that share a 13-gram with a test window are
+  skipped too, so the choice of lr is not made on the reported text either.
 
 Test and dev come from the validation file when one is given (it must then hold
 enough documents), otherwise they are carved from the training documents. The
@@ -40,7 +44,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gainsurgery import corpora
 from gainsurgery.errors import GainSurgeryError
+from gainsurgery.io.inputs import resolve_input
+from gainsurgery.training.data import DOC_SEPARATOR, adds_bos, pack, read_documents
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 VALID_STEMS = ("validation", "valid", "val", "test", "dev")
@@ -48,6 +55,9 @@ MAX_WINDOWS_PER_UNIT = 2
 #: Documents longer than this (characters) are cut into pieces at line boundaries, each a
 #: document: tokenizing one 50 MB line at once takes gigabytes of memory.
 MAX_DOC_CHARS = 1_000_000
+#: Training documents sharing a run of this many normalised words with a held-out window are dropped
+#: (13, as in the contamination checks of GPT-3 and later LM evaluations).
+NGRAM = 13
 
 
 class ForgettingError(GainSurgeryError):
@@ -122,7 +132,6 @@ def parse_domain(arg: str, data_dir: Path | None = None, text_field: str = "text
 
 
 def _files_in_folder(name: str, folder: Path) -> tuple[Path, Path | None]:
-    from gainsurgery.io.inputs import resolve_input
 
     def find(stems: Sequence[str]) -> Path | None:
         for stem in stems:
@@ -140,7 +149,6 @@ def _files_in_folder(name: str, folder: Path) -> tuple[Path, Path | None]:
 
 def builtin_domain(name: str, data_dir: Path | None = None) -> DomainSpec:
     """A built-in corpus (train + validation pooled; see the module docstring)."""
-    from gainsurgery_lab import corpora
 
     if name not in corpora.DOMAINS:
         raise ForgettingError(f"unknown built-in domain {name!r}; built-ins: {', '.join(corpora.DOMAINS)} "
@@ -192,7 +200,6 @@ def take_windows(tokenizer: Any, docs: Sequence[str], order: Sequence[int], seq_
     At most two windows per unit; a unit is one long document or a group of short
     ones packed EOS-joined into one window.
     """
-    from gainsurgery.training.data import adds_bos
 
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     eos = tokenizer.eos_token_id
@@ -227,6 +234,33 @@ def take_windows(tokenizer: Any, docs: Sequence[str], order: Sequence[int], seq_
     return Windows(ids, units), used
 
 
+def ngram_words(text: str) -> list[str]:
+    """Light normalisation for overlap checks: lower case, runs of letters and digits as words.
+
+    Punctuation, whitespace and line breaks are ignored, so a re-wrapped or re-indented
+    copy of a passage still matches.
+    """
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def ngrams(text: str, n: int = NGRAM) -> set[int]:
+    """Hashes of every run of ``n`` normalised words of ``text`` (empty when it is shorter).
+
+    Hashes stay within one process (Python salts ``hash`` per process): they are only
+    ever compared with others made in the same call.
+    """
+    words = ngram_words(text)
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def window_ngrams(tokenizer: Any, windows: "Windows", n: int = NGRAM) -> set[int]:
+    """The n-grams of the text that ``windows`` hold (decoded, special tokens left out)."""
+    out: set[int] = set()
+    for ids in windows.ids:
+        out |= ngrams(tokenizer.decode(ids, skip_special_tokens=True), n)
+    return out
+
+
 def _cut_long(docs: list[str], limit: int = MAX_DOC_CHARS) -> list[str]:
     """Documents longer than ``limit`` characters cut into pieces at line boundaries (hard cut if none)."""
     out: list[str] = []
@@ -247,12 +281,13 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
     """Split ``spec`` (see the module docstring), in memory; :func:`save_domain` writes it to ``work``.
 
     Held-out documents never reach training: a training document whose text equals a
-    test or dev document (a file given twice, a corpus with duplicates) is dropped.
+    test or dev document (a file given twice, a corpus with duplicates), or that shares
+    any :data:`NGRAM`-gram with a test or dev window, is dropped; a candidate dev document
+    that shares one with a test window is skipped. ``info`` counts both.
 
     Raises:
         ForgettingError: the domain is empty or too short for the windows asked.
     """
-    from gainsurgery.training.data import DOC_SEPARATOR, pack, read_documents
 
     try:
         train_docs = _cut_long(read_documents(spec.train, spec.text_field))
@@ -269,18 +304,31 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
             f"domain {spec.name}: only {len(test.ids)} test windows of {seq_len} tokens fit in "
             f"{'its validation file' if valid_docs else 'its documents'} (need {test_windows}, at most "
             f"{MAX_WINDOWS_PER_UNIT} per document); give more text or lower --test-windows/--seq-len")
-    rest = [i for i in order if i not in set(used_test)]
-    dev, used_dev = take_windows(tokenizer, source, rest, seq_len, dev_windows, start_unit=max(test.units) + 1)
+    test_grams = window_ngrams(tokenizer, test)
+    taken = set(used_test)
+    rest = [i for i in order if i not in taken]
+    # a dev document that repeats test text would choose lrs on the reported windows
+    clean_rest = [i for i in rest if not (ngrams(source[i]) & test_grams)]
+    dev_skipped = len(rest) - len(clean_rest)
+    dev, used_dev = take_windows(tokenizer, source, clean_rest, seq_len, dev_windows,
+                                 start_unit=max(test.units) + 1)
     if len(dev.ids) < dev_windows:
         raise ForgettingError(
             f"domain {spec.name}: after the {test_windows} test windows only {len(dev.ids)} dev windows fit "
-            f"(need {dev_windows}); give more text or lower --dev-windows")
+            f"(need {dev_windows})" + (f"; {dev_skipped} documents were passed over because they share a "
+                                       f"{NGRAM}-word run with a test window" if dev_skipped else "")
+            + "; give more text or lower --dev-windows")
     held_out = set(used_test) | set(used_dev)
     held_text = {source[i] for i in held_out}
-    remaining = [d for i, d in enumerate(train_docs) if (valid_docs or i not in held_out) and d not in held_text]
-    dropped = (len(train_docs) - (0 if valid_docs else len(held_out))) - len(remaining)
+    held_grams = test_grams | window_ngrams(tokenizer, dev)
+    candidates = [d for i, d in enumerate(train_docs) if (valid_docs or i not in held_out)]
+    unique = [d for d in candidates if d not in held_text]
+    remaining = [d for d in unique if not (ngrams(d) & held_grams)]
+    dropped = len(candidates) - len(unique)
+    overlapping = len(unique) - len(remaining)
     if not remaining and min_train_windows:
-        raise ForgettingError(f"domain {spec.name}: no training documents left after the test/dev split")
+        raise ForgettingError(f"domain {spec.name}: no training documents left after the test/dev split (every "
+                              f"one repeats held-out text or shares a {NGRAM}-word run with a test or dev window)")
     train_file = work / "train.txt"
     text = DOC_SEPARATOR.join(remaining)
     try:
@@ -298,4 +346,7 @@ def prepare_domain(spec: DomainSpec, tokenizer: Any, seq_len: int, test_windows:
             "train_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]}
     if dropped:
         info["duplicates_dropped"] = dropped
+    info["ngram_dropped"] = overlapping
+    info["ngram_dropped_chars"] = sum(len(d) for d in unique) - sum(len(d) for d in remaining)
+    info["dev_skipped"] = dev_skipped
     return PreparedDomain(spec.name, train_file, len(remaining), test, dev, info, train_text=text)

@@ -5,15 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gainsurgery_lab import probes, yesno
 from gainsurgery_lab.forgetting.data import ForgettingError, parse_domain  # noqa: F401 (ForgettingError: the CLI's)
 from gainsurgery_lab.forgetting.methods import METHODS, lr_label
-from gainsurgery_lab.forgetting.runner import ExperimentConfig
+from gainsurgery_lab.forgetting.config import ExperimentConfig
+from gainsurgery_lab.forgetting.selection import TIE_RULE
 
 DEFAULT_BASE = "embedded:gemma-3-270m"
 
+#: The CPU runs of issue 21 (2 cores, Gemma 3 270M, 30 steps x 4 x 128 tokens per stage): every lr of a
+#: front with 2 seeds (the lr chosen on their mean dev score, selection.py's tie rule), a third seed at
+#: the chosen lr, the knowledge probes for the base and every seed at the chosen (and best) lrs.
+_CPU_RUN = dict(eval_domains=["science", "literature"], seeds=3, select_seeds=2, steps=30, batch_size=4,
+                seq_len=128, test_windows=32, dev_windows=16, yesno=0, probes=True, variants=[],
+                max_extensions=2, phases=["fronts", "seeds", "probes", "extras"],
+                grids={"gain-ffn": [-6, -5, -4, -3], "lora": [-8, -7, -6, -5], "lora-matched": [-7, -6, -5, -4]})
+
 PRESETS: dict[str, dict[str, Any]] = {
+    # order 1: the three main methods (GAIN-FFN, LoRA r8, parameter-matched LoRA r1) as fronts
+    "cpu-order1": dict(_CPU_RUN, domains=["legal", "code", "medical"], front_methods=["gain-ffn", "lora", "lora-matched"],
+                       seed_methods=["gain-ffn", "lora", "lora-matched"], extra_methods=[]),
+    # order 2: another order of the same domains; parameter-matched LoRA only after the rest (an extra)
+    "cpu-order2": dict(_CPU_RUN, domains=["code", "medical", "legal"], front_methods=["gain-ffn", "lora"],
+                       seed_methods=["gain-ffn", "lora"], extra_methods=["lora-matched"]),
+    # five stages: order 1's domains, then the PARI/GP manuals and the KJV
+    "cpu-long": dict(_CPU_RUN, domains=["legal", "code", "medical", "math", "religion"],
+                     front_methods=["gain-ffn", "lora"], seed_methods=["gain-ffn", "lora"],
+                     extra_methods=["lora-matched"]),
     # 2 CPU cores, Gemma 3 270M: ~3.5 min per stage; fronts of the three main methods, 3 seeds at the
-    # chosen lrs and yes/no come first (~4 h); extras after that, if time allows.
+    # chosen lrs and yes/no come first (~4 h); extras after that, if time allows. (The 2026-12 run:
+    # one seed per lr, CoQA yes/no; superseded by the cpu-order* presets.)
     "cpu": dict(domains=["legal", "code", "medical"], eval_domains=["science", "literature"],
                 front_methods=["gain-ffn", "lora", "lora-matched"],
                 seed_methods=["gain-ffn", "lora", "lora-matched"],
@@ -94,9 +115,9 @@ def make_config(*, out: str, preset: str | None = None, base: str | None = None,
     if "yesno" not in settings:
         settings["yesno"] = 0
     if settings.get("yesno"):
-        from gainsurgery_lab import corpora
-
-        settings["yesno_file"] = str(corpora.default_yesno_out() / corpora.YESNO_FILE)
+        settings["yesno_file"] = str(yesno.default_yesno_out() / yesno.YESNO_FILE)
+    if settings.pop("probes", False) and not settings.get("probe_file"):
+        settings["probe_file"] = str(probes.default_out() / probes.ITEMS_FILE)
     cfg = ExperimentConfig(base=DEFAULT_BASE if base is None else base, out=out,
                            sequence=[parse_domain(d, data_dir, text_field) for d in seq_names],
                            extra_eval=[parse_domain(d, data_dir, text_field) for d in extra_names], **settings)
@@ -115,16 +136,23 @@ def describe_plan(cfg: ExperimentConfig) -> str:
     for m in cfg.front_methods:
         grid = cfg.grid(m)
         runs += len(grid)
-        lines.append(f"front {m}: lrs {', '.join(lr_label(e) for e in grid)} (extended while the dev optimum "
-                     f"is at an edge, up to {cfg.max_extensions} more)")
+        lines.append(f"front {m}: lrs {', '.join(lr_label(e) for e in grid)} (extended while the best lr is the "
+                     f"largest or the chosen lr the smallest, up to {cfg.max_extensions} more)")
+    runs *= cfg.select_seeds
+    if cfg.select_seeds > 1:
+        lines.append(f"every lr with {cfg.select_seeds} seeds; the lr is chosen on their mean dev score: "
+                     f"{TIE_RULE}")
     if "seeds" in cfg.phases:
-        runs += (cfg.seeds - 1) * len(cfg.seed_methods)
-        lines.append(f"seeds: {cfg.seeds} at the dev-optimal lr of {', '.join(cfg.seed_methods)}")
+        runs += (cfg.seeds - cfg.select_seeds) * len(cfg.seed_methods)
+        lines.append(f"seeds: {cfg.seeds} at the chosen lr of {', '.join(cfg.seed_methods)}")
+    if "probes" in cfg.phases and cfg.probe_file:
+        lines.append(f"knowledge probes ({cfg.probe_file}): the base (dev and test items), then every seed at "
+                     "the chosen and best lrs (test items)")
     if "yesno" in cfg.phases and cfg.yesno:
         lines.append(f"yes/no: {cfg.yesno} items for the base and those runs")
     if "extras" in cfg.phases:
         for m in cfg.extra_methods:
-            runs += len(cfg.grid(m))
+            runs += len(cfg.grid(m)) * cfg.select_seeds
             lines.append(f"extra front {m}: lrs {', '.join(lr_label(e) for e in cfg.grid(m))}")
         runs += len(cfg.variants)
         if cfg.variants:

@@ -14,7 +14,7 @@ read as hostile input, the way gainsurgery reads a checkpoint:
   the file and the field.
 
 Downstream code then trusts the returned dicts. Records are written with
-:func:`gainsurgery.io.outputs.write_file` (whole or not at all, never through a
+:func:`gainsurgery.io.atomic.write_file` (whole or not at all, never through a
 link), as strict JSON: a non-finite float becomes ``null``.
 
 Layout::
@@ -22,11 +22,13 @@ Layout::
     experiment.json             {"signature", "config", "sources"}   (the folder's marker)
     base.json                   {"test_nll": {domain: [per-window NLL]}, "dev_nll": {...}, "seconds"}
     base_yesno.json             yes/no record (see :func:`yesno_record`)
+    base_probes.json            knowledge probes, dev and test items (see :func:`probes_record`)
     data/<domain>/windows.json  {"name", "info", "test": {"ids", "units"}, "dev": {...}}
     data/<domain>/train.txt     the training documents
     runs/<run>/run.json         {"method", "variant", "lr", "lr_exponent", "lr_label", "seed"}
     runs/<run>/stage-<k>.json   one stage (see :func:`stage_record`)
     runs/<run>/yesno.json
+    runs/<run>/probes.json      knowledge probes, test items
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from gainsurgery.io import jsonsafe
 from gainsurgery.io.inputs import open_input, resolve_input, show_path
 from gainsurgery_lab.forgetting.data import ForgettingError, PreparedDomain, Windows, check_domain_name
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT
+from gainsurgery.io.atomic import write_file
 
 #: Size limit of one record, in bytes (a stage of 10,000 windows per domain is ~2 MB).
 MAX_RECORD_BYTES = 64 << 20
@@ -79,7 +82,6 @@ def dumps(obj: Any, **kw: Any) -> str:
 
 def write(path: Path, obj: Any, **kw: Any) -> None:
     """Write ``obj`` as strict JSON to ``path``, whole or not at all (unguessable temp: workers never share one)."""
-    from gainsurgery.io.outputs import write_file
 
     write_file(path, dumps(obj, **kw) + "\n", error=ForgettingError)
 
@@ -281,13 +283,54 @@ def yesno_record(raw: Any, where: str) -> dict[str, Any]:
     return rec
 
 
+def alpha_stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]:
+    """``alpha/<run>/a<α>/stage-<k>.json``: the α-scaled model after stage ``k``, scored like a stage."""
+    f = _fields(raw, where)
+    if f.int("stage") != k:
+        raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
+    own = layout.sequence[k - 1]
+    if f.str("domain") != own:
+        raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    alpha = f.number("alpha")
+    if not 0 < alpha <= 16:
+        raise ForgettingError(f"{where}: alpha: {alpha}, expected a number in (0, 16]")
+    return {"stage": k, "domain": own, "alpha": alpha,
+            "test_nll": layout.nll_map(f.raw("test_nll"), where, "test_nll", "test", (own,)),
+            "dev_nll": layout.nll_map(f.raw("dev_nll"), where, "dev_nll", "dev", (own,)),
+            "seconds": f.number("seconds", 0.0)}
+
+
+def probes_record(raw: Any, where: str) -> dict[str, Any]:
+    """``base_probes.json`` / ``runs/<run>/probes.json``: per-item answers of one model on the probe items."""
+    f = _fields(raw, where)
+    n = f.int("items", min=1)
+    rec: dict[str, Any] = {"items": n}
+    for key in ("ids", "probe", "split"):
+        v = f.raw(key)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in v):
+            raise ForgettingError(f"{where}: {key}: expected {n} short strings")
+        rec[key] = v
+    if not set(rec["split"]) <= {"dev", "test"}:
+        raise ForgettingError(f"{where}: split: expected only 'dev' and 'test'")
+    for key, lo in (("choices", 2), ("answer", 0), ("pred", 0)):
+        v = f.raw(key)
+        if not isinstance(v, list) or len(v) != n or not all(type(x) is int and lo <= x <= 64 for x in v):
+            raise ForgettingError(f"{where}: {key}: expected {n} small non-negative integers")
+        rec[key] = v
+    if any(a >= c or p >= c for a, p, c in zip(rec["answer"], rec["pred"], rec["choices"])):
+        raise ForgettingError(f"{where}: an answer or prediction beyond its item's choices")
+    rec["correct"] = [a == p for a, p in zip(rec["answer"], rec["pred"])]  # derived, never trusted
+    rec["seconds"] = f.number("seconds", 0.0)
+    rec["cpu_seconds"] = f.number("cpu_seconds", 0.0)
+    return rec
+
+
 # ----------------------------------------------------------------------------- frozen domains
 
 
 def save_domain(dom: PreparedDomain) -> None:
     """Freeze a prepared domain: its training text, then its windows (so every run and resume scores the same
     tokens). ``windows.json`` is written last: a domain counts as frozen only when both files are there."""
-    from gainsurgery.io.outputs import write_file
 
     if dom.train_text is None:
         raise ValueError(f"domain {dom.name}: already saved")
