@@ -332,6 +332,11 @@ def apply(
         from gainsurgery.errors import GainSurgeryError
 
         raise GainSurgeryError("--keep-types and --requant-tolerance are for a GGUF BASE (a .gguf file)")
+    if out is not None and is_gguf(str(out)):
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError(f"OUT ends in .gguf, but BASE is a safetensors checkpoint, whose result is a folder; "
+                               "to adapt a GGUF file, give the .gguf file as BASE")
     publisher = None
     if push_to:
         from gainsurgery.hub.client import HubClient

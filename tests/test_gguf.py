@@ -455,6 +455,8 @@ def test_split_files_and_non_gguf_out_are_refused(files, tmp_path):
         apply(split, [save(gain(), tmp_path / "g.safetensors")], tmp_path / "o.gguf")
     with pytest.raises(GainSurgeryError, match="for a GGUF BASE"):
         api.apply(str(tmp_path / "x"), [], str(tmp_path / "y"), keep_types=True)
+    with pytest.raises(GainSurgeryError, match="whose result is a folder"):
+        api.apply(str(tmp_path / "x"), [], str(tmp_path / "y.gguf"))
 
 
 def test_mixed_types_cover_what_q4_k_m_uses():
@@ -488,7 +490,12 @@ def test_a_hub_gguf_as_base_and_push_of_the_result(hub, files, tmp_path, cli):
     assert len(record["base"]["commit"]) == 40
     r = cli("verify", "testuser/tiny-gguf:models/tiny-Q4_K_M.gguf", g, out)
     assert r.exit_code == 0, r.output
-    # push of an adapted file on its own; a plain GGUF is refused; pushing over the base's own repo is refused
+    # push of an adapted file on its own (a dry run contacts nothing); a plain GGUF is refused; pushing
+    # over the base's own repo is refused
+    requests = len(hub.requests)
+    r = cli("push", out, "testuser/again", "--dry-run")
+    assert r.exit_code == 0 and "would push GGUF file" in r.output and "legal.gguf" in r.output
+    assert len(hub.requests) == requests
     r = cli("push", out, "testuser/again", "--json")
     assert r.exit_code == 0, r.output
     assert _remote(hub, "testuser/again")["legal.gguf"] == out.read_bytes()
