@@ -581,7 +581,8 @@ def claim_folder(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathL
 
 
 def claim_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = (),
-               overwrite: bool = False, what: str = "OUT", error: type[GainSurgeryError] = OutputError) -> FolderClaim:
+               overwrite: bool = False, what: str = "OUT", error: type[GainSurgeryError] = OutputError,
+               wait: bool = False) -> FolderClaim:
     """Claim the file output ``out`` for a run that writes it for minutes (a GGUF model); use as a context manager.
 
     :func:`claim_folder`'s protocol with a temp *file*: ``out`` is checked with
@@ -592,7 +593,8 @@ def claim_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLik
     created exclusively and opened as :attr:`FolderClaim.file`.
     :meth:`FolderClaim.publish` fsyncs it and renames it into place without replacing
     (an atomic exchange with ``overwrite``); leaving the block without publishing
-    removes it: ``out`` is whole or absent.
+    removes it: ``out`` is whole or absent. ``wait``: wait for another run's lock
+    instead of failing (a cache file two processes may want at once).
 
     Example:
         >>> with claim_file("adapted.gguf", inputs=["base.gguf"]) as claim:  # doctest: +SKIP
@@ -602,7 +604,7 @@ def claim_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLik
     target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
     claim = FolderClaim(target, overwrite=overwrite, what=what, error=error, shown=show_path(out), kind="file")
     try:
-        claim._start()
+        claim._start(wait=wait)
     except BaseException as exc:
         claim._discard_after(exc)
         raise
