@@ -732,10 +732,12 @@ def test_credentials_in_hf_endpoint_are_never_printed(world, cli, tmp_path, monk
 
 
 def test_what_libraries_log_and_a_bugs_traceback_lose_credentials(tmp_path):
+    from gainsurgery.hub.internals import RETRY_LOGGER
+
     code = ("import logging, warnings, sys\n"
             "from gainsurgery.io.secrets import install_redaction\n"
             "install_redaction()\n"
-            "logging.getLogger('huggingface_hub.utils._http').warning('retrying GET %s', 'http://alice:pw1@h/api')\n"
+            f"logging.getLogger({RETRY_LOGGER!r}).warning('retrying GET %s', 'http://alice:pw1@h/api')\n"
             "warnings.warn('see http://alice:pw2@h/x')\n"
             "raise RuntimeError('failed: http://alice:pw3@h/y token ' + 'hf_' + 'z' * 34)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

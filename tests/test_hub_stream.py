@@ -430,6 +430,7 @@ def test_lfs_path_uses_our_sha256_without_hashing_again(hub, tmp_path):
     one, the object is announced under it and the upload is refused by the Hub's own check."""
     from gainsurgery.errors import HubError
     from gainsurgery.hub.client import HubClient
+    from gainsurgery.hub.internals import is_uploaded
     from gainsurgery.hub.transfer import preupload_file
 
     client = HubClient.from_env()
@@ -445,21 +446,18 @@ def test_lfs_path_uses_our_sha256_without_hashing_again(hub, tmp_path):
 
     right = hashlib.sha256(f.read_bytes()).hexdigest()
     op = preupload_file(client, "testuser/x", f, "model.safetensors", right)
-    assert op.upload_info.sha256.hex() == right and op._is_uploaded and hub.lfs_uploads[right] == 1
+    assert op.upload_info.sha256.hex() == right and is_uploaded(op) and hub.lfs_uploads[right] == 1
 
 
-def test_xet_path_hands_hf_xet_our_sha256(hub, tmp_path, monkeypatch):
+def test_xet_path_hands_hf_xet_our_sha256(hub, tmp_path):
     """Xet cannot be served here (no CAS server); this runs huggingface_hub's real Xet upload code with
     a recording stand-in for the hf_xet session, to show what reaches hf_xet: the path and our sha256
     (not hf_xet.COMPUTE_SHA256), so hf_xet does not hash the file a second time."""
     import types
 
-    import huggingface_hub._commit_api as commit_api
-    import huggingface_hub.utils._runtime as runtime
-    import huggingface_hub.utils._xet as xet
-
     from gainsurgery.hub.client import HubClient
-    from gainsurgery.hub.transfer import preupload_file, xet_uploads
+    from gainsurgery.hub.internals import upload_transport, xet_uploads
+    from gainsurgery.hub.transfer import preupload_file
 
     calls = []
 
@@ -479,17 +477,17 @@ def test_xet_path_hands_hf_xet_our_sha256(hub, tmp_path, monkeypatch):
         def new_upload_commit(self, **kwargs):
             return Commit()
 
-    monkeypatch.setattr(runtime, "is_xet_available", lambda: True)
-    monkeypatch.setattr(commit_api, "is_xet_available", lambda: True)
-    monkeypatch.setattr(xet, "get_xet_session", lambda: Session())
-    assert xet_uploads()
     client = HubClient.from_env()
     client.api.create_repo("testuser/x")
     f = tmp_path / "model.safetensors"
     f.write_bytes(os.urandom(300_000))
     ours = "cd" * 32  # not the file's hash: hf_xet gets it as given, nobody recomputes it
     seen = []
-    op = preupload_file(client, "testuser/x", f, "model.safetensors", ours, progress=seen.append)
+    assert not xet_uploads()  # the suite uploads through LFS (HF_HUB_DISABLE_XET)
+    with upload_transport("xet", xet_session=Session):
+        assert xet_uploads()
+        op = preupload_file(client, "testuser/x", f, "model.safetensors", ours, progress=seen.append)
+    assert not xet_uploads()  # the switch is undone
     assert calls == [(str(f), ours)]
     assert op.upload_info.sha256.hex() == ours and seen == [300_000]
     assert not [r for r in hub.requests if r.path.endswith("/info/lfs/objects/batch")]  # Xet skips the LFS batch
@@ -822,3 +820,23 @@ def test_private_files_of_the_work_folder_never_follow_a_link_nor_wait_on_a_fifo
         work.write_state({"format": "x"})  # replaces it (atomically) with a plain file
         assert work.read_state() == {"format": "x"}
         assert (tmp_path / "secret").read_text() == "not yours"
+
+
+def test_no_test_or_product_module_imports_a_private_huggingface_hub_name():
+    """huggingface_hub's private names are used in gainsurgery/hub/internals.py only (issue 20, item 4)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    private = re.compile(r"huggingface_hub(\.\w+)*\._\w+|\._is_uploaded\b")
+    seam = root / "gainsurgery" / "hub" / "internals.py"
+    offenders = []
+    for path in [*root.joinpath("gainsurgery").rglob("*.py"), *root.joinpath("gainsurgery_lab").rglob("*.py"),
+                 *root.joinpath("tests").glob("*.py"), *root.joinpath("scripts").glob("*.py")]:
+        if path == seam or path == Path(__file__).resolve():
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if private.search(line):
+                offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    assert private.search(seam.read_text(encoding="utf-8"))  # the seam is where they are

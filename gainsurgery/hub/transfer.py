@@ -39,6 +39,7 @@ from urllib.parse import quote
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_answer, hub_errors
+from gainsurgery.hub.internals import xet_uploads
 from gainsurgery.io.atomic import open_nofollow
 
 if TYPE_CHECKING:
@@ -305,13 +306,6 @@ class ProgressReader(io.BufferedReader):
                 self._on_read(pos - self._furthest)
             self._furthest = pos
         return data
-
-
-def xet_uploads() -> bool:
-    """True when huggingface_hub uploads through Xet (``hf_xet`` installed, ``HF_HUB_DISABLE_XET`` unset)."""
-    from huggingface_hub.utils._runtime import is_xet_available
-
-    return bool(is_xet_available())
 
 
 def preupload_file(client: HubClient, repo_id: str, path: Path, path_in_repo: str, sha256: str, *,

@@ -159,7 +159,7 @@ class TransferPlan:
 
 def transfer_plan(opened: OpenedBase, plan: Plan, work_root: Path) -> TransferPlan:
     """The bytes a Hub-to-Hub apply of ``plan`` will move, and the peak disk it needs."""
-    from gainsurgery.hub.transfer import xet_uploads
+    from gainsurgery.hub.internals import xet_uploads
     from gainsurgery.merge.provenance import OUTPUT_FILES
 
     from gainsurgery.io.inputs import resolve_input
@@ -425,7 +425,7 @@ class _Pipeline:
 
     def resume(self) -> list[str]:
         """Shards a killed run uploaded that the Hub still stores: they need no work at all."""
-        from gainsurgery.hub.transfer import xet_uploads
+        from gainsurgery.hub.internals import xet_uploads
 
         state = self.work.read_state()
         if not state or state.get("format") != _JOURNAL_FORMAT or state.get("fingerprint") != self.fingerprint:
