@@ -214,3 +214,35 @@ def test_eval_names_come_from_the_domain_folder():
     assert _eval_name("/cache/domains/legal/validation.txt") == "legal"
     assert _eval_name("data/legal.txt") == "legal"
     assert _eval_name("validation.txt") == "validation"
+
+
+def test_a_config_settles_into_the_plain_values_each_part_of_a_run_reads(lm, tmp_path):
+    """Defaults are settled once (lr, warmup, log and checkpoint paths); --resume means a gain file to
+    start from or a checkpoint to continue, never both; a run resumed inside its own checkpoint folder
+    keeps that checkpoint out of the inputs the folder is kept apart from, and no other."""
+    from gainsurgery.training import TrainConfig
+
+    base, a, b = lm
+    ck = tmp_path / "g.checkpoints"
+    (ck / "step-00000004").mkdir(parents=True)
+    cfg = TrainConfig(base=str(base), data=[str(a)], eval_data=[str(b)], output=str(tmp_path / "g.safetensors"),
+                      steps=30, warmup=0.25, save_every=2, resume=str(ck / "step-00000004"))
+    cfg.validate()
+    out = cfg.output_plan()
+    assert (out.log, out.checkpoints, out.folder) == (tmp_path / "g.train.jsonl", ck, False)
+    assert out.inputs == (str(base), str(a), str(b), str(ck / "step-00000004"))
+    assert out.checkpoint_inputs == (str(base), str(a), str(b))
+    assert (cfg.learning_rate, cfg.warmup_steps()) == (5e-3, 8)  # round(0.25 * 30)
+    model = cfg.model_plan()
+    assert model.init_gains is None and cfg.resumes_checkpoint
+    # A gain file to start from: no exemption, and no checkpoint folder without --save-every.
+    (tmp_path / "start.safetensors").write_bytes(b"x")
+    cfg = TrainConfig(base=str(base), data=[str(a)], output=str(tmp_path / "adapter"), method="lora", lr=1e-3,
+                      log=str(tmp_path / "run.jsonl"), warmup=3)
+    out = cfg.output_plan()
+    assert (out.log, out.checkpoints, out.folder) == (tmp_path / "run.jsonl", None, True)
+    assert (cfg.learning_rate, cfg.warmup_steps()) == (1e-3, 3)
+    gain_cfg = TrainConfig(base=str(base), data=[str(a)], output=str(tmp_path / "h.safetensors"),
+                           resume=str(tmp_path / "start.safetensors"), save_every=1)
+    assert gain_cfg.model_plan().init_gains == str(tmp_path / "start.safetensors")
+    assert gain_cfg.output_plan().checkpoint_inputs == gain_cfg.output_plan().inputs

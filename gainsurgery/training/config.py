@@ -1,4 +1,5 @@
-"""What a training run is asked to do (:class:`TrainConfig`) and what it measured (:class:`TrainResult`).
+"""What a training run is asked to do (:class:`TrainConfig`), the same checked and settled into plain
+values (:class:`RunPlan`), and what it measured (:class:`TrainResult`).
 
 Methods: the GAIN methods of the registry (``gain``, ``gain-ffn``), two PEFT
 baselines trained on the same loop and data (``lora``, ``ia3``), and full
@@ -18,10 +19,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from gainsurgery.architectures.registry import METHODS as GAIN_METHODS
 from gainsurgery.errors import TrainingError
+from gainsurgery.io.checks import check_apart, check_output, output_path
+from gainsurgery.sources import local_folder_of
+from gainsurgery.training.precision import MIXED_PRECISION
+from gainsurgery.training.state import is_step_name
 
 #: PEFT baselines: trained on the same loop, saved as adapter folders.
 PEFT_METHODS = ("lora", "ia3")
@@ -124,40 +129,17 @@ class TrainConfig:
         """The peak learning rate: ``lr``, or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
-    @property
-    def writes_folder(self) -> bool:
-        """True when the output is a folder (an adapter or a checkpoint), False for a gain file."""
-        return self.method not in GAIN_METHODS
-
-    def inputs(self) -> list[str]:
-        """Every path the run reads: the base folder, data, validation data, resume file, adapter.
-
-        An output (``-o``, the log) is never, never holds and never lies inside any
-        of them. An embedded base counts as its cache folder (not converted here).
-        """
-        from gainsurgery.sources import local_folder_of
-
-        base = local_folder_of(self.base)
-        found = [str(base)] if base is not None else []
-        found += [str(p) for p in (*self.data, *self.eval_data, self.resume, self.init_adapter) if p]
-        return found
-
-    def log_path(self) -> Path:
-        """Where the JSON-lines training log goes: ``log``, else beside the output."""
-        if self.log:
-            return Path(self.log)
-        out = Path(self.output)
-        return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")
-
     def validate(self) -> None:
-        """Refuse options that cannot work, before any model is loaded.
+        """Refuse options that cannot work, and outputs that may not be written, before any model is loaded.
 
-        The output and the log are checked with :func:`gainsurgery.io.checks.check_output`:
-        never ``""``, ``.``, the current or home folder, never an input (the base,
-        data files...) nor inside or around one; a gain file's ``-o`` is never a folder.
+        The output, the log and the checkpoint folder are checked with
+        :func:`gainsurgery.io.checks.check_output`: never ``""``, ``.``, the current or
+        home folder, never an input (the base, data files...) nor inside or around one,
+        never one another; a gain file's ``-o`` is never a folder.
 
         Raises:
-            TrainingError: unknown method or schedule, bad counts, no data.
+            TrainingError: unknown method or schedule, bad counts, no data, an unusable
+                checkpoint folder.
             OutputError: an unusable output or log path.
         """
         if self.method not in METHODS:
@@ -171,19 +153,16 @@ class TrainConfig:
         if self.resume and not self.resumes_checkpoint and self.method not in GAIN_METHODS:
             raise TrainingError("--resume with a gain file continues GAIN gains; it needs --method gain or gain-ffn "
                                 "(or give a training checkpoint folder)")
-        if self.mixed_precision is not None and self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise TrainingError(f"unknown mixed precision {self.mixed_precision!r}; choose one of no, bf16, fp16")
         if self.save_every < 0 or self.stream_block_bytes < 1:
             raise TrainingError("--save-every must be at least 0 and --stream-block-bytes at least 1")
         if self.fsdp and self.method == "full":
-            raise TrainingError("--fsdp shards the frozen base; full fine-tuning trains every weight "
-                                "(use several processes without --fsdp)")
+            raise TrainingError(FSDP_FULL)
         if self.init_adapter and self.method not in PEFT_METHODS:
             raise TrainingError("init_adapter continues a PEFT adapter; it needs method lora or ia3")
         if not self.data:
             raise TrainingError("give training text with --data FILE")
-        from gainsurgery.io.checks import check_apart, check_output
-
         inputs = self.inputs()
         check_output(self.output, inputs=inputs, kind="folder" if self.writes_folder else "file",
                      overwrite=self.overwrite, what="-o")
@@ -192,43 +171,56 @@ class TrainConfig:
                      ("--checkpoint-dir", self.checkpoint_folder() if self.save_every else None)])
         check_output(self.log_path(), inputs=[*inputs, self.output], kind="file", what="the training log")
         if self.save_every:
-            self.check_checkpoint_folder()
+            check_checkpoint_folder(self.checkpoint_folder(), self._checkpoint_inputs())
 
-    def check_checkpoint_folder(self, extra_inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-        """Check the checkpoint folder as an output (:func:`gainsurgery.io.checks.check_output`); return it.
+    def model_plan(self) -> ModelPlan:
+        """What is trained, on which base, settled: the model's part of a :class:`RunPlan`."""
+        return ModelPlan(base=self.base, method=self.method, side=self.side, dtype=self.dtype,
+                         gradient_checkpointing=self.gradient_checkpointing, fsdp=self.fsdp,
+                         init_gains=self.resume if not self.resumes_checkpoint else None,
+                         init_adapter=self.init_adapter, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                         lora_targets=tuple(self.lora_targets) if self.lora_targets else None)
 
-        It is never, never holds and never lies inside an input (the base, data...,
-        and ``extra_inputs``: the base's resolved folder once known). One input is
-        exempt: the checkpoint this run resumes from when it is this very folder or one
-        of its ``step-*`` folders — continuing a run in its own checkpoint folder is what
-        ``--resume CHECKPOINT_DIR --save-every N`` is for (the checkpoint is read whole
-        before anything is written there).
+    def data_plan(self) -> DataPlan:
+        """What the run reads, in which shape: the data's part of a :class:`RunPlan`."""
+        return DataPlan(files=tuple(self.data), eval_files=tuple(self.eval_data), text_field=self.text_field,
+                        seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed, streaming=self.streaming,
+                        block_bytes=self.stream_block_bytes, eval_windows=self.eval_windows)
 
-        Raises:
-            TrainingError: an unusable checkpoint folder.
-        """
-        from gainsurgery.io.checks import check_output
+    def output_plan(self) -> OutputPlan:
+        """Where the run writes, and what it reads: the outputs' part of a :class:`RunPlan` (see :meth:`validate`)."""
+        return OutputPlan(output=self.output, folder=self.writes_folder, log=self.log_path(),
+                          checkpoints=self.checkpoint_folder() if self.save_every else None,
+                          inputs=tuple(self.inputs()), checkpoint_inputs=tuple(self._checkpoint_inputs()),
+                          overwrite=self.overwrite)
 
-        own = self._resumes_own_checkpoint()
-        inputs = [p for p in self.inputs() if not (own and p == str(self.resume))]
-        return check_output(self.checkpoint_folder(), inputs=[*inputs, *extra_inputs], kind="folder",
-                            overwrite=True, what="--checkpoint-dir", error=TrainingError)
-
-    def _resumes_own_checkpoint(self) -> bool:
-        """True when ``resume`` is the checkpoint folder itself or one of its ``step-*`` folders."""
-        from gainsurgery.io.checks import output_path
-        from gainsurgery.training.state import is_step_name
-
-        if not self.resumes_checkpoint:
-            return False
-        resumed = Path(os.path.realpath(self.resume))  # type: ignore[arg-type]
-        folder = Path(os.path.realpath(output_path(self.checkpoint_folder())))
-        return resumed == folder or (resumed.parent == folder and is_step_name(resumed.name))
+    @property
+    def writes_folder(self) -> bool:
+        """True when the output is a folder (an adapter or a checkpoint), False for a gain file."""
+        return self.method not in GAIN_METHODS
 
     @property
     def resumes_checkpoint(self) -> bool:
         """True when ``resume`` names a training checkpoint folder (exact resume), not a gain file."""
-        return bool(self.resume) and Path(self.resume).is_dir()
+        return bool(self.resume) and Path(self.resume).is_dir()  # type: ignore[arg-type]
+
+    def inputs(self) -> list[str]:
+        """Every path the run reads: the base folder, data, validation data, resume file, adapter.
+
+        An output (``-o``, the log) is never, never holds and never lies inside any
+        of them. An embedded base counts as its cache folder (not converted here).
+        """
+        base = local_folder_of(self.base)
+        found = [str(base)] if base is not None else []
+        found += [str(p) for p in (*self.data, *self.eval_data, self.resume, self.init_adapter) if p]
+        return found
+
+    def log_path(self) -> Path:
+        """Where the JSON-lines training log goes: ``log``, else beside the output."""
+        if self.log:
+            return Path(self.log)
+        out = Path(self.output)
+        return out.with_name(out.stem + ".train.jsonl") if out.suffix else out.parent / (out.name + ".train.jsonl")
 
     def checkpoint_folder(self) -> Path:
         """Where checkpoints are written: ``checkpoint_dir``, or ``<output>.checkpoints`` beside the output."""
@@ -240,6 +232,147 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         """Warmup length in steps."""
         return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
+    def _checkpoint_inputs(self) -> list[str]:
+        """The inputs the checkpoint folder is kept apart from.
+
+        All of them but one: the checkpoint this run resumes from when it is the
+        checkpoint folder itself or one of its ``step-*`` folders — continuing a run in
+        its own checkpoint folder is what ``--resume CHECKPOINT_DIR --save-every N`` is
+        for (the checkpoint is read whole before anything is written there).
+        """
+        inputs = self.inputs()
+        if not (self.resumes_checkpoint and self.save_every):
+            return inputs
+        resumed = Path(os.path.realpath(self.resume))  # type: ignore[arg-type]
+        folder = Path(os.path.realpath(output_path(self.checkpoint_folder())))
+        if resumed == folder or (resumed.parent == folder and is_step_name(resumed.name)):
+            return [p for p in inputs if p != str(self.resume)]
+        return inputs
+
+
+#: Why --fsdp and full fine-tuning do not go together (checked before and after launch).
+FSDP_FULL = "--fsdp shards the frozen base; full fine-tuning trains every weight (use several processes without --fsdp)"
+
+
+def check_checkpoint_folder(folder: Path, inputs: Iterable[str | os.PathLike[str]]) -> Path:
+    """Check the checkpoint folder as an output (:func:`gainsurgery.io.checks.check_output`); return it.
+
+    It is never, never holds and never lies inside one of ``inputs`` (the base, data...:
+    :meth:`TrainConfig._checkpoint_inputs`; a run checks it again with the base's
+    resolved folder once that is known).
+
+    Raises:
+        TrainingError: an unusable checkpoint folder.
+    """
+    return check_output(folder, inputs=inputs, kind="folder", overwrite=True, what="--checkpoint-dir",
+                        error=TrainingError)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What is trained, on which base: the part of a :class:`RunPlan` that builds the model.
+
+    Attributes:
+        base, method, side, dtype, gradient_checkpointing, fsdp, lora_rank, lora_alpha:
+            as in :class:`TrainConfig`.
+        init_gains: a gain file the gains start from (``--resume`` with a file), or None.
+        init_adapter: a PEFT adapter folder to continue, or None.
+        lora_targets: LoRA's target modules; None: every linear layer but the head.
+    """
+
+    base: str
+    method: str
+    side: str
+    dtype: str
+    gradient_checkpointing: bool
+    fsdp: bool
+    init_gains: str | None
+    init_adapter: str | None
+    lora_rank: int
+    lora_alpha: int
+    lora_targets: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the run reads, and in which shape: the part of a :class:`RunPlan` that makes batches.
+
+    Attributes:
+        files: training text; eval_files: validation text.
+        text_field, seq_len, seed, streaming, eval_windows: as in :class:`TrainConfig`.
+        batch_size: the *global* batch, in windows (each process takes its share).
+        block_bytes: block size of streamed .txt/.jsonl files, in bytes.
+    """
+
+    files: tuple[str, ...]
+    eval_files: tuple[str, ...]
+    text_field: str
+    seq_len: int
+    batch_size: int
+    seed: int
+    streaming: bool
+    block_bytes: int
+    eval_windows: int
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where the run writes, checked: what :class:`~gainsurgery.training.outputs.RunOutputs` receives.
+
+    Attributes:
+        output: ``-o`` as given: a gain file, or (``folder``) an adapter or checkpoint folder.
+        folder: True when ``output`` is a folder, claimed when the run starts and published whole.
+        log: the JSON-lines training log.
+        checkpoints: the checkpoint folder; None without ``--save-every``.
+        inputs: every path the run reads; no output is, holds or lies inside one.
+        checkpoint_inputs: the inputs the checkpoint folder is kept apart from (``inputs``
+            without the checkpoint a run resumes inside its own checkpoint folder).
+        overwrite: replace an existing folder ``output``.
+    """
+
+    output: str
+    folder: bool
+    log: Path
+    checkpoints: Path | None
+    inputs: tuple[str, ...]
+    checkpoint_inputs: tuple[str, ...]
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A :class:`TrainConfig` after :meth:`TrainConfig.validate`, settled: plain values, nothing left to decide.
+
+    A run reads no ``TrainConfig``: each of its parts receives its own part of the plan.
+
+    Attributes:
+        model, data, outputs: what builds the model, makes the batches, takes the outputs.
+        steps: optimizer steps; grad_accum: micro-batches per step.
+        lr: the peak learning rate; schedule: ``cosine``, ``linear`` or ``constant``;
+            warmup_steps: its warmup, in steps.
+        mixed_precision: ``no``, ``bf16``, ``fp16``, or None: what ``accelerate launch`` asks for.
+        eval_every, save_every: steps between evaluations and checkpoints (0: none between).
+        resume_checkpoint: a training checkpoint folder to continue exactly, or None.
+        progress: show a progress bar.
+        options: every option as given (``dataclasses.asdict`` of the config): recorded in
+            each checkpoint, and in the output without its local paths.
+    """
+
+    model: ModelPlan
+    data: DataPlan
+    outputs: OutputPlan
+    steps: int
+    grad_accum: int
+    lr: float
+    schedule: str
+    warmup_steps: int
+    mixed_precision: str | None
+    eval_every: int
+    save_every: int
+    resume_checkpoint: str | None
+    progress: bool
+    options: dict[str, Any]
 
 
 @dataclass

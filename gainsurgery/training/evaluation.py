@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from gainsurgery.errors import DataError
+from gainsurgery.extras import require_extra
+from gainsurgery.gainfile import load_many
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.inputs import open_regular, show_path
-from gainsurgery.training.data import Windows, adds_bos
+from gainsurgery.training.data import Windows, adds_bos, pack, read_documents
+from gainsurgery.training.hooks import attach
+from gainsurgery.training.modeling import load_for_eval
 
 
 def perplexity(model: Any, windows: Windows, batch_size: int = 8, device: Any = None) -> dict[str, float]:
@@ -141,14 +145,7 @@ def evaluate(
         >>> evaluate("embedded:gemma-3-270m", gains=["legal.safetensors"],
         ...          data={"legal": "legal/validation.txt"})["domains"]["legal"]["ppl"]  # doctest: +SKIP
     """
-    from gainsurgery.extras import require_extra
-
     require_extra("train", "evaluate()")
-    from gainsurgery.gainfile import load_many
-    from gainsurgery.training.data import pack, read_documents
-    from gainsurgery.training.hooks import attach
-    from gainsurgery.training.modeling import load_for_eval
-
     data = dict(data or {})
     lm, tokenizer, info = load_for_eval(model, dtype, base)
     if gains:

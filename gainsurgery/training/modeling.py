@@ -13,7 +13,7 @@ from typing import Any
 
 from gainsurgery.errors import CheckpointError
 from gainsurgery.io import jsonsafe
-from gainsurgery.io.checkpoint import CONFIG_NAME, open_checkpoint
+from gainsurgery.io.checkpoint import CONFIG_NAME, open_checkpoint, read_config
 from gainsurgery.io.inputs import check_input_folder, open_input, resolve_input, show_path
 from gainsurgery.sources import resolve_base
 
@@ -33,8 +33,6 @@ def torch_dtype(name: str):
 
 def checkpoint_dtype(folder: Path) -> str:
     """The dtype a checkpoint folder's config.json declares (``float32`` when it says nothing usable)."""
-    from gainsurgery.io.checkpoint import read_config
-
     cfg = read_config(Path(folder))
     name = cfg.get("dtype") or cfg.get("torch_dtype")
     return name if name in DTYPES else "float32"

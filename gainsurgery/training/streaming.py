@@ -32,14 +32,18 @@ Text files: documents are separated by two or more empty lines (what
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
+import numpy as np
+
 from gainsurgery.errors import DataError
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.inputs import open_regular
+from gainsurgery.training.data import adds_bos, iter_windows
 
 #: Default block size for .txt/.jsonl files, in bytes.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -249,8 +253,6 @@ def fingerprint_streamed(paths: Sequence[str | os.PathLike[str]]) -> str:
     Hashing every byte of a corpus larger than memory would take minutes at every
     start and resume; this catches a different, grown or rewritten file.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for path in paths:
         p = Path(path)
@@ -284,8 +286,6 @@ class StreamedBatches:
 
     def __init__(self, tokenizer: Any, paths: Sequence[str], seq_len: int, batch: int, *, seed: int, rank: int,
                  world: int, text_field: str = "text", block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
-        from gainsurgery.training.data import adds_bos
-
         if seq_len < 8:
             raise DataError("--seq-len must be at least 8 tokens")
         self.tokenizer, self.seq_len, self.batch = tokenizer, seq_len, batch
@@ -321,7 +321,6 @@ class StreamedBatches:
 
     def next(self):
         """The next micro-batch: a ``[batch, seq_len]`` int64 tensor."""
-        import numpy as np
         import torch
 
         rows = []
@@ -344,13 +343,9 @@ class StreamedBatches:
         return torch.from_numpy(np.concatenate(rows)[: self.batch].astype(np.int64))
 
     def _load(self) -> None:
-        import numpy as np
-
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.blocks))
         self._mine = [int(i) for i in order[self.rank::self.world]]
         index = self._mine[self.block]
-        from gainsurgery.training.data import iter_windows
-
         windows = list(iter_windows(self.tokenizer, block_documents(self.blocks[index], self.text_field),
                                     self.seq_len, self.bos))
         array = np.array(windows, dtype=np.int64).reshape(len(windows), self.seq_len)
