@@ -23,8 +23,8 @@ from gainsurgery.errors import GainSurgeryError  # noqa: E402
 #: public name -> module that defines it (imported on first access).
 _LAZY = {
     **{name: "gainsurgery.api" for name in (
-        "apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "invert_gain", "load_gain", "power_gain", "push",
-        "save_gain", "stack_gains", "targets", "train", "verify")},
+        "apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "inspect_gguf", "invert_gain",
+        "load_gain", "power_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify")},
     "GainFile": "gainsurgery.gainfile",
     "ApplyResult": "gainsurgery.merge",
     "VerifyReport": "gainsurgery.merge.verify",

@@ -42,12 +42,14 @@ if TYPE_CHECKING:
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.publish import PushResult, UploadItem
     from gainsurgery.interop.peft import ExportResult
+    from gainsurgery.formats.gguf import GGUFVerifyReport
     from gainsurgery.merge import ApplyResult, ProgressFactory, VerifyReport
+    from gainsurgery.merge.gguf_sink import GGUFApplyResult
     from gainsurgery.training import TrainConfig, TrainResult
     from gainsurgery.training.hooks import GainHooks
 
-__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "invert_gain", "load_gain", "power_gain",
-           "push", "save_gain", "stack_gains", "targets", "train", "verify"]
+__all__ = ["apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "inspect_gguf", "invert_gain",
+           "load_gain", "power_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify"]
 
 
 # --------------------------------------------------------------------------- gain files
@@ -161,6 +163,20 @@ def invert_gain(gain: GainFile | str | os.PathLike[str]) -> GainFile:
     return inv
 
 
+def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a GGUF file holds: architecture, tensor types and sizes, metadata, its gainsurgery record.
+
+    See :func:`gainsurgery.merge.gguf_sink.inspect_gguf`.
+
+    Example:
+        >>> inspect_gguf("legal.gguf")["gainsurgery"]["gains"][0]["name"]  # doctest: +SKIP
+        'legal.safetensors'
+    """
+    from gainsurgery.merge.gguf_sink import inspect_gguf as inspect
+
+    return inspect(path)
+
+
 def power_gain(gain: GainFile | str | os.PathLike[str], alpha: float) -> GainFile:
     """The gain s^α: the same adaptation, weaker (0 < α < 1) or stronger (α > 1), without retraining.
 
@@ -241,8 +257,13 @@ def apply(
     work_dir: str | os.PathLike[str] | None = None,
     hub: HubClient | None = None,
     warn: Callable[[str], None] | None = None,
-) -> ApplyResult:
+    keep_types: bool = False,
+    requant_tolerance: float | None = None,
+) -> ApplyResult | GGUFApplyResult:
     """Stream gains into a merged copy of ``base``, in constant memory; OUT appears only when complete.
+
+    A ``base`` ending in ``.gguf`` is a GGUF file: the result is the GGUF file ``out``
+    (see :func:`gainsurgery.merge.gguf_sink.apply_gguf` and docs/gguf.md).
 
     The same orchestration as ``gainsurgery apply`` (see :func:`gainsurgery.merge.apply`).
     With ``push_to`` and no ``out``, the result goes straight to the Hub, shard by
@@ -277,10 +298,15 @@ def apply(
         work_dir: without OUT, where the work folder goes (default: ``$TMPDIR``).
         hub: the Hub client (default: from ``HF_ENDPOINT``/``HF_TOKEN``/login, read now).
         warn: receives one-line warnings (default: :func:`warnings.warn`).
+        keep_types: GGUF base only: re-quantize every tensor to its own type, never promote.
+        requant_tolerance: GGUF base only: the largest error re-quantizing a tensor may add,
+            as a fraction of the gain's own change to it (default 0.1); beyond it the
+            tensor is promoted to a wider type.
 
     Returns:
         An :class:`~gainsurgery.merge.ApplyResult` (``out``, ``plan``, ``shard_sha256``,
-        ``seconds``, ``verified``, ``pushed``...).
+        ``seconds``, ``verified``, ``pushed``...), or for a GGUF base a
+        :class:`~gainsurgery.merge.gguf_sink.GGUFApplyResult`.
 
     Raises:
         GainSurgeryError: bad base or gain, unusable OUT, failed verification, Hub
@@ -293,7 +319,24 @@ def apply(
         >>> apply("org/base", ["legal.safetensors"], push_to="me/base-legal").pushed.commit_url  # doctest: +SKIP
     """
     from gainsurgery import merge
+    from gainsurgery.formats.gguf import is_gguf
 
+    if is_gguf(str(base)):
+        return _apply_gguf(base, gains, out, overwrite=overwrite, verify=verify, dry_run=dry_run,
+                           allow_negative=allow_negative, allow_saturation=allow_saturation,
+                           allow_base_mismatch=allow_base_mismatch, progress=progress, push_to=push_to, hub=hub,
+                           warn=warn, keep_types=keep_types, requant_tolerance=requant_tolerance,
+                           private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+                           base_model=base_model, work_dir=work_dir)
+    if keep_types or requant_tolerance is not None:
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError("--keep-types and --requant-tolerance are for a GGUF BASE (a .gguf file)")
+    if out is not None and is_gguf(str(out)):
+        from gainsurgery.errors import GainSurgeryError
+
+        raise GainSurgeryError(f"OUT ends in .gguf, but BASE is a safetensors checkpoint, whose result is a folder; "
+                               "to adapt a GGUF file, give the .gguf file as BASE")
     publisher = None
     if push_to:
         from gainsurgery.hub.client import HubClient
@@ -329,6 +372,53 @@ def apply(
                        work_dir=work_dir)
 
 
+def _apply_gguf(base: str | os.PathLike[str], gains: Sequence[GainFile | str | os.PathLike[str]],
+                out: str | os.PathLike[str] | None, *, overwrite: bool, verify: bool, dry_run: bool,
+                allow_negative: bool, allow_saturation: bool, allow_base_mismatch: bool,
+                progress: ProgressFactory | None, push_to: str | None, hub: HubClient | None,
+                warn: Callable[[str], None] | None, keep_types: bool,
+                requant_tolerance: float | None, private: bool, revision: str | None, create_pr: bool,
+                commit_message: str | None, base_model: str | None,
+                work_dir: str | os.PathLike[str] | None) -> GGUFApplyResult:
+    """:func:`apply` with a GGUF BASE (see :func:`gainsurgery.merge.gguf_sink.apply_gguf`)."""
+    from gainsurgery.errors import GainSurgeryError
+    from gainsurgery.formats.gguf import DEFAULT_TOLERANCE, GGUFOptions
+    from gainsurgery.merge.gguf_sink import apply_gguf
+
+    if work_dir is not None:
+        raise GainSurgeryError("--work-dir is for a safetensors BASE pushed without OUT; a GGUF result is "
+                               "written to OUT (and pushed from there)")
+    if base_model is not None:
+        from gainsurgery.hub.refs import check_repo_id
+
+        check_repo_id(base_model, what="--base-model")
+    publisher = None
+    if push_to:
+        from gainsurgery.hub.client import HubClient
+        from gainsurgery.hub.publish import HubPublisher
+        from gainsurgery.hub.refs import check_repo_id, parse_file_ref
+
+        check_repo_id(push_to)
+        if out is None:
+            raise GainSurgeryError("give OUT, the .gguf file to write; --push uploads it once it is verified")
+        ref = parse_file_ref(str(base))
+        if ref is not None and ref.repo_id.lower() == push_to.lower() and not create_pr \
+                and (revision or "main") == (ref.revision or "main"):
+            raise GainSurgeryError(f"--push {push_to} would commit the adapted model into its own base's repo and "
+                                   "branch; push to another repo, another branch (--revision) or a pull request "
+                                   "(--create-pr)")
+        hub = hub if hub is not None else HubClient.from_env()
+        publisher = HubPublisher(hub, push_to, private=private, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {Path(out).name} (gainsurgery apply)")
+    elif revision or create_pr or commit_message:
+        raise GainSurgeryError("--revision, --create-pr and --commit-message go with --push")
+    options = GGUFOptions(tolerance=DEFAULT_TOLERANCE if requant_tolerance is None else requant_tolerance,
+                          keep_types=keep_types, allow_negative=allow_negative, allow_saturation=allow_saturation)
+    return apply_gguf(base, gains, out, options=options, overwrite=overwrite, verify=verify, dry_run=dry_run,
+                      allow_base_mismatch=allow_base_mismatch, progress=progress, hub=hub, warn=warn,
+                      publish=publisher, base_model=base_model)
+
+
 def _refuse_pushing_over_the_base(base: str, push_to: str, revision: str | None, create_pr: bool) -> None:
     """A merged model never replaces its own base: same repo and branch is refused (a PR or another branch is fine)."""
     from gainsurgery.errors import GainSurgeryError
@@ -356,8 +446,11 @@ def verify(
     chunk_bytes: int = 64 << 20,
     progress: ProgressFactory | None = None,
     hub: HubClient | None = None,
-) -> VerifyReport:
+) -> VerifyReport | GGUFVerifyReport:
     """Check that ``out`` is exactly ``base`` with ``gains`` applied, bit for bit.
+
+    A ``base`` ending in ``.gguf``: ``out`` is the adapted GGUF file (see
+    :func:`gainsurgery.merge.gguf_sink.verify_gguf`).
 
     Args:
         base: the base (folder, ``embedded:NAME`` or Hub repo).
@@ -378,7 +471,12 @@ def verify(
         True
     """
     from gainsurgery import merge
+    from gainsurgery.formats.gguf import is_gguf
 
+    if is_gguf(str(base)):
+        from gainsurgery.merge.gguf_sink import verify_gguf
+
+        return verify_gguf(base, gains, out, allow_negative=allow_negative, hub=hub, progress=progress)
     return merge.verify_merged(base, gains, out, allow_negative=allow_negative, allow_saturation=allow_saturation,
                                chunk_bytes=chunk_bytes, progress=progress, hub=hub)
 
@@ -399,6 +497,7 @@ class TargetList:
         base_tensors_sha256: the content fingerprint of the target tensors, when asked
             for (``targets(..., fingerprint=True)`` on a local or embedded base).
         inputs: the local folders the base was read from (an output must keep away from them).
+        gguf: for a GGUF base, gain key -> its GGUF tensor, type and route.
     """
 
     base: str
@@ -410,6 +509,7 @@ class TargetList:
     base_model: str | None = None
     base_tensors_sha256: str | None = None
     inputs: list[Path] = field(default_factory=list)
+    gguf: dict[str, dict[str, Any]] | None = None
 
     @property
     def parameters(self) -> int:
@@ -450,9 +550,17 @@ def targets(base: str | os.PathLike[str], method: str = "gain-ffn", side: str = 
         55296
     """
     from gainsurgery.architectures import model_type_of, num_layers, resolve_targets
+    from gainsurgery.formats.gguf import is_gguf
     from gainsurgery.io.checkpoint import fingerprint as structure
     from gainsurgery.io.fingerprint import base_tensors_sha256
     from gainsurgery.sources import opened_base
+
+    if is_gguf(str(base)):
+        from gainsurgery.merge.gguf_sink import gguf_targets
+
+        info = gguf_targets(base, method, side, hub=hub, fingerprint=fingerprint)
+        return TargetList(str(base), info.model_type, method, side, info.targets, info.structure, None, info.content,
+                          [info.path], info.where)
 
     with opened_base(base, hub) as opened:  # headers only, also for a Hub base
         ckpt = opened.checkpoint
@@ -494,10 +602,11 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
 
     A folder must be complete: index (or ``model.safetensors``), every shard with
     the sha256 its ``gainsurgery.json`` records, ``config.json``; a model card is
-    added when it has none. A gain file goes up with a generated model card.
+    added when it has none. A gain file goes up with a generated model card, and so
+    does a GGUF file adapted by ``apply`` (its card made from its ``gainsurgery.record``).
 
     Args:
-        source: a merged checkpoint folder or a gain file.
+        source: a merged checkpoint folder, a gain file, or an adapted ``.gguf`` file.
         repo_id: ``org/name``.
         private: create the repo private (if it does not exist yet).
         revision: branch to commit to (created if missing).
@@ -534,7 +643,14 @@ def push(source: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     if base_model is not None:
         check_repo_id(base_model, what="--base-model")
     path = Path(source)
-    if path.is_dir():
+    from gainsurgery.formats.gguf import is_gguf
+
+    if is_gguf(source) and not path.is_dir():
+        from gainsurgery.merge.gguf_sink import gguf_upload
+
+        items = gguf_upload(path, base_model=base_model)
+        kind = "GGUF file"
+    elif path.is_dir():
         items = pub.folder_upload(path)  # a complete checkpoint: index, shards, config; every file safe
         provenance = check_recorded_shards(path, list(open_checkpoint(path).shards))
         has_card = any(i.path_in_repo == CARD_NAME for i in items)

@@ -166,10 +166,13 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 
 def _names_a_gain(spec: str) -> bool:
     """True when a positional argument of ``apply`` can only be a gain, never OUT (a folder)."""
+    from gainsurgery.formats.gguf import is_gguf
     from gainsurgery.hub.refs import parse_file_ref
 
     from gainsurgery.gainfile import split_power
 
+    if is_gguf(spec):  # a .gguf argument after BASE is OUT (a GGUF BASE's result), never a gain
+        return False
     spec = split_power(spec)[0]
     return spec.endswith(".safetensors") or os.path.isfile(spec) or parse_file_ref(spec) is not None
 
@@ -203,14 +206,19 @@ def _split_gains_and_out(args: tuple[str, ...], push_to: str | None) -> tuple[li
 @click.option("--commit-message", default=None, metavar="MSG", help="With --push: the commit title.")
 @click.option("--work-dir", default=None, metavar="DIR",
               help="With --push and no OUT: where the shards in flight go (default: $TMPDIR).")
+@click.option("--keep-types", is_flag=True,
+              help="GGUF BASE: re-quantize tensors that need it to their own type, never promote them.")
+@click.option("--requant-tolerance", type=click.FloatRange(0, None), default=None, metavar="FRACTION",
+              help="GGUF BASE: the largest error re-quantizing a tensor may add, as a fraction of the gain's own "
+                   "change to it; beyond it the tensor is promoted to a wider type. [default: 0.1]")
 @_allow_negative
 @_allow_saturation
 @_allow_base_mismatch
 @_base_model
 @_json
 def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads, push_to, private, revision,
-          create_pr, commit_message, work_dir, allow_negative, allow_saturation, allow_base_mismatch, base_model,
-          as_json):
+          create_pr, commit_message, work_dir, keep_types, requant_tolerance, allow_negative, allow_saturation,
+          allow_base_mismatch, base_model, as_json):
     """Apply (and stack) gain files onto BASE, streaming into OUT.
 
     BASE is a checkpoint folder (sharded safetensors + index, or one
@@ -220,6 +228,14 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
     and applied in one pass, rounding once to each tensor's dtype. Untouched
     tensors are copied byte for byte; OUT appears only when complete (with
     --push: only once verified and published).
+
+    A BASE ending in .gguf is a GGUF file (llama.cpp's format, quantized or
+    not): OUT is then the adapted .gguf file. Column gains are moved exactly onto
+    another tensor's rows where the algebra allows (down_proj onto up_proj in a
+    gated FFN; o_proj onto v_proj where each head has its own values) and folded
+    into block scales; what cannot move is re-quantized, to its own type when that
+    keeps the gain (see --requant-tolerance), else to a wider one. --dry-run lists
+    every route with its measured error (docs/gguf.md).
 
     OUT is never BASE, inside it or around it; two runs on one OUT cannot both
     win. A weight that scaling turns into ±inf or 0 is an error naming the
@@ -238,8 +254,10 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
       gainsurgery apply base/ legal.safetensors medical.safetensors merged/
       gainsurgery apply Qwen/Qwen2.5-0.5B me/qwen-legal-gain:gain.safetensors merged/ --push me/qwen-legal
       gainsurgery apply Qwen/Qwen2.5-0.5B legal.safetensors --push me/qwen-legal --dry-run
+      gainsurgery apply gemma-3-270m-Q4_K_M.gguf legal.safetensors legal-Q4_K_M.gguf --verify
     """
     from gainsurgery import api
+    from gainsurgery.merge.gguf_sink import GGUFApplyResult
 
     gain_specs, out = _split_gains_and_out(gains_and_out, push_to)
     result = api.apply(base, gain_specs, out, overwrite=overwrite, verify=verify_, dry_run=dry_run,
@@ -247,7 +265,11 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
                        allow_base_mismatch=allow_base_mismatch, base_model=base_model,
                        chunk_bytes=chunk_size * MiB if chunk_size else None, threads=threads, progress=_progress,
                        push_to=push_to, private=private, revision=revision, create_pr=create_pr,
-                       commit_message=commit_message, work_dir=work_dir, hub=_hub(), warn=_warn)
+                       commit_message=commit_message, work_dir=work_dir, hub=_hub(), warn=_warn,
+                       keep_types=keep_types, requant_tolerance=requant_tolerance)
+    if isinstance(result, GGUFApplyResult):
+        _print_gguf_apply(result, as_json)
+        return
     plan = result.plan
     if result.dry_run:
         summary = {**plan.summary(), "base": result.base}
@@ -296,6 +318,49 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
             click.echo(f"pushed to {result.pushed.repo_id}: {where}")
 
 
+def _rms(value: Any) -> str:
+    return f"{value:.2e}" if isinstance(value, (int, float)) else str(value if value is not None else "-")
+
+
+def _print_gguf_apply(result: Any, as_json: bool) -> None:
+    """What an apply on a GGUF base did (or, dry, would do): routes per gain key, errors per tensor, sizes."""
+    from gainsurgery.io.inputs import show_path
+
+    summary = result.summary()
+    if as_json:
+        _emit_json(summary)
+        return
+    moved = sum(1 for r in summary["routes"] if r["route"] == "moved")
+    click.echo(f"routes: {len(summary['routes'])} gain keys, {moved} moved exactly onto other tensors' rows; "
+               f"{summary['tensors_touched']} of {summary['tensors_total']} tensors rewritten")
+    for r in summary["routes"]:
+        where = f"{show_path(r['key'])} -> {r['tensor']} ({r['type']})"
+        if r["route"] == "moved":
+            click.echo(f"  {where}: moved onto {r['onto']} ({r['onto_type']}, {r['onto_route']}); {r['why']}")
+        else:
+            click.echo(f"  {where}: {r['route']}; {r['why']}")
+    click.echo(f"  {'tensor':<30} {'route':<10} {'type':<11} {'change':>9} {'added':>9} {'of change':>9} "
+               f"{'own quant':>9}   (RMS, weight units)")
+    for t in summary["tensors"]:
+        types = t["type"] if t["type"] == t["type_out"] else f"{t['type']}>{t['type_out']}"
+        share = t["added_vs_change"]
+        share_text = f"{100 * share:.2f}%" if isinstance(share, float) else str(share)
+        click.echo(f"  {t['tensor']:<30} {t['route']:<10} {types:<11} {_rms(t['change_rms']):>9} "
+                   f"{_rms(t['added_rms']):>9} {share_text:>9} {_rms(t['own_quant_rms']):>9}")
+    ratio = summary["size_ratio"]
+    click.echo(f"  size: {_human_bytes(summary['bytes_base'])} -> {_human_bytes(summary['bytes_out'])} "
+               f"({ratio:.4f}x the base)")
+    if result.dry_run:
+        click.echo("dry run: nothing written")
+    else:
+        click.echo(f"wrote {_shown(result.out)} ({summary['tensors_touched']} tensors rewritten, "
+                   f"{result.seconds:.1f} s){' - verified' if result.verified else ''}")
+        if result.pushed:
+            where = (f"pull request {result.pushed.pr_url}" if result.pushed.pr_url
+                     else result.pushed.commit_url or result.pushed.revision)
+            click.echo(f"pushed to {result.pushed.repo_id}: {where}")
+
+
 @main.command()
 @click.argument("base")
 @click.argument("gains_and_out", nargs=-1, required=True, metavar="GAIN [GAIN ...] OUT")
@@ -307,7 +372,9 @@ def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as
     """Check that OUT is exactly BASE with the GAIN files applied.
 
     Recomputes every target tensor (float32 product, rounded once) and compares
-    every other tensor, header and the index byte for byte. A target whose
+    every other tensor, header and the index byte for byte. With a GGUF BASE
+    (.gguf), OUT is the adapted GGUF file: every route is recomputed with the
+    options OUT records, every key/value and tensor compared byte for byte. A target whose
     weights scaling turned into ±inf or 0 fails too, unless --allow-saturation
     (as apply was given). OUT must hold exactly the files apply writes: an extra
     shard, file, folder or link, or a missing one, fails (copied files are
@@ -348,11 +415,12 @@ def verify(base, gains_and_out, chunk_size, allow_negative, allow_saturation, as
 @_base_model
 @_json
 def push(source, repo_id, private, revision, create_pr, commit_message, dry_run, base_model, as_json):
-    """Publish a merged folder or a gain file to the Hugging Face Hub, in one commit.
+    """Publish a merged folder, a gain file or an adapted GGUF file to the Hugging Face Hub, in one commit.
 
     A folder must be complete: index (or model.safetensors), every shard with
     the sha256 recorded in gainsurgery.json, config.json. A gain file goes up
-    with a generated model card (README.md). The token comes from HF_TOKEN or
+    with a generated model card (README.md), and so does a GGUF file adapted by
+    apply (its card made from its gainsurgery.record metadata). The token comes from HF_TOKEN or
     `hf auth login`; no file that holds its value is uploaded, nor a link out of
     the folder.
 
@@ -470,10 +538,21 @@ def invert(gain, output, as_json):
 def inspect(gain, plot, as_json):
     """Show a gain file: parameter count, statistics per target and per layer, metadata.
 
+    A .gguf file: its architecture, tensor types and sizes, metadata, and the
+    provenance of an adapted one (gains, routes, errors).
+
     \b
     Example:
       gainsurgery inspect gain.safetensors --plot gains.png
+      gainsurgery inspect legal-Q4_K_M.gguf
     """
+    from gainsurgery.formats.gguf import is_gguf
+
+    if is_gguf(gain):
+        if plot:
+            raise click.UsageError("--plot draws gain files, not GGUF files")
+        _inspect_gguf(gain, as_json)
+        return
     if plot:
         require_extra("plots", "gainsurgery inspect --plot")
     from gainsurgery import api
@@ -513,6 +592,36 @@ def inspect(gain, plot, as_json):
                    f"{t['mean']:>8.4f} {t['std']:>8.4f} {t['frac_gt_1']:>6.1%}")
     if plot:
         click.echo(f"  plot: {show(plot)}")
+
+
+def _inspect_gguf(path: str, as_json: bool) -> None:
+    from gainsurgery import api
+    from gainsurgery.io.inputs import show_path as show
+
+    info = api.inspect_gguf(path)
+    if as_json:
+        _emit_json(info)
+        return
+    click.echo(f"{show(path)}: GGUF v{info['version']}, {info['architecture']}, {info['tensors']} tensors, "
+               f"{info['weights']:,} weights, {_human_bytes(info['bytes'])}")
+    for name, t in info["types"].items():
+        click.echo(f"  {name:<8} {t['tensors']:>5} tensors  {_human_bytes(t['bytes']):>10}")
+    for key, value in info["metadata"].items():
+        click.echo(f"  {show(key)}: {show(str(value))[:160]}")
+    record = info["gainsurgery"]
+    if record is None:
+        click.echo("  gainsurgery: none (not adapted by gainsurgery)")
+        return
+    gains = ", ".join(f"{show(str(g.get('name')))} (sha256 {str(g.get('sha256', ''))[:12]}...)"
+                      for g in record.get("gains") or [] if isinstance(g, dict))
+    base = record.get("base") if isinstance(record.get("base"), dict) else {}
+    click.echo(f"  gainsurgery: {show(str(record.get('version')))}, base {show(str(base.get('name')))} "
+               f"(sha256 {show(str(base.get('sha256', '')))[:12]}...), gains: {gains}")
+    for t in record.get("tensors") or []:
+        if isinstance(t, dict):
+            click.echo(f"    {show(str(t.get('tensor'))):<30} {show(str(t.get('route'))):<10} "
+                       f"{show(str(t.get('type')))}>{show(str(t.get('type_out')))}  added {_rms(t.get('added_rms'))}"
+                       f" of change {_rms(t.get('change_rms'))}")
 
 
 @main.command()
@@ -698,6 +807,9 @@ def evaluate(model, gains, base, data, yesno, yesno_limit, seq_len, max_windows,
 def targets(base, method, side, init, output, as_json):
     """List the tensors GAIN adapts on BASE (reads headers and config.json only).
 
+    A GGUF BASE (.gguf) lists them under their checkpoint names (what a gain file
+    holds), each with its GGUF tensor, type and the route a gain there takes.
+
     \b
     Example:
       gainsurgery targets base/ --method gain-ffn
@@ -716,11 +828,18 @@ def targets(base, method, side, init, output, as_json):
     model_type, total = found.model_type, found.parameters
     if as_json:
         _emit_json({"model_type": model_type, "method": method, "side": side, "parameters": total,
-                    "targets": [t.__dict__ for t in found.targets], "output": output})
+                    "targets": [{**t.__dict__, **({"gguf": found.gguf[t.key]} if found.gguf else {})}
+                                for t in found.targets], "output": output})
         return
     click.echo(f"{model_type}, method {method}, side {side}: {len(found.targets)} tensors, {total:,} gains")
     for t in found.targets:
-        click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}")
+        where = ""
+        if found.gguf and t.key in found.gguf:
+            w = found.gguf[t.key]
+            route = f"moved onto {w['onto']} ({w['onto_type']}, {w['onto_route']})" if w["route"] == "moved" \
+                else w["route"]
+            where = f"  {w['tensor']} {w['type']}: {route}"
+        click.echo(f"  {t.key:<64} dim {t.dim}  len {t.length:>6}  {t.kind}{where}")
     if init:
         click.echo(f"wrote {_shown(output)}")
 

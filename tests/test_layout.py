@@ -18,7 +18,7 @@ LAYERS = [
     {"errors"},
     {"io", "extras"},
     {"gainfile", "architectures"},
-    {"hub", "plots"},
+    {"hub", "plots", "formats"},
     {"sources"},
     {"merge"},
     {"training"},

@@ -101,6 +101,60 @@ MODEL_TYPES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class GGUFArch:
+    """What gain surgery needs to know about one GGUF architecture (``general.architecture``).
+
+    Tensor *names* come from the ``gguf`` library's own map for the architecture; this
+    is what the names do not say.
+
+    Attributes:
+        model_type: the transformers ``model_type`` of the model transformers builds from
+            such a file (its family gives the layout and the GAIN targets' names).
+        gated_ffn: the FFN is ``down(act(gate(x)) * up(x))`` with nothing between, so
+            column i of ``ffn_down`` and row i of ``ffn_up`` scale the same feature.
+        plain_values: attention is ``o_proj(softmax(QK^T) V)`` with ``V = v_proj(x) (+ b)``
+            and nothing between (no norm on V), so column j of ``attn_output`` and row j of
+            a head's own ``attn_v`` scale the same feature.
+        stored_otherwise: GGUF tensor kinds (``gguf.MODEL_TENSOR`` names) that llama.cpp's
+            converter stores differently from the checkpoint (Gemma's norms as 1 + w,
+            llama's q/k rows permuted): a gain cannot be applied to them as they are stored.
+    """
+
+    model_type: str
+    gated_ffn: bool = True
+    plain_values: bool = True
+    stored_otherwise: tuple[str, ...] = ()
+
+
+_GEMMA_NORMS = ("ATTN_NORM", "ATTN_POST_NORM", "FFN_NORM", "FFN_PRE_NORM", "FFN_POST_NORM", "OUTPUT_NORM",
+                "ATTN_Q_NORM", "ATTN_K_NORM")
+#: GGUF ``general.architecture`` -> :class:`GGUFArch`, for the architectures gains apply to as GGUF.
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", stored_otherwise=("ATTN_Q", "ATTN_K")),
+    "qwen2": GGUFArch("qwen2"),
+    "qwen3": GGUFArch("qwen3"),
+    "gemma": GGUFArch("gemma", stored_otherwise=_GEMMA_NORMS),
+    "gemma2": GGUFArch("gemma2", stored_otherwise=_GEMMA_NORMS),
+    "gemma3": GGUFArch("gemma3_text", stored_otherwise=_GEMMA_NORMS),
+    "phi3": GGUFArch("phi3"),
+    "starcoder2": GGUFArch("starcoder2", gated_ffn=False),
+}
+
+
+def gguf_arch(name: str) -> GGUFArch:
+    """The :class:`GGUFArch` of a GGUF ``general.architecture``.
+
+    Raises:
+        ArchitectureError: an architecture gains are not applied to as GGUF (yet).
+    """
+    found = GGUF_ARCHS.get(name)
+    if found is None:
+        raise ArchitectureError(f"GGUF architecture {name!r} is not supported; supported: "
+                                f"{', '.join(sorted(GGUF_ARCHS))}")
+    return found
+
+
 def supported_model_types() -> list[str]:
     """Model types the registry knows, sorted.
 

@@ -283,3 +283,65 @@ gains absorbed, in constant memory; `gainsurgery verify` checks the result bit f
 def _plain_path(name: str) -> str:
     """A file name safe inside a fenced code block (no backticks, one line)."""
     return " ".join(str(name).replace("`", "'").split())[:200]
+
+
+def gguf_model_card(record: Mapping[str, Any], file_name: str, *, base_model: str | None = None) -> str:
+    """Model card for a GGUF file adapted by ``gainsurgery apply`` (from its ``gainsurgery.record``).
+
+    Args:
+        record: the record the file carries (base, gains, per-tensor routes and errors).
+        file_name: the file's name in the repo.
+        base_model: the Hub id of the base (``--base-model``, or a Hub base's repo);
+            when None, the record's ``base.hub`` is used if it is one; nothing else is claimed.
+    """
+    base = record.get("base", {}) or {}
+    base = base if isinstance(base, Mapping) else {}
+    gains = [g for g in (record.get("gains") or []) if isinstance(g, Mapping)]
+    tensors = [t for t in (record.get("tensors") or []) if isinstance(t, Mapping)]
+    routes = [r for r in (record.get("routes") or []) if isinstance(r, Mapping)]
+    base_model = hub_id_or_none(base_model) or hub_id_or_none(base.get("hub"))
+    base_shown = base.get("embedded") or base.get("hub") or base.get("name") or "the base model"
+    method = _tag(next((g.get("method") for g in gains if g.get("method")), None), "gain")
+    fields = {
+        "base_model": base_model,
+        "base_model_relation": "merge" if base_model else None,
+        "license": base.get("license"),
+        "tags": ["gguf", "gainsurgery", "gain", method, "merge"],
+    }
+    moved = sum(1 for r in routes if r.get("route") == "moved")
+    promoted = sorted({f"{t.get('type')} -> {t.get('type_out')}" for t in tensors
+                       if t.get("type") != t.get("type_out")})
+    rows = "\n".join(
+        f"| {md_text(g.get('name'), 120)} | {md_text(g.get('method') or '?', 40)} | "
+        f"{md_text(g.get('parameters'), 20)} | {md_text(str(g.get('sha256'))[:16], 16)} |"
+        for g in gains)
+    file_shown = md_text(file_name, 120)
+    title = base_model or md_text(base_shown, 120)
+    return (
+        _front_matter(fields)
+        + f"""
+# {title} + GAIN ({method}), GGUF
+
+`{file_shown}` is {md_text(base_shown, 200)} (GGUF, sha256 `{md_text(str(base.get('sha256'))[:16], 16)}`)
+with {len(gains)} GAIN gain file(s) applied straight to its quantized tensors by
+[gainsurgery](https://pypi.org/project/gainsurgery/): each adapted weight became `W · diag(s)`
+({PAPER}). Every key/value of the base is kept; the provenance is in the file's
+`gainsurgery.*` metadata.
+{'' if base_model else _base_text({**base, 'given': base_shown})}
+| gain file | method | parameters | sha256 |
+|---|---|---|---|
+{rows}
+
+- gain keys: {len(routes)}, of which {moved} moved exactly onto another tensor's rows (block scales only)
+- tensors rewritten: {len(tensors)}; tensor types changed: {md_text(', '.join(promoted) or 'none', 200)}
+
+Check it: `gainsurgery verify BASE.gguf GAIN... {file_shown}` recomputes every rewritten
+tensor and compares every other byte and key/value with the base.
+
+## Use
+
+```bash
+llama-cli -m {file_shown} -p "The court held that"
+```
+"""
+    )

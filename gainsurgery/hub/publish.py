@@ -46,6 +46,8 @@ class UploadItem:
         folder: the input folder ``local`` was found in (it is opened relative to it,
             so a file swapped for a link out meanwhile is refused); None for a file the user named.
         name: ``local``'s name relative to ``folder``.
+        text_bytes: for a weights file whose first bytes hold all its text (a GGUF header),
+            how many: only those are scanned for the token (see :func:`check_no_token`).
     """
 
     path_in_repo: str
@@ -54,6 +56,7 @@ class UploadItem:
     data: bytes | None = None
     folder: Path | None = None
     name: str | None = None
+    text_bytes: int | None = None
 
     def open(self) -> BinaryIO:
         """The upload's content as a binary file object, opened safely (the caller closes it)."""
@@ -128,7 +131,7 @@ def check_no_token(items: list[UploadItem], tokens: list[str]) -> None:
     Every non-weight file (config, tokenizer, card, provenance...) is scanned whole,
     in any of :func:`gainsurgery.io.secrets.secret_forms` (UTF-8, UTF-16, base64).
     For ``.safetensors`` files the header (the JSON, where ``__metadata__`` can hold
-    text) is scanned, the tensor data is not: weights are numbers produced from the
+    text) is scanned, and for a GGUF file its header (every key/value), the tensor data is not: weights are numbers produced from the
     base's and the gain's bytes, which never saw the token, and scanning them would
     read every published byte once more (seconds per GB). A token can only reach an
     upload through a file that read it from the environment, and such files are text.
@@ -147,7 +150,9 @@ def check_no_token(items: list[UploadItem], tokens: list[str]) -> None:
         return
     for item in items:
         with item.open() as f:
-            if item.path_in_repo.endswith(WEIGHT_SUFFIX):
+            if item.text_bytes is not None:
+                found = any(contains_secret(f.read(item.text_bytes), t) for t in tokens)
+            elif item.path_in_repo.endswith(WEIGHT_SUFFIX):
                 prefix = f.read(8)
                 n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
                 header = prefix + f.read(min(n, MAX_HEADER_BYTES))
@@ -297,6 +302,11 @@ class HubPublisher:
     def publish(self, folder: Path) -> PushResult:
         """Upload the complete checkpoint in ``folder`` in one commit."""
         return push(self.client, folder_upload(folder), self.repo_id, private=self.private, revision=self.revision,
+                    create_pr=self.create_pr, commit_message=self.commit_message)
+
+    def publish_items(self, items: list[UploadItem]) -> PushResult:
+        """Upload ``items`` (a finished, verified file and its card) in one commit."""
+        return push(self.client, items, self.repo_id, private=self.private, revision=self.revision,
                     create_pr=self.create_pr, commit_message=self.commit_message)
 
     def check(self, items: list[UploadItem]) -> None:

@@ -3,7 +3,9 @@
 Every folder gainsurgery writes appears whole or not at all through
 :func:`claim_folder`: apply's OUT, export-peft's adapter folder, train's ``-o`` for
 PEFT methods and its checkpoints, the embedded model's conversion, the lab's merged
-models. (Single files: :mod:`gainsurgery.io.atomic`.) The protocol, for ``OUT = P/N``:
+models. (Single files: :mod:`gainsurgery.io.atomic`; a large file written for minutes,
+apply's GGUF OUT, with :func:`claim_file`: the same protocol with a temp *file*.) The
+protocol, for ``OUT = P/N``:
 
 ``P/.N.gainsurgery.lock``
     An exclusive ``flock`` held for the whole run (:mod:`gainsurgery.io.locks`). It
@@ -17,8 +19,8 @@ models. (Single files: :mod:`gainsurgery.io.atomic`.) The protocol, for ``OUT = 
     under a temporary name, ``...HEX.claim.part``, and renamed into place whole, so a
     claim is never empty.
 ``P/.N.gainsurgery-HEX.tmp``
-    The folder the run fills. Created after its claim, removed before it, so a temp
-    never exists without the marker that proves it is ours.
+    The folder (or file) the run fills. Created after its claim, removed before it, so a
+    temp never exists without the marker that proves it is ours.
 ``P/.N.gainsurgery-HEX.old``
     Only in the fallback below: the old OUT moved aside.
 
@@ -63,7 +65,7 @@ import secrets
 import socket
 import stat
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 from gainsurgery.errors import GainSurgeryError, OutputError
 from gainsurgery.io.atomic import (TAG, fsync_dir, fsync_tree, open_nofollow, rename_exchange, rename_noreplace,
@@ -111,6 +113,26 @@ def _is_real_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _is_real_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_ours_to_remove(path: Path) -> bool:
+    """A temp or aside of ours: a real folder or a regular file (never a link)."""
+    return _is_real_dir(path) or _is_real_file(path)
+
+
+def _remove_ours(path: Path, **kwargs: object) -> None:
+    """Delete our temp or aside: a folder through :func:`remove_tree` (never across a mount), a file by unlinking."""
+    if _is_real_dir(path):
+        remove_tree(path, **kwargs)  # type: ignore[arg-type]
+    else:
+        os.unlink(path)
 
 
 def _plain_name(name: object) -> bool:
@@ -207,15 +229,15 @@ def _clean(parent: Path, stem: str | None, name: str | None) -> list[str]:
             names = _names(entry_stem, token)
             tmp, old = parent / names["tmp"], parent / names["old"]
             try:
-                if _is_real_dir(tmp):
-                    remove_tree(tmp)
+                if _is_ours_to_remove(tmp):
+                    _remove_ours(tmp)
                     handled.append(names["tmp"])
-                if _is_real_dir(old):
+                if _is_ours_to_remove(old):
                     try:
                         rename_noreplace(old, parent / out_name)  # the fallback died mid-overwrite: put OUT back
                         handled.append(f"{names['old']} -> {out_name}")
                     except FileExistsError:
-                        remove_tree(old)
+                        _remove_ours(old)
                         handled.append(names["old"])
             except OSError:
                 continue  # e.g. a mount point inside: leave it, and its marker, for a later run
@@ -264,18 +286,24 @@ class LeftBehind(OutputError):
 
 
 class FolderClaim:
-    """A claimed folder output. Fill :attr:`tmp`, then :meth:`publish`; see :func:`claim_folder`.
+    """A claimed folder (or file) output. Fill :attr:`tmp`, then :meth:`publish`; see :func:`claim_folder`.
 
     Attributes:
-        out: the output folder (parent resolved).
-        tmp: the temp folder to fill; it becomes ``out`` on publish.
+        out: the output folder or file (parent resolved).
+        tmp: the temp folder (or file) to fill; it becomes ``out`` on publish.
+        file: for a file claim (:func:`claim_file`), the temp file opened for reading and
+            writing (unbuffered): write through it, never by reopening :attr:`tmp` by name.
+            Closed by :meth:`publish` and :meth:`discard`.
+        kind: ``folder`` or ``file``.
         overwrite: whether publishing may replace an existing ``out``.
-        published: True once ``out`` holds this run's folder.
+        published: True once ``out`` holds this run's output.
     """
 
     def __init__(self, out: Path, *, overwrite: bool, what: str, error: type[GainSurgeryError],
-                 shown: str | None = None, mode: int = 0o777) -> None:
+                 shown: str | None = None, mode: int = 0o777, kind: str = "folder") -> None:
         self.out = out
+        self.kind = kind
+        self.file: BinaryIO | None = None
         self.overwrite = overwrite
         self.what = what
         self.error = error
@@ -307,9 +335,9 @@ class FolderClaim:
             lst = None
         if lst is not None and not self.overwrite:
             raise self.error(f"{self.what} already exists: {self._shown} (pass --overwrite to replace it)")
-        if lst is not None and not stat.S_ISDIR(lst.st_mode):
-            raise self.error(f"{self.what} {self._shown} exists and is not a folder; name a new folder")
-        if lst is not None:
+        if lst is not None and not self._right_kind(lst.st_mode):
+            raise self.error(f"{self.what} {self._shown} exists and is not a {self.kind}; name a new {self.kind}")
+        if lst is not None and self.kind == "folder":
             mount = mount_inside(self.out)
             if mount is not None:
                 raise self.error(f"{self.what} {self._shown} holds a mount point ({show_path(mount)}); --overwrite "
@@ -329,9 +357,22 @@ class FolderClaim:
         rename_noreplace(self._marker_path, self._claim_path)
         self._marker_path = self._claim_path
         pause_point("claim.marked")
-        os.mkdir(self.tmp, self._mode)
+        if self.kind == "folder":
+            os.mkdir(self.tmp, self._mode)
+        else:
+            # mode & ~umask, like a plain open; created exclusively, never through a link.
+            tmp_fd = open_nofollow(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, self._mode & 0o666)
+            self.file = os.fdopen(tmp_fd, "r+b", buffering=0)
         fsync_dir(self.out.parent)
         pause_point("claim.temp-made")
+
+    def _right_kind(self, mode: int) -> bool:
+        return stat.S_ISDIR(mode) if self.kind == "folder" else stat.S_ISREG(mode)
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def _release(self, *, keep_marker: bool = False) -> None:
         """Drop the locks; remove the marker unless something of ours is still left to clean."""
@@ -363,16 +404,17 @@ class FolderClaim:
         self._discarded = True
         keep = False
         try:
+            self._close_file()
             if not self.published:
-                if _is_real_dir(self.tmp):
+                if _is_ours_to_remove(self.tmp):
                     try:
-                        remove_tree(self.tmp)
+                        _remove_ours(self.tmp)
                     except OSError as e:
                         keep = True
-                        raise LeftBehind(f"this run's temp folder {show_path(self.tmp)} could not be deleted "
+                        raise LeftBehind(f"this run's temp {self.kind} {show_path(self.tmp)} could not be deleted "
                                          f"({_why(e)}); it was left there with its claim marker; fix that and "
                                          f"the next run on {self.what} {self._shown} removes it") from None
-                if _is_real_dir(self._old):
+                if _is_ours_to_remove(self._old):
                     # Only the fallback creates it; if OUT is missing, put the old one back.
                     # If something else took OUT meanwhile, delete nothing now: the marker
                     # stays and a later run (which was asked to overwrite) removes it.
@@ -425,7 +467,11 @@ class FolderClaim:
         if self._lock_fd is None or self.published:
             raise RuntimeError("publish() on a claim that is released or already published")
         pause_point("claim.publishing")
-        if fsync:
+        if self.file is not None:
+            if fsync:
+                os.fsync(self.file.fileno())
+            self._close_file()
+        elif fsync:
             fsync_tree(self.tmp)
         try:
             old = self._swap_in()
@@ -443,7 +489,10 @@ class FolderClaim:
         if old is not None:
             pause_point("claim.swapped")
             try:
-                remove_tree(old, pause_step="claim.old-half-deleted")
+                if self.kind == "folder":
+                    remove_tree(old, pause_step="claim.old-half-deleted")
+                else:
+                    os.unlink(old)
             except OSError as e:
                 self._release(keep_marker=True)
                 raise LeftBehind(f"{self.what} {self._shown} now holds this run's result, but the folder it "
@@ -470,8 +519,8 @@ class FolderClaim:
                     return None
                 except FileExistsError:
                     continue  # appeared just now: replace it, as --overwrite asks
-            if not stat.S_ISDIR(lst.st_mode):
-                raise self.error(f"{self.what} {self._shown} became something other than a folder while this "
+            if not self._right_kind(lst.st_mode):
+                raise self.error(f"{self.what} {self._shown} became something other than a {self.kind} while this "
                                  "run was writing; it was left untouched and this run's result was discarded")
             try:
                 if rename_exchange(self.tmp, self.out):
@@ -523,6 +572,37 @@ def claim_folder(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathL
     # removed, so even a run that stops at "already exists" cleans up after a killed one.
     target = check_output(out, inputs=inputs, kind="folder", overwrite=True, what=what, error=error)
     claim = FolderClaim(target, overwrite=overwrite, what=what, error=error, shown=show_path(out), mode=mode)
+    try:
+        claim._start(wait=wait)
+    except BaseException as exc:
+        claim._discard_after(exc)
+        raise
+    return claim
+
+
+def claim_file(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+               overwrite: bool = False, what: str = "OUT", error: type[GainSurgeryError] = OutputError,
+               wait: bool = False) -> FolderClaim:
+    """Claim the file output ``out`` for a run that writes it for minutes (a GGUF model); use as a context manager.
+
+    :func:`claim_folder`'s protocol with a temp *file*: ``out`` is checked with
+    :func:`~gainsurgery.io.checks.check_output` (``kind="file"``: never an input, a hard
+    link to one, a link, a folder), its lock taken, leftovers of dead runs removed, an
+    existing ``out`` refused unless ``overwrite`` (a model file is not replaced by
+    accident), the claim marker written, and the temp ``P/.N.gainsurgery-HEX.tmp``
+    created exclusively and opened as :attr:`FolderClaim.file`.
+    :meth:`FolderClaim.publish` fsyncs it and renames it into place without replacing
+    (an atomic exchange with ``overwrite``); leaving the block without publishing
+    removes it: ``out`` is whole or absent. ``wait``: wait for another run's lock
+    instead of failing (a cache file two processes may want at once).
+
+    Example:
+        >>> with claim_file("adapted.gguf", inputs=["base.gguf"]) as claim:  # doctest: +SKIP
+        ...     claim.file.write(b"GGUF...")
+        ...     claim.publish()
+    """
+    target = check_output(out, inputs=inputs, kind="file", what=what, error=error)
+    claim = FolderClaim(target, overwrite=overwrite, what=what, error=error, shown=show_path(out), kind="file")
     try:
         claim._start(wait=wait)
     except BaseException as exc:

