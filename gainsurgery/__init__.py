@@ -26,7 +26,7 @@ _LAZY = {
         "apply", "attach", "evaluate", "export_peft", "import_peft", "inspect_gain", "inspect_gguf", "invert_gain",
         "load_gain", "power_gain", "push", "save_gain", "stack_gains", "targets", "train", "verify")},
     "GainFile": "gainsurgery.gainfile",
-    "ApplyResult": "gainsurgery.merge",
+    "ApplyResult": "gainsurgery.applying.result",
     "VerifyReport": "gainsurgery.merge.verify",
     "TrainConfig": "gainsurgery.training.config",
     "TrainResult": "gainsurgery.training.config",

@@ -14,7 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gainsurgery import api
 from gainsurgery import corpora as domains
+from gainsurgery.errors import GainSurgeryError
+from gainsurgery.io.atomic import write_json
+from gainsurgery.io.checkpoint import open_checkpoint
+from gainsurgery.io.checks import check_output
+from gainsurgery.sources.base import local_folder_of, resolve_base
+from gainsurgery.sources.embedded import EMBEDDED_MODELS
+from gainsurgery.sources.spec import EMBEDDED_PREFIX
+from gainsurgery.training import TrainConfig
+from gainsurgery.training.data import pack, read_documents
+from gainsurgery.training.evaluation import perplexity
+from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
 
 DEFAULT_MODEL = "embedded:gemma-3-270m"
 
@@ -38,17 +50,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     """Run the demo; returns every number it printed (also saved as demo.json)."""
-    from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.io.atomic import write_json
-    from gainsurgery.io.checks import check_output
-    from gainsurgery.training.data import pack, read_documents
-    from gainsurgery.training.evaluation import perplexity
-    from gainsurgery.training.modeling import load_causal_lm, load_tokenizer
-    from gainsurgery.sources import local_folder_of, resolve_base
-    from gainsurgery.merge import apply, verify_merged
-    from gainsurgery.training import TrainConfig, train
-
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # transformers: heavy, only when the demo runs
 
     hf_logging.disable_progress_bar()  # the demo prints its own steps
     work = Path(cfg.workdir)
@@ -81,7 +83,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"[3/7] train {cfg.method}: {cfg.steps} steps x {cfg.batch_size} windows x {cfg.seq_len} tokens")
     t0 = time.perf_counter()
     gain_path = work / f"{cfg.domain}-{cfg.method}.safetensors"
-    result = train(TrainConfig(base=cfg.model, data=[str(train_file)], output=str(gain_path), method=cfg.method,
+    result = api.train(TrainConfig(base=cfg.model, data=[str(train_file)], output=str(gain_path), method=cfg.method,
                                steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                                seed=cfg.seed, log=str(work / "train.jsonl")))
     step("train", t0)
@@ -92,18 +94,16 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say("[4/7] apply: stream the gains into a merged checkpoint (untouched bytes copied by the kernel)")
     t0 = time.perf_counter()
     merged = work / "merged"
-    plan = apply(cfg.model, [gain_path], merged, overwrite=True, warn=lambda m: say("      warning: " + m)).plan
+    plan = api.apply(cfg.model, [gain_path], merged, overwrite=True, warn=lambda m: say("      warning: " + m)).plan
     step("apply", t0)
     say(f"      {merged}: {plan.tensors_touched} tensors rescaled, {plan.bytes_rewritten / 1e6:.0f} MB rewritten, "
         f"{plan.bytes_copied / 1e6:.0f} MB copied")
 
     say("[5/7] verify: recompute every rescaled tensor, compare every other byte")
     t0 = time.perf_counter()
-    report = verify_merged(cfg.model, [gain_path], merged)
+    report = api.verify(cfg.model, [gain_path], merged)
     step("verify", t0)
     if not report.ok:
-        from gainsurgery.errors import GainSurgeryError
-
         raise GainSurgeryError("demo: verification failed: " + report.problems[0])
     say(f"      ok: {report.tensors_scaled} rescaled tensors exact, "
         f"{report.tensors_checked - report.tensors_scaled} others byte-identical")
@@ -141,19 +141,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
 
 def _gguf_step(cfg: DemoConfig, gain_path: Path, work: Path, say: Callable[[str], None]) -> dict | None:
     """[7/7] The gain applied straight onto the embedded model's own quantized GGUF (llama.cpp's format)."""
-    from gainsurgery.io.inputs import EMBEDDED_PREFIX
-    from gainsurgery.sources.embedded import EMBEDDED_MODELS
-
     name = cfg.model[len(EMBEDDED_PREFIX):] if cfg.model.startswith(EMBEDDED_PREFIX) else None
     if name not in EMBEDDED_MODELS:
         say("[7/7] GGUF: skipped (the base is not an embedded model shipped as a GGUF)")
         return None
-    from gainsurgery.merge.gguf_sink import apply_gguf
-
     say("[7/7] GGUF: the same gain applied straight onto the original quantized file (for llama.cpp or Ollama)")
     t0 = time.perf_counter()
     out = work / f"{cfg.domain}-{cfg.method}-{name}.gguf"
-    r = apply_gguf(cfg.model + ".gguf", [gain_path], out, overwrite=True, verify=True,
+    r = api.apply(cfg.model + ".gguf", [gain_path], out, overwrite=True, verify=True,
                    warn=lambda m: say("      warning: " + m))
     s = r.summary()
     moved = sum(1 for x in s["routes"] if x["route"] == "moved")

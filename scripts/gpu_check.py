@@ -14,7 +14,7 @@ never imports gainsurgery.hub (huggingface_hub 1.x or 2.x both do). Steps:
    ``synthetic-small`` is a 2-layer Gemma 3 for a quick CPU rehearsal.
 2. **Train** GAIN-FFN: bf16 weights, bf16 autocast, gradient checkpointing, ``--steps``
    steps of batch 8 x 256 tokens, perplexity on held-out text before and after.
-3. **Apply** the gain file by streaming (``merge.apply``, verified), then compare logits of
+3. **Apply** the gain file by streaming (``gainsurgery.api.apply``, verified), then compare logits of
    the merged checkpoint with the base + gains as hooks, in bf16 and in float32 compute:
    max |Δlogit| against the gain effect (max |logit(hooked) - logit(base)|).
 4. **Throughput**: GAIN-FFN, LoRA r8 (all linear layers), IA3, each with and without
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         report["hub_modules_imported"] = sorted(m for m in sys.modules if m.startswith("gainsurgery.hub"))
 
         # 3. apply by streaming, verified; merged vs hooked logits
-        from gainsurgery.merge import apply
+        from gainsurgery.api import apply
 
         t0 = time.perf_counter()
         apply(base, [str(gain_path)], work / "merged", verify=True)

@@ -263,7 +263,7 @@ def test_dry_run_writes_nothing(tiny_ckpt, cli, tmp_path):
 
 def test_small_chunks_and_single_thread_give_same_bytes(tiny_ckpt, tmp_path):
     """Chunk boundaries and threading must not change a single byte."""
-    from gainsurgery.merge import apply
+    from gainsurgery.api import apply
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -80,7 +80,7 @@ def mutated_files(draw) -> bytes:
 def _read_everything(path: Path) -> int:
     """Open the file and read it the way apply, verify and inspect do; return how many values were read."""
     from gainsurgery.formats.gguf.writer import field_value, raw_value
-    from gainsurgery.merge.gguf_sink import _summary
+    from gainsurgery.sources.gguf import _summary
 
     with open_gguf(path) as g:
         n = 0

@@ -263,7 +263,7 @@ def test_download_cut_half_way_resumes(hub, big_base, big_gain, cli, work):
 
 def test_second_run_of_the_same_push_waits_its_turn(hub, hub_base, gain_file, work):
     from gainsurgery import api
-    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.applying import hub_sink as hp
     from gainsurgery.io.workdir import WorkFolder
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.publish import HubPublisher
@@ -283,7 +283,7 @@ def test_second_run_of_the_same_push_waits_its_turn(hub, hub_base, gain_file, wo
 def test_work_folder_that_is_a_link_is_refused(hub, hub_base, gain_file, cli, work, tmp_path):
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.publish import HubPublisher
-    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.applying import hub_sink as hp
 
     client = HubClient.from_env()
     name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
@@ -494,7 +494,7 @@ def test_xet_path_hands_hf_xet_our_sha256(hub, tmp_path):
 
 
 def test_xet_state_goes_into_the_work_folder(tmp_path, monkeypatch):
-    from gainsurgery.merge.hub_pipeline import xet_state_in
+    from gainsurgery.applying.hub_sink import xet_state_in
 
     monkeypatch.delenv("HF_XET_CACHE", raising=False)
     monkeypatch.delenv("HF_XET_CHUNK_CACHE_SIZE_BYTES", raising=False)
@@ -642,7 +642,7 @@ def test_a_hostile_journal_is_ignored(hub, hub_base, gain_file, cli, work, journ
     """A killed run's journal is read as hostile JSON: anything odd is ignored and the run starts over."""
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.publish import HubPublisher
-    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.applying import hub_sink as hp
 
     client = HubClient.from_env()
     name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
@@ -667,16 +667,18 @@ def test_journal_with_the_right_fingerprint_but_odd_entries(hub, hub_base, gain_
     good = json.loads(res.stdout)["shards"]
     from gainsurgery.hub.client import HubClient
     from gainsurgery.hub.publish import HubPublisher
-    from gainsurgery.merge import hub_pipeline as hp
+    from gainsurgery.applying import hub_sink as hp
+    from gainsurgery.applying import hub_stream
     from gainsurgery.sources import opened_base
-    from gainsurgery.merge import load_gains, make_plan
+    from gainsurgery.applying.gains import load_gains
+    from gainsurgery.merge.plan import make_plan
 
     client = HubClient.from_env()
     name = hp.work_folder_name(HubPublisher(client, "testuser/out"), client.endpoint, hub_base, [str(gain_file)])
     with opened_base(hub_base, client) as opened:
         loaded = load_gains([gain_file])
         plan = make_plan(opened.checkpoint, loaded.gain, loaded.sources)
-        fingerprint = hp.output_fingerprint(opened, plan)
+        fingerprint = hub_stream.output_fingerprint(opened, plan)
     names = sorted(good)
     folder = work / name
     folder.mkdir(mode=0o700)

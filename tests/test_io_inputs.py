@@ -14,15 +14,15 @@ import pytest
 from gainsurgery.errors import CheckpointError, UnsafeInputError
 from gainsurgery.io import inputs
 from gainsurgery.io.inputs import (
-    BaseSpec,
     allowed_roots,
-    classify_base_spec,
     iter_input_files,
     open_input,
     open_regular,
     resolve_input,
     show_path,
 )
+from gainsurgery.sources import spec as base_grammar
+from gainsurgery.sources.spec import BaseSpec, classify_base_spec
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -419,8 +419,8 @@ def test_repo_id_regex_needs_full_match():
     # The bug this guards against: "$" matches before a final newline.
     import re
     assert re.match(r"^[\w.\-]+/[\w.\-]+$", "org/name\n") is not None
-    assert inputs.HUB_BASE_RE.fullmatch("org/name\n") is None
-    assert inputs.HUB_BASE_RE.fullmatch("org/name") is not None
+    assert base_grammar.HUB_BASE_RE.fullmatch("org/name\n") is None
+    assert base_grammar.HUB_BASE_RE.fullmatch("org/name") is not None
 
 
 def test_embedded_and_empty(in_tmp):

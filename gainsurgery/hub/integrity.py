@@ -39,7 +39,8 @@ from typing import Any
 
 from gainsurgery.errors import CheckpointError
 from gainsurgery.hub.errors import hub_errors
-from gainsurgery.io.inputs import hf_cache_repo, open_input, resolve_input, show_path
+from gainsurgery.io.inputs import open_input, resolve_input, show_path
+from gainsurgery.sources.spec import hf_cache_repo
 from gainsurgery.io.write_errors import no_room
 
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)

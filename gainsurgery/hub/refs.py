@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 from gainsurgery.errors import HubError
+from gainsurgery.sources.spec import REPO_ID_PATTERN, split_file_ref
 
-#: ``org/name``: the shape of a Hub repo id (each part 1-96 of ``[A-Za-z0-9_.-]``, starting
-#: and ending with a letter, digit or ``_``). Always matched in full: ``"org/name\n"`` is no repo id.
-_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
-REPO_ID_PATTERN = rf"{_PART}/{_PART}"
+# The repo-id spelling has one home, the BASE grammar (:mod:`gainsurgery.sources.spec`).
 _REPO_ID = re.compile(REPO_ID_PATTERN, re.ASCII)
-_FILE_RE = re.compile(rf"(?P<repo>{REPO_ID_PATTERN})(?:@(?P<rev>[A-Za-z0-9_][A-Za-z0-9_.\-/]*))?:(?P<path>[^\s:]+)",
-                      re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -42,13 +37,8 @@ def parse_file_ref(spec: str) -> HubRef | None:
     Local paths win: an existing path, or one spelled like a path (``./``, ``/``,
     ``~``...), is never sent to the Hub. The whole spec must match (no trailing newline).
     """
-    if os.path.lexists(spec) or spec.startswith((".", "/", "~")):
-        return None
-    m = _FILE_RE.fullmatch(spec)
-    if not m or ".." in m["repo"] or "--" in m["repo"] or m["path"].startswith("/") \
-            or ".." in m["path"].split("/") or (m["rev"] and ".." in m["rev"]):
-        return None
-    return HubRef(m["repo"], m["rev"], m["path"])
+    found = split_file_ref(spec)
+    return HubRef(*found) if found is not None else None
 
 
 def is_repo_id(value: object) -> bool:

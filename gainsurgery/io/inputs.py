@@ -14,9 +14,8 @@ after the check cannot hang the open) and ``O_NOFOLLOW``, and the opened descrip
 is checked again with ``fstat`` against the inode that was validated, so a swap
 between check and use is caught.
 
-This module also decides what a BASE argument names (:func:`classify_base_spec`):
-a local folder, an embedded model or a Hub repo. Anything that looks like a local
-path is never sent to the Hub.
+What a BASE argument names (a local folder, an embedded model, a Hub repo) is
+decided by :mod:`gainsurgery.sources.spec`, which shows paths with :func:`show_path`.
 
 Example:
     >>> with open_input(base, "config.json") as f:   # doctest: +SKIP
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Literal
 
-from gainsurgery.errors import CheckpointError, GainSurgeryError, UnsafeInputError
+from gainsurgery.errors import GainSurgeryError, UnsafeInputError
 
 #: Pseudo-filesystems: their "files" are kernel state (``/proc/self/environ`` holds
 #: the token), never checkpoint data.
@@ -41,17 +40,6 @@ FORBIDDEN_ROOTS: tuple[Path, ...] = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 # huggingface_hub names a repo's cache folder "<type>s--<org>--<name>".
 _REPO_CACHE_RE = re.compile(r"(?:models|datasets|spaces)--.+", re.ASCII | re.DOTALL)
-
-#: Prefix of an embedded-model BASE (``embedded:NAME``).
-EMBEDDED_PREFIX = "embedded:"
-
-# One part of a Hub repo id, as huggingface_hub validates it: 1-96 of [A-Za-z0-9_.-],
-# starting and ending with a word character. "--" and ".." are refused separately.
-_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
-_REV = r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*"
-#: ``ORG/NAME[@REV]``; always used with fullmatch so a trailing newline never passes.
-HUB_BASE_RE = re.compile(rf"(?P<repo>{_ID_PART}/{_ID_PART})(?:@(?P<rev>{_REV}))?", re.ASCII)
-_EMBEDDED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", re.ASCII)
 
 _KIND_NAMES = {
     stat.S_IFREG: "a file",
@@ -169,27 +157,10 @@ def allowed_roots(folder: str | os.PathLike[str], *,
     return tuple(roots)
 
 
-def hf_cache_repo(folder: str | os.PathLike[str]) -> tuple[str, str] | None:
-    """``(ORG/NAME, REV)`` when ``folder`` is a Hugging Face cache snapshot of a model repo, else None.
-
-    The cache names a repo's folder ``models--ORG--NAME`` and each downloaded
-    revision ``snapshots/REV`` (a commit hash). Used to say what a local base is
-    (a card may name the Hub repo of a snapshot), never to reach the Hub.
-
-    Example:
-        >>> hf_cache_repo("/c/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc")  # doctest: +SKIP
-        ('Qwen/Qwen2.5-0.5B', '0123abc')
-    """
+def _is_cache_snapshot(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` is itself a Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/REV``)."""
     root = Path(os.path.realpath(folder))
-    if root.parent.name != "snapshots":
-        return None
-    parts = root.parent.parent.name.split("--")
-    if len(parts) != 3 or parts[0] != "models":
-        return None
-    repo = f"{parts[1]}/{parts[2]}"
-    if HUB_BASE_RE.fullmatch(repo) is None or ".." in repo:
-        return None
-    return repo, root.name
+    return root.parent.name == "snapshots" and _REPO_CACHE_RE.fullmatch(root.parent.parent.name) is not None
 
 
 def _check_name(name: str, shown_folder: str, error: type[GainSurgeryError]) -> None:
@@ -427,7 +398,7 @@ def folder_entries(folder: str | os.PathLike[str], *,
         [('README.md', 'file'), ('config.json', 'file'), ('extra', 'folder')]
     """
     allowed_roots(folder, error=error)
-    snapshot = hf_cache_repo(folder) is not None
+    snapshot = _is_cache_snapshot(folder)
     try:
         with os.scandir(folder) as it:
             names = sorted(e.name for e in it)
@@ -473,81 +444,3 @@ def check_input_folder(folder: str | os.PathLike[str], *,
         ['config.json', 'model.safetensors', 'tokenizer.json']
     """
     return list(iter_input_files(folder, error=error))
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    """What a BASE argument names.
-
-    Attributes:
-        kind: ``"local"`` (a folder), ``"embedded"`` (``embedded:NAME``) or ``"hub"``.
-        spec: the argument as given.
-        path: local only: the path, ``~`` expanded, not resolved.
-        name: embedded only: NAME.
-        repo_id: hub only: ``ORG/NAME``.
-        revision: hub only: the revision after ``@``, or None.
-    """
-
-    kind: Literal["local", "embedded", "hub"]
-    spec: str
-    path: Path | None = None
-    name: str | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-
-
-def _looks_local(spec: str) -> bool:
-    """True for a spelling a Hub repo id never has."""
-    if spec in (".", "..") or spec.startswith(("./", "../", "/", "~", ".\\", "..\\")):
-        return True
-    if "\\" in spec or (os.altsep and os.altsep in spec) or os.sep != "/" and os.sep in spec:
-        return True
-    repo = spec.split("@", 1)[0]
-    # A repo id is exactly ORG/NAME: one slash, both sides non-empty.
-    return repo.count("/") != 1 or repo.startswith("/") or repo.endswith("/")
-
-
-def classify_base_spec(spec: str, *, error: type[GainSurgeryError] = CheckpointError) -> BaseSpec:
-    """Decide whether a BASE argument is a local folder, an embedded model or a Hub repo.
-
-    - ``embedded:NAME`` is an embedded model.
-    - An existing path, or anything spelled like a path (starting with ``./``,
-      ``../``, ``/`` or ``~``, holding a backslash, or not exactly one ``/``), is
-      local and never sent to the Hub; a missing one is "no such folder".
-    - ``ORG/NAME[@REV]`` (matched in full: ``"org/name\\n"`` does not match) with
-      nothing local of that name is a Hub repo, unless a folder ``ORG`` exists here:
-      then it is far likelier a mistyped local path, and is refused as one.
-
-    Raises ``error`` (one line) for an empty spec, a missing local path and
-    anything that is neither.
-
-    Example:
-        >>> classify_base_spec("openai-community/gpt2@main")  # doctest: +SKIP
-        BaseSpec(kind='hub', spec='openai-community/gpt2@main', repo_id='openai-community/gpt2', revision='main')
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise error("BASE is empty (an unset variable?); name a folder, embedded:NAME or ORG/NAME")
-    shown = show_path(spec)
-    if spec.startswith(EMBEDDED_PREFIX):
-        name = spec[len(EMBEDDED_PREFIX):]
-        if not _EMBEDDED_NAME_RE.fullmatch(name):
-            raise error(f"{shown}: not a valid embedded model name; write embedded:NAME")
-        return BaseSpec(kind="embedded", spec=spec, name=name)
-    if "\x00" in spec:
-        raise error(f"{shown}: not a folder or a Hub repo id")
-    local = Path(os.path.expanduser(spec))
-    if os.path.lexists(local):
-        if not os.path.exists(local):
-            raise error(f"no such folder: {shown} (a broken symbolic link)")
-        return BaseSpec(kind="local", spec=spec, path=local)
-    if _looks_local(spec):
-        raise error(f"no such folder: {shown}")
-    m = HUB_BASE_RE.fullmatch(spec)
-    if m is None or ".." in m["repo"] or "--" in m["repo"] or m["repo"].endswith(".git") \
-            or (m["rev"] is not None and (".." in m["rev"] or m["rev"].endswith("/"))):
-        raise error(f"no such folder: {shown} (for a Hub repo write ORG/NAME or ORG/NAME@REVISION)")
-    org = m["repo"].split("/", 1)[0]
-    if os.path.isdir(org):
-        raise error(f"no such folder: {shown} (a local folder {show_path(org)} exists, so this is read "
-                    f"as a local path and not sent to the Hub; to use the Hub repo, run from another folder)")
-    return BaseSpec(kind="hub", spec=spec, repo_id=m["repo"], revision=m["rev"])

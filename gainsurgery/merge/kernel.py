@@ -23,6 +23,8 @@ import numpy as np
 
 #: Elements per compute block: 256K float32 = 1 MiB, small enough for L2 caches.
 BLOCK_ELEMS = 1 << 18
+#: Bytes of tensor data read (scaled, or compared) per chunk unless told otherwise: bounds peak memory.
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 NUMPY_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}

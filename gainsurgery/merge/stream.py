@@ -41,10 +41,9 @@ from gainsurgery.io.fingerprint import TensorDigest
 from gainsurgery.io.inputs import open_input
 from gainsurgery.io.pausepoints import pause_point
 from gainsurgery.io.safetensors import Shard, open_shard
-from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
-                                      segments)
+from gainsurgery.merge.kernel import (BLOCK_ELEMS, DEFAULT_CHUNK_BYTES, ITEMSIZE, NUMPY_DTYPES, Scratch,
+                                      saturation_message, scale_block, segments)
 from gainsurgery.merge.plan import Plan, TensorOp
-from gainsurgery.merge.verify import DEFAULT_CHUNK_BYTES
 
 _COPY_STEP = 64 << 20  # bytes per copy_file_range call
 #: Buffers the chunk is split into: scaling runs ahead of writing and hashing by up to this many.
@@ -386,7 +385,7 @@ def _create_output(dst: Path) -> BinaryIO:
 
 
 @dataclass
-class StreamResult:
+class Streamed:
     """What :func:`execute` wrote and measured.
 
     Attributes:
@@ -409,7 +408,7 @@ class ShardStreamer:
     of its sha256 (computed from the bytes being written, see :class:`_ShardHasher`),
     so a shard's hash may finish while the next one streams. The base digests of the
     targets in ``digest`` and the saturation counts accumulate in :attr:`tensor_digests`
-    and :attr:`saturation` (see :class:`StreamResult`).
+    and :attr:`saturation` (see :class:`Streamed`).
 
     Example:
         >>> with ShardStreamer(plan) as streamer, open_shard(shard) as src:  # doctest: +SKIP
@@ -476,7 +475,7 @@ def execute(
     fetch_shard: Callable[[Shard], None] | None = None,
     allow_saturation: bool = False,
     digest: Collection[str] = (),
-) -> StreamResult:
+) -> Streamed:
     """Write the base's shards, with ``plan`` applied, and its index into the existing ``folder``.
 
     Args:
@@ -493,7 +492,7 @@ def execute(
             base fingerprints cover); the others are not hashed.
 
     Returns:
-        A :class:`StreamResult`: per-shard sha256, per-target base digests, saturation counts.
+        A :class:`Streamed`: per-shard sha256, per-target base digests, saturation counts.
 
     Raises:
         PlanError: the base changed under us (sizes or headers differ, a shard ended
@@ -526,7 +525,7 @@ def execute(
                 shutil.copyfileobj(src, index_out)
         for f in synced:
             f.result()
-        return StreamResult({name: d.result() for name, d in digests.items()}, dict(streamer.tensor_digests),
+        return Streamed({name: d.result() for name, d in digests.items()}, dict(streamer.tensor_digests),
                             dict(streamer.saturation))
 
 

@@ -21,13 +21,13 @@ import numpy as np
 
 from gainsurgery.errors import CheckpointError, GainSurgeryError
 from gainsurgery.io.checkpoint import INDEX_NAME, Checkpoint
-from gainsurgery.io.inputs import folder_entries, hf_cache_repo, open_input, show_path
+from gainsurgery.io.inputs import folder_entries, open_input, show_path
 from gainsurgery.io.safetensors import open_shard
-from gainsurgery.merge.kernel import (BLOCK_ELEMS, ITEMSIZE, NUMPY_DTYPES, Scratch, saturation_message, scale_block,
-                                      segments)
+from gainsurgery.merge.kernel import (BLOCK_ELEMS, DEFAULT_CHUNK_BYTES, ITEMSIZE, NUMPY_DTYPES, Scratch,
+                                      saturation_message, scale_block, segments)
 from gainsurgery.merge.plan import Plan, TensorOp
+from gainsurgery.sources.spec import hf_cache_repo
 
-DEFAULT_CHUNK_BYTES = 64 << 20
 #: Problems listed one by one about a folder's file set (a folder of a million junk files
 #: must not make a million lines); the rest are counted in one.
 MAX_FILE_PROBLEMS = 1000

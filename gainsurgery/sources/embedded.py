@@ -41,10 +41,11 @@ from gainsurgery.errors import CheckpointError, GainSurgeryError
 from gainsurgery.extras import require_extra
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.cache import cache_root
-from gainsurgery.io.claims import claim_folder
-from gainsurgery.io.inputs import EMBEDDED_PREFIX, open_input  # EMBEDDED_PREFIX's one home: BASE specs
+from gainsurgery.io.claims import claim_file, claim_folder
+from gainsurgery.io.inputs import open_input, open_regular
 from gainsurgery.io.mounts import remove_tree
 from gainsurgery.io.write_errors import no_room, no_room_errno
+from gainsurgery.sources.spec import EMBEDDED_PREFIX
 
 #: Name of the file whose presence marks a finished conversion.
 MARKER_NAME = "gainsurgery-embedded.json"
@@ -194,8 +195,6 @@ def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
     """
     import hashlib
 
-    from gainsurgery.io.claims import claim_file
-    from gainsurgery.io.inputs import open_regular
 
     model = embedded_model(name)
     final = embedded_dir(model.name, cache_dir).with_name(model.name + GGUF_SUFFIX)

@@ -28,6 +28,7 @@ from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_answer, hub_errors
 from gainsurgery.hub.integrity import HubFileHash, download_checked
 from gainsurgery.hub.refs import HubRef
+from gainsurgery.hub.transfer import download_file, read_range
 from gainsurgery.io import jsonsafe
 from gainsurgery.io.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint,
                                       open_checkpoint)
@@ -108,8 +109,6 @@ class RemoteBase:
         Raises:
             HubError, CheckpointError: see :func:`~gainsurgery.hub.transfer.download_file`.
         """
-        from gainsurgery.hub.transfer import download_file
-
         download_file(self.client, self.ref.repo_id, shard.name, self.commit, dest,
                       expected=self.expected.get(shard.name), **kwargs)
 
@@ -254,8 +253,6 @@ def _write_header_stub(client: HubClient, ref: HubRef, commit: str, name: str, s
     but drops the header length and padding, which the byte offsets depend on;
     we keep the raw bytes and let :mod:`gainsurgery.io.checkpoint` validate them.
     """
-    from gainsurgery.hub.transfer import read_range
-
     url = client.file_url(ref.repo_id, name, revision=commit)
     what = f"{ref}:{name}"
     head = read_range(client, url, 0, min(size, HEADER_PROBE_BYTES) - 1, what=what) if size else b""

@@ -31,7 +31,7 @@ from gainsurgery_lab.forgetting.stages import _remove
 from gainsurgery import gainfile as gf
 from gainsurgery.io.checkpoint import copy_extra_files, open_checkpoint
 from gainsurgery.io.claims import claim_folder
-from gainsurgery.merge import apply
+from gainsurgery.api import apply
 from gainsurgery.merge.provenance import OUTPUT_FILES
 from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm
 

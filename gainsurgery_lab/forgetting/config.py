@@ -16,7 +16,7 @@ from typing import Any
 
 from gainsurgery_lab.forgetting.data import DomainSpec, ForgettingError
 from gainsurgery_lab.forgetting.methods import MAX_EXPONENT, METHODS, MIN_EXPONENT, lr_label, lr_of
-from gainsurgery.io.inputs import classify_base_spec
+from gainsurgery.sources.spec import classify_base_spec
 
 FORMAT = "gainsurgery.forgetting/2"
 

@@ -32,7 +32,7 @@ from gainsurgery.io.atomic import write_file
 from gainsurgery.io.claims import claim_folder
 from gainsurgery.io.locks import hold_lock
 from gainsurgery.io.mounts import remove_tree
-from gainsurgery.merge import apply
+from gainsurgery.api import apply
 from gainsurgery.merge.provenance import OUTPUT_FILES
 from gainsurgery.training import TrainConfig, train
 from gainsurgery.training.modeling import checkpoint_dtype, load_causal_lm

@@ -1,4 +1,4 @@
-"""Hub to Hub in constant disk: apply gains to a base and publish the result, shard by shard.
+"""The Hub sink's engine: apply gains to a base and upload the result shard by shard, in constant disk.
 
 ``gainsurgery apply ORG/BASE G --push ORG/NEW`` (no OUT) never holds the model on
 disk. For each shard, in order:
@@ -65,30 +65,29 @@ import hashlib
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Collection, Protocol
 
 import numpy as np
 
 from gainsurgery import __version__
-from gainsurgery.errors import CheckpointError, GainSurgeryError, OutputError, PlanError
-from gainsurgery.io.checkpoint import INDEX_NAME
+from gainsurgery.errors import CheckpointError, GainSurgeryError, PlanError
 from gainsurgery.io.fingerprint import TensorDigest
 from gainsurgery.io.safetensors import open_shard
-from gainsurgery.io.workdir import WorkFolder, clean_stale, open_private
+from gainsurgery.hub.internals import xet_uploads
+from gainsurgery.hub.transfer import Arrival, TransferAborted
+from gainsurgery.io.workdir import WorkFolder, open_private
 from gainsurgery.merge.plan import Plan
-from gainsurgery.merge.stream import ShardStreamer
-from gainsurgery.merge.stream import StreamResult as ShardsResult
+from gainsurgery.merge.stream import ShardStreamer, Streamed
 from gainsurgery.merge.verify import verify_shard
 
 if TYPE_CHECKING:
     from gainsurgery.gainfile import GainFile
     from gainsurgery.hub.publish import PushResult, UploadItem
-    from gainsurgery.sources import OpenedBase
+    from gainsurgery.sources.base import OpenedBase
 
 #: Shards the work folder may hold at once (a download, an output, an upload), in units of the largest shard.
 DISK_SHARDS = 3
@@ -123,55 +122,6 @@ class ShardPublisher(Protocol):
 
 
 ProgressFactory = Callable[[str, int], Any]
-
-
-# --------------------------------------------------------------------------- plan of the transfer
-
-
-@dataclass
-class TransferPlan:
-    """What a Hub-to-Hub apply moves, from headers alone (``--dry-run`` prints it).
-
-    Attributes:
-        shards: (name, bytes) in order.
-        download_bytes: shard bytes to download (0 for a local base).
-        upload_bytes: shard bytes to upload (the small files come on top).
-        small_files_bytes: the index, config, tokenizer and other small files committed with them.
-        peak_disk_bytes: the most the work folder will hold: the disk budget.
-        work_root: where the work folder goes.
-        xet: True when uploads go through Xet, False through classic LFS.
-    """
-
-    shards: list[tuple[str, int]]
-    download_bytes: int
-    upload_bytes: int
-    small_files_bytes: int
-    peak_disk_bytes: int
-    work_root: Path
-    xet: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"shards": len(self.shards), "download_bytes": self.download_bytes,
-                "upload_bytes": self.upload_bytes, "small_files_bytes": self.small_files_bytes,
-                "peak_disk_bytes": self.peak_disk_bytes, "work_root": str(self.work_root),
-                "upload_path": "xet" if self.xet else "lfs"}
-
-
-def transfer_plan(opened: OpenedBase, plan: Plan, work_root: Path) -> TransferPlan:
-    """The bytes a Hub-to-Hub apply of ``plan`` will move, and the peak disk it needs."""
-    from gainsurgery.hub.internals import xet_uploads
-    from gainsurgery.merge.provenance import OUTPUT_FILES
-
-    from gainsurgery.io.inputs import resolve_input
-
-    shards = [(name, s.file_size) for name, s in plan.base.shards.items()]
-    largest = max(size for _, size in shards)
-    remote = opened.remote is not None
-    small = sum(f.size for f in plan.base.extra_files(skip=OUTPUT_FILES))
-    if plan.base.index is not None:
-        small += resolve_input(plan.base.folder, INDEX_NAME, error=CheckpointError).stat().st_size
-    return TransferPlan(shards, sum(s for _, s in shards) if remote else 0, sum(s for _, s in shards), small,
-                        (DISK_SHARDS if remote else DISK_SHARDS - 1) * largest, work_root, xet_uploads())
 
 
 # --------------------------------------------------------------------------- disk budget
@@ -263,30 +213,6 @@ def _journal_checks(entry: dict[str, Any], plan: Plan, name: str, digest: frozen
     return digests, counts
 
 
-def work_root(work_dir: str | os.PathLike[str] | None) -> Path:
-    """The folder work folders go in: ``--work-dir`` (``~`` expanded), else the system temporary folder.
-
-    Raises:
-        OutputError: ``--work-dir`` is empty (an unset variable).
-
-    Example:
-        >>> work_root("/scratch")
-        PosixPath('/scratch')
-    """
-    if work_dir is None:
-        return default_work_root()
-    text = os.fspath(work_dir)
-    if not text.strip():
-        raise OutputError("--work-dir is empty (an unset variable?); name a folder, e.g. /tmp")
-    return Path(os.path.expanduser(text))
-
-
-def work_folder_name(publisher: ShardPublisher, endpoint: str, base_spec: str, gain_specs: list[str]) -> str:
-    """The work folder of a push: the same arguments give the same folder (that is how a rerun resumes)."""
-    key = json.dumps([endpoint, publisher.target, publisher.revision, publisher.create_pr, base_spec, gain_specs])
-    return WORK_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-
-
 def gain_digest(gain: GainFile) -> str:
     """sha256 of a (stacked) gain's vectors and dims: what the output bytes depend on."""
     h = hashlib.sha256()
@@ -310,32 +236,12 @@ def output_fingerprint(opened: OpenedBase, plan: Plan) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-@contextlib.contextmanager
-def xet_state_in(folder: Path) -> Iterator[None]:
-    """Point hf_xet's on-disk state into ``folder`` for the block, unless the user chose where it goes.
-
-    hf_xet reads these when huggingface_hub creates its Xet session (at the first
-    Xet transfer of the process), so this must be entered before any.
-    """
-    changes = {}
-    if "HF_XET_CACHE" not in os.environ:
-        changes["HF_XET_CACHE"] = str(folder / "xet")
-    if "HF_XET_CHUNK_CACHE_SIZE_BYTES" not in os.environ:
-        changes["HF_XET_CHUNK_CACHE_SIZE_BYTES"] = "0"
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        for key in changes:
-            os.environ.pop(key, None)
-
-
 # --------------------------------------------------------------------------- the pipeline
 
 
 @dataclass
-class StreamResult:
-    """What :func:`run` did (the Hub-to-Hub pipeline; a local stream's result is :class:`~gainsurgery.merge.stream.StreamResult`).
+class HubRun:
+    """What :func:`run` did (a record for the Hub sink, which reports it in its :class:`~gainsurgery.applying.result.ApplyResult`).
 
     Attributes:
         shard_sha256: shard name -> sha256 of the published shard.
@@ -368,7 +274,7 @@ class _Pipeline:
     def __init__(self, opened: OpenedBase, plan: Plan, publisher: ShardPublisher, work: WorkFolder, *,
                  chunk_bytes: int, threads: int | None, progress: ProgressFactory | None,
                  make_items: Callable[[dict[str, Any]], list[UploadItem]],
-                 provenance_of: Callable[[ShardsResult], dict[str, Any]],
+                 provenance_of: Callable[[Streamed], dict[str, Any]],
                  allow_saturation: bool = False, digest: frozenset[str] = frozenset()) -> None:
         self.opened, self.plan, self.publisher, self.work = opened, plan, publisher, work
         self.chunk_bytes, self.threads = chunk_bytes, threads
@@ -396,8 +302,6 @@ class _Pipeline:
     # -- failure handling -----------------------------------------------------------
 
     def fail(self, exc: BaseException) -> None:
-        from gainsurgery.hub.transfer import TransferAborted
-
         with self.error_lock:
             if self.error is None and not isinstance(exc, (_Stopped, TransferAborted)):
                 self.error = exc
@@ -425,8 +329,6 @@ class _Pipeline:
 
     def resume(self) -> list[str]:
         """Shards a killed run uploaded that the Hub still stores: they need no work at all."""
-        from gainsurgery.hub.internals import xet_uploads
-
         state = self.work.read_state()
         if not state or state.get("format") != _JOURNAL_FORMAT or state.get("fingerprint") != self.fingerprint:
             return []
@@ -475,8 +377,6 @@ class _Pipeline:
 
     def download_stage(self, items: list[_Item]) -> None:
         """(thread) Download each base shard into the work folder, in order; hand it to the applier at once."""
-        from gainsurgery.hub.transfer import Arrival
-
         try:
             for item in items:
                 shard = self.plan.base.shards[item.name]
@@ -499,8 +399,6 @@ class _Pipeline:
 
     def apply_stage(self, items: list[_Item]) -> None:
         """(main thread) Apply each shard as it arrives, verify it while it is written, queue it for upload."""
-        from gainsurgery.hub.transfer import Arrival
-
         with ShardStreamer(self.plan, chunk_bytes=self.chunk_bytes, threads=self.threads,
                            progress=self.bar_apply, allow_saturation=self.allow_saturation,
                            digest=self.digest) as streamer:
@@ -579,7 +477,7 @@ class _Pipeline:
 
     # -- the run -------------------------------------------------------------------
 
-    def run(self) -> StreamResult:
+    def run(self) -> HubRun:
         try:
             return self._run()
         except OSError as exc:
@@ -590,7 +488,7 @@ class _Pipeline:
                                 "some or choose another --work-dir; nothing was committed") from None
             raise
 
-    def _run(self) -> StreamResult:
+    def _run(self) -> HubRun:
         t0 = time.perf_counter()
         resumed = self.resume()
         todo = [_Item(name, i, shard.file_size)
@@ -626,7 +524,7 @@ class _Pipeline:
             uploaded = [self.uploaded[name] for name in self.plan.base.shards]
             self.sha = {name: self.sha[name] for name in self.plan.base.shards}  # resumed or not: one order
             # The base fingerprints and saturation are judged here, on every shard, before anything is committed.
-            provenance = self.provenance_of(ShardsResult(dict(self.sha), dict(self.tensor_digests),
+            provenance = self.provenance_of(Streamed(dict(self.sha), dict(self.tensor_digests),
                                                          dict(self.saturation)))
             pushed = self.publisher.commit(uploaded, self.make_items(provenance))
         except _Stopped:
@@ -643,21 +541,21 @@ class _Pipeline:
                     t.join(5.0)  # an upload inside hf_xet cannot be interrupted: it is left to die with us
             for bar in self.bars.values():
                 bar.close()
-        return StreamResult(dict(self.sha), pushed, resumed, self.budget.peak, time.perf_counter() - t0)
+        return HubRun(dict(self.sha), pushed, resumed, self.budget.peak, time.perf_counter() - t0)
 
 
 def run(opened: OpenedBase, plan: Plan, publisher: ShardPublisher, work: WorkFolder, *,
         make_items: Callable[[dict[str, Any]], list[UploadItem]],
-        provenance_of: Callable[[ShardsResult], dict[str, Any]],
+        provenance_of: Callable[[Streamed], dict[str, Any]],
         chunk_bytes: int, threads: int | None = None, progress: ProgressFactory | None = None,
-        allow_saturation: bool = False, digest: Collection[str] = ()) -> StreamResult:
+        allow_saturation: bool = False, digest: Collection[str] = ()) -> HubRun:
     """Run the pipeline (see the module docstring) in the claimed work folder ``work``.
 
     Args:
         opened: the base (a Hub base is downloaded shard by shard; a local one is read in place).
         plan: the plan.
         publisher: the push target (:class:`~gainsurgery.hub.publish.HubPublisher`).
-        work: the claimed work folder (:func:`claimed_work_folder`).
+        work: the claimed work folder (:func:`~gainsurgery.applying.hub_sink.claimed_work_folder`).
         make_items: the small files of the commit, given the provenance record.
         provenance_of: the provenance record, given every shard's sha256, the base digests of the
             fingerprinted targets and the saturation counts; it checks them (and raises to commit nothing).
@@ -669,7 +567,7 @@ def run(opened: OpenedBase, plan: Plan, publisher: ShardPublisher, work: WorkFol
         digest: the target tensors whose base bytes to hash (the gains' base fingerprints cover them).
 
     Returns:
-        A :class:`StreamResult`.
+        A :class:`HubRun`.
 
     Raises:
         GainSurgeryError: any stage failed; nothing was committed.
@@ -679,26 +577,3 @@ def run(opened: OpenedBase, plan: Plan, publisher: ShardPublisher, work: WorkFol
                      digest=frozenset(digest)).run()
 
 
-def default_work_root() -> Path:
-    """Where work folders go by default: the system temporary folder (``$TMPDIR``)."""
-    return Path(tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def claimed_work_folder(root: Path, name: str, target: str) -> Iterator[WorkFolder]:
-    """Claim the work folder ``root/name`` for a push to ``target`` (dead runs' leftovers go first).
-
-    On success (:meth:`WorkFolder.finish` called inside) it is gone; on failure its
-    data is deleted and the journal stays for a rerun.
-    """
-    clean_stale(Path(root), WORK_PREFIX)
-    work = WorkFolder.claim(Path(root), name, what=f"the same push to {target}")
-    try:
-        with xet_state_in(work.path):
-            yield work
-    except BaseException:
-        with contextlib.suppress(OSError):
-            work.clear()
-        raise
-    finally:
-        work.release()
