@@ -97,6 +97,8 @@ WORK_PREFIX = "gainsurgery-push-"
 VERIFY_CHUNK_BYTES = 16 << 20
 _JOURNAL_FORMAT = "gainsurgery.push-journal/1"
 _POLL_S = 0.2
+#: Seconds the applier waits for a failed stage to record why, once the stop is set.
+_STAGE_EXIT_S = 5.0
 
 
 class ShardPublisher(Protocol):
@@ -241,7 +243,8 @@ def output_fingerprint(opened: OpenedBase, plan: Plan) -> str:
 
 @dataclass
 class HubRun:
-    """What :func:`run` did (a record for the Hub sink, which reports it in its :class:`~gainsurgery.applying.result.ApplyResult`).
+    """What :func:`run` did: a record for the Hub sink, which reports it in its
+    :class:`~gainsurgery.applying.result.ApplyResult`.
 
     Attributes:
         shard_sha256: shard name -> sha256 of the published shard.
@@ -509,6 +512,11 @@ class _Pipeline:
                 self.apply_stage(todo)
             except BaseException as exc:
                 self.fail(exc)
+                if isinstance(exc, TransferAborted) and self.error is None:
+                    # Only an echo of another stage's failure, which that stage records as it
+                    # unwinds (it may not have yet): wait for it, so the first failure is what is said.
+                    for t in threads:
+                        t.join(_STAGE_EXIT_S)
                 if self.error is not None and self.error is not exc:
                     raise self.error from None  # the stage that failed first says why
                 raise

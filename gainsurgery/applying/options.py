@@ -92,7 +92,8 @@ class ApplyOptions:
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise GainSurgeryError(f"{name} must be True or False, not {type(getattr(self, name)).__name__}")
-        if self.chunk_bytes is not None and not (_is_int(self.chunk_bytes) and 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES):
+        chunk = self.chunk_bytes
+        if chunk is not None and not (_is_int(chunk) and 1 <= chunk <= MAX_CHUNK_BYTES):
             raise GainSurgeryError(f"chunk size must be 1 byte to 4096 MiB, not {self.chunk_bytes!r}")
         if self.threads is not None and not (_is_int(self.threads) and 1 <= self.threads <= MAX_THREADS):
             raise GainSurgeryError(f"threads must be 1 to {MAX_THREADS}, not {self.threads!r}")

