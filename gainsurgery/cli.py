@@ -25,6 +25,7 @@ from gainsurgery.errors import GainSurgeryError
 from gainsurgery.extras import require_extra
 from gainsurgery.io.write_errors import no_room_errno, no_room_message
 from gainsurgery.training.config import METHODS as TRAIN_METHODS
+from gainsurgery.training.distributed import end_launched_process
 
 MiB = 1 << 20
 
@@ -37,6 +38,15 @@ class _Group(click.Group):
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         install_redaction()  # what libraries log or warn, and a bug's traceback, lose credentials too
+        try:
+            result = self._invoke(ctx)
+        except click.exceptions.Exit as done:
+            end_launched_process(done.exit_code)  # under torchrun: see there; elsewhere returns
+            raise
+        end_launched_process(0)
+        return result
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
