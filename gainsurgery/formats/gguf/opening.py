@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gainsurgery.errors import CheckpointError, GainSurgeryError
+from gainsurgery.formats.gguf.library import gguf_module, reader_class
 from gainsurgery.io.inputs import open_regular, show_path
 
 #: The first four bytes of every GGUF file.
@@ -230,8 +231,6 @@ class GGUFFile:
 
 
 def _gguf_type(value: int) -> Any:
-    from gainsurgery.formats.gguf.library import gguf_module
-
     return gguf_module().GGUFValueType(value)
 
 
@@ -294,8 +293,6 @@ def scan_header(fd: int, size: int, where: str, limits: GGUFLimits = DEFAULT_LIM
     Raises:
         CheckpointError: anything outside the limits or the format, in one line.
     """
-    from gainsurgery.formats.gguf.library import gguf_module
-
     gguf = gguf_module()
     sizes = gguf.GGML_QUANT_SIZES
     known_types = {int(t): t.name for t in gguf.GGMLQuantizationType}
@@ -421,8 +418,6 @@ def open_gguf(path: str | os.PathLike[str], *, limits: GGUFLimits = DEFAULT_LIMI
         MissingExtraError: the ``gguf`` extra is not installed.
         UnsafeInputError: not a regular file, or under ``/proc``, ``/sys``, ``/dev``.
     """
-    from gainsurgery.formats.gguf.library import gguf_module, reader_class
-
     gguf = gguf_module()
     where = show_path(path)
     f = open_regular(path)
