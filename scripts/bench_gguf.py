@@ -46,7 +46,7 @@ def synthetic_gguf(path: Path, size_gb: float) -> int:
     """A llama-shaped Q4_K_M-like GGUF of about ``size_gb`` GB; returns its layer count."""
     import gguf
 
-    from gainsurgery.formats.gguf.quants import SCALE_FIELDS, _sizes
+    from gainsurgery.formats.gguf.quants import SCALE_FIELDS, block_sizes
 
     head = HIDDEN // HEADS
 
@@ -62,7 +62,7 @@ def synthetic_gguf(path: Path, size_gb: float) -> int:
                 (p + "ffn_down.weight", (HIDDEN, INTER), TYPES["ffn_down"])]
 
     def nbytes(shape, t):
-        block, size = _sizes(t)
+        block, size = block_sizes(t)
         return int(np.prod(shape)) // block * size
 
     per_layer = sum(nbytes(s, t) for _, s, t in layer(0))
@@ -99,7 +99,7 @@ def synthetic_gguf(path: Path, size_gb: float) -> int:
         if t == "F32":
             data = np.ones(shape, np.float32).view(np.uint8)
         else:
-            block, size = _sizes(t)
+            block, size = block_sizes(t)
             data = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
             for off in SCALE_FIELDS[t]:
                 scale = rng.uniform(2e-4, 1e-3, data.shape[0]).astype("<f2")

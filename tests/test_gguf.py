@@ -110,7 +110,7 @@ def test_fold_touches_only_block_scales(files, tmp_path):
     out = tmp_path / "out.gguf"
     apply(files["gqa"], [save(g, tmp_path / "g.safetensors")], out)
     base, new = tensor_bytes(files["gqa"]), tensor_bytes(out)
-    _, size = Q._sizes("Q5_0")
+    _, size = Q.block_sizes("Q5_0")
     name = "blk.1.ffn_up.weight"
     a = np.frombuffer(base[name][1], np.uint8).reshape(-1, size)
     b = np.frombuffer(new[name][1], np.uint8).reshape(-1, size)

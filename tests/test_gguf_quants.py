@@ -9,7 +9,7 @@ pytest.importorskip("gguf")
 
 from gainsurgery.formats.gguf import quants as Q  # noqa: E402
 
-SIZES = {t: Q._sizes(t) for t in [*Q.CODECS, *Q.SCALE_FIELDS]}
+SIZES = {t: Q.block_sizes(t) for t in [*Q.CODECS, *Q.SCALE_FIELDS]}
 
 
 def weights(rows: int = 8, cols: int = 512, seed: int = 0) -> np.ndarray:

@@ -127,7 +127,7 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
         summary = {**plan.summary(), "base": result.base}
         if as_json:
             emit_json({"dry_run": True, "out": out, "push": push_to, **summary,
-                        **({"transfer": result.transfer} if result.transfer else {})})
+                       **({"transfer": result.transfer} if result.transfer else {})})
         else:
             click.echo(f"plan: {plan.tensors_touched} of {len(plan.base.tensors)} tensors in "
                        f"{len(plan.base.shards)} shard(s)")
@@ -150,9 +150,9 @@ def apply(base, gains_and_out, overwrite, dry_run, verify_, chunk_size, threads,
         if result.peak_disk_bytes is not None:
             extra = {"resumed": result.resumed, "peak_disk_bytes": result.peak_disk_bytes}
         emit_json({"out": str(result.out) if result.out is not None else None, "seconds": round(result.seconds, 3),
-                    "verified": result.verified, **{k: v for k, v in plan.summary().items() if k != "touched"},
-                    "base": result.base, "shards": result.shard_sha256, **extra,
-                    **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
+                   "verified": result.verified, **{k: v for k, v in plan.summary().items() if k != "touched"},
+                   "base": result.base, "shards": result.shard_sha256, **extra,
+                   **({"pushed": result.pushed.as_dict()} if result.pushed else {})})
     else:
         if result.out is not None:
             click.echo(f"wrote {shown(result.out)} ({plan.tensors_touched} tensors rescaled, "
@@ -273,13 +273,13 @@ def targets(base, method, side, init, output, as_json):
     if init:
         if found.base_tensors_sha256 is None:
             warn(f"{output}: a Hub base's weights are not downloaded here, so this identity gain records no "
-                  "base_tensors_sha256")
+                 "base_tensors_sha256")
         found.identity().save(output, inputs=found.inputs)
     model_type, total = found.model_type, found.parameters
     if as_json:
         emit_json({"model_type": model_type, "method": method, "side": side, "parameters": total,
-                    "targets": [{**t.__dict__, **({"gguf": found.gguf[t.key]} if found.gguf else {})}
-                                for t in found.targets], "output": output})
+                   "targets": [{**t.__dict__, **({"gguf": found.gguf[t.key]} if found.gguf else {})}
+                               for t in found.targets], "output": output})
         return
     click.echo(f"{model_type}, method {method}, side {side}: {len(found.targets)} tensors, {total:,} gains")
     for t in found.targets:

@@ -40,7 +40,7 @@ def stack(gains, output, description, allow_negative, allow_base_mismatch, as_js
     covered = base_provenance(stacked, Path(output).name)
     if not covered.complete:  # the stack is as unchecked as its least checked parent: say so now, not at apply
         warn(f"{Path(output).name} records no base_tensors_sha256 for {len(covered.uncovered)} of its "
-              f"{covered.total} tensors (a parent recorded none); apply cannot check those against its base")
+             f"{covered.total} tensors (a parent recorded none); apply cannot check those against its base")
     info = {"output": output, "parameters": stacked.num_parameters, "tensors": len(stacked.vectors),
             "parents": len(gains)}
     emit_json(info) if as_json else click.echo(

@@ -22,6 +22,7 @@ from gainsurgery.hub.client import HubClient
 from gainsurgery.io.inputs import show_path
 from gainsurgery.io.secrets import current_token, install_redaction, redact
 from gainsurgery.io.write_errors import no_room_errno, no_room_message
+from gainsurgery.training.distributed import end_launched_process
 
 MiB = 1 << 20
 
@@ -32,6 +33,15 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         signal.signal(signal.SIGTERM, _on_sigterm)
         install_redaction()  # what libraries log or warn, and a bug's traceback, lose credentials too
+        try:
+            result = self._invoke(ctx)
+        except click.exceptions.Exit as done:
+            end_launched_process(done.exit_code)  # under torchrun: see there; elsewhere returns
+            raise
+        end_launched_process(0)
+        return result
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -46,7 +56,7 @@ class _Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             code = no_room_errno(exc)
             error(f"{exc.strerror or exc}{where}" if code is None else
-                   no_room_message(code, "the output", os.path.dirname(exc.filename) if exc.filename else None))
+                  no_room_message(code, "the output", os.path.dirname(exc.filename) if exc.filename else None))
             ctx.exit(1)
         except Exception as exc:
             # A library that wraps a full disk or a file-size limit in its own error (safetensors):

@@ -39,8 +39,8 @@ def push(source, repo_id, private, revision, create_pr, commit_message, dry_run,
     if dry_run:
         if as_json:
             emit_json({"dry_run": True, "repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr,
-                        "kind": kind, "bytes": total,
-                        "files": [{"path": i.path_in_repo, "bytes": i.size} for i in items]})
+                       "kind": kind, "bytes": total,
+                       "files": [{"path": i.path_in_repo, "bytes": i.size} for i in items]})
         else:
             click.echo(f"would push {kind} {shown(source)} to {repo_id} ({revision or 'main'}"
                        f"{', as a pull request' if create_pr else ''}): {len(items)} files, {human_bytes(total)}")

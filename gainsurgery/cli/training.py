@@ -210,8 +210,8 @@ def export_peft(gain, adapter_dir, base, base_name, overwrite, allow_negative, a
     cfg = result.config
     if as_json:
         emit_json({"adapter_dir": str(result.adapter_dir), "parameters": result.num_parameters,
-                    "modules": len(result.modules), "target_modules": cfg["target_modules"],
-                    "feedforward_modules": cfg["feedforward_modules"], "fan_in_fan_out": cfg["fan_in_fan_out"]})
+                   "modules": len(result.modules), "target_modules": cfg["target_modules"],
+                   "feedforward_modules": cfg["feedforward_modules"], "fan_in_fan_out": cfg["fan_in_fan_out"]})
     else:
         click.echo(f"wrote {shown(result.adapter_dir)}: IA3 adapter, {len(result.modules)} modules, "
                    f"{result.num_parameters:,} values (targets {', '.join(cfg['target_modules'])}; "
@@ -240,7 +240,7 @@ def import_peft(adapter_dir, output, base, description, allow_negative, as_json)
     g.save(output, inputs=[adapter_dir, base])
     if as_json:
         emit_json({"output": output, "parameters": g.num_parameters, "tensors": len(g.vectors),
-                    "method": g.metadata.get("method"), "side": g.metadata.get("side")})
+                   "method": g.metadata.get("method"), "side": g.metadata.get("side")})
     else:
         click.echo(f"wrote {shown(output)}: {len(g.vectors)} tensors, {g.num_parameters:,} gains "
                    f"(method {g.metadata.get('method')}, side {g.metadata.get('side')})")

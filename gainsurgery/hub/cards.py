@@ -26,6 +26,7 @@ import json
 import re
 from typing import Any, Mapping
 
+from gainsurgery.gainfile import BASE_TENSORS_KEY, format_count, stats
 from gainsurgery.hub.refs import is_repo_id
 
 #: Where the Hub reads a repo's model card.
@@ -199,8 +200,6 @@ def gain_base_model(meta: Mapping[str, Any]) -> str | None:
         >>> gain_base_model({"base_model": "checkpoints/final"}) is None
         True
     """
-    from gainsurgery.gainfile import BASE_TENSORS_KEY
-
     value = meta.get("base_model")
     return hub_id_or_none(value) if meta.get(BASE_TENSORS_KEY) else None
 
@@ -217,8 +216,6 @@ def gain_model_card(gain, file_name: str, repo_id: str, base: Mapping[str, Any] 
         base_model: an explicit Hub id for ``base_model`` (``push --base-model``);
             default: :func:`gain_base_model`.
     """
-    from gainsurgery.gainfile import format_count, stats
-
     meta = gain.metadata
     method = _tag(meta.get("method"), "gain")
     side = "out" if meta.get("side") == "out" else "in"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from gainsurgery.io.secrets import redact_url
+
 #: The public Hub.
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -47,8 +49,6 @@ class HubConfig:
 
     def __repr__(self) -> str:
         # The endpoint may carry credentials (http://user:pw@host): never shown.
-        from gainsurgery.io.secrets import redact_url
-
         return f"HubConfig(endpoint={redact_url(self.endpoint)!r}, cache_dir={self.cache_dir!r})"
 
     @classmethod

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
+from gainsurgery import gainfile as gf
 from gainsurgery.errors import CheckpointError, GainFileError, HubError
 from gainsurgery.hub.cards import CARD_NAME, gain_model_card
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_errors
+from gainsurgery.hub.transfer import lfs_objects_present, preupload_file, stored_lfs_operation
 from gainsurgery.io.checkpoint import CONFIG_NAME, open_checkpoint
 from gainsurgery.io.safetensors import MAX_HEADER_BYTES
 from gainsurgery.io.inputs import iter_input_files, open_input, open_regular, resolve_input, show_path
@@ -110,8 +112,6 @@ def gain_upload(gain_path: str | os.PathLike[str], repo_id: str, base: Mapping[s
     Raises:
         GainFileError: the file is not a valid gain file, or its name is unusable.
     """
-    from gainsurgery import gainfile as gf
-
     path = Path(gain_path)
     name = path.name
     if not name.endswith(WEIGHT_SUFFIX) or name.lower() in (CARD_NAME.lower(), ".gitattributes") \
@@ -320,23 +320,17 @@ class HubPublisher:
         ``sha256``: computed while the shard was written. Keyword arguments
         (``progress``, ``stop``) go to :func:`~gainsurgery.hub.transfer.preupload_file`.
         """
-        from gainsurgery.hub.transfer import preupload_file
-
         self.check([UploadItem(path_in_repo, 0, local=Path(path))])  # a header holds text (__metadata__) too
         return preupload_file(self.client, self.repo_id, path, path_in_repo, sha256, revision=self.revision,
                               create_pr=self.create_pr, **kwargs)
 
     def stored_shard(self, path_in_repo: str, sha256: str, size: int, sample: bytes) -> Any:
         """The operation of a shard whose LFS object the Hub already stores (nothing is sent)."""
-        from gainsurgery.hub.transfer import stored_lfs_operation
-
         return stored_lfs_operation(self.client, self.repo_id, path_in_repo, sha256, size, sample,
                                     revision=self.revision, create_pr=self.create_pr)
 
     def present(self, objects: dict[str, int]) -> set[str]:
         """Which LFS objects (sha256 -> bytes) the Hub already stores for the repo."""
-        from gainsurgery.hub.transfer import lfs_objects_present
-
         return lfs_objects_present(self.client, self.repo_id, objects, revision=self.revision)
 
     def commit(self, uploaded: list[Any], items: list[UploadItem]) -> PushResult:

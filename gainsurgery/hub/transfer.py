@@ -39,6 +39,7 @@ from urllib.parse import quote
 from gainsurgery.errors import CheckpointError, HubError
 from gainsurgery.hub.client import HubClient
 from gainsurgery.hub.errors import hub_answer, hub_errors
+from gainsurgery.hub.integrity import ContentHasher
 from gainsurgery.hub.internals import xet_uploads
 from gainsurgery.io.atomic import open_nofollow
 
@@ -215,8 +216,6 @@ def download_file(client: HubClient, repo_id: str, filename: str, revision: str,
         CheckpointError: the file's size or sha256 differs from what the Hub lists.
         TransferAborted: ``stop`` was set.
     """
-    from gainsurgery.hub.integrity import ContentHasher
-
     url = client.file_url(repo_id, filename, revision=revision)
     what = f"{repo_id}@{revision[:12]}:{filename}"
     if expected is None:

@@ -22,7 +22,8 @@ __all__ = ["DEFAULT_LR", "METHODS", "TrainConfig", "TrainResult", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "train":  # the loop module, on first use
+    # On first use: the loop imports tqdm and the train extra's modules, which importing this package must not.
+    if name == "train":
         from gainsurgery.training.loop import train
 
         return train

@@ -24,6 +24,8 @@ see docs/training.md for what that means for 1B/8B/70B models.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from gainsurgery.errors import GainSurgeryError, TrainingError
@@ -38,6 +40,68 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def close_process_group() -> None:
+    """End this process's part in the default process group, if it has one; call it as the process ends.
+
+    Left to interpreter exit, a run that did everything right can still die: gloo's
+    worker threads let go of a finished collective's tensors a moment *after* the
+    waiting thread has gone on, and freeing a tensor Python has seen needs the GIL.
+    On a loaded machine that moment can come after the interpreter began to shut
+    down; CPython then ends the worker thread inside a C++ destructor, which aborts
+    the process ("terminate called without an active exception", SIGABRT) once its
+    outputs are written, and torchrun reports the run as failed. Destroying the
+    group joins those threads while the interpreter still runs.
+
+    Call it only where this process has no collective in flight (the run finished, or it
+    stopped with one line between collectives): a pending one would be waited for here.
+
+    Example:
+        >>> close_process_group()  # nothing to do without torchrun / accelerate launch
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """True in a process started by ``torchrun`` / ``accelerate launch`` (one of several workers).
+
+    Example:
+        >>> launched()  # a plain `gainsurgery train`
+        False
+    """
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def end_launched_process(code: int) -> None:
+    """In a launched worker, end the process now with exit status ``code``; elsewhere return.
+
+    The command has finished: its files are closed and published, its messages
+    written. What remains is interpreter shutdown, and there a finished
+    distributed run can still die: gloo's and the TCP store's C++ threads may let
+    go of their last objects while CPython tears down, and a thread left joinable
+    then calls ``std::terminate`` ("terminate called without an active
+    exception", SIGABRT), which torchrun reports as a failed run (seen a few times
+    in a hundred under load, on both ranks). So a launched worker closes its
+    process group while the interpreter still runs (:func:`close_process_group`),
+    flushes what it wrote, and leaves with :func:`os._exit`, skipping that teardown.
+    A bug's traceback never reaches here: it ends the process as usual.
+    """
+    if not launched():
+        return
+    import logging
+
+    close_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away: nothing left to say to it
+            pass
+    os._exit(code)
 
 
 def average_gradients(params: Sequence[Any]) -> None:

@@ -230,6 +230,16 @@ def run_record(raw: Any, where: str, folder_name: str) -> dict[str, Any]:
     return raw
 
 
+def _stage_domain(f: jsonsafe.Fields, where: str, layout: Layout, k: int) -> str:
+    """The domain of stage ``k`` (1-based), after checking that the record names that stage and that domain."""
+    if f.int("stage") != k:
+        raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
+    own = layout.sequence[k - 1]
+    if f.str("domain") != own:
+        raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    return own
+
+
 def stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]:
     """``runs/<run>/stage-<k>.json`` (``k`` 1-based): one finished (or failed) stage.
 
@@ -238,11 +248,7 @@ def stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]
     with ``failed`` a non-empty reason.
     """
     f = _fields(raw, where)
-    if f.int("stage") != k:
-        raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
-    own = layout.sequence[k - 1]
-    if f.str("domain") != own:
-        raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    own = _stage_domain(f, where, layout, k)
     rec: dict[str, Any] = {"stage": k, "domain": own}
     if "failed" in f:
         reason = f.str("failed", max_chars=4096)
@@ -286,11 +292,7 @@ def yesno_record(raw: Any, where: str) -> dict[str, Any]:
 def alpha_stage_record(raw: Any, where: str, layout: Layout, k: int) -> dict[str, Any]:
     """``alpha/<run>/a<α>/stage-<k>.json``: the α-scaled model after stage ``k``, scored like a stage."""
     f = _fields(raw, where)
-    if f.int("stage") != k:
-        raise ForgettingError(f"{where}: stage: {f.int('stage')}, expected {k}")
-    own = layout.sequence[k - 1]
-    if f.str("domain") != own:
-        raise ForgettingError(f"{where}: domain: {f.str('domain')!r}, expected {own!r}")
+    own = _stage_domain(f, where, layout, k)
     alpha = f.number("alpha")
     if not 0 < alpha <= 16:
         raise ForgettingError(f"{where}: alpha: {alpha}, expected a number in (0, 16]")

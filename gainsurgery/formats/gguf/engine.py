@@ -28,7 +28,8 @@ from gainsurgery.errors import PlanError
 from gainsurgery.formats.gguf.fingerprint import DigestSet
 from gainsurgery.formats.gguf.opening import GGUFFile, TensorEntry
 from gainsurgery.formats.gguf.plan import GGUFPlan, TensorOp
-from gainsurgery.formats.gguf.quants import CODECS, Saturation, dequantize, encode, fold_rows, own_error
+from gainsurgery.formats.gguf.quants import (CODECS, Saturation, block_sizes, dequantize, encode, fold_rows,
+                                             own_error)
 
 #: float32 weights held per working chunk (each route holds a few arrays this size).
 CHUNK_ELEMS = 1 << 21
@@ -252,9 +253,7 @@ def _measure_op(g: GGUFFile, op: TensorOp, tolerance: float, chunk_elems: int,
                 report.type_out, report.added_rms, report.saturation = type_out, math.sqrt(added2 / n), sat
                 break
         if report.type_out != entry.type_name:
-            from gainsurgery.formats.gguf.quants import _sizes
-
-            block, size = _sizes(report.type_out)
+            block, size = block_sizes(report.type_out)
             report.bytes_out = n // block * size
     if progress is not None:
         progress(entry.nbytes)

@@ -21,6 +21,7 @@ from typing import Any
 
 from gainsurgery.architectures.registry import GGUFArch, family_of, gguf_arch
 from gainsurgery.errors import ArchitectureError, PlanError
+from gainsurgery.formats.gguf.library import gguf_module
 from gainsurgery.formats.gguf.opening import GGUFFile, TensorEntry
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
@@ -66,8 +67,6 @@ class NameMap:
     """The names and architecture facts of one opened GGUF file."""
 
     def __init__(self, g: GGUFFile) -> None:
-        from gainsurgery.formats.gguf.library import gguf_module
-
         gguf = gguf_module()
         self.g = g
         self.arch_name = g.arch

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gainsurgery.errors import CheckpointError, GainSurgeryError
+from gainsurgery.formats.gguf.library import gguf_module, reader_class
 from gainsurgery.io.inputs import open_regular, show_path
 
 #: The first four bytes of every GGUF file.
@@ -230,8 +231,6 @@ class GGUFFile:
 
 
 def _gguf_type(value: int) -> Any:
-    from gainsurgery.formats.gguf.library import gguf_module
-
     return gguf_module().GGUFValueType(value)
 
 
@@ -287,6 +286,14 @@ class _Cursor:
             raise self.fail(f"{what} is {n} bytes (limit {limit})")
         return self.take(n, what)
 
+    def utf8(self, what: str, limit: int, subject: str) -> tuple[bytes, str]:
+        """:meth:`text`, raw and decoded; a string that is not UTF-8 fails as "``subject`` not UTF-8"."""
+        raw = self.text(what, limit)
+        try:
+            return raw, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{subject} not UTF-8 ({raw[:40]!r})") from None
+
 
 def scan_header(fd: int, size: int, where: str, limits: GGUFLimits = DEFAULT_LIMITS) -> _Header:
     """Walk a GGUF header within ``limits`` without building its values (see the module docstring).
@@ -294,8 +301,6 @@ def scan_header(fd: int, size: int, where: str, limits: GGUFLimits = DEFAULT_LIM
     Raises:
         CheckpointError: anything outside the limits or the format, in one line.
     """
-    from gainsurgery.formats.gguf.library import gguf_module
-
     gguf = gguf_module()
     sizes = gguf.GGML_QUANT_SIZES
     known_types = {int(t): t.name for t in gguf.GGMLQuantizationType}
@@ -318,11 +323,7 @@ def scan_header(fd: int, size: int, where: str, limits: GGUFLimits = DEFAULT_LIM
     items = 0
     alignment = DEFAULT_ALIGNMENT
     for _ in range(n_kv):
-        raw = cur.text("a key", limits.max_key_bytes)
-        try:
-            key = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"a key is not UTF-8 ({raw[:40]!r})") from None
+        _, key = cur.utf8("a key", limits.max_key_bytes, "a key is")
         if key in seen or key in PSEUDO_KEYS:
             raise cur.fail(f"the key {key[:80]!r} appears twice")
         seen.add(key)
@@ -341,11 +342,7 @@ def scan_header(fd: int, size: int, where: str, limits: GGUFLimits = DEFAULT_LIM
     tensors = []
     names: set[str] = set()
     for i in range(n_tensors):
-        raw = cur.text("a tensor name", limits.max_key_bytes)
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"tensor {i} has a name that is not UTF-8 ({raw[:40]!r})") from None
+        raw, name = cur.utf8("a tensor name", limits.max_key_bytes, f"tensor {i} has a name that is")
         if len(raw) > MAX_NAME_BYTES:
             raise cur.fail(f"tensor name {name[:80]!r} is longer than {MAX_NAME_BYTES} bytes (llama.cpp's limit)")
         if name in names:
@@ -421,8 +418,6 @@ def open_gguf(path: str | os.PathLike[str], *, limits: GGUFLimits = DEFAULT_LIMI
         MissingExtraError: the ``gguf`` extra is not installed.
         UnsafeInputError: not a regular file, or under ``/proc``, ``/sys``, ``/dev``.
     """
-    from gainsurgery.formats.gguf.library import gguf_module, reader_class
-
     gguf = gguf_module()
     where = show_path(path)
     f = open_regular(path)

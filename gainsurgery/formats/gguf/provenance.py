@@ -29,8 +29,9 @@ import secrets
 from typing import Any
 
 from gainsurgery import __version__
-from gainsurgery.errors import CheckpointError
+from gainsurgery.errors import CheckpointError, GainSurgeryError
 from gainsurgery.formats.gguf.opening import GGUFFile
+from gainsurgery.io import jsonsafe
 
 PREFIX = "gainsurgery."
 FORMAT = "gainsurgery.gguf/1"
@@ -59,9 +60,6 @@ def read_record(g: GGUFFile) -> dict[str, Any] | None:
     Raises:
         CheckpointError: the key is there but is not a JSON object within the limits.
     """
-    from gainsurgery.errors import GainSurgeryError
-    from gainsurgery.io import jsonsafe
-
     field = g.field(KEY_RECORD)
     if field is None:
         return None

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gainsurgery.errors import GainSurgeryError
 from gainsurgery.formats.gguf.engine import CHUNK_ELEMS, Measured, output_chunks
 from gainsurgery.formats.gguf.opening import PSEUDO_KEYS, GGUFFile
 from gainsurgery.formats.gguf.provenance import (KEY_BASE_SHA256, KEY_GAIN_NAMES, KEY_GAIN_SHA256, is_ours,
@@ -145,8 +146,6 @@ def _same_bytes(a: GGUFFile, a_at: int, b: GGUFFile, b_at: int, count: int) -> b
 
 def _check_provenance(out: GGUFFile, gains: list[dict[str, Any]], base: GGUFFile,
                       problem: Callable[[str], None]) -> None:
-    from gainsurgery.errors import GainSurgeryError
-
     try:
         record = read_record(out)
     except GainSurgeryError as exc:

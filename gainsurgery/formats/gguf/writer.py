@@ -28,6 +28,7 @@ import numpy as np
 
 from gainsurgery.errors import CheckpointError
 from gainsurgery.formats.gguf.engine import CHUNK_ELEMS, Measured, output_chunks
+from gainsurgery.formats.gguf.library import gguf_module
 from gainsurgery.formats.gguf.opening import PSEUDO_KEYS, GGUFFile
 from gainsurgery.formats.gguf.provenance import is_ours
 
@@ -60,8 +61,6 @@ def field_value(g: GGUFFile, key: str) -> tuple[Any, Any, Any]:
     Raises:
         CheckpointError: an empty array (the library's writer cannot write one).
     """
-    from gainsurgery.formats.gguf.library import gguf_module
-
     gguf = gguf_module()
     f = g.field(key)
     main = int(f.types[0])
@@ -92,8 +91,6 @@ def raw_value(g: GGUFFile, key: str) -> bytes:
 
 def make_writer(measured: Measured, added: list[tuple[str, Any, str, str | None]]) -> Any:
     """A ``GGUFWriter`` holding the output header: the base's key/values, ``added``, and the tensor infos."""
-    from gainsurgery.formats.gguf.library import gguf_module
-
     gguf = gguf_module()
     g = measured.plan.base
     w = gguf.GGUFWriter(None, g.arch)
@@ -123,8 +120,6 @@ def write_gguf(measured: Measured, out: BinaryIO, added: list[tuple[str, Any, st
     ``sha_placeholder``: 64 hex digits in ``added`` to replace with the base's sha256
     once the base has been read (every occurrence, in place).
     """
-    from gainsurgery.formats.gguf.library import gguf_module
-
     gguf = gguf_module()
     g = measured.plan.base
     w = make_writer(measured, added)
