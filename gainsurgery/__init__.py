@@ -13,8 +13,7 @@ See docs/api.md for examples and docs/architecture.md for the package layout.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gainsurgery.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -38,14 +37,4 @@ _LAZY = {
 __all__ = ["GainSurgeryError", "__version__", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gainsurgery' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: From the bottom up; a part may import its own layer and those below it.
 LAYERS = [
-    {"errors"},
+    {"errors", "lazy_exports", "reports"},
     {"io", "extras"},
     {"sources.spec"},  # the BASE grammar and the one repo-id pattern: hub.refs shares it
     {"gainfile", "architectures"},
@@ -124,3 +124,55 @@ def test_shared_names_have_one_home():
                           ('"gain-ffn": 5e-3', "gainsurgery.training.config")]:
         holders = sorted(m for m, text in sources.items() if literal in text)
         assert holders == [home], (literal, holders)
+
+
+#: The only function-level imports of our own modules, each with its reason (issue 20: a deferred
+#: import is for a heavy optional dependency, never to dodge a layering problem). A new one fails
+#: below until it is listed here with a reason; a listed one that disappears must leave the list too.
+DEFERRED_OWN_IMPORTS = {
+    # the gguf library (optional extra [gguf]) loads only when a GGUF is touched
+    ("gainsurgery/api/checkpoints.py", "gainsurgery.sources.gguf"),
+    ("gainsurgery/api/hub.py", "gainsurgery.applying.gguf_sink"),
+    ("gainsurgery/applying/pipeline.py", "gainsurgery.applying.gguf_sink"),
+    # matplotlib (optional) only for the plot
+    ("gainsurgery/api/gains.py", "gainsurgery.plots"),
+    # gainfile imports numpy: `gainsurgery --help` and a bad flag stay fast without it
+    ("gainsurgery/cli/checkpoints.py", "gainsurgery.gainfile"),
+    ("gainsurgery/cli/gains.py", "gainsurgery.gainfile"),
+    # the demo pulls torch and transformers (extra [demo])
+    ("gainsurgery/cli/training.py", "gainsurgery.demo"),
+    # io.inputs imports io.secrets (messages are redacted): the one reverse use is deferred
+    ("gainsurgery/io/secrets.py", "gainsurgery.io.inputs"),
+    # the training loop pulls torch and accelerate: `from gainsurgery.training import TrainConfig` does not
+    ("gainsurgery/training/__init__.py", "gainsurgery.training.loop"),
+    # merge.provenance at import time would bring the Hub modules into every training run
+    ("gainsurgery/training/loop.py", "gainsurgery.merge.provenance"),
+}
+
+
+def deferred_own_imports() -> set[tuple[str, str]]:
+    """(file, module) of every import of gainsurgery or gainsurgery_lab inside a function."""
+    found = set()
+    for path in [*(ROOT / "gainsurgery").rglob("*.py"), *(ROOT / "gainsurgery_lab").rglob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    names = [("." * node.level) + (node.module or "")]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                for name in names:
+                    if name.startswith(".") or name.split(".")[0] in ("gainsurgery", "gainsurgery_lab"):
+                        found.add((path.relative_to(ROOT).as_posix(), name))
+    return found
+
+
+def test_function_level_imports_of_our_own_modules_are_the_listed_ones():
+    found = deferred_own_imports()
+    assert sorted(found - DEFERRED_OWN_IMPORTS) == [], "deferred imports of our own modules without a reason"
+    assert sorted(DEFERRED_OWN_IMPORTS - found) == [], "listed deferred imports that are gone: drop them"
+    assert len(found) == 10

@@ -34,8 +34,7 @@ from its module on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gainsurgery.lazy_exports import lazy_exports
 
 #: public name -> the module of :mod:`gainsurgery.api` that defines it. They are imported
 #: on first use, so that ``from gainsurgery import api`` (every command of the command
@@ -51,14 +50,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gainsurgery.api' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

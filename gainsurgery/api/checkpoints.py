@@ -11,19 +11,17 @@ from gainsurgery import gainfile as gf
 from gainsurgery.applying.options import ApplyOptions
 from gainsurgery.applying.pipeline import apply as run_apply
 from gainsurgery.applying.result import ApplyResult
-from gainsurgery.applying.steps import ProgressFactory, verify_merged
+from gainsurgery.applying.steps import ProgressFactory
+from gainsurgery.applying.pipeline import verify_output as verify  # noqa: F401 (gainsurgery.api.verify)
 from gainsurgery.architectures import Target, model_type_of, num_layers, resolve_targets
 from gainsurgery.gainfile import GainFile
 from gainsurgery.io.checkpoint import fingerprint as structure
 from gainsurgery.io.fingerprint import base_tensors_sha256
-from gainsurgery.merge.kernel import DEFAULT_CHUNK_BYTES
 from gainsurgery.sources.base import opened_base
 from gainsurgery.sources.spec import classify_base
 
 if TYPE_CHECKING:
-    from gainsurgery.formats.gguf import GGUFVerifyReport
     from gainsurgery.hub.client import HubClient
-    from gainsurgery.merge.verify import VerifyReport
 
 
 def apply(
@@ -126,50 +124,6 @@ def apply(
     elif given != ApplyOptions():
         raise TypeError("apply(): give options=ApplyOptions(...) or the options one by one, not both")
     return run_apply(base, gains, out, options, progress=progress, hub=hub, warn=warn)
-
-
-def verify(
-    base: str | os.PathLike[str],
-    gains: Sequence[GainFile | str | os.PathLike[str]],
-    out: str | os.PathLike[str],
-    *,
-    allow_negative: bool = False,
-    allow_saturation: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: ProgressFactory | None = None,
-    hub: HubClient | None = None,
-) -> VerifyReport | GGUFVerifyReport:
-    """Check that ``out`` is exactly ``base`` with ``gains`` applied, bit for bit.
-
-    A ``base`` ending in ``.gguf``: ``out`` is the adapted GGUF file (see
-    :func:`gainsurgery.applying.gguf_sink.verify_gguf`).
-
-    Args:
-        base: the base (folder, ``embedded:NAME`` or Hub repo).
-        gains: the gain files that were applied, in order.
-        out: the merged folder to check.
-        allow_negative: accept negative gains.
-        allow_saturation: accept targets whose weights scaling turned into ±inf or 0
-            (as ``apply(..., allow_saturation=True)`` wrote them); a problem otherwise.
-        chunk_bytes: bytes compared per read.
-        progress: a progress-bar factory.
-        hub: the Hub client for a Hub base (default: from the environment).
-
-    Returns:
-        A :class:`~gainsurgery.merge.verify.VerifyReport` (for a GGUF base a
-        :class:`~gainsurgery.formats.gguf.GGUFVerifyReport`): ``ok``, ``problems``, counts.
-
-    Example:
-        >>> verify("base/", ["legal.safetensors"], "merged/").ok  # doctest: +SKIP
-        True
-    """
-    spec = classify_base(base)
-    if spec.is_gguf:
-        from gainsurgery.applying.gguf_sink import verify_gguf  # the gguf library: only for a GGUF base
-
-        return verify_gguf(spec, gains, out, allow_negative=allow_negative, hub=hub, progress=progress)
-    return verify_merged(spec, gains, out, allow_negative=allow_negative, allow_saturation=allow_saturation,
-                               chunk_bytes=chunk_bytes, progress=progress, hub=hub)
 
 
 @dataclass

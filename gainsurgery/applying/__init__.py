@@ -5,7 +5,7 @@
 - :mod:`~gainsurgery.applying.pipeline`: :func:`apply`, the one orchestration
   (BASE classified once, options checked against it and OUT, a sink chosen);
 - :mod:`~gainsurgery.applying.steps`: the steps the sinks share (plan, judge what was
-  streamed, verify, card) and :func:`verify_merged`;
+  streamed, verify, card);
 - :mod:`~gainsurgery.applying.gains`: loading, stacking and fingerprint-checking gains;
 - the sinks: :mod:`~gainsurgery.applying.folder_sink` (OUT, a folder),
   :mod:`~gainsurgery.applying.hub_sink` (no OUT: straight to a Hub repo, through

@@ -17,6 +17,9 @@
    push, publish.
 5. give the warnings, once the result is published.
 
+:func:`verify_output` (the ``verify`` command) checks an output against BASE and
+the gains with the same steps.
+
 A new sink is one module with a class of those three methods (:class:`Sink`) and
 one line in :func:`sink_for`.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ContextManager, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, Sequence
 
 from gainsurgery.gainfile import GainFile
 from gainsurgery.hub.client import HubClient
@@ -34,9 +37,16 @@ from gainsurgery.applying.folder_sink import FolderSink
 from gainsurgery.applying.hub_sink import HubSink
 from gainsurgery.applying.options import ApplyOptions
 from gainsurgery.applying.result import ApplyResult
-from gainsurgery.applying.steps import Job, ProgressFactory, Warn, default_warn
+from gainsurgery.applying.steps import (Job, ProgressFactory, Warn, default_warn, planned_checkpoint, progress_bar,
+                                        verify_folder)
+from gainsurgery.io.checkpoint import open_checkpoint
+from gainsurgery.merge.kernel import DEFAULT_CHUNK_BYTES
+from gainsurgery.merge.verify import VerifyReport
 from gainsurgery.sources.base import base_model_name
 from gainsurgery.sources.spec import BaseSpec, classify_base
+
+if TYPE_CHECKING:
+    from gainsurgery.formats.gguf import GGUFVerifyReport
 
 
 class Sink(Protocol):
@@ -102,3 +112,62 @@ def apply(base: str | os.PathLike[str] | BaseSpec, gains: Sequence[str | os.Path
     for message in job.said:
         (warn or default_warn)(message)
     return result
+
+
+def verify_output(
+    base: str | os.PathLike[str] | BaseSpec,
+    gains: Sequence[str | os.PathLike[str] | GainFile],
+    out: str | os.PathLike[str],
+    *,
+    allow_negative: bool = False,
+    allow_saturation: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: ProgressFactory | None = None,
+    hub: HubClient | None = None,
+) -> VerifyReport | GGUFVerifyReport:
+    """Check that ``out`` is exactly ``base`` with ``gains`` applied, bit for bit (``gainsurgery verify``).
+
+    A ``base`` ending in ``.gguf``: ``out`` is the adapted GGUF file
+    (:func:`gainsurgery.applying.gguf_sink.verify_gguf`). Otherwise ``out`` is a folder:
+    this recomputes every target tensor (float32 product, rounded once) and compares
+    every other tensor, header and the index byte for byte; a target whose weights
+    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. The file
+    set must be what apply writes (:func:`~gainsurgery.merge.verify.check_files`: no
+    extra shard, file, folder or link; none missing; copied files identical). A Hub
+    base's shards are fetched into the HF cache first. ``out`` is read as an input
+    folder (no links out of it, no FIFOs). ``chunk_bytes``: bytes compared per read.
+
+    Args:
+        base: the base (folder, ``embedded:NAME``, Hub repo, or a GGUF file).
+        gains: the gain files that were applied, in order.
+        out: the merged folder (or GGUF file) to check.
+        allow_negative: accept negative gains.
+        allow_saturation: accept targets whose weights scaling turned into ±inf or 0
+            (as ``apply(..., allow_saturation=True)`` wrote them); a problem otherwise.
+        chunk_bytes: bytes compared per read.
+        progress: a progress-bar factory.
+        hub: the Hub client for a Hub base (default: from the environment).
+
+    Returns:
+        A :class:`VerifyReport` (for a GGUF base a
+        :class:`~gainsurgery.formats.gguf.GGUFVerifyReport`); ``report.ok`` only if everything matches.
+
+    Example:
+        >>> verify_output("base/", ["legal.safetensors"], "merged/").ok  # doctest: +SKIP
+        True
+    """
+    spec = base if isinstance(base, BaseSpec) else classify_base(base)
+    if spec.is_gguf:
+        from gainsurgery.applying.gguf_sink import verify_gguf  # the gguf library: only for a GGUF base
+
+        return verify_gguf(spec, gains, out, allow_negative=allow_negative, hub=hub, progress=progress)
+    with planned_checkpoint(base, gains, allow_negative=allow_negative, hub=hub) as planned:
+        opened = planned.opened
+        open_checkpoint(out)  # a hostile OUT is one line before any shard is fetched
+        for shard in opened.checkpoint.shards.values():
+            opened.fetch_shard(shard)
+        with progress_bar(progress, "verify", opened.checkpoint.total_bytes) as update:
+            report = verify_folder(planned.plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
+                                   progress=update)
+        opened.confirm()  # a cache snapshot's shards, checked beside the comparison
+        return report

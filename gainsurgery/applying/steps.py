@@ -4,8 +4,8 @@ A sink (:mod:`~gainsurgery.applying.pipeline`) strings these together around the
 part only it knows (where the bytes go): :func:`planned_checkpoint` opens the base,
 loads the gains and plans; :func:`judge` checks what the stream measured (the gains'
 base fingerprints, saturation) and makes the provenance record; :func:`verify_folder`
-checks every byte written. :func:`verify_merged` is the ``verify`` command, made of
-the same steps.
+checks every byte written. :func:`~gainsurgery.applying.pipeline.verify_output` (the ``verify``
+command) is made of the same steps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from gainsurgery.hub.cards import CARD_NAME, merged_model_card
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.io.inputs import show_path
 from gainsurgery.io.write_errors import no_room
-from gainsurgery.merge.kernel import DEFAULT_CHUNK_BYTES
 from gainsurgery.merge.plan import Plan, make_plan
 from gainsurgery.merge.provenance import OUTPUT_FILES, PROVENANCE_NAME, build_provenance
 from gainsurgery.merge.stream import Streamed
@@ -174,43 +173,3 @@ def writing(out: str | os.PathLike[str]) -> Iterator[None]:
         where = f" ({show_path(exc.filename)})" if exc.filename else ""
         raise OutputError(f"could not write {show_path(out)}: {exc.strerror or exc}{where}; "
                           "nothing was left behind") from None
-
-
-def verify_merged(
-    base: str | os.PathLike[str] | BaseSpec,
-    gains: Sequence[str | os.PathLike[str] | GainFile],
-    out: str | os.PathLike[str],
-    *,
-    allow_negative: bool = False,
-    allow_saturation: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: ProgressFactory | None = None,
-    hub: HubClient | None = None,
-) -> VerifyReport:
-    """Check that the folder ``out`` is exactly ``base`` with ``gains`` applied.
-
-    Recomputes every target tensor (float32 product, rounded once) and compares
-    every other tensor, header and the index byte for byte; a target whose weights
-    scaling turned into ±inf or 0 is a problem unless ``allow_saturation``. The file
-    set must be what apply writes (:func:`~gainsurgery.merge.verify.check_files`: no
-    extra shard, file, folder or link; none missing; copied files identical). A Hub
-    base's shards are fetched into the HF cache first. ``out`` is read as an input
-    folder (no links out of it, no FIFOs). ``chunk_bytes``: bytes compared per read.
-
-    Returns:
-        A :class:`VerifyReport`; ``report.ok`` only if everything matches.
-
-    Example:
-        >>> verify_merged("base/", ["legal.safetensors"], "merged/").ok  # doctest: +SKIP
-        True
-    """
-    with planned_checkpoint(base, gains, allow_negative=allow_negative, hub=hub) as planned:
-        opened = planned.opened
-        open_checkpoint(out)  # a hostile OUT is one line before any shard is fetched
-        for shard in opened.checkpoint.shards.values():
-            opened.fetch_shard(shard)
-        with progress_bar(progress, "verify", opened.checkpoint.total_bytes) as update:
-            report = verify_folder(planned.plan, Path(out), chunk_bytes, allow_saturation=allow_saturation,
-                                   progress=update)
-        opened.confirm()  # a cache snapshot's shards, checked beside the comparison
-        return report

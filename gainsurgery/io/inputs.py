@@ -112,6 +112,22 @@ def _forbidden_root(resolved: Path) -> Path | None:
     return None
 
 
+def _stat_resolved(path: str | os.PathLike[str], error: type[GainSurgeryError], *,
+                   forbidden: Callable[[Path, Path], str], missing: str) -> tuple[Path, os.stat_result]:
+    """``path`` resolved and stat'ed, refused under /proc, /sys or /dev (``forbidden(root, resolved)``
+    gives that message) or when absent (``missing``); any other failure says it cannot be read."""
+    resolved = Path(os.path.realpath(path))
+    bad = _forbidden_root(resolved)
+    if bad is not None:
+        raise error(forbidden(bad, resolved))
+    try:
+        return resolved, os.stat(resolved)
+    except FileNotFoundError:
+        raise error(missing) from None
+    except OSError as e:
+        raise error(f"{show_path(path)}: cannot be read ({e.strerror})") from None
+
+
 def allowed_roots(folder: str | os.PathLike[str], *,
                   error: type[GainSurgeryError] = UnsafeInputError) -> tuple[Path, ...]:
     """Resolved folders that files of the input folder ``folder`` may resolve into.
@@ -130,16 +146,10 @@ def allowed_roots(folder: str | os.PathLike[str], *,
          PosixPath('/home/me/.cache/huggingface/hub/models--gpt2--x/blobs'))
     """
     shown = show_path(folder)
-    root = Path(os.path.realpath(folder))
-    bad = _forbidden_root(root)
-    if bad is not None:
-        raise error(f"{shown}: lies under {bad}, which holds kernel state, not files; refusing to read from it")
-    try:
-        st = os.stat(root)
-    except FileNotFoundError:
-        raise error(f"no such folder: {shown}") from None
-    except OSError as e:
-        raise error(f"{shown}: cannot be read ({e.strerror})") from None
+    root, st = _stat_resolved(
+        folder, error,
+        forbidden=lambda bad, _: f"{shown}: lies under {bad}, which holds kernel state, not files; refusing to read from it",
+        missing=f"no such folder: {shown}")
     if not stat.S_ISDIR(st.st_mode):
         raise error(f"{shown}: is {_kind(st.st_mode)}, not a folder")
     roots = [root]
@@ -283,16 +293,9 @@ def open_regular(path: str | os.PathLike[str], *,
         ...     header_len = int.from_bytes(f.read(8), "little")
     """
     shown = show_path(path)
-    resolved = Path(os.path.realpath(path))
-    bad = _forbidden_root(resolved)
-    if bad is not None:
-        raise error(f"{shown}: resolves to {show_path(resolved)} under {bad}; refusing to read it")
-    try:
-        st = os.stat(resolved)
-    except FileNotFoundError:
-        raise error(f"{shown}: no such file") from None
-    except OSError as e:
-        raise error(f"{shown}: cannot be read ({e.strerror})") from None
+    resolved, st = _stat_resolved(
+        path, error, forbidden=lambda bad, where: f"{shown}: resolves to {show_path(where)} under {bad}; refusing to read it",
+        missing=f"{shown}: no such file")
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{shown}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
     return _open_checked(resolved, st, shown, error)

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from gainsurgery.errors import GainSurgeryError
 from gainsurgery.io.inputs import open_regular, show_path
@@ -263,6 +263,11 @@ def _jsonl_lines(f: BinaryIO, where: str, error: type[GainSurgeryError], max_lin
 # Typed accessors. Each takes the value, where it came from and which field it is,
 # and returns it typed or raises ``error`` with "WHERE: FIELD: expected X, got Y".
 
+#: Python type -> JSON type name, in the order they must be tested.
+_JSON_TYPE_NAMES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+                    (dict, "object"))
+
+
 def type_name(value: Any) -> str:
     """The JSON name of a parsed value's type, for messages (``bool`` is not a number).
 
@@ -272,18 +277,9 @@ def type_name(value: Any) -> str:
     """
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
+    for kind, name in _JSON_TYPE_NAMES:  # bool before int: True is an int to Python
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 
@@ -453,40 +449,32 @@ class Fields:
             return default
         return expect_str(value, where=self.where, field=self._field(key), error=self.error, max_chars=max_chars)
 
-    def int(self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None) -> Any:
-        """An integer field (booleans refused), optionally within ``[min, max]``."""
+    def _typed(self, key: str, default: Any, expect: Callable[..., Any], **bounds: Any) -> Any:
+        """Field ``key`` checked by ``expect`` (``default`` when absent and one is given)."""
         value = self._get(key, default)
         if value is _MISSING:
             return default
-        return expect_int(value, where=self.where, field=self._field(key), error=self.error, min=min, max=max)
+        return expect(value, where=self.where, field=self._field(key), error=self.error, **bounds)
+
+    def int(self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None) -> Any:
+        """An integer field (booleans refused), optionally within ``[min, max]``."""
+        return self._typed(key, default, expect_int, min=min, max=max)
 
     def number(self, key: str, default: Any = _MISSING) -> Any:
         """A finite number field, as float."""
-        value = self._get(key, default)
-        if value is _MISSING:
-            return default
-        return expect_number(value, where=self.where, field=self._field(key), error=self.error)
+        return self._typed(key, default, expect_number)
 
     def bool(self, key: str, default: Any = _MISSING) -> Any:
         """A boolean field."""
-        value = self._get(key, default)
-        if value is _MISSING:
-            return default
-        return expect_bool(value, where=self.where, field=self._field(key), error=self.error)
+        return self._typed(key, default, expect_bool)
 
     def str_list(self, key: str, default: Any = _MISSING) -> Any:
         """An array-of-strings field."""
-        value = self._get(key, default)
-        if value is _MISSING:
-            return default
-        return expect_str_list(value, where=self.where, field=self._field(key), error=self.error)
+        return self._typed(key, default, expect_str_list)
 
     def str_map(self, key: str, default: Any = _MISSING) -> Any:
         """An object-of-strings field."""
-        value = self._get(key, default)
-        if value is _MISSING:
-            return default
-        return expect_str_map(value, where=self.where, field=self._field(key), error=self.error)
+        return self._typed(key, default, expect_str_map)
 
     def obj(self, key: str, default: Any = _MISSING) -> Any:
         """A nested object field, as :class:`Fields` (errors name ``outer.inner``)."""

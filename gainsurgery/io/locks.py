@@ -30,7 +30,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from gainsurgery.errors import GainSurgeryError, OutputError
 from gainsurgery.io.atomic import TAG, open_nofollow, sibling_stem
@@ -89,6 +89,16 @@ def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
+def _locked(path: Path, error: type[GainSurgeryError], failed: str, **how: Any) -> int | None:
+    """:func:`lock_file` with its failures as one-line ``error``\ s (``failed``: what could not be done)."""
+    try:
+        return lock_file(path, **how)
+    except NotAPlainFile:
+        raise error(f"the lock file {show_path(path)} is not a plain file; remove it") from None
+    except OSError as e:
+        raise error(f"{failed} ({e.strerror}); remove it if it is not a plain file") from None
+
+
 def output_lock_path(out: Path) -> Path:
     """``P/.N.gainsurgery.lock``, the lock of output ``out = P/N`` (its parent resolved)."""
     return out.parent / f".{sibling_stem(out.name)}.{TAG}.lock"
@@ -104,13 +114,7 @@ def take_output_lock(path: Path, *, what: str, shown: str, error: type[GainSurge
     taken on an unlinked file would exclude nobody; then the new file is taken.
     """
     for _ in range(20):
-        try:
-            fd = lock_file(path, wait=wait)
-        except NotAPlainFile:
-            raise error(f"the lock file {show_path(path)} is not a plain file; remove it") from None
-        except OSError as e:
-            raise error(f"cannot create the lock file {show_path(path)} for {what} {shown} ({e.strerror}); "
-                        "remove it if it is not a plain file") from None
+        fd = _locked(path, error, f"cannot create the lock file {show_path(path)} for {what} {shown}", wait=wait)
         if fd is None:
             raise error(f"{what} {shown} is being written by another gainsurgery run (it holds "
                         f"{show_path(path.name)}); wait for it to finish or choose another {output_noun(what)}")
@@ -175,13 +179,7 @@ def hold_lock(path: str | os.PathLike[str], *, shared: bool = False, what: str, 
         ...     run_the_schedule()
     """
     p = Path(path)
-    try:
-        fd = lock_file(p, shared=shared)
-    except NotAPlainFile:
-        raise error(f"the lock file {show_path(p)} is not a plain file; remove it") from None
-    except OSError as e:
-        raise error(f"cannot open the lock file {show_path(p)} ({e.strerror}); remove it if it is not a plain "
-                    "file") from None
+    fd = _locked(p, error, f"cannot open the lock file {show_path(p)}", shared=shared)
     if fd is None:
         if busy_ok:
             yield False

@@ -14,8 +14,8 @@ pipeline uses it to verify each shard as it is written, before uploading it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from gainsurgery.io.safetensors import open_shard
 from gainsurgery.merge.kernel import (BLOCK_ELEMS, DEFAULT_CHUNK_BYTES, ITEMSIZE, NUMPY_DTYPES, Scratch,
                                       saturation_message, scale_block, segments)
 from gainsurgery.merge.plan import Plan, TensorOp
+from gainsurgery.reports import ProblemReport
 from gainsurgery.sources.spec import hf_cache_repo
 
 #: Problems listed one by one about a folder's file set (a folder of a million junk files
@@ -39,21 +40,12 @@ Progress = Callable[[int], None]
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(ProblemReport):
     """Outcome of :func:`verify`. ``ok`` only when ``problems`` is empty."""
 
     tensors_checked: int = 0
     tensors_scaled: int = 0
     bytes_compared: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "tensors_checked": self.tensors_checked, "tensors_scaled": self.tensors_scaled,
-                "bytes_compared": self.bytes_compared, "problems": self.problems}
 
 
 def verify(plan: Plan, out: Checkpoint, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,

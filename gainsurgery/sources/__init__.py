@@ -16,8 +16,7 @@ import the Hub client, which imports :mod:`gainsurgery.hub.refs`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gainsurgery.lazy_exports import lazy_exports
 
 #: public name -> module that defines it (imported on first access).
 _LAZY = {
@@ -32,14 +31,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gainsurgery.sources' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -16,7 +16,7 @@ types the options recorded in the file give):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -27,12 +27,13 @@ from gainsurgery.formats.gguf.opening import PSEUDO_KEYS, GGUFFile
 from gainsurgery.formats.gguf.provenance import (KEY_BASE_SHA256, KEY_GAIN_NAMES, KEY_GAIN_SHA256, is_ours,
                                                  read_record)
 from gainsurgery.formats.gguf.writer import raw_value, sha256_of
+from gainsurgery.reports import ProblemReport
 
 _STEP = 16 << 20
 
 
 @dataclass
-class GGUFVerifyReport:
+class GGUFVerifyReport(ProblemReport):
     """What :func:`verify_file` found.
 
     Attributes:
@@ -42,20 +43,9 @@ class GGUFVerifyReport:
         keys_checked: key/values compared.
     """
 
-    problems: list[str] = field(default_factory=list)
     tensors_checked: int = 0
     tensors_scaled: int = 0
     keys_checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """True when every byte matched."""
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {"ok": self.ok, "tensors_checked": self.tensors_checked, "tensors_scaled": self.tensors_scaled,
-                "keys_checked": self.keys_checked, "problems": self.problems}
 
 
 def verify_file(measured: Measured, out: GGUFFile, gains: list[dict[str, Any]], *,
