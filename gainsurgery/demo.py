@@ -20,7 +20,7 @@ from gainsurgery.errors import GainSurgeryError
 from gainsurgery.io.atomic import write_json
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.io.checks import check_output
-from gainsurgery.sources.base import local_folder_of, resolve_base
+from gainsurgery.sources.local import local_folder_of, resolve_base
 from gainsurgery.sources.embedded import EMBEDDED_MODELS
 from gainsurgery.sources.spec import EMBEDDED_PREFIX
 from gainsurgery.training import TrainConfig

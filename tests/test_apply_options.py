@@ -144,7 +144,7 @@ def test_a_hub_to_hub_push_classifies_base_once(hub, tiny_ckpt, tmp_path, cli, m
 
     # every module that can classify a BASE: the grammar, and the one that opens bases
     monkeypatch.setattr(grammar, "classify_base_spec", counting)
-    monkeypatch.setattr("gainsurgery.sources.base.classify_base_spec", counting)
+    monkeypatch.setattr("gainsurgery.sources.local.classify_base_spec", counting)
     work = tmp_path / "work"
     work.mkdir()
     res = cli("apply", "testuser/tiny-llama", gain, "--push", "testuser/out", "--work-dir", work, "--json")

@@ -176,3 +176,17 @@ def test_function_level_imports_of_our_own_modules_are_the_listed_ones():
     assert sorted(found - DEFERRED_OWN_IMPORTS) == [], "deferred imports of our own modules without a reason"
     assert sorted(DEFERRED_OWN_IMPORTS - found) == [], "listed deferred imports that are gone: drop them"
     assert len(found) == 10
+
+
+def test_training_a_local_model_never_imports_the_hub_code():
+    """Training, evaluation and the PEFT converters read a BASE through sources.local: no module of
+    gainsurgery.hub is loaded for a local or embedded model (scripts/gpu_check.py checks the same on a GPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import gainsurgery.training.loop, gainsurgery.training.modeling, gainsurgery.sources.local; "
+            "from gainsurgery.sources import resolve_base, local_folder_of, base_model_name; "
+            "print(sorted(m for m in sys.modules if m.startswith('gainsurgery.hub')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"

@@ -138,7 +138,7 @@ class TargetList:
         targets: the tensors, in layer order.
         fingerprint: the base's structure fingerprint (names, dtypes, shapes).
         base_model: what a gain file records as ``base_model`` (a Hub id or
-            ``embedded:NAME``; None for a local folder, see :func:`gainsurgery.sources.base.base_model_name`).
+            ``embedded:NAME``; None for a local folder, see :func:`gainsurgery.sources.local.base_model_name`).
         base_tensors_sha256: the content fingerprint of the target tensors, when asked
             for (``targets(..., fingerprint=True)`` on a local or embedded base).
         inputs: the local folders the base was read from (an output must keep away from them).

@@ -16,7 +16,7 @@ from gainsurgery.hub.refs import check_repo_id
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.io.inputs import show_path
 from gainsurgery.merge.provenance import PROVENANCE_NAME, check_recorded_shards
-from gainsurgery.sources.base import base_facts
+from gainsurgery.sources.local import base_facts
 from gainsurgery.sources.spec import names_gguf
 
 

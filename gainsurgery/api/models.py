@@ -16,7 +16,7 @@ from gainsurgery.extras import require_extra
 from gainsurgery.gainfile import GainFile
 from gainsurgery.interop import peft
 from gainsurgery.interop.peft import ExportResult
-from gainsurgery.sources.base import open_base
+from gainsurgery.sources.local import open_base
 from gainsurgery.training import TrainConfig, TrainResult
 from gainsurgery.training.evaluation import evaluate as run_evaluation
 from gainsurgery.training.hooks import GainHooks

@@ -42,7 +42,7 @@ from gainsurgery.applying.steps import (Job, ProgressFactory, Warn, default_warn
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.merge.kernel import DEFAULT_CHUNK_BYTES
 from gainsurgery.merge.verify import VerifyReport
-from gainsurgery.sources.base import base_model_name
+from gainsurgery.sources.local import base_model_name
 from gainsurgery.sources.spec import BaseSpec, classify_base
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from gainsurgery.cli.group import emit_json, main, opt_allow_negative, opt_json,
 from gainsurgery.extras import require_extra
 from gainsurgery.io.atomic import write_json
 from gainsurgery.io.checks import check_output
-from gainsurgery.sources.base import local_folder_of
+from gainsurgery.sources.local import local_folder_of
 from gainsurgery.training import TrainConfig
 from gainsurgery.training.config import METHODS as TRAIN_METHODS
 
