@@ -90,7 +90,7 @@ def _is_regular(fd: int) -> bool:
 
 
 def _locked(path: Path, error: type[GainSurgeryError], failed: str, **how: Any) -> int | None:
-    """:func:`lock_file` with its failures as one-line ``error``\ s (``failed``: what could not be done)."""
+    """:func:`lock_file` with its failures as one-line errors of type ``error`` (``failed``: what could not be done)."""
     try:
         return lock_file(path, **how)
     except NotAPlainFile:
