@@ -35,6 +35,12 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A test run launched by torchrun must not make the in-process CLI act as a launched worker
+# (gainsurgery.training.distributed.end_launched_process ends such a process when its command is
+# done); the tests that want workers start torchrun themselves.
+for _name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+    os.environ.pop(_name, None)
 
 #: Environment variables that name a HOME-side cache, config or credential. Every test
 #: gets its own empty folders for the first ones and none of the credentials.
