@@ -70,6 +70,7 @@ _point_caches_at(_PROCESS_HOME)
 
 from gainsurgery.architectures import num_layers, resolve_targets  # noqa: E402
 from gainsurgery.io.checkpoint import open_checkpoint  # noqa: E402
+from gainsurgery.io.fingerprint import base_tensors_sha256  # noqa: E402
 from gainsurgery.cli import main  # noqa: E402
 from gainsurgery.gainfile import GainFile  # noqa: E402
 from conftest_hub import hub  # noqa: E402,F401  (the loopback Hub fixture)
@@ -152,6 +153,14 @@ def random_gain(base: Path, method: str = "gain-ffn", side: str = "in", seed: in
             by_weight[t.key] = vectors[t.key]
         dims[t.key] = t.dim
     return GainFile(vectors, dims, {"method": method, "side": side})
+
+
+def fingerprinted(base: Path, method: str = "gain", seed: int = 0, **meta) -> GainFile:
+    """A gain as train records it: random values around 1 and the base's tensor fingerprint."""
+    g = random_gain(base, method, seed=seed)
+    g.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(base), g.vectors)
+    g.metadata.update(meta)
+    return g
 
 
 @pytest.fixture

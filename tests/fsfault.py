@@ -62,7 +62,8 @@ class Outcome:
 
 
 def tree(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything under ``root`` (links not followed, special files never opened): rel path -> description."""
+    """Everything under ``root`` (links not followed, special files never opened): rel path -> description
+    (a file: size, sha256 and permission bits). Lists, so that it survives a JSON round trip."""
     out: dict[str, Any] = {}
     root = os.fspath(root)
     if not os.path.lexists(root):
@@ -76,7 +77,7 @@ def tree(root: str | os.PathLike[str]) -> dict[str, Any]:
                 out[rel] = ["link", os.readlink(p)]
             elif stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
-                    out[rel] = ["file", st.st_size, hashlib.sha256(f.read()).hexdigest()]
+                    out[rel] = ["file", st.st_size, hashlib.sha256(f.read()).hexdigest(), stat.S_IMODE(st.st_mode)]
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ["dir"]
             else:

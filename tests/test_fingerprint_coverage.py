@@ -19,7 +19,8 @@ from conftest import random_gain
 from gainsurgery import gainfile as gf
 from gainsurgery.io.checkpoint import open_checkpoint
 from gainsurgery.io.fingerprint import base_tensors_sha256
-from test_hostile import Untouched, fingerprinted, refused
+from conftest import fingerprinted
+from test_hostile import Untouched, refused
 
 EMPTY_SHA = "sha256:" + hashlib.sha256(b"").hexdigest()
 

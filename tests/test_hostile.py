@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -28,7 +27,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import random_gain
+from conftest import fingerprinted, random_gain
+from fsfault import tree
 from pausing import PausedRun
 from gainsurgery import gainfile as gf
 from gainsurgery.io.checkpoint import open_checkpoint
@@ -41,28 +41,6 @@ CLI = [sys.executable, "-m", "gainsurgery.cli"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    """Everything under ``root`` (links not followed, FIFOs never opened): type and content hash."""
-    out: dict[str, tuple] = {}
-    if not os.path.lexists(root):
-        return out
-    for here, dirs, files in os.walk(root, followlinks=False):
-        for name in sorted(dirs + files):
-            p = os.path.join(here, name)
-            rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    out[rel] = ("file", hashlib.sha256(f.read()).hexdigest(), stat.S_IMODE(st.st_mode))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir",)
-            else:
-                out[rel] = ("special", stat.S_IFMT(st.st_mode))
-    return out
 
 
 class Untouched:
@@ -95,14 +73,6 @@ def run(*args, timeout: float = 120, cwd: Path | None = None, env: dict | None =
     """The real CLI in its own process (for FIFOs, signals, parallel runs and namespaces)."""
     return subprocess.run([*prefix, *CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env=env)
-
-
-def fingerprinted(base: Path, method: str = "gain", seed: int = 0, **meta) -> gf.GainFile:
-    """A gain as train records it: random values around 1 and the base's tensor fingerprint."""
-    g = random_gain(base, method, seed=seed)
-    g.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(base), g.vectors)
-    g.metadata.update(meta)
-    return g
 
 
 def raw_header(shard: Path) -> tuple[dict, bytes]:

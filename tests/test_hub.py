@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_gain
+from conftest import fingerprinted, random_gain
 from gainsurgery.io.hashing import sha256_file as file_sha256
 
 
@@ -60,13 +60,7 @@ def base(tiny_ckpt):
 @pytest.fixture
 def gain_file(base, tmp_path):
     """A gain trained on testuser/tiny-llama, as train would record it (base_model + base fingerprint)."""
-    from gainsurgery.io.checkpoint import open_checkpoint
-    from gainsurgery.io.fingerprint import base_tensors_sha256
-
-    g = random_gain(base, "gain-ffn", seed=3)
-    g.metadata["base_model"] = "testuser/tiny-llama"
-    g.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(base), g.vectors)
-    return g.save(tmp_path / "legal.safetensors")
+    return fingerprinted(base, "gain-ffn", seed=3, base_model="testuser/tiny-llama").save(tmp_path / "legal.safetensors")
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_gain
-from gainsurgery.io.checkpoint import open_checkpoint
-from gainsurgery.io.fingerprint import base_tensors_sha256
+from conftest import fingerprinted
 from test_hub import assert_clean_failure, local_files, our_commits, weights_and_config
 
 # huggingface_hub's own LFS PUT passes `data=<file>` to httpx2, which warns; not ours to fix.
@@ -35,10 +33,7 @@ def base(tiny_ckpt):
 
 @pytest.fixture
 def gain_file(base, tmp_path):
-    g = random_gain(base, "gain-ffn", seed=3)
-    g.metadata["base_model"] = REPO
-    g.metadata["base_tensors_sha256"] = base_tensors_sha256(open_checkpoint(base), g.vectors)
-    return g.save(tmp_path / "legal.safetensors")
+    return fingerprinted(base, "gain-ffn", seed=3, base_model=REPO).save(tmp_path / "legal.safetensors")
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ import pytest
 from conftest import random_gain
 from gainsurgery.io.pausepoints import STEPS
 from pausing import PausedRun
-from test_hostile import run, tree
+from fsfault import tree
+from test_hostile import run
 
 #: The steps of ``apply --overwrite`` on a filesystem with renameat2's flags (every step but the fallback's).
 OVERWRITE_STEPS = [s for s in STEPS if s != "claim.aside"]

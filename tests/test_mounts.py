@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import random_gain
-from test_hostile import refused, run, tree
+from fsfault import tree
+from test_hostile import refused, run
 
 TESTS = Path(__file__).resolve().parent
 
