@@ -73,7 +73,10 @@ def launched() -> bool:
         >>> launched()  # a plain `gainsurgery train`
         False
     """
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    size = os.environ.get("WORLD_SIZE", "").strip()
+    return size.isdigit() and int(size) > 1  # a stray non-number is no launcher's: not launched
 
 
 def end_launched_process(code: int) -> None:
